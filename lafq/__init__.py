@@ -1,0 +1,2 @@
+"""LAFQ: layer-adaptive, Fisher-guided quantization of diffusion models."""
+__version__ = "0.1.0"

@@ -1,0 +1,196 @@
+"""`python -m lafq <command>`: train, sample, fid, fisher, quantize, report, bench.
+
+Every command takes --json to print one machine-readable result line on stdout (human
+messages go to stderr then). Errors print one line saying what was wrong and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError
+from .data import DataError
+
+DEFAULT_CKPT = "checkpoints/unet.safetensors"
+
+
+class CLIError(ValueError):
+    """A bad argument value, reported as one line."""
+
+
+def _log(args):
+    stream = sys.stderr if getattr(args, "json", False) else sys.stdout
+    return lambda msg: print(msg, file=stream, flush=True)
+
+
+def _emit(args, result: dict, human: str) -> None:
+    if args.json:
+        print(json.dumps(result, sort_keys=True), flush=True)
+    else:
+        print(human, flush=True)
+
+
+def _classes(text: str | None) -> tuple[int, ...] | None:
+    """'7' -> (7,), '0,1,2' -> (0,1,2), 'none' -> () (unconditional), None -> balanced 0..9."""
+    if text is None:
+        return None
+    if text.strip().lower() in ("none", "uncond", "unconditional"):
+        return ()
+    try:
+        return tuple(int(c) for c in text.split(","))
+    except ValueError:
+        raise CLIError(f"--classes takes digits like '7' or '0,1,2', or 'none' for unconditional; got {text!r}") from None
+
+
+def _positive(name):
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {v}")
+        return v
+    return parse
+
+
+def _sampling_args(p):
+    p.add_argument("--checkpoint", default=DEFAULT_CKPT, help="a U-Net or quantized model .safetensors")
+    p.add_argument("--steps", type=_positive("--steps"), default=50, help="DDIM steps (DDPM always uses all T)")
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 ancestral")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: 2.0)")
+    p.add_argument("--classes", default=None, help="'7', '0,1,2' or 'none' (unconditional); default: balanced 0-9")
+    p.add_argument("--batch-size", type=_positive("--batch-size"), default=128)
+    p.add_argument("--json", action="store_true", help="print one JSON result line")
+
+
+def _spec(args, n: int, seed: int):
+    from .diffusion import DEFAULT_GUIDANCE
+    from .pipeline import SampleSpec
+
+    return SampleSpec(n=n, labels=_classes(args.classes), steps=args.steps, sampler=args.sampler, eta=args.eta,
+                      guidance=DEFAULT_GUIDANCE if args.guidance is None else args.guidance, seed=seed,
+                      batch_size=args.batch_size)
+
+
+def cmd_train(args):
+    from .model import UNetConfig
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig(dataset=args.dataset, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      save_every=args.save_every, sample_every=args.sample_every, log_every=args.log_every)
+    mcfg = UNetConfig(base_channels=args.base_channels)
+    t0 = time.perf_counter()
+    rec = train(args.out, cfg, mcfg, resume=not args.no_resume, progress=not args.json, until=args.until)
+    res = {"command": "train", "out": str(args.out), **rec, "seconds_this_call": round(time.perf_counter() - t0, 1)}
+    _emit(args, res, f"trained to step {rec['step']} (loss {rec.get('loss', float('nan')):.4f}); wrote {args.out}/unet.safetensors")
+
+
+def cmd_sample(args):
+    from .pipeline import generate, load_denoiser
+    from .train import save_grid
+
+    spec = _spec(args, args.n, args.seed)
+    model, _ = load_denoiser(args.checkpoint)
+    t0 = time.perf_counter()
+    images, labels = generate(model, spec, num_classes=model.cfg.num_classes)
+    dt = time.perf_counter() - t0
+    nrow = args.nrow or max(1, int(round(args.n ** 0.5)))
+    save_grid(images.float() / 127.5 - 1, args.out, nrow=nrow)
+    res = {"command": "sample", "out": str(args.out), "n": args.n, "seed": args.seed, "steps": spec.steps,
+           "sampler": spec.sampler, "guidance": spec.guidance, "seconds": round(dt, 3),
+           "labels": labels.tolist() if labels is not None else None}
+    _emit(args, res, f"wrote {args.out}: {args.n} images, {spec.sampler}-{spec.steps if spec.sampler == 'ddim' else 1000}, "
+                     f"guidance {spec.guidance}, seed {args.seed}, {dt:.1f}s")
+
+
+def cmd_fid(args):
+    from .classifier import load_classifier
+    from .metrics import DEFAULT_CLASSIFIER, get_backend
+    from .pipeline import evaluate_fid, load_denoiser, real_floor
+
+    log = _log(args)
+    backend = get_backend(args.backend)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    res = {"command": "fid", "checkpoint": args.checkpoint, "backend": backend.name, "n": args.n, "seeds": seeds}
+    lines = []
+    if not args.floor_only:
+        spec = _spec(args, args.n, seeds[0])
+        model, _ = load_denoiser(args.checkpoint)
+        log(f"FID: {args.n} samples x {len(seeds)} seeds, {spec.sampler}-{spec.steps}, guidance {spec.guidance}, backend {backend.name}")
+        clf = load_classifier(DEFAULT_CLASSIFIER)[0]
+        r = evaluate_fid(model, spec, seeds, backend=backend, classifier=clf, num_classes=model.cfg.num_classes, log=log)
+        res.update(r.to_dict(), steps=spec.steps, sampler=spec.sampler, guidance=spec.guidance)
+        lines.append(r.describe())
+    if args.real_floor or args.floor_only:
+        f = real_floor(backend, args.n, seeds)
+        res["real_floor"] = f.to_dict()
+        lines.append("real-vs-real floor (mnist-test10k vs mnist-train5k): " + f.describe())
+    _emit(args, res, "\n".join(lines))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lafq", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train the diffusion U-Net (resumes from OUT if a train state is there)")
+    t.add_argument("--dataset", default="mnist-test10k", help="mnist-test10k (offline), mnist-train, fashion-train, ...")
+    t.add_argument("--steps", type=_positive("--steps"), default=30000, help="total steps the schedule spans")
+    t.add_argument("--until", type=_positive("--until"), default=None, help="stop this call at this step")
+    t.add_argument("--batch-size", type=_positive("--batch-size"), default=64)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--base-channels", type=_positive("--base-channels"), default=32)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--save-every", type=_positive("--save-every"), default=500)
+    t.add_argument("--sample-every", type=_positive("--sample-every"), default=2000)
+    t.add_argument("--log-every", type=_positive("--log-every"), default=100)
+    t.add_argument("--no-resume", action="store_true", help="start over even if OUT has a train state")
+    t.add_argument("--out", type=Path, default=Path("checkpoints"))
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="generate a grid of digits")
+    _sampling_args(s)
+    s.add_argument("--n", type=_positive("--n"), default=16)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--nrow", type=_positive("--nrow"), default=None)
+    s.add_argument("--out", type=Path, default=Path("grid.png"))
+    s.set_defaults(func=cmd_sample)
+
+    f = sub.add_parser("fid", help="FID (mean and 95%% CI over seeds) and classifier accuracy")
+    _sampling_args(f)
+    f.add_argument("--n", type=_positive("--n"), default=1000, help="samples per seed")
+    f.add_argument("--seeds", type=_positive("--seeds"), default=3, help="number of sampling seeds")
+    f.add_argument("--seed", type=int, default=0, help="first seed")
+    f.add_argument("--backend", choices=("auto", "classifier", "inception"), default="auto")
+    f.add_argument("--real-floor", action="store_true", help="also print the real-vs-real FID at the same backend and N")
+    f.add_argument("--floor-only", action="store_true", help="only the real-vs-real floor (no sampling)")
+    f.set_defaults(func=cmd_fid)
+
+    for register in _extra_commands():
+        register(sub)
+    return p
+
+
+def _extra_commands():
+    """Commands whose modules register themselves (kept out of this file so it stays short)."""
+    from . import cli_quant
+
+    return cli_quant.REGISTER
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    try:
+        args.func(args)
+    except (CLIError, CheckpointError, DataError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,134 @@
+"""CLI commands for the quantization side: fisher, quantize (report and bench register here too)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .checkpoint import atomic_write_bytes
+
+DEFAULT_FISHER = "checkpoints/fisher.safetensors"
+
+
+def _emit(args, result, human):
+    from .cli import _emit as emit
+    emit(args, result, human)
+
+
+def cmd_fisher(args):
+    from .data import load_dataset
+    from .fisher import compute_fisher
+    from .pipeline import load_denoiser
+
+    model, _ = load_denoiser(args.checkpoint)
+    if getattr(model, "lafq_plan", None) is not None:
+        raise ValueError("compute Fisher maps on the FP32 checkpoint, not a quantized model")
+    x, y = load_dataset(args.dataset).tensors()
+    bar = None
+    if not args.json:
+        from tqdm import tqdm
+        bar = tqdm(total=args.bins * (10 if args.per_class else 1), desc="fisher", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    fm = compute_fisher(model, x, y, bins=args.bins, samples_per_bin=args.samples, per_class=args.per_class,
+                        seed=args.seed, progress=(lambda d, t: bar.update(1)) if bar else None)
+    if bar:
+        bar.close()
+    fm.meta["dataset"] = args.dataset
+    fm.save(args.out)
+    layers, per_layer = fm.layer_names(), fm.per_layer()
+    res = {"command": "fisher", "out": str(args.out), "bins": args.bins, "samples_per_bin": args.samples,
+           "groups": fm.groups, "tensors": len(fm.names), "seconds": round(time.perf_counter() - t0, 2),
+           "layer_fisher_mean": {layer: float(v) for layer, v in zip(layers, per_layer.mean(1))}}
+    human = [f"wrote {args.out}: {len(fm.names)} tensors x {args.bins} bins ({args.samples} samples each), "
+             f"groups {fm.groups}, {res['seconds']}s", "mean Fisher per layer (per element):"]
+    human += [f"  {layer:6} {float(v):.3e}" for layer, v in zip(layers, per_layer.mean(1))]
+    _emit(args, res, "\n".join(human))
+
+
+def policy_from_args(args):
+    from .policy import Policy
+
+    kw = dict(strategy=args.strategy, target=args.target, high=args.high, statistic=args.statistic,
+              protect_mid=args.protect_mid, seed=args.seed, avg_bits=args.avg_bits, budget_bytes=args.budget_bytes)
+    if args.threshold is not None:
+        kw["threshold"] = args.threshold
+    if args.p is not None:
+        kw["p"] = args.p
+    if args.k is not None:
+        kw["k"] = args.k
+    if args.group_thresholds:
+        try:
+            kw["group_thresholds"] = json.loads(args.group_thresholds)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--group-thresholds takes JSON like '{{\"encoder\": 0, \"decoder\": 1}}' ({e})") from None
+    return Policy(**kw)
+
+
+def cmd_quantize(args):
+    import copy
+
+    from .fisher import FisherMap
+    from .pipeline import load_denoiser
+    from .policy import Plan, make_plan, param_shapes
+    from .quantize import quantize_, save_quantized, size_report
+
+    model, _ = load_denoiser(args.checkpoint)
+    if args.plan:
+        plan = Plan.from_json(Path(args.plan).read_text())
+    else:
+        policy = policy_from_args(args)
+        fisher = FisherMap.load(args.fisher)
+        plan = make_plan(policy, fisher, dict(model.named_parameters()))
+    shapes = param_shapes(model)
+    report = size_report(plan, shapes)
+    if args.out:
+        q = quantize_(copy.deepcopy(model), plan)
+        report.file_bytes = save_quantized(args.out, q)
+    if args.plan_out:
+        atomic_write_bytes(args.plan_out, plan.to_json().encode())
+    res = {"command": "quantize", "checkpoint": args.checkpoint, "out": str(args.out) if args.out else None,
+           "policy": plan.policy, "size": report.to_dict()}
+    _emit(args, res, report.table() + (f"\nwrote {args.out}" if args.out else ""))
+
+
+def register_fisher(sub):
+    f = sub.add_parser("fisher", help="compute the Fisher map (tensor x timestep bin [x class])")
+    f.add_argument("--checkpoint", default="checkpoints/unet.safetensors")
+    f.add_argument("--dataset", default="mnist-test10k")
+    f.add_argument("--bins", type=int, default=50, help="timestep bins over [0, T), 1..1000")
+    f.add_argument("--samples", type=int, default=64, help="samples per bin (per class with --per-class)")
+    f.add_argument("--per-class", action="store_true", help="also one map per digit")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--out", type=Path, default=Path(DEFAULT_FISHER))
+    f.add_argument("--json", action="store_true")
+    f.set_defaults(func=cmd_fisher)
+
+
+def register_quantize(sub):
+    from .fisher import STATISTICS
+    from .policy import STRATEGIES
+    from .precision import PRECISIONS
+
+    q = sub.add_parser("quantize", help="policy -> plan -> quantized model, with its size table")
+    q.add_argument("--checkpoint", default="checkpoints/unet.safetensors")
+    q.add_argument("--fisher", default=DEFAULT_FISHER)
+    q.add_argument("--strategy", choices=STRATEGIES, default="layer-ratio")
+    q.add_argument("--target", choices=PRECISIONS, default="fp16", help="precision of the quantized tensors")
+    q.add_argument("--high", choices=PRECISIONS, default="fp32", help="precision of the kept tensors")
+    q.add_argument("--statistic", choices=STATISTICS, default="final", help="Fisher over timesteps: final step, mean, max")
+    q.add_argument("--threshold", type=float, default=None, help="global: fraction of the largest Fisher score, [0, 1]")
+    q.add_argument("--group-thresholds", default=None, help='groups: JSON, e.g. \'{"encoder": 0, "mid": 1, "decoder": 1}\'')
+    q.add_argument("--p", type=float, default=None, help="layer-ratio: fraction of each layer's tensors, [0, 1]")
+    q.add_argument("--k", type=float, default=None, help="layer-std: quantize below mean + k*std of log Fisher")
+    q.add_argument("--avg-bits", type=float, default=None, help="budget/random: average bits per weight")
+    q.add_argument("--budget-bytes", type=int, default=None, help="budget/random: total bytes")
+    q.add_argument("--protect-mid", action="store_true", help="keep the middle block in high precision")
+    q.add_argument("--seed", type=int, default=0, help="random: allocation seed")
+    q.add_argument("--plan", default=None, help="apply this plan JSON instead of a policy")
+    q.add_argument("--out", type=Path, default=None, help="write the quantized model (.safetensors)")
+    q.add_argument("--plan-out", type=Path, default=None, help="write the plan (JSON)")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_quantize)
+
+
+REGISTER = [register_fisher, register_quantize]

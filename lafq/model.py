@@ -1,0 +1,217 @@
+"""Class-conditional U-Net for 28x28 images, in the shape of the source research.
+
+Top-level modules are the *layers* that Fisher maps, plans and plots are keyed by:
+
+    embed                      sinusoidal time embedding MLP + class embedding (with a null class)
+    stem                       3x3 conv, image -> base channels
+    down1, down2, down3        28x28, 14x14, 7x7 (attention at 7x7)
+    mid                        res -> attention -> res at 7x7
+    up3, up2, up1              7x7, 14x14, 28x28, each takes the skip of its down twin
+    head                       GroupNorm, SiLU, 3x3 conv back to the image
+
+A parameter's layer is the first component of its fully qualified name
+(`down2.res.0.conv1.weight` belongs to `down2`), see `layer_of`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+LAYERS = ("embed", "stem", "down1", "down2", "down3", "mid", "up3", "up2", "up1", "head")
+
+
+def layer_of(param_name: str) -> str:
+    """The layer (top-level module) a fully qualified parameter name belongs to."""
+    return param_name.split(".", 1)[0]
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    image_channels: int = 1
+    image_size: int = 28
+    base_channels: int = 32
+    channel_mults: tuple[int, int, int] = (1, 2, 2)  # down1, down2, down3
+    res_blocks: int = 1  # residual blocks per down layer (up layers get the same)
+    attn_heads: int = 4
+    attn_layers: tuple[str, ...] = ("down3", "mid", "up3")
+    dropout: float = 0.1
+    num_classes: int = 10  # index num_classes is the learned null class
+    groups: int = 8
+
+    def __post_init__(self):
+        if len(self.channel_mults) != 3:
+            raise ValueError(f"channel_mults needs 3 entries (down1..down3), got {self.channel_mults}")
+        if self.image_size % 4:
+            raise ValueError(f"image_size must be divisible by 4 (two 2x downsamplings), got {self.image_size}")
+        for ch in self.channels:
+            if ch % self.groups or ch % self.attn_heads:
+                raise ValueError(f"channel count {ch} must be divisible by groups={self.groups} and attn_heads={self.attn_heads}")
+        unknown = set(self.attn_layers) - {"down1", "down2", "down3", "mid", "up1", "up2", "up3"}
+        if unknown:
+            raise ValueError(f"attn_layers has unknown layers {sorted(unknown)}")
+
+    @property
+    def channels(self) -> tuple[int, int, int]:
+        return tuple(self.base_channels * m for m in self.channel_mults)
+
+    @property
+    def embed_dim(self) -> int:
+        return 4 * self.base_channels
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UNetConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown UNetConfig fields {unknown}; known: {sorted(known)}")
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**d)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of integer timesteps, (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class Embedding(nn.Module):
+    """Time MLP plus class embedding; computed once per forward and shared by every block."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        d = cfg.embed_dim
+        self.freq_dim = cfg.base_channels
+        self.time_mlp = nn.Sequential(nn.Linear(self.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.class_emb = nn.Embedding(cfg.num_classes + 1, d) if cfg.num_classes else None
+
+    def forward(self, t, y):
+        emb = self.time_mlp(timestep_embedding(t, self.freq_dim).to(self.time_mlp[0].weight.dtype))
+        if self.class_emb is not None:
+            emb = emb + self.class_emb(y)
+        return F.silu(emb)  # every block's projection starts from the activated embedding
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, emb_dim: int, groups: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, cout)
+        self.norm2 = nn.GroupNorm(groups, cout)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb_proj(emb)[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the pixels of a feature map, residual."""
+
+    def __init__(self, ch: int, heads: int, groups: int):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(groups, ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        q, k, v = rearrange(self.qkv(self.norm(x)), "b (three n d) h w -> three b n (h w) d", three=3, n=self.heads)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(rearrange(out, "b n (h w) d -> b (n d) h w", h=h, w=w))
+
+
+class Level(nn.Module):
+    """Residual blocks, optional attention, optional resampling: one of down1..3 / up1..3."""
+
+    def __init__(self, cins: list[int], cout: int, cfg: UNetConfig, attn: bool, resample: str | None):
+        super().__init__()
+        self.res = nn.ModuleList(ResBlock(c, cout, cfg.embed_dim, cfg.groups, cfg.dropout) for c in cins)
+        self.attn = Attention(cout, cfg.attn_heads, cfg.groups) if attn else None
+        if resample == "down":
+            self.resample = nn.Conv2d(cout, cout, 3, stride=2, padding=1)
+        elif resample == "up":
+            self.resample = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cout, cout, 3, padding=1))
+        else:
+            self.resample = None
+
+    def features(self, x, emb):
+        for block in self.res:
+            x = block(x, emb)
+        return self.attn(x) if self.attn is not None else x
+
+    def forward(self, x, emb):
+        x = self.features(x, emb)
+        return self.resample(x) if self.resample is not None else x
+
+
+class Mid(nn.Module):
+    def __init__(self, ch: int, cfg: UNetConfig):
+        super().__init__()
+        self.res1 = ResBlock(ch, ch, cfg.embed_dim, cfg.groups, cfg.dropout)
+        self.attn = Attention(ch, cfg.attn_heads, cfg.groups) if "mid" in cfg.attn_layers else None
+        self.res2 = ResBlock(ch, ch, cfg.embed_dim, cfg.groups, cfg.dropout)
+
+    def forward(self, x, emb):
+        x = self.res1(x, emb)
+        if self.attn is not None:
+            x = self.attn(x)
+        return self.res2(x, emb)
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig = UNetConfig()):
+        super().__init__()
+        self.cfg = cfg
+        c1, c2, c3 = cfg.channels
+        n = cfg.res_blocks
+        a = set(cfg.attn_layers)
+        self.embed = Embedding(cfg)
+        self.stem = nn.Conv2d(cfg.image_channels, c1, 3, padding=1)
+        self.down1 = Level([c1] + [c1] * (n - 1), c1, cfg, "down1" in a, "down")
+        self.down2 = Level([c1] + [c2] * (n - 1), c2, cfg, "down2" in a, "down")
+        self.down3 = Level([c2] + [c3] * (n - 1), c3, cfg, "down3" in a, None)
+        self.mid = Mid(c3, cfg)
+        # Each up layer concatenates the skip of its down twin to its first block's input.
+        self.up3 = Level([c3 + c3] + [c3] * (n - 1), c3, cfg, "up3" in a, "up")
+        self.up2 = Level([c3 + c2] + [c2] * (n - 1), c2, cfg, "up2" in a, "up")
+        self.up1 = Level([c2 + c1] + [c1] * (n - 1), c1, cfg, "up1" in a, None)
+        self.head = nn.Sequential(nn.GroupNorm(cfg.groups, c1), nn.SiLU(), nn.Conv2d(c1, cfg.image_channels, 3, padding=1))
+
+    @property
+    def null_class(self) -> int:
+        return self.cfg.num_classes
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict the noise in x at integer timesteps t for class labels y (None: unconditional)."""
+        if y is None:
+            y = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
+        emb = self.embed(t, y)
+        h = self.stem(x)
+        s1 = self.down1.features(h, emb)
+        s2 = self.down2.features(self.down1.resample(s1), emb)
+        s3 = self.down3.features(self.down2.resample(s2), emb)
+        h = self.mid(s3, emb)
+        h = self.up3(torch.cat([h, s3], 1), emb)
+        h = self.up2(torch.cat([h, s2], 1), emb)
+        h = self.up1(torch.cat([h, s1], 1), emb)
+        return self.head(h)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,132 @@
+"""Glue between a denoiser and its outputs: batched generation and FID / accuracy over seeds.
+
+Works for any denoiser (the FP32 U-Net or a quantized one), so every comparison runs the
+same code path with the same noise.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .diffusion import DEFAULT_GUIDANCE, Schedule, ddim_sample, ddpm_sample, linear_schedule, to_uint8
+from .metrics import FIDResult, balanced_labels, frechet_distance, get_backend, reference_statistics, statistics
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CHECKPOINT = REPO / "checkpoints" / "unet.safetensors"
+MAX_BATCH = 256
+
+
+def load_denoiser(path=DEFAULT_CHECKPOINT):
+    """Load an FP32 U-Net or a quantized one (by the file's `kind`); returns (model in eval mode, metadata)."""
+    from .checkpoint import CheckpointError, load_file, unet_from_file
+
+    tensors, meta = load_file(path)
+    if meta.get("kind") == "unet":
+        return unet_from_file(tensors, meta, str(path)), meta
+    if meta.get("kind") == "quantized":
+        from .quantize import quantized_from_file
+        return quantized_from_file(tensors, meta, str(path)), meta
+    raise CheckpointError(f"{path} holds a {meta.get('kind')!r}; expected a 'unet' or 'quantized' model")
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """What to generate; the same spec and seed give the same images."""
+    n: int = 16
+    labels: tuple[int, ...] | None = None  # None: balanced 0..9 when conditional; () : unconditional
+    steps: int = 50
+    sampler: str = "ddim"
+    eta: float = 0.0
+    guidance: float = DEFAULT_GUIDANCE
+    seed: int = 0
+    batch_size: int = 128
+
+    def __post_init__(self):
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1, got {self.n}")
+        if not 1 <= self.batch_size <= MAX_BATCH:
+            raise ValueError(f"batch_size must be in [1, {MAX_BATCH}], got {self.batch_size}")
+        if self.sampler not in ("ddim", "ddpm"):
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose 'ddim' or 'ddpm'")
+        if not (self.guidance == self.guidance) or self.guidance < 0:  # NaN check without math
+            raise ValueError(f"guidance must be a number >= 0, got {self.guidance}")
+
+
+def resolve_labels(spec: SampleSpec, num_classes: int) -> torch.Tensor | None:
+    if spec.labels == ():
+        return None
+    if spec.labels is None:
+        return balanced_labels(spec.n, num_classes) if num_classes else None
+    labels = torch.as_tensor(spec.labels, dtype=torch.long)
+    if ((labels < 0) | (labels >= num_classes)).any():
+        raise ValueError(f"class labels must be in [0, {num_classes - 1}], got {spec.labels}")
+    if len(labels) != spec.n:  # a short list repeats: --classes 7 --n 16 asks for sixteen 7s
+        labels = labels.repeat((spec.n + len(labels) - 1) // len(labels))[:spec.n]
+    return labels
+
+
+def generate(denoiser, spec: SampleSpec, *, num_classes: int = 10, schedule: Schedule | None = None, device="cpu",
+             progress: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Generate spec.n images; returns (uint8 (n, 1, 28, 28), labels or None).
+
+    One CPU generator seeded with spec.seed draws all noise, batch after batch.
+    `progress(done, total)` counts denoising steps over all batches.
+    """
+    schedule = schedule or linear_schedule()
+    labels = resolve_labels(spec, num_classes)
+    gen = torch.Generator().manual_seed(spec.seed)
+    per_batch = spec.steps if spec.sampler == "ddim" else schedule.T
+    batches = range(0, spec.n, spec.batch_size)
+    total = per_batch * len(batches)
+    out = []
+    for b, start in enumerate(batches):
+        n = min(spec.batch_size, spec.n - start)
+        y = labels[start:start + n] if labels is not None else None
+        cb = (lambda i, _t, b=b: progress(b * per_batch + i, total)) if progress else None
+        kw = dict(labels=y, guidance=spec.guidance, null_class=num_classes, generator=gen, device=device, callback=cb)
+        if spec.sampler == "ddim":
+            x = ddim_sample(denoiser, schedule, n, steps=spec.steps, eta=spec.eta, **kw)
+        else:
+            x = ddpm_sample(denoiser, schedule, n, **kw)
+        out.append(to_uint8(x).cpu())
+    return torch.cat(out), labels
+
+
+def evaluate_fid(denoiser, spec: SampleSpec, seeds: list[int], *, backend=None, classifier=None, num_classes: int = 10,
+                 reference: str = "mnist-train5k", device="cpu", progress=None, log=None) -> FIDResult:
+    """FID (and classifier accuracy for conditional samples) of spec.n samples, once per seed."""
+    backend = backend or get_backend("auto")
+    ref = reference_statistics(backend, reference)
+    result = FIDResult(backend=backend.name, n=spec.n, values=[], reference=reference)
+    for k, seed in enumerate(seeds):
+        s = SampleSpec(**{**spec.__dict__, "seed": seed})
+        t0 = time.perf_counter()
+        prog = (lambda d, t, k=k: progress(k * t + d, len(seeds) * t)) if progress else None
+        images, labels = generate(denoiser, s, num_classes=num_classes, device=device, progress=prog)
+        result.values.append(frechet_distance(statistics(backend.features(images)), ref))
+        if classifier is not None and labels is not None:
+            from .metrics import classifier_accuracy
+            result.accuracy.append(classifier_accuracy(classifier, images, labels))
+        if log:
+            log(f"seed {seed}: FID {result.values[-1]:.3f} ({backend.name}, N={spec.n})"
+                + (f", accuracy {100 * result.accuracy[-1]:.2f}%" if result.accuracy else "")
+                + f" in {time.perf_counter() - t0:.0f}s")
+    return result
+
+
+def real_floor(backend, n: int, seeds: list[int], *, train: str = "mnist-test10k", reference: str = "mnist-train5k") -> FIDResult:
+    """FID of n real training images against the held-out reference: the best a model could score."""
+    from .data import load_dataset
+
+    images = torch.from_numpy(load_dataset(train).images)
+    ref = reference_statistics(backend, reference)
+    feats = backend.features(images)
+    result = FIDResult(backend=backend.name, n=n, values=[], reference=reference)
+    for seed in seeds:
+        idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+        result.values.append(frechet_distance(statistics(feats[idx.numpy()]), ref))
+    return result

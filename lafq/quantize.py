@@ -1,0 +1,219 @@
+"""Apply a Plan to a model so it really stores low-precision weights; save, load, and measure it.
+
+`quantize_(model, plan)` replaces every parameter not kept in fp32 by its stored form (buffers
+`<name>_q` and `<name>_scale` on the owning module) and registers a forward pre-hook that
+dequantizes it to the compute dtype just before the module runs. Memory holds the small form;
+compute runs in fp32 on a CPU (or fp16 on a GPU with `compute_dtype`).
+
+File: `.safetensors`, kind "quantized", metadata {"config", "plan", "format"}; tensors are the
+fp32 parameters under their names, float-cast ones under their names in their dtype, and integer
+ones as `<name>.qdata` (int8, or uint8 with two int4 per byte) plus `<name>.scale` (fp32).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointError, save_file
+from .policy import Plan, param_shapes
+from .precision import FLOAT_DTYPES, PRECISIONS, QMAX, Stored, data_bytes, load, numel, scale_bytes, store
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    mod_name, _, attr = name.rpartition(".")
+    return model.get_submodule(mod_name) if mod_name else model, attr
+
+
+class _Dequantize:
+    """Forward pre-hook: rebuild the module's quantized parameters in the compute dtype."""
+
+    def __init__(self, attrs: list[str]):
+        self.attrs = attrs
+
+    def __call__(self, module, _inputs):
+        dtype = getattr(module, "_lafq_dtype", torch.float32)
+        for attr in self.attrs:
+            setattr(module, attr, load(module._lafq_stored[attr], dtype))
+
+
+def _install(model: nn.Module, stored: dict[str, Stored]) -> None:
+    by_module: dict[nn.Module, list[str]] = {}
+    for name, s in stored.items():
+        mod, attr = _owner(model, name)
+        del mod._parameters[attr]
+        if not hasattr(mod, "_lafq_stored"):
+            mod._lafq_stored = {}
+        mod._lafq_stored[attr] = s
+        # Buffers make the stored form move with .to(device) and show in memory accounting.
+        mod.register_buffer(f"{attr}_q", s.data, persistent=False)
+        if s.scale is not None:
+            mod.register_buffer(f"{attr}_scale", s.scale, persistent=False)
+        setattr(mod, attr, load(s))  # a plain tensor until the first hook call
+        by_module.setdefault(mod, []).append(attr)
+    for mod, attrs in by_module.items():
+        mod.register_forward_pre_hook(_Dequantize(attrs))
+
+
+def _sync_buffers(model: nn.Module) -> None:
+    """After .to(device), point the stored forms at the moved buffers."""
+    for mod in model.modules():
+        for attr, s in getattr(mod, "_lafq_stored", {}).items():
+            s.data = getattr(mod, f"{attr}_q")
+            if s.scale is not None:
+                s.scale = getattr(mod, f"{attr}_scale")
+
+
+def quantize_(model: nn.Module, plan: Plan) -> nn.Module:
+    """Quantize `model` in place following `plan` (names not in the plan stay fp32); returns it, in eval mode."""
+    if getattr(model, "lafq_plan", None) is not None:
+        raise ValueError("model is already quantized; quantize a fresh copy of the FP32 model")
+    shapes = param_shapes(model)
+    plan.validate(shapes)
+    params = dict(model.named_parameters())
+    stored = {n: store(params[n], p) for n, p in plan.precisions.items() if p != "fp32"}
+    _install(model, stored)
+    model.lafq_plan = plan
+    model.lafq_stored = stored
+    return model.eval().requires_grad_(False)
+
+
+def set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Run a quantized model in `dtype` (e.g. fp16 on a GPU): remaining parameters cast, stored ones dequantized to it."""
+    model.to(dtype=dtype) if dtype != torch.float32 else model.float()
+    _sync_buffers(model)
+    for mod in model.modules():
+        if hasattr(mod, "_lafq_stored"):
+            mod._lafq_dtype = dtype
+    return model
+
+
+def to_device(model: nn.Module, device) -> nn.Module:
+    model.to(device)
+    _sync_buffers(model)
+    return model
+
+
+# -- size --------------------------------------------------------------------------------------
+
+@dataclass
+class SizeReport:
+    total_bytes: int
+    fp32_bytes: int
+    bytes_by_dtype: dict[str, int]  # data bytes per precision (numel × element size; int4 = numel / 2)
+    tensors_by_dtype: dict[str, int]
+    params_by_dtype: dict[str, int]
+    scale_bytes: int
+    numel: int
+    file_bytes: int | None = None  # real size on disk, when saved
+
+    @property
+    def reduction_pct(self) -> float:
+        return 100.0 * (1 - self.total_bytes / self.fp32_bytes)
+
+    @property
+    def pct_of_fp32(self) -> float:
+        return 100.0 * self.total_bytes / self.fp32_bytes
+
+    @property
+    def avg_bits(self) -> float:
+        return 8.0 * self.total_bytes / self.numel
+
+    def to_dict(self) -> dict:
+        return {"total_bytes": self.total_bytes, "fp32_bytes": self.fp32_bytes, "pct_of_fp32": round(self.pct_of_fp32, 3),
+                "reduction_pct": round(self.reduction_pct, 3), "avg_bits": round(self.avg_bits, 4),
+                "bytes_by_dtype": self.bytes_by_dtype, "tensors_by_dtype": self.tensors_by_dtype,
+                "params_by_dtype": self.params_by_dtype, "scale_bytes": self.scale_bytes, "numel": self.numel,
+                "file_bytes": self.file_bytes}
+
+    def table(self) -> str:
+        rows = [f"{'dtype':6} {'tensors':>8} {'params':>10} {'bytes':>10}"]
+        for p in PRECISIONS:
+            if self.tensors_by_dtype.get(p):
+                rows.append(f"{p:6} {self.tensors_by_dtype[p]:8d} {self.params_by_dtype[p]:10d} {self.bytes_by_dtype[p]:10d}")
+        rows.append(f"{'scales':6} {'':8} {'':10} {self.scale_bytes:10d}")
+        rows.append(f"total {self.total_bytes} bytes = {self.pct_of_fp32:.2f}% of FP32 ({self.fp32_bytes} bytes), "
+                    f"{self.reduction_pct:.2f}% smaller, {self.avg_bits:.2f} bits/weight")
+        if self.file_bytes is not None:
+            rows.append(f"on disk: {self.file_bytes} bytes")
+        return "\n".join(rows)
+
+
+def size_report(plan: Plan, shapes: dict[str, tuple]) -> SizeReport:
+    """Sizes from the plan alone (no quantization needed): what the live readouts call."""
+    by = {p: 0 for p in PRECISIONS}
+    cnt = {p: 0 for p in PRECISIONS}
+    par = {p: 0 for p in PRECISIONS}
+    scales = 0
+    for n, shape in shapes.items():
+        p = plan.precisions.get(n, "fp32")
+        by[p] += data_bytes(shape, p)
+        cnt[p] += 1
+        par[p] += numel(shape)
+        scales += scale_bytes(shape, p)
+    total_numel = sum(numel(s) for s in shapes.values())
+    return SizeReport(sum(by.values()) + scales, 4 * total_numel, by, cnt, par, scales, total_numel)
+
+
+# -- files -------------------------------------------------------------------------------------
+
+def quantized_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    out = {k: v for k, v in model.named_parameters()}
+    for name, s in model.lafq_stored.items():
+        if s.precision in FLOAT_DTYPES:
+            out[name] = s.data
+        else:
+            out[f"{name}.qdata"] = s.data
+            out[f"{name}.scale"] = s.scale
+    return out
+
+
+def save_quantized(path: str | os.PathLike, model: nn.Module) -> int:
+    """Write the quantized model atomically; returns the file size in bytes."""
+    plan: Plan = model.lafq_plan
+    save_file(path, quantized_tensors(model), {"kind": "quantized", "config": model.cfg.to_dict(),
+                                               "plan": {"precisions": plan.precisions, "policy": plan.policy}})
+    return Path(path).stat().st_size
+
+
+def quantized_from_file(tensors: dict, meta: dict, name: str):
+    """Rebuild a quantized U-Net from file contents without re-quantizing (bit-identical reload)."""
+    from .model import UNet, UNetConfig
+
+    try:
+        cfg = UNetConfig.from_dict(meta["config"])
+        plan = Plan(dict(meta["plan"]["precisions"]), meta["plan"].get("policy", {}))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{name}: invalid quantized-model metadata ({e})") from None
+    model = UNet(cfg)
+    shapes = param_shapes(model)
+    try:
+        plan.validate(shapes)
+    except ValueError as e:
+        raise CheckpointError(f"{name}: {e}") from None
+    stored, plain = {}, {}
+    for n, shape in shapes.items():
+        p = plan.precisions.get(n, "fp32")
+        try:
+            if p in QMAX:
+                s = Stored(p, shape, tensors[f"{n}.qdata"], tensors[f"{n}.scale"])
+                want = (data_bytes(shape, p),) if p == "int4" else shape
+                if tuple(s.data.shape) != want or tuple(s.scale.shape) != (shape[0],):
+                    raise CheckpointError(f"{name}: {n} has stored shape {tuple(s.data.shape)}, expected {want}")
+                stored[n] = s
+            elif p == "fp32":
+                plain[n] = tensors[n]
+            else:
+                if tensors[n].dtype != FLOAT_DTYPES[p] or tuple(tensors[n].shape) != shape:
+                    raise CheckpointError(f"{name}: {n} should be {p} {shape}, is {tensors[n].dtype} {tuple(tensors[n].shape)}")
+                stored[n] = Stored(p, shape, tensors[n])
+        except KeyError as e:
+            raise CheckpointError(f"{name}: missing tensor {e} for {n} ({p})") from None
+    model.load_state_dict(plain, strict=False)
+    _install(model, stored)
+    model.lafq_plan = plan
+    model.lafq_stored = stored
+    return model.eval().requires_grad_(False)

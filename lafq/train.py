@@ -1,0 +1,216 @@
+"""Training: the diffusion U-Net (AdamW, EMA, classifier-free label dropout, resume).
+
+Files a run writes into its output directory `out/`:
+    unet.safetensors          EMA weights: what sampling, Fisher and the app load
+    train_state.safetensors   raw weights, EMA, AdamW moments and RNG states: resume is exact
+    train_log.jsonl           one JSON line per log interval
+    samples.png               the latest grid of EMA samples (one row per class)
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import CheckpointError, config_mismatch, load_file, save_file, save_unet
+from .data import OFFLINE_TRAIN, load_dataset
+from .diffusion import linear_schedule, q_sample, sample
+from .model import UNet, UNetConfig, count_parameters
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset: str = OFFLINE_TRAIN
+    steps: int = 30000  # total; the learning-rate schedule spans these
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decay to lr * this
+    warmup: int = 500
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    p_uncond: float = 0.1  # label dropout that trains the null class for guidance
+    min_snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023); 0 disables
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 100
+    save_every: int = 1000
+    sample_every: int = 2000
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def diffusion_loss(model, schedule, x0, y, t, noise, min_snr_gamma: float = 0.0, reduce: bool = True):
+    """Epsilon-prediction MSE; per-sample losses if reduce=False. Min-SNR weighting when gamma > 0."""
+    pred = model(q_sample(schedule, x0, t, noise), t, y)
+    per_sample = F.mse_loss(pred, noise, reduction="none").flatten(1).mean(1)
+    if min_snr_gamma > 0:
+        abar = schedule.abar(t)
+        snr = abar / (1 - abar)
+        per_sample = per_sample * snr.clamp(max=min_snr_gamma) / snr
+    return per_sample.mean() if reduce else per_sample
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for pe, p in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(p, 1 - decay)
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """Warm-up so early checkpoints are usable: the EMA horizon grows with the step count."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+def save_grid(images: torch.Tensor, path, nrow: int) -> None:
+    """Save images in [-1, 1] as a PNG grid, atomically."""
+    import io
+
+    from torchvision.utils import save_image
+
+    from .checkpoint import atomic_write_bytes
+
+    buf = io.BytesIO()
+    save_image((images + 1) / 2, buf, nrow=nrow, padding=2, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _train_state_tensors(model, ema, opt, gen) -> dict:
+    names = [n for n, _ in model.named_parameters()]
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    state.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    for i, name in enumerate(names):
+        s = opt.state.get(opt.param_groups[0]["params"][i], {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in s:
+                state[f"optim.{name}.{key}"] = s[key]
+    state["rng.torch"] = torch.get_rng_state()
+    state["rng.gen"] = gen.get_state()
+    return state
+
+
+def _restore_train_state(tensors, model, ema, opt, gen, step: int) -> None:
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    for i, (name, p) in enumerate(model.named_parameters()):
+        if f"optim.{name}.exp_avg" in tensors:
+            opt.state[p] = {"step": torch.tensor(float(step)),
+                            "exp_avg": tensors[f"optim.{name}.exp_avg"].clone(),
+                            "exp_avg_sq": tensors[f"optim.{name}.exp_avg_sq"].clone()}
+    torch.set_rng_state(tensors["rng.torch"])
+    gen.set_state(tensors["rng.gen"])
+
+
+def train(out: str | Path, cfg: TrainConfig = TrainConfig(), model_cfg: UNetConfig = UNetConfig(),
+          resume: bool = True, progress: bool = True, channels_last: bool = True, data_root=None,
+          until: int | None = None) -> dict:
+    """Train (or resume from out/train_state.safetensors) up to cfg.steps; returns the last log record.
+
+    `until` stops this call early at that step (a checkpoint is written there); the learning-rate
+    schedule still spans cfg.steps, so a run split over several calls equals one uninterrupted run.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "train_state.safetensors"
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model = UNet(model_cfg)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step, wall = 0, 0.0
+    if resume and state_path.exists():
+        tensors, meta = load_file(state_path, kind="train_state")
+        diff = config_mismatch(model_cfg.to_dict(), UNetConfig.from_dict(meta["config"]).to_dict())
+        if diff:
+            raise CheckpointError(f"{state_path}: model config differs from the one asked for: " + "; ".join(diff))
+        old = TrainConfig.from_dict(meta["train_config"])
+        if old.dataset != cfg.dataset or old.seed != cfg.seed:
+            raise CheckpointError(f"{state_path} was trained on {old.dataset!r} seed {old.seed}; asked for "
+                                  f"{cfg.dataset!r} seed {cfg.seed}: use a new output directory")
+        step, wall = meta["step"], meta["wall_seconds"]
+        _restore_train_state(tensors, model, ema, opt, gen, step)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    data = load_dataset(cfg.dataset, data_root)
+    x_all, y_all = data.tensors()
+    schedule = linear_schedule()
+    info = {"dataset": cfg.dataset, "dataset_size": len(data), "params": count_parameters(model),
+            "torch": torch.__version__, "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
+            "seed": cfg.seed}
+
+    def checkpoint(step_now: int, wall_now: float) -> None:
+        facts = {**info, "steps": step_now, "wall_seconds": round(wall_now, 1),
+                 "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "train_config": asdict(cfg)}
+        save_unet(out / "unet.safetensors", ema, train=facts)
+        save_file(state_path, _train_state_tensors(model, ema, opt, gen),
+                  {"kind": "train_state", "config": model_cfg.to_dict(), "train_config": asdict(cfg),
+                   "step": step_now, "wall_seconds": wall_now})
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True)
+    model.train()
+    losses: list[float] = []
+    record: dict = {"step": step}
+    t_last = time.perf_counter()
+    stop = min(cfg.steps, until) if until else cfg.steps
+    while step < stop:
+        idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=gen)
+        x0, y = x_all[idx], y_all[idx].clone()
+        y[torch.rand(cfg.batch_size, generator=gen) < cfg.p_uncond] = model_cfg.num_classes
+        t = torch.randint(0, schedule.T, (cfg.batch_size,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        if channels_last:
+            x0, noise = x0.to(memory_format=torch.channels_last), noise.to(memory_format=torch.channels_last)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        loss = diffusion_loss(model, schedule, x0, y, t, noise, cfg.min_snr_gamma)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        ema_update(ema, model, ema_decay_at(step, cfg.ema_decay))
+        step += 1
+        losses.append(loss.item())
+        if bar:
+            bar.update(1)
+        if step % cfg.log_every == 0 or step == stop:
+            now = time.perf_counter()
+            wall += now - t_last
+            t_last = now
+            record = {"step": step, "loss": sum(losses) / len(losses), "lr": lr_at(step - 1, cfg),
+                      "wall_seconds": round(wall, 1)}
+            losses = []
+            with open(out / "train_log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if bar:
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+        if step % cfg.sample_every == 0 or step == cfg.steps:
+            labels = torch.arange(10).repeat_interleave(8) if model_cfg.num_classes else None
+            imgs = sample(ema, schedule, 80, steps=25, seed=0, labels=labels, null_class=model_cfg.num_classes)
+            save_grid(imgs, out / "samples.png", nrow=8)
+        if step % cfg.save_every == 0 or step == stop:
+            checkpoint(step, wall + time.perf_counter() - t_last)
+    if bar:
+        bar.close()
+    return record

@@ -1,0 +1,29 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from lafq.checkpoint import save_unet  # noqa: E402
+from lafq.model import UNet, UNetConfig  # noqa: E402
+
+TINY = UNetConfig(base_channels=8, channel_mults=(1, 1, 2), attn_heads=2, groups=4, dropout=0.0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _threads():
+    torch.set_num_threads(int(os.environ.get("LAFQ_TEST_THREADS", "1")))  # 1: no oversubscription beside other jobs
+
+
+@pytest.fixture
+def tiny_model():
+    torch.manual_seed(0)
+    return UNet(TINY).eval()
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path, tiny_model):
+    path = tmp_path / "tiny.safetensors"
+    save_unet(path, tiny_model, train={"steps": 0})
+    return path

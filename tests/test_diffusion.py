@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from lafq.diffusion import ddim_sample, ddim_timesteps, ddpm_sample, guided_eps, linear_schedule, q_sample, sample
+
+
+def test_alpha_bar_is_monotone_and_in_unit_interval():
+    s = linear_schedule(1000)
+    a = s.alphas_cumprod
+    assert s.T == 1000
+    assert torch.all(a[1:] < a[:-1])
+    assert 0 < a[-1] < 1e-4 < 0.999 < a[0] < 1
+
+
+def test_forward_noising_statistics():
+    s = linear_schedule()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.full((20000, 1), 0.7)
+    for t in (0, 250, 999):
+        tt = torch.full((len(x0),), t)
+        xt = q_sample(s, x0, tt, torch.randn(x0.shape, generator=g))
+        abar = s.alphas_cumprod[t].item()
+        assert xt.mean().item() == pytest.approx(abar ** 0.5 * 0.7, abs=0.02)
+        assert xt.var().item() == pytest.approx(1 - abar, abs=0.02 + 0.02 * (1 - abar))
+
+
+def test_ddim_timesteps_cover_ddpm_endpoints():
+    for steps in (1, 10, 50, 1000):
+        ts = ddim_timesteps(1000, steps)
+        assert len(ts) == steps
+        assert ts[-1] == 0 and (steps == 1 or ts[0] == 999)
+        assert all(a > b for a, b in zip(ts, ts[1:]))
+    with pytest.raises(ValueError, match="steps"):
+        ddim_timesteps(1000, 0)
+
+
+def test_ddim_eta0_is_deterministic_given_noise(tiny_model):
+    s = linear_schedule()
+    a = sample(tiny_model, s, 3, steps=5, seed=1, labels=[1, 2, 3])
+    b = sample(tiny_model, s, 3, steps=5, seed=1, labels=[1, 2, 3])
+    assert torch.equal(a, b)
+    # eta=0 draws only the initial noise: a generator advanced afterwards changes nothing.
+    g = torch.Generator().manual_seed(1)
+    c = ddim_sample(tiny_model, s, 3, steps=5, generator=g, labels=[1, 2, 3])
+    assert torch.equal(a, c)
+
+
+def test_ddpm_equals_ddim_with_eta1_over_all_steps(tiny_model):
+    # DDIM with eta=1 over all T steps is ancestral DDPM with the posterior variance (Song et al. 2021).
+    s = linear_schedule(50)
+    a = ddpm_sample(tiny_model, s, 2, generator=torch.Generator().manual_seed(3), labels=[4, 5])
+    b = ddim_sample(tiny_model, s, 2, steps=50, eta=1.0, generator=torch.Generator().manual_seed(3), labels=[4, 5])
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_seeds_change_samples_and_outputs_are_in_range(tiny_model):
+    s = linear_schedule()
+    a = sample(tiny_model, s, 2, steps=3, seed=0)
+    b = sample(tiny_model, s, 2, steps=3, seed=1)
+    assert not torch.equal(a, b)
+    assert a.shape == (2, 1, 28, 28) and a.abs().max() <= 1
+
+
+def test_batched_guidance_equals_two_forwards(tiny_model):
+    x = torch.randn(3, 1, 28, 28)
+    t = torch.tensor([5, 500, 999])
+    y = torch.tensor([1, 7, 9])
+    with torch.no_grad():
+        got = guided_eps(tiny_model, x, t, y, 3.0, null_class=10)
+        c = tiny_model(x, t, y)
+        u = tiny_model(x, t, torch.full_like(y, 10))
+    assert torch.allclose(got, u + 3.0 * (c - u), atol=1e-5)
+
+
+def test_unknown_sampler_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="ddim"):
+        sample(tiny_model, linear_schedule(), 1, sampler="euler")

@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from lafq.diffusion import linear_schedule
+from lafq.fisher import FisherMap, bin_edges, compute_fisher, naive_sq_grads, per_sample_sq_grads
+from lafq.model import UNet
+from tests.conftest import TINY
+
+
+def test_vectorised_fisher_equals_naive_loop():
+    torch.manual_seed(0)
+    m = UNet(TINY).double().eval()
+    s = linear_schedule()
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(7, 1, 28, 28, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 4, 10, 9])
+    t = torch.randint(0, 1000, (7,), generator=g)
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    fast = per_sample_sq_grads(m, s, x0, y, t, noise, chunk=3)  # chunking must not matter
+    slow = naive_sq_grads(m, s, x0, y, t, noise)
+    for k in slow:
+        assert torch.allclose(fast[k], slow[k], rtol=1e-9, atol=1e-20), k
+    # ...and it is not the square of the mean gradient (the shortcut this module avoids).
+    m.zero_grad()
+    from lafq.train import diffusion_loss
+    diffusion_loss(m, s, x0, y, t, noise).backward()
+    k = "stem.weight"
+    assert not torch.allclose(slow[k] / 7, m.stem.weight.grad.pow(2))
+
+
+@pytest.fixture(scope="module")
+def fmap():
+    torch.manual_seed(0)
+    m = UNet(TINY).eval()
+    from lafq.data import load_dataset
+    x, y = load_dataset("mnist-train5k").tensors()
+    return compute_fisher(m, x[:200], y[:200], bins=4, samples_per_bin=6, per_class=True), m
+
+
+def test_map_shapes_groups_and_views(fmap):
+    fm, m = fmap
+    n = len(list(m.parameters()))
+    assert fm.fisher.shape == (11, n, 4) and fm.groups[0] == "all" and fm.groups[1:] == [str(c) for c in range(10)]
+    assert torch.allclose(fm.fisher[0], fm.fisher[1:].mean(0))
+    _, norm = fm.view("normalized")
+    assert norm.max() == 1 and norm.min() >= 0
+    _, log = fm.view("log", group=7)
+    assert log.max() == 0
+    layers, per_layer = fm.view("raw", per_layer=True)
+    assert layers[0] == "embed" and layers[-1] == "head" and per_layer.shape == (len(layers), 4)
+    assert fm.magnitude.shape == (n,) and (fm.magnitude > 0).all()
+    assert fm.channel["stem.weight"].shape == (11, 4, 8)
+    with pytest.raises(ValueError, match="no '11'"):
+        fm.view(group=11)
+
+
+def test_scores_by_statistic(fmap):
+    fm, _ = fmap
+    raw = fm.fisher[0]
+    k = fm.names.index("stem.weight")
+    assert fm.score("final")["stem.weight"] == pytest.approx(raw[k, 0].item())
+    assert fm.score("mean")["stem.weight"] == pytest.approx(raw[k].mean().item())
+    assert fm.score("max")["stem.weight"] == pytest.approx(raw[k].max().item())
+    with pytest.raises(ValueError, match="final"):
+        fm.score("median")
+
+
+def test_save_load_round_trip(fmap, tmp_path):
+    fm, _ = fmap
+    fm.save(tmp_path / "f.safetensors")
+    back = FisherMap.load(tmp_path / "f.safetensors")
+    assert back.names == fm.names and back.groups == fm.groups and back.bin_edges == fm.bin_edges
+    assert torch.equal(back.fisher, fm.fisher) and torch.equal(back.channel["stem.weight"], fm.channel["stem.weight"])
+    assert back.meta["checkpoint_digest"] == fm.meta["checkpoint_digest"]
+
+
+def test_bins_cover_all_timesteps():
+    e = bin_edges(50)
+    assert e[0] == 0 and e[-1] == 1000 and len(e) == 51
+    assert len(bin_edges(1000)) == 1001
+    with pytest.raises(ValueError, match="bins"):
+        bin_edges(0)

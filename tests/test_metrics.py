@@ -1,0 +1,50 @@
+import numpy as np
+import pytest
+import torch
+
+from lafq.metrics import FIDResult, frechet_distance, mean_ci95, statistics
+
+
+def test_identical_features_give_zero_and_shifts_grow():
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(2000, 16))
+    base = statistics(f)
+    assert frechet_distance(base, statistics(f.copy())) == pytest.approx(0, abs=1e-6)
+    d = [frechet_distance(base, statistics(f + s)) for s in (0.1, 0.5, 1.0)]
+    assert d[0] < d[1] < d[2]
+    assert d[2] == pytest.approx(16 * 1.0, rel=1e-3)  # a pure mean shift adds |shift|^2 per dimension
+
+
+def test_mean_and_ci95():
+    m, ci = mean_ci95([1.0, 2.0, 3.0])
+    assert m == 2.0 and ci == pytest.approx(4.303 * 1 / 3 ** 0.5, rel=1e-3)
+    assert mean_ci95([5.0]) == (5.0, 0.0)
+
+
+def test_fid_result_always_names_backend_and_n():
+    r = FIDResult("classifier", 500, [3.0, 3.2, 2.8], accuracy=[0.9, 0.95, 1.0])
+    s = r.describe()
+    assert "backend=classifier" in s and "N=500" in s and "3 seeds" in s and "95.00%" in s
+
+
+def test_shipped_classifier_features_and_accuracy():
+    from lafq.classifier import load_classifier
+    from lafq.data import load_dataset
+    from lafq.metrics import ClassifierBackend, classifier_accuracy
+
+    clf, meta = load_classifier("checkpoints/classifier.safetensors")
+    d = load_dataset("mnist-train5k")
+    images, labels = torch.from_numpy(d.images[:500]), torch.from_numpy(d.labels[:500])
+    assert classifier_accuracy(clf, images, labels) > 0.97
+    feats = ClassifierBackend(clf).features(images)
+    assert feats.shape == (500, 128) and np.isfinite(feats).all()
+
+
+def test_inception_backend_without_weights_says_how_to_get_them(monkeypatch, tmp_path):
+    from lafq.metrics import InceptionBackend, get_backend
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.delenv("LAFQ_INCEPTION_WEIGHTS", raising=False)
+    with pytest.raises(FileNotFoundError, match="--backend classifier"):
+        InceptionBackend()
+    assert get_backend("auto").name == "classifier"

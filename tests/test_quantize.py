@@ -1,0 +1,72 @@
+import copy
+
+import pytest
+import torch
+
+from lafq.checkpoint import CheckpointError
+from lafq.diffusion import linear_schedule, sample
+from lafq.pipeline import load_denoiser
+from lafq.policy import Plan, param_shapes
+from lafq.precision import fallback
+from lafq.quantize import quantize_, save_quantized, size_report
+
+
+def _plan(model, precision):
+    return Plan({n: fallback(tuple(p.shape), precision) for n, p in model.named_parameters()})
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16", "int8", "int4"])
+def test_saved_file_is_smaller_and_reloads_bit_identically(tiny_model, tiny_ckpt, tmp_path, precision):
+    q = quantize_(copy.deepcopy(tiny_model), _plan(tiny_model, precision))
+    path = tmp_path / f"{precision}.safetensors"
+    size = save_quantized(path, q)
+    assert size < tiny_ckpt.stat().st_size * (0.55 if precision in ("fp16", "bf16") else 0.4)
+    back, meta = load_denoiser(path)
+    assert meta["kind"] == "quantized"
+    s = linear_schedule()
+    a = sample(q, s, 3, steps=4, seed=5, labels=[1, 2, 3])
+    b = sample(back, s, 3, steps=4, seed=5, labels=[1, 2, 3])
+    assert torch.equal(a, b)
+    ref = sample(tiny_model, s, 3, steps=4, seed=5, labels=[1, 2, 3])
+    assert not torch.equal(a, ref) and (a - ref).abs().max() < (0.5 if precision == "int4" else 0.1)
+
+
+def test_memory_holds_the_stored_form(tiny_model):
+    q = quantize_(copy.deepcopy(tiny_model), _plan(tiny_model, "int4"))
+    assert not any(p.dim() > 1 for p in q.parameters())  # every matrix left the parameter list
+    assert q.down1.res[0].conv1.weight_q.dtype == torch.uint8
+    assert q.down1.res[0].conv1.weight_scale.dtype == torch.float32
+
+
+def test_size_report_counts_dtypes_and_scales(tiny_model):
+    shapes = param_shapes(tiny_model)
+    numel = sum(p.numel() for p in tiny_model.parameters())
+    r = size_report(_plan(tiny_model, "fp16"), shapes)
+    assert r.total_bytes == 2 * numel and r.reduction_pct == pytest.approx(50)
+    assert r.tensors_by_dtype["fp16"] == len(shapes)
+    r4 = size_report(_plan(tiny_model, "int4"), shapes)
+    mats = [s for s in shapes.values() if len(s) > 1]
+    assert r4.scale_bytes == 4 * sum(s[0] for s in mats)
+    assert r4.tensors_by_dtype["int4"] == len(mats) and r4.tensors_by_dtype["fp16"] == len(shapes) - len(mats)
+
+
+def test_quantizing_twice_and_bad_plans_are_refused(tiny_model):
+    q = quantize_(copy.deepcopy(tiny_model), _plan(tiny_model, "fp16"))
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_(q, _plan(tiny_model, "fp16"))
+    with pytest.raises(ValueError, match="lacks"):
+        quantize_(copy.deepcopy(tiny_model), Plan({"nope.weight": "fp16"}))
+    with pytest.raises(ValueError, match="integer formats on vectors"):
+        quantize_(copy.deepcopy(tiny_model), Plan({"stem.bias": "int8"}))
+
+
+def test_tampered_quantized_file_is_refused(tiny_model, tmp_path):
+    from lafq.checkpoint import load_file, save_file
+    path = tmp_path / "q.safetensors"
+    save_quantized(path, quantize_(copy.deepcopy(tiny_model), _plan(tiny_model, "int8")))
+    tensors, meta = load_file(path)
+    tensors.pop("stem.weight.scale")
+    meta.pop("format")
+    save_file(path, tensors, meta)
+    with pytest.raises(CheckpointError, match="missing tensor 'stem.weight.scale'"):
+        load_denoiser(path)
