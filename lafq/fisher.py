@@ -170,6 +170,9 @@ def naive_sq_grads(model, schedule, x0, y, t, noise) -> dict[str, torch.Tensor]:
 def _balanced_draw(labels: torch.Tensor, classes: list[int], n: int, gen: torch.Generator) -> torch.Tensor:
     """n indices into the dataset, cycling through `classes` so each is equally represented."""
     pools = {c: (labels == c).nonzero().flatten() for c in classes}
+    empty = [c for c, p in pools.items() if len(p) == 0]
+    if empty:
+        raise ValueError(f"the data has no images of class(es) {empty}: Fisher maps need every class they average over")
     want = torch.tensor([classes[i % len(classes)] for i in range(n)])
     return torch.stack([pools[int(c)][torch.randint(len(pools[int(c)]), (1,), generator=gen)][0] for c in want])
 

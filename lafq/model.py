@@ -150,14 +150,12 @@ class Level(nn.Module):
         else:
             self.resample = None
 
-    def features(self, x, emb):
+    def forward(self, x, emb):
+        """Features at this level's resolution; the U-Net applies `resample` itself, so hooks on a level
+        see its features (and down levels hand the same tensor to their skip connection)."""
         for block in self.res:
             x = block(x, emb)
         return self.attn(x) if self.attn is not None else x
-
-    def forward(self, x, emb):
-        x = self.features(x, emb)
-        return self.resample(x) if self.resample is not None else x
 
 
 class Mid(nn.Module):
@@ -203,12 +201,12 @@ class UNet(nn.Module):
             y = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
         emb = self.embed(t, y)
         h = self.stem(x)
-        s1 = self.down1.features(h, emb)
-        s2 = self.down2.features(self.down1.resample(s1), emb)
-        s3 = self.down3.features(self.down2.resample(s2), emb)
+        s1 = self.down1(h, emb)
+        s2 = self.down2(self.down1.resample(s1), emb)
+        s3 = self.down3(self.down2.resample(s2), emb)
         h = self.mid(s3, emb)
-        h = self.up3(torch.cat([h, s3], 1), emb)
-        h = self.up2(torch.cat([h, s2], 1), emb)
+        h = self.up3.resample(self.up3(torch.cat([h, s3], 1), emb))
+        h = self.up2.resample(self.up2(torch.cat([h, s2], 1), emb))
         h = self.up1(torch.cat([h, s1], 1), emb)
         return self.head(h)
 

@@ -25,10 +25,11 @@ def test_forward_noising_statistics():
 
 
 def test_ddim_timesteps_cover_ddpm_endpoints():
-    for steps in (1, 10, 50, 1000):
+    assert ddim_timesteps(1000, 1) == [999]  # one jump from pure noise to x0
+    for steps in (2, 10, 50, 1000):
         ts = ddim_timesteps(1000, steps)
         assert len(ts) == steps
-        assert ts[-1] == 0 and (steps == 1 or ts[0] == 999)
+        assert ts[0] == 999 and ts[-1] == 0
         assert all(a > b for a, b in zip(ts, ts[1:]))
     with pytest.raises(ValueError, match="steps"):
         ddim_timesteps(1000, 0)

@@ -71,8 +71,9 @@ def test_budget_never_exceeds_and_front_is_monotone(setup):
     front = pareto_front(fm, w)
     assert front[0].bytes == floor_bytes(shapes)
     assert all(a.bytes < b.bytes and a.damage >= b.damage for a, b in zip(front, front[1:]))
-    assert front[-1].damage == pytest.approx(0, abs=1e-12) and front[-1].bytes == 4 * sum(p.numel() for p in m.parameters())
-    for bits in (4.5, 5, 6, 8, 16):
+    # The front ends where nothing is lost; FP16-exact tensors (e.g. GroupNorm ones) need no FP32 to get there.
+    assert front[-1].damage == pytest.approx(0, abs=1e-12) and front[-1].bytes <= 4 * sum(p.numel() for p in m.parameters())
+    for bits in (5, 6, 8, 16):  # this tiny model's floor is 4.88 bits (many vectors)
         plan = make_plan(Policy("budget", avg_bits=bits), fm, w)
         budget = int(bits * sum(p.numel() for p in m.parameters()) / 8)
         assert plan_bytes(plan.precisions, shapes) <= budget

@@ -41,7 +41,8 @@ def test_sizes_follow_numel_times_element_size():
     assert data_bytes(shape, "fp16") == data_bytes(shape, "bf16") == 2 * 4608
     assert data_bytes(shape, "int8") == 4608 and data_bytes(shape, "int4") == 2304
     assert scale_bytes(shape, "int4") == 32 * 4 and scale_bytes(shape, "fp16") == 0
-    assert tensor_bytes((3,), "int4") == 2 and data_bytes((3,), "int4") == 2
+    assert data_bytes((3, 1), "int4") == 2  # odd counts round up to whole bytes
+    assert tensor_bytes((3, 1), "int4") == 2 + 3 * 4
 
 
 def test_vectors_take_float_formats_only():

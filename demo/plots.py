@@ -1,0 +1,83 @@
+"""Plotly figures as pure functions of plain data: tests call them directly."""
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+
+PRECISION_COLORS = {"fp32": "#1f77b4", "fp16": "#2ca02c", "bf16": "#17becf", "int8": "#ff7f0e", "int4": "#d62728"}
+LAYOUT = dict(margin=dict(l=10, r=10, t=40, b=10), template="plotly_white")
+
+
+def heatmap(rows: list[str], cols: list, z, title: str, colorbar: str, x_title: str = "timestep") -> go.Figure:
+    z = np.asarray(z, dtype=float)
+    fig = go.Figure(go.Heatmap(z=z, x=cols, y=rows, colorscale="Viridis", colorbar=dict(title=colorbar),
+                               hovertemplate="%{y}<br>" + x_title + " %{x}<br>%{z:.3g}<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title=x_title, height=max(320, 22 * len(rows) + 120), **LAYOUT)
+    fig.update_yaxes(autorange="reversed", tickfont=dict(size=10 if len(rows) < 40 else 7))
+    return fig
+
+
+def bars(names: list[str], values, title: str, y_title: str, log: bool = False, colors=None) -> go.Figure:
+    fig = go.Figure(go.Bar(x=names, y=np.asarray(values, dtype=float), marker_color=colors))
+    fig.update_layout(title=title, yaxis_title=y_title, height=360, **LAYOUT)
+    if log:
+        fig.update_yaxes(type="log")
+    fig.update_xaxes(tickangle=-45, tickfont=dict(size=9))
+    return fig
+
+
+def precision_map(names: list[str], precisions: list[str], numels: list[int]) -> go.Figure:
+    """One bar per tensor (height: parameters, log scale), coloured by the precision the plan gave it."""
+    fig = go.Figure()
+    for p, color in PRECISION_COLORS.items():
+        idx = [i for i, q in enumerate(precisions) if q == p]
+        if idx:
+            fig.add_trace(go.Bar(x=[names[i] for i in idx], y=[numels[i] for i in idx], name=p, marker_color=color,
+                                 hovertemplate="%{x}<br>%{y} params<extra>" + p + "</extra>"))
+    fig.update_layout(title="precision per weight tensor", yaxis_title="parameters", barmode="overlay", height=380,
+                      legend=dict(orientation="h", y=1.12), **LAYOUT)
+    fig.update_xaxes(categoryorder="array", categoryarray=names, showticklabels=len(names) <= 60, tickangle=-60,
+                     tickfont=dict(size=7))
+    fig.update_yaxes(type="log")
+    return fig
+
+
+def pareto(points: list[dict], title: str = "size vs FID") -> go.Figure:
+    """points: {label, pct_of_fp32, fid_mean, fid_ci95, source} (source: 'you', 'report', 'fp32')."""
+    fig = go.Figure()
+    styles = {"fp32": ("#1f77b4", "star", 14), "report": ("#aaaaaa", "circle", 8), "you": ("#d62728", "diamond", 11)}
+    for source, (color, symbol, size) in styles.items():
+        pts = [p for p in points if p.get("source") == source]
+        if pts:
+            fig.add_trace(go.Scatter(
+                x=[p["pct_of_fp32"] for p in pts], y=[p["fid_mean"] for p in pts], mode="markers", name=source,
+                text=[p["label"] for p in pts], marker=dict(color=color, symbol=symbol, size=size),
+                error_y=dict(type="data", array=[p.get("fid_ci95", 0) for p in pts], visible=True),
+                hovertemplate="%{text}<br>%{x:.1f}% of FP32<br>FID %{y:.3f}<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="size, % of FP32", yaxis_title="FID (lower is better)", height=420,
+                      **LAYOUT)
+    return fig
+
+
+def image_panels(images: list, titles: list[str], colorscale: str = "gray", zmin=None, zmax=None) -> go.Figure:
+    """Several 2-D arrays side by side (e.g. x_t, x0 estimate, saliency)."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=len(images), subplot_titles=titles, horizontal_spacing=0.03)
+    for i, img in enumerate(images):
+        fig.add_trace(go.Heatmap(z=np.asarray(img, dtype=float), colorscale=colorscale, showscale=False, zmin=zmin,
+                                 zmax=zmax), 1, i + 1)
+        fig.update_yaxes(autorange="reversed", showticklabels=False, scaleanchor=f"x{i + 1}", row=1, col=i + 1)
+        fig.update_xaxes(showticklabels=False, row=1, col=i + 1)
+    fig.update_layout(height=300, **LAYOUT)
+    return fig
+
+
+def diff_map(z, title: str) -> go.Figure:
+    """A 2-D absolute-difference image with a colour bar, pixels square."""
+    fig = go.Figure(go.Heatmap(z=np.asarray(z, dtype=float), colorscale="Inferno", zmin=0,
+                               colorbar=dict(title="|Δ|")))
+    fig.update_layout(title=title, height=360, **LAYOUT)
+    fig.update_yaxes(autorange="reversed", scaleanchor="x", showticklabels=False)
+    fig.update_xaxes(showticklabels=False)
+    return fig

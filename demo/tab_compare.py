@@ -1,0 +1,80 @@
+"""Compare tab: FP32, the current plan and (optionally) uniform quantization from identical noise."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from lafq.pipeline import SampleSpec, generate
+from lafq.policy import Plan
+from lafq.precision import fallback
+
+from . import plots
+from .state import MAX_SAMPLES, MAX_STEPS, AppState, as_number, digit_or_none
+from .tab_quantize import resolve_plan
+
+DEFAULTS = dict(digit="7", guidance=2.0, steps=20, seed=0, n=4)
+
+
+def grid(images: torch.Tensor, nrow: int, scale: int = 3) -> np.ndarray:
+    """uint8 (n, 1, 28, 28) -> one uint8 (H, W) image, upscaled for the browser."""
+    from torchvision.utils import make_grid
+
+    g = make_grid(images, nrow=nrow, padding=2, pad_value=255)[0].numpy()
+    return np.kron(g, np.ones((scale, scale), dtype=np.uint8))
+
+
+def uniform_plan(state: AppState, plan: Plan) -> Plan:
+    """Every tensor at the lowest precision the current plan uses: the same-precision baseline."""
+    order = ["int4", "int8", "bf16", "fp16", "fp32"]
+    low = next((p for p in order if p in set(plan.precisions.values())), "fp32")
+    return Plan({n: fallback(s, low) for n, s in state.shapes.items()}, {"strategy": "uniform", "target": low})
+
+
+def compare(state: AppState, current: dict, digit, guidance, steps, seed, n, with_uniform: bool):
+    """Images from each model with the same seed; the |difference| map; seconds per image for each."""
+    label = digit_or_none(digit)
+    spec = SampleSpec(n=as_number(n, "images", 1, MAX_SAMPLES, integer=True),
+                      labels=() if label is None else (label,), steps=as_number(steps, "DDIM steps", 1, MAX_STEPS, integer=True),
+                      guidance=as_number(guidance, "guidance", 0.0, 10.0),
+                      seed=as_number(seed, "seed", 0, 2**31 - 1, integer=True), batch_size=64)
+    plan = resolve_plan(state, current)
+    models = {"FP32": state.model, "plan": state.quantized(plan)}
+    if with_uniform:
+        u = uniform_plan(state, plan)
+        models[f"uniform {u.policy['target']}"] = state.quantized(u)
+    out, timing = {}, {}
+    for name, m in models.items():
+        t0 = time.perf_counter()
+        out[name], _ = generate(m, spec, num_classes=state.model.cfg.num_classes, schedule=state.schedule)
+        timing[name] = (time.perf_counter() - t0) / spec.n
+    nrow = max(1, int(round(spec.n ** 0.5)))
+    diff = (out["plan"].float() - out["FP32"].float()).abs()
+    diff_fig = plots.diff_map(grid(diff.to(torch.uint8), nrow, scale=1), "|plan − FP32| per pixel (0-255)")
+    md = " · ".join(f"**{k}** {1000 * v:.0f} ms/image" for k, v in timing.items())
+    md += f" — DDIM-{spec.steps}, guidance {spec.guidance}, seed {spec.seed}; mean |Δ| plan vs FP32: {diff.mean():.2f}/255"
+    images = [grid(out["FP32"], nrow), grid(out["plan"], nrow)]
+    images.append(grid(out[next(k for k in out if k.startswith("uniform"))], nrow) if with_uniform else None)
+    return (*images, diff_fig, md)
+
+
+def build(state: AppState, current, guard):
+    import gradio as gr
+
+    with gr.Row():
+        digit = gr.Dropdown(["any"] + [str(d) for d in range(10)], value=DEFAULTS["digit"], label="digit")
+        guidance = gr.Slider(0, 6, value=DEFAULTS["guidance"], step=0.1, label="guidance scale")
+        steps = gr.Slider(1, MAX_STEPS, value=DEFAULTS["steps"], step=1, label="DDIM steps")
+        seed = gr.Number(DEFAULTS["seed"], precision=0, label="seed")
+        n = gr.Slider(1, 16, value=DEFAULTS["n"], step=1, label="images")
+        with_uniform = gr.Checkbox(True, label="also uniform at the plan's lowest precision")
+    go_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+    with gr.Row():
+        a = gr.Image(label="FP32", elem_id="img-fp32", format="png")
+        b = gr.Image(label="current plan", elem_id="img-plan", format="png")
+        c = gr.Image(label="uniform", elem_id="img-uniform", format="png")
+    diff = gr.Plot()
+    timing = gr.Markdown(elem_id="compare-timing")
+    go_btn.click(guard(lambda cur, *v: compare(state, cur, *v)), [current, digit, guidance, steps, seed, n, with_uniform],
+                 [a, b, c, diff, timing], api_name="compare", concurrency_id="sample", concurrency_limit=2)

@@ -1,0 +1,75 @@
+"""Inside tab: activations over the trajectory, saliency at a timestep, where quantization error grows."""
+from __future__ import annotations
+
+import torch
+
+from lafq.inside import OBSERVED, activation_trace, quantization_error_trace, saliency
+
+from . import plots
+from .state import MAX_STEPS, AppState, as_choice, as_number, digit_or_none
+from .tab_quantize import resolve_plan
+
+
+def _common(digit, steps, seed):
+    return (digit_or_none(digit), as_number(steps, "DDIM steps", 2, MAX_STEPS, integer=True),
+            as_number(seed, "seed", 0, 2**31 - 1, integer=True))
+
+
+def activations(state: AppState, digit, steps, seed, layer):
+    label, steps, seed = _common(digit, steps, seed)
+    layer = as_choice(layer, "layer", OBSERVED)
+    tr = activation_trace(state.model, label, steps=steps, seed=seed, schedule=state.schedule)
+    heat = plots.heatmap(tr.layers, tr.timesteps, torch.log10(tr.matrix.clamp_min(1e-12)).numpy(),
+                         f"log10 mean |activation| per layer along one trajectory (digit {digit})", "log10 |a|")
+    picks = sorted({round(i * (steps - 1) / 4) for i in range(5)})
+    maps = plots.image_panels([tr.maps[layer][i].numpy() for i in picks] + [tr.image[0].numpy()],
+                              [f"{layer} t={tr.timesteps[i]}" for i in picks] + ["sample"], colorscale="Viridis")
+    return heat, maps
+
+
+def saliency_panels(state: AppState, digit, t, seed):
+    label = digit_or_none(digit)
+    t = as_number(t, "timestep", 0, state.schedule.T - 1, integer=True)
+    seed = as_number(seed, "seed", 0, 2**31 - 1, integer=True)
+    from lafq.data import load_dataset
+
+    d = load_dataset("mnist-train5k")  # held-out images: not seen in training
+    idx = int(((torch.from_numpy(d.labels) == (label if label is not None else 0)).nonzero()[seed % 500]).item())
+    image = torch.from_numpy(d.images[idx]).float().div(127.5).sub(1)[None]
+    r = saliency(state.model, image, label, t, seed=seed, schedule=state.schedule)
+    return plots.image_panels([image[0].numpy(), r["x_t"].numpy(), r["x0_hat"].numpy(), r["saliency"].numpy()],
+                              ["real x0", f"x_t (t={t})", "model's x0 estimate", "saliency |dL/dx_t|"])
+
+
+def quant_error(state: AppState, current: dict, digit, steps, seed):
+    label, steps, seed = _common(digit, steps, seed)
+    plan = resolve_plan(state, current)
+    tr = quantization_error_trace(state.model, state.quantized(plan), label, steps=steps, seed=seed,
+                                  schedule=state.schedule)
+    return plots.heatmap(tr.layers, tr.timesteps, tr.matrix.numpy(),
+                         "relative error of each layer's output, current plan vs FP32 (same inputs)", "‖q−f‖/‖f‖")
+
+
+def build(state: AppState, current, guard):
+    import gradio as gr
+
+    with gr.Row():
+        digit = gr.Dropdown(["any"] + [str(d) for d in range(10)], value="3", label="digit")
+        steps = gr.Slider(2, 100, value=25, step=1, label="DDIM steps")
+        seed = gr.Number(0, precision=0, label="seed")
+        layer = gr.Dropdown(OBSERVED, value="down1", label="layer for spatial maps")
+    act_btn = gr.Button("Activations along the trajectory")
+    heat = gr.Plot()
+    maps = gr.Plot()
+    with gr.Row():
+        t = gr.Slider(0, state.schedule.T - 1, value=300, step=1, label="saliency timestep")
+        sal_btn = gr.Button("Saliency map")
+    sal = gr.Plot()
+    qerr_btn = gr.Button("Quantization error along the trajectory (current plan)")
+    qerr = gr.Plot()
+    act_btn.click(guard(lambda *v: activations(state, *v)), [digit, steps, seed, layer], [heat, maps],
+                  api_name="activations", concurrency_id="sample", concurrency_limit=2)
+    sal_btn.click(guard(lambda *v: saliency_panels(state, *v)), [digit, t, seed], sal, api_name="saliency",
+                  concurrency_id="sample")
+    qerr_btn.click(guard(lambda cur, *v: quant_error(state, cur, *v)), [current, digit, steps, seed], qerr,
+                   api_name="quant_error", concurrency_id="sample")

@@ -1,0 +1,177 @@
+"""Every handler and figure builder, called directly (no server)."""
+import json
+from pathlib import Path
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+
+from demo import plots, tab_compare, tab_fisher, tab_inside, tab_quality, tab_quantize
+from demo.state import InputError
+from lafq.policy import Policy
+
+DEFAULT = dict(strategy="layer-ratio", target="fp16", statistic="final", log_threshold=-2, log_encoder=-10,
+               log_mid=0, log_decoder=0, p=0.25, k=0, avg_bits=6, protect_mid=False)
+
+
+def controls(**kw):
+    return list({**DEFAULT, **kw}.values())
+
+
+def test_fisher_figures_by_view_level_and_class(app_state):
+    heat, mag, bar = tab_fisher.fisher_figures(app_state, "log", "all", "layers", 0, "down1")
+    assert isinstance(heat, go.Figure) and list(heat.data[0].y)[0] == "embed"
+    assert np.nanmax(np.array(heat.data[0].z)) == pytest.approx(0)
+    heat_t, _, _ = tab_fisher.fisher_figures(app_state, "raw", "7", "tensors", 3, "mid")
+    assert len(heat_t.data[0].y) == len(app_state.fisher.names)
+    assert all(name.startswith(("res1", "res2", "attn")) for name in bar.data[0].x) is False  # down1 tensors
+    assert "down1" in bar.layout.title.text and len(mag.data[0].x) == len(app_state.fisher.layer_names())
+
+
+@pytest.mark.parametrize("args, message", [
+    (("weird", "all", "layers", 0, "down1"), "view must be one of"),
+    (("log", "11", "layers", 0, "down1"), "class must be one of"),
+    (("log", "all", "layers", 99, "down1"), "timestep bin must be in"),
+    (("log", "all", "layers", float("nan"), "down1"), "timestep bin must be in"),
+    (("log", "all", "layers", 0, "down9"), "layer must be one of"),
+])
+def test_fisher_figures_reject_bad_input(app_state, args, message):
+    with pytest.raises(InputError, match=message):
+        tab_fisher.fisher_figures(app_state, *args)
+
+
+def test_recompute_replaces_the_map_and_reports_progress(app_state):
+    old = app_state.fisher
+    calls = []
+    msg = tab_fisher.recompute(app_state, 2, 2, False, lambda frac, desc: calls.append(frac))
+    try:
+        assert app_state.fisher.bins == 2 and "2 bins x 2 samples" in msg
+        assert calls[-1] == 1.0
+        with pytest.raises(InputError, match="bins must be in"):
+            tab_fisher.recompute(app_state, 10**6, 2, False)
+    finally:
+        app_state.fisher = old
+
+
+def test_readout_moves_with_the_threshold(app_state):
+    sizes = []
+    for log_thr in (-10, -3, -1, 0):
+        cur = tab_quantize.policy_from_controls(*controls(strategy="global", log_threshold=log_thr))
+        md, rows, fig = tab_quantize.readout(app_state, cur)
+        sizes.append(sum(r[3] for r in rows))
+        assert "% of FP32" in md and isinstance(fig, go.Figure)
+    assert sizes[0] > sizes[-1] and sizes == sorted(sizes, reverse=True)
+    assert sizes[-1] == sizes[0] // 2  # threshold 1: everything fp16
+
+
+def test_readout_for_budget_and_every_strategy(app_state):
+    for strategy in ("uniform", "global", "groups", "layer-ratio", "layer-std", "budget", "random"):
+        cur = tab_quantize.policy_from_controls(*controls(strategy=strategy, target="int8", avg_bits=8))
+        md, rows, _ = tab_quantize.readout(app_state, cur)
+        assert rows, strategy
+    md, _, _ = tab_quantize.readout(app_state, tab_quantize.policy_from_controls(*controls(strategy="budget", avg_bits=8)))
+    assert "budget 8.00 bits" in md
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(strategy="magic"), "strategy must be one of"),
+    (dict(p=1.5), r"p must be in \[0.0, 1.0\]"),
+    (dict(p=float("nan")), "p must be in"),
+    (dict(log_threshold="abc"), "log10 threshold must be a number"),
+    (dict(target="int3"), "target precision must be one of"),
+    (dict(strategy="budget", avg_bits=2), "average bits must be in"),
+])
+def test_quantize_controls_reject_bad_input(kw, message):
+    with pytest.raises(InputError, match=message):
+        tab_quantize.policy_from_controls(*controls(**kw))
+
+
+def test_budget_below_floor_is_a_clear_error(app_state):
+    cur = tab_quantize.policy_from_controls(*controls(strategy="budget", avg_bits=4.0))
+    with pytest.raises(ValueError, match="below the floor"):
+        tab_quantize.readout(app_state, cur)
+
+
+def test_export_then_upload_round_trips_the_plan(app_state, tmp_path):
+    cur = tab_quantize.policy_from_controls(*controls(strategy="uniform", target="int4"))
+    model_path, plan_path = tab_quantize.export(app_state, cur)
+    assert Path(model_path).stat().st_size > 0 and json.loads(Path(plan_path).read_text())["precisions"]
+    for path in (model_path, plan_path):
+        loaded = tab_quantize.load_upload(app_state, path)
+        assert loaded["plan"] == app_state.plan(Policy("uniform", target="int4")).precisions
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("x.safetensors", b"not really", "not a valid .safetensors"),
+    ("x.json", b"{", "not a LAFQ plan"),
+    ("x.json", b'{"precisions": {"nope.weight": "fp16"}}', "lacks"),
+    ("x.json", b'{"precisions": {"stem.weight": "int2"}}', "unknown precision"),
+    ("x.pt", b"\x80\x04", "accepted files"),
+    ("x.json", b"\xff\xfe", "x.json"),
+])
+def test_bad_uploads_are_refused(app_state, tmp_path, name, content, message):
+    p = tmp_path / name
+    p.write_bytes(content)
+    with pytest.raises(InputError, match=message):
+        tab_quantize.load_upload(app_state, str(p))
+    with pytest.raises(InputError, match="no file"):
+        tab_quantize.load_upload(app_state, None)
+
+
+def test_compare_gives_two_grids_a_diff_and_timings(app_state):
+    cur = tab_quantize.policy_from_controls(*controls(strategy="uniform", target="int4"))
+    fp32, plan, uni, diff, md = tab_compare.compare(app_state, cur, "3", 2.0, 3, 0, 4, True)
+    assert fp32.shape == plan.shape == uni.shape and fp32.dtype == np.uint8
+    assert not np.array_equal(fp32, plan)
+    assert "FP32" in md and "ms/image" in md and "uniform int4" in md
+    again = tab_compare.compare(app_state, cur, "3", 2.0, 3, 0, 4, False)
+    assert np.array_equal(again[0], fp32) and again[2] is None  # same seed, same images
+
+
+@pytest.mark.parametrize("args, message", [
+    (("3", 2.0, 3, 0, 10**9, False), "images must be in"),
+    (("3", float("nan"), 3, 0, 2, False), "guidance must be in"),
+    (("3", 2.0, -1, 0, 2, False), "DDIM steps must be in"),
+    (("12", 2.0, 3, 0, 2, False), "digit must be in"),
+    (("3", 2.0, 3, 1.5, 2, False), "seed must be a whole number"),
+])
+def test_compare_rejects_bad_input(app_state, args, message):
+    with pytest.raises(InputError, match=message):
+        tab_compare.compare(app_state, None, *args)
+
+
+def test_quality_is_cached_and_names_backend_and_n(app_state, monkeypatch):
+    cur = tab_quantize.policy_from_controls(*controls(strategy="uniform", target="fp16"))
+    md, fig = tab_quality.evaluate(app_state, cur, 20, 2, 2, True)
+    assert "backend=classifier" in md and "N=20" in md and "fp32" in md and "accuracy" in md
+    assert {t.name for t in fig.data} >= {"you", "fp32"}
+    import lafq.pipeline as pipeline
+    monkeypatch.setattr(pipeline, "generate", lambda *a, **k: pytest.fail("cache miss"))
+    md2, _ = tab_quality.evaluate(app_state, cur, 20, 2, 2, True)
+    assert md2 == md
+    with pytest.raises(InputError, match="N must be in"):
+        tab_quality.evaluate(app_state, cur, 10**7, 2, 2, True)
+
+
+def test_inside_views(app_state):
+    heat, maps = tab_inside.activations(app_state, "5", 4, 0, "mid")
+    assert list(heat.data[0].y) == ["stem", "down1", "down2", "down3", "mid", "up3", "up2", "up1", "head"]
+    assert len(heat.data[0].x) == 4 and len(maps.data) >= 3
+    sal = tab_inside.saliency_panels(app_state, "5", 300, 0)
+    assert len(sal.data) == 4 and np.asarray(sal.data[3].z).max() > 0
+    cur = tab_quantize.policy_from_controls(*controls(strategy="uniform", target="int4"))
+    err = tab_inside.quant_error(app_state, cur, "5", 4, 0)
+    z = np.asarray(err.data[0].z)
+    assert z.shape == (9, 4) and (z > 0).all()
+    with pytest.raises(InputError, match="layer must be one of"):
+        tab_inside.activations(app_state, "5", 4, 0, "embed")
+
+
+def test_plot_builders_are_pure():
+    fig = plots.heatmap(["a", "b"], [1, 2, 3], np.ones((2, 3)), "t", "c")
+    assert fig.data[0].z.shape == (2, 3)
+    pm = plots.precision_map(["x", "y", "z"], ["fp32", "int4", "int4"], [10, 20, 30])
+    assert {t.name for t in pm.data} == {"fp32", "int4"}
+    pa = plots.pareto([{"label": "a", "pct_of_fp32": 50, "fid_mean": 3, "fid_ci95": 1, "source": "you"}])
+    assert pa.data[0].error_y.array[0] == 1
+    assert len(plots.image_panels([np.zeros((2, 2))] * 3, ["a", "b", "c"]).data) == 3
