@@ -17,11 +17,11 @@ from .tab_quantize import resolve_plan
 DEFAULTS = dict(digit="7", guidance=2.0, steps=20, seed=0, n=4)
 
 
-def grid(images: torch.Tensor, nrow: int, scale: int = 3) -> np.ndarray:
+def grid(images: torch.Tensor, nrow: int, scale: int = 3, pad_value: int = 255) -> np.ndarray:
     """uint8 (n, 1, 28, 28) -> one uint8 (H, W) image, upscaled for the browser."""
     from torchvision.utils import make_grid
 
-    g = make_grid(images, nrow=nrow, padding=2, pad_value=255)[0].numpy()
+    g = make_grid(images, nrow=nrow, padding=2, pad_value=pad_value)[0].numpy()
     return np.kron(g, np.ones((scale, scale), dtype=np.uint8))
 
 
@@ -51,7 +51,7 @@ def compare(state: AppState, current: dict, digit, guidance, steps, seed, n, wit
         timing[name] = (time.perf_counter() - t0) / spec.n
     nrow = max(1, int(round(spec.n ** 0.5)))
     diff = (out["plan"].float() - out["FP32"].float()).abs()
-    diff_fig = plots.diff_map(grid(diff.to(torch.uint8), nrow, scale=1), "|plan − FP32| per pixel (0-255)")
+    diff_fig = plots.diff_map(grid(diff.to(torch.uint8), nrow, scale=1, pad_value=0), "|plan − FP32| per pixel (0-255)")
     md = " · ".join(f"**{k}** {1000 * v:.0f} ms/image" for k, v in timing.items())
     md += f" — DDIM-{spec.steps}, guidance {spec.guidance}, seed {spec.seed}; mean |Δ| plan vs FP32: {diff.mean():.2f}/255"
     images = [grid(out["FP32"], nrow), grid(out["plan"], nrow)]

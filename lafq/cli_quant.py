@@ -131,4 +131,41 @@ def register_quantize(sub):
     q.set_defaults(func=cmd_quantize)
 
 
-REGISTER = [register_fisher, register_quantize]
+def cmd_report(args):
+    import sys
+
+    from .classifier import load_classifier
+    from .fisher import FisherMap
+    from .metrics import DEFAULT_CLASSIFIER, get_backend
+    from .pipeline import load_denoiser
+    from .report import Settings, run, settings_with, write
+
+    model, _ = load_denoiser(args.checkpoint)
+    fisher = FisherMap.load(args.fisher)
+    s = settings_with(Settings.quick() if args.quick else Settings(), n=args.n, steps=args.steps, seeds=args.seeds)
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else print
+    t0 = time.perf_counter()
+    rows = run(model, fisher, s, get_backend(args.backend), load_classifier(DEFAULT_CLASSIFIER)[0], log=log)
+    seconds = time.perf_counter() - t0
+    command = "python -m lafq report" + (" --quick" if args.quick else "") + "".join(
+        f" --{k} {v}" for k, v in (("n", args.n), ("steps", args.steps), ("seeds", args.seeds)) if v is not None)
+    write(rows, s, command, seconds, Path(args.out_dir))
+    _emit(args, {"command": "report", "rows": rows, "seconds": round(seconds, 1), "out_dir": str(args.out_dir)},
+          f"wrote {args.out_dir}/report.md, report.csv, report_pareto.svg ({seconds / 60:.1f} min)")
+
+
+def register_report(sub):
+    r = sub.add_parser("report", help="the experiment grid -> docs/report.md, report.csv, report_pareto.svg")
+    r.add_argument("--checkpoint", default="checkpoints/unet.safetensors")
+    r.add_argument("--fisher", default=DEFAULT_FISHER)
+    r.add_argument("--quick", action="store_true", help="small N, few steps and rows: minutes on 2 cores")
+    r.add_argument("--n", type=int, default=None, help="samples per seed (default 5000; quick 100)")
+    r.add_argument("--steps", type=int, default=None, help="DDIM steps (default 100; quick 10)")
+    r.add_argument("--seeds", type=int, default=None, help="sampling seeds (default 3; quick 2)")
+    r.add_argument("--backend", choices=("auto", "classifier", "inception"), default="auto")
+    r.add_argument("--out-dir", default="docs")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_report)
+
+
+REGISTER = [register_fisher, register_quantize, register_report]

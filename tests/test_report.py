@@ -1,0 +1,28 @@
+import csv
+
+import torch
+
+from lafq.data import load_dataset
+from lafq.fisher import compute_fisher
+from lafq.metrics import ClassifierBackend
+from lafq.report import Settings, grid, run, write
+
+
+def test_report_grid_rows_files_and_findings(tiny_model, tmp_path):
+    x, y = load_dataset("mnist-train5k").tensors()
+    fm = compute_fisher(tiny_model, x[::25], y[::25], bins=2, samples_per_bin=2)
+    s = Settings(n=10, steps=2, seeds=2, targets=("fp16",), budgets=(8.0,))
+    names = [n for n, _ in grid(tiny_model, fm, s)]
+    assert names[0] == "fp32" and "uniform fp16" in names and "budget 8 bits" in names
+    assert "random @ layer-ratio fp16" in names and "random @ budget 8 bits" in names
+    backend = ClassifierBackend()
+    rows = run(tiny_model, fm, s, backend, backend.model, log=lambda m: None)
+    by = {r["name"]: r for r in rows}
+    assert by["fp32"]["pct_of_fp32"] == 100 and by["uniform fp16"]["pct_of_fp32"] == 50
+    assert by["random @ budget 8 bits"]["bytes"] <= by["budget 8 bits"]["bytes"]
+    write(rows, s, "python -m lafq report --test", 1.0, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "backend **classifier**" in md and "N = 10" in md and "| uniform fp16 |" in md and "budget 8 bits" in md
+    with open(tmp_path / "report.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    assert (tmp_path / "report_pareto.svg").read_text().startswith("<svg")
