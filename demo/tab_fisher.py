@@ -55,7 +55,7 @@ def build(state: AppState, guard):
     import gradio as gr
 
     fm = state.fisher
-    note = gr.Markdown(f"Empirical Fisher of the denoising loss (mean of squared per-sample gradients). {state.fisher_note}.")
+    gr.Markdown(f"Empirical Fisher of the denoising loss (mean of squared per-sample gradients). {state.fisher_note}.")
     with gr.Row():
         view = gr.Radio(list(VIEWS), value="log", label="view")
         level = gr.Radio(["layers", "tensors"], value="layers", label="rows")

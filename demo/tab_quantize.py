@@ -1,7 +1,6 @@
 """Quantize tab: strategy and parameters -> live size readout, precision map, exports."""
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 

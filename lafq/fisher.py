@@ -10,10 +10,7 @@ together), and the mean |w| of every tensor (the weight-magnitude map).
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch

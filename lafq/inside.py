@@ -5,6 +5,7 @@ layers (stem, down1..3, mid, up3..1, head) through forward hooks.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,7 @@ def activation_trace(model, label: int | None, *, steps: int = 25, guidance: flo
                      schedule: Schedule | None = None) -> Trace:
     """Mean |activation| of every layer at every denoising step, plus channel-mean spatial maps."""
     schedule = schedule or linear_schedule()
+    model = copy.deepcopy(model)  # hooks on a private copy: a shared model may serve other requests meanwhile
     rec = _Recorder(model)
     try:
         img = ddim_sample(model, schedule, 1, steps=steps, guidance=guidance, labels=None if label is None else [label],
@@ -90,6 +92,7 @@ def quantization_error_trace(reference, quantized, label: int | None, *, steps: 
     is the quantization's own, not drift of the trajectory; the last row is the predicted noise.
     """
     schedule = schedule or linear_schedule()
+    reference, quantized = copy.deepcopy(reference), copy.deepcopy(quantized)  # see activation_trace
     ref_rec, q_rec = _Recorder(reference), _Recorder(quantized)
 
     def both(x, t, y):

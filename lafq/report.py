@@ -95,7 +95,7 @@ def write(rows: list[dict], s: Settings, command: str, seconds: float, out_dir: 
     atomic_write_bytes(out_dir / "report.csv", buf.getvalue().encode())
     atomic_write_bytes(out_dir / "report_pareto.svg", pareto_svg(rows).encode())
     fp32 = rows[0]
-    lines = [f"# Report: Fisher-guided quantization of the shipped U-Net\n",
+    lines = ["# Report: Fisher-guided quantization of the shipped U-Net\n",
              f"Command: `{command}` — {seconds / 60:.1f} min on {platform.machine()}, {torch.get_num_threads()} threads, "
              f"torch {torch.__version__}.\n",
              f"FID backend **{fp32['backend']}**, N = {s.n} samples per seed (class-balanced, guidance 2, DDIM-{s.steps}) "

@@ -1,6 +1,5 @@
 import csv
 
-import torch
 
 from lafq.data import load_dataset
 from lafq.fisher import compute_fisher
