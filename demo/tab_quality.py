@@ -51,8 +51,7 @@ def evaluate(state: AppState, current: dict, n, steps, seeds, include_fp32: bool
                 state.fid_cache[key] = (r, point)
                 state.pareto.append(point)
         r, point = state.fid_cache[key]
-        acc = f"; accuracy {point.accuracy:.1f}%" if point.accuracy is not None else ""
-        lines.append(f"**{label}** ({point.pct_of_fp32:.1f}% of FP32): {r.describe()}{acc}")
+        lines.append(f"**{label}** ({point.pct_of_fp32:.1f}% of FP32): {r.describe()}")  # describe() has accuracy
     return "\n\n".join(lines), pareto_figure(state)
 
 
