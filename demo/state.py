@@ -91,7 +91,6 @@ class AppState:
     _quantized: OrderedDict = field(default_factory=OrderedDict)
     fid_cache: dict = field(default_factory=dict)
     pareto: list[FIDPoint] = field(default_factory=list)
-    _front: dict = field(default_factory=dict)
     _classifier: object = None
     _backend: object = None
 

@@ -47,7 +47,6 @@ def recompute(state: AppState, bins, samples, per_class: bool, progress=None) ->
     with state.lock:
         state.fisher = fm
         state.fisher_note = f"recomputed: {bins} bins x {samples} samples{' per digit' if per_class else ''}"
-        state._front.clear()
     return f"{state.fisher_note} in {fm.meta['seconds']:.1f}s"
 
 

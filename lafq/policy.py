@@ -293,7 +293,7 @@ def random_allocation(shapes: dict[str, tuple], budget: int, seed: int, protecte
         if size <= budget:
             break
         choices = sorted({fallback(shapes[n], p) for p in ("fp16", "int8", "int4")}, key=lambda p: BITS[p])
-        # Take the largest random choice that still helps; if that overshoots, the exact fit is sought below.
+        # A random lower precision; a later pass forces tensors to their floor if the budget is still exceeded.
         p = rng.choice(choices)
         size += tensor_bytes(shapes[n], p) - tensor_bytes(shapes[n], prec[n])
         prec[n] = p
