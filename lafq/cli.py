@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 from .checkpoint import CheckpointError
 from .data import DataError
@@ -187,7 +186,6 @@ def _extra_commands():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
         args.func(args)
     except (CLIError, CheckpointError, DataError, ValueError, FileNotFoundError) as e:

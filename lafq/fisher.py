@@ -10,6 +10,7 @@ together), and the mean |w| of every tensor (the weight-magnitude map).
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -197,7 +198,6 @@ def compute_fisher(model, images: torch.Tensor, labels: torch.Tensor, *, bins: i
     channel = {k: torch.zeros(len(groups), bins, p.shape[0], dtype=torch.float64) for k, p in params.items() if p.dim() > 1}
     sq = per_sample_sq_grads if method == "vmap" else (lambda m, s, *a, chunk: naive_sq_grads(m, s, *a))
     total, done = len(groups) * bins, 0
-    import time
     t0 = time.perf_counter()
     for gi, group in enumerate(groups):
         for b in range(bins):

@@ -13,7 +13,8 @@ from typing import Callable
 import torch
 
 from .diffusion import DEFAULT_GUIDANCE, Schedule, ddim_sample, ddpm_sample, linear_schedule, to_uint8
-from .metrics import FIDResult, balanced_labels, frechet_distance, get_backend, reference_statistics, statistics
+from .metrics import (FIDResult, balanced_labels, classifier_accuracy, frechet_distance, get_backend,
+                      reference_statistics, statistics)
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CHECKPOINT = REPO / "checkpoints" / "unet.safetensors"
@@ -109,7 +110,6 @@ def evaluate_fid(denoiser, spec: SampleSpec, seeds: list[int], *, backend=None, 
         images, labels = generate(denoiser, s, num_classes=num_classes, device=device, progress=prog)
         result.values.append(frechet_distance(statistics(backend.features(images)), ref))
         if classifier is not None and labels is not None:
-            from .metrics import classifier_accuracy
             result.accuracy.append(classifier_accuracy(classifier, images, labels))
         if log:
             log(f"seed {seed}: FID {result.values[-1]:.3f} ({backend.name}, N={spec.n})"
