@@ -37,6 +37,49 @@ MAX_BINS = 100
 MAX_FISHER_SAMPLES = 256
 
 
+class Cancelled(Exception):
+    """A long job stopped because its user pressed Cancel."""
+
+
+class Jobs:
+    """One cancel flag per browser session. Gradio's `cancels=` stops the page from waiting but cannot
+    stop a worker thread; the running job's progress callback checks this flag and stops it."""
+
+    def __init__(self):
+        self._flags: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def start(self, session: str) -> threading.Event:
+        flag = threading.Event()
+        with self._lock:
+            self._flags[session] = flag
+        return flag
+
+    def cancel(self, session: str) -> None:
+        with self._lock:
+            flag = self._flags.get(session)
+        if flag is not None:
+            flag.set()
+
+    def finish(self, session: str, flag: threading.Event) -> None:
+        with self._lock:
+            if self._flags.get(session) is flag:
+                del self._flags[session]
+
+
+def cancellable(progress, cancel: threading.Event | None):
+    """Wrap a progress callback so that it raises Cancelled once `cancel` is set."""
+    if cancel is None:
+        return progress
+
+    def check(*args, **kwargs):
+        if cancel.is_set():
+            raise Cancelled("cancelled")
+        if progress is not None:
+            progress(*args, **kwargs)
+    return check
+
+
 class InputError(ValueError):
     """A request value out of range or of the wrong kind; the message says what is accepted."""
 
@@ -90,6 +133,7 @@ class AppState:
     lock: threading.Lock = field(default_factory=threading.Lock)
     _quantized: OrderedDict = field(default_factory=OrderedDict)
     fid_cache: dict = field(default_factory=dict)
+    jobs: Jobs = field(default_factory=Jobs)
     pareto: list[FIDPoint] = field(default_factory=list)
     _classifier: object = None
     _backend: object = None

@@ -1,11 +1,10 @@
 """Fisher tab: where the loss is sensitive, by layer or weight tensor, over timesteps."""
-from __future__ import annotations
 
 from lafq.fisher import VIEWS, compute_fisher
 from lafq.model import layer_of
 
 from . import plots
-from .state import MAX_BINS, MAX_FISHER_SAMPLES, AppState, InputError, as_choice, as_number
+from .state import MAX_BINS, MAX_FISHER_SAMPLES, AppState, InputError, as_choice, as_number, cancellable
 
 COLORBAR = {"raw": "E[(dL/dθ)²]", "normalized": "F / max F", "log": "log10(F / max F)"}
 GROUPS = ["all"] + [str(d) for d in range(10)]
@@ -35,7 +34,7 @@ def fisher_figures(state: AppState, view: str, group: str, level: str, t_bin, la
     return heat, mag_fig, bar
 
 
-def recompute(state: AppState, bins, samples, per_class: bool, progress=None) -> str:
+def recompute(state: AppState, bins, samples, per_class: bool, progress=None, cancel=None) -> str:
     """Recompute the map for the loaded model (vectorised per-sample gradients); replaces the app's map."""
     bins = as_number(bins, "bins", 1, MAX_BINS, integer=True)
     samples = as_number(samples, "samples per bin", 1, MAX_FISHER_SAMPLES, integer=True)
@@ -43,7 +42,8 @@ def recompute(state: AppState, bins, samples, per_class: bool, progress=None) ->
 
     x, y = load_dataset("mnist-test10k").tensors()
     fm = compute_fisher(state.model, x, y, bins=bins, samples_per_bin=samples, per_class=bool(per_class),
-                        progress=(lambda d, t: progress(d / t, desc=f"bin {d}/{t}")) if progress else None)
+                        progress=cancellable((lambda d, t: progress(d / t, desc=f"bin {d}/{t}")) if progress else None,
+                                             cancel))
     with state.lock:
         state.fisher = fm
         state.fisher_note = f"recomputed: {bins} bins x {samples} samples{' per digit' if per_class else ''}"
@@ -83,12 +83,20 @@ def build(state: AppState, guard):
         c.change(guard(figures), inputs, [heat, mag, bar], trigger_mode="always_last", concurrency_id="readout",
                  show_progress="hidden", api_visibility="undocumented")
 
-    def run(b, s, pc, progress=gr.Progress()):
-        msg = recompute(state, b, s, pc, progress)
+    # Annotations are evaluated here (no `from __future__ import annotations` in this module) so that
+    # gradio recognises gr.Request and passes the session.
+    def run(b, s, pc, request: gr.Request, progress=gr.Progress()):
+        flag = state.jobs.start(request.session_hash)
+        try:
+            msg = recompute(state, b, s, pc, progress, cancel=flag)
+        finally:
+            state.jobs.finish(request.session_hash, flag)
         nb = state.fisher.bins - 1
         return msg, gr.Slider(maximum=nb, value=min(nb, 0))
     ev = go_btn.click(guard(run), [bins, samples, per_class], [status, t_bin], api_name="recompute_fisher",
                       concurrency_id="heavy", concurrency_limit=1)
     ev.then(guard(figures), inputs, [heat, mag, bar])
-    cancel.click(None, None, None, cancels=[ev])
+    def stop(request: gr.Request):
+        state.jobs.cancel(request.session_hash)
+    cancel.click(stop, None, None, cancels=[ev], api_visibility="undocumented")
     return figures, inputs, [heat, mag, bar]

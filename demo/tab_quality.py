@@ -1,12 +1,12 @@
 """Quality tab: FID (backend and N named, CI over seeds) and accuracy of the current plan; a Pareto chart."""
-from __future__ import annotations
 
 import csv
 
 from lafq.pipeline import SampleSpec, evaluate_fid
 
 from . import plots
-from .state import MAX_FID_N, MAX_FID_SEEDS, MAX_STEPS, REPORT_CSV, AppState, FIDPoint, as_number, plan_key
+from .state import (MAX_FID_N, MAX_FID_SEEDS, MAX_STEPS, REPORT_CSV, AppState, FIDPoint, as_number, cancellable,
+                    plan_key)
 from .tab_quantize import resolve_plan
 
 QUICK_N = 200
@@ -23,8 +23,9 @@ def report_points(path=REPORT_CSV) -> list[dict]:
         return []
 
 
-def evaluate(state: AppState, current: dict, n, steps, seeds, include_fp32: bool, progress=None):
-    """FID + accuracy for the current plan (and FP32 at the same settings); cached per plan and settings."""
+def evaluate(state: AppState, current: dict, n, steps, seeds, include_fp32: bool, progress=None, cancel=None):
+    """FID + accuracy for the current plan (and FP32 at the same settings); cached per plan and settings.
+    Setting `cancel` (a threading.Event) stops the job at its next denoising step (raises Cancelled)."""
     n = as_number(n, "N", 10, MAX_FID_N, integer=True)
     steps = as_number(steps, "DDIM steps", 1, MAX_STEPS, integer=True)
     seeds = as_number(seeds, "seeds", 1, MAX_FID_SEEDS, integer=True)
@@ -37,8 +38,8 @@ def evaluate(state: AppState, current: dict, n, steps, seeds, include_fp32: bool
         key = (plan_key(p) if p else "fp32", n, steps, seeds)
         if key not in state.fid_cache:
             model = state.quantized(p) if p else state.model
-            prog = (lambda d, t, i=i: progress((i + d / t) / len(targets), desc=f"{label}: sampling and scoring")) \
-                if progress else None
+            prog = cancellable((lambda d, t, i=i: progress((i + d / t) / len(targets), desc=f"{label}: sampling and scoring"))
+                               if progress else None, cancel)
             r = evaluate_fid(model, SampleSpec(n=n, steps=steps, batch_size=100), list(range(seeds)),
                              backend=state.backend(), classifier=state.classifier(),
                              num_classes=state.model.cfg.num_classes, progress=prog)
@@ -80,8 +81,17 @@ def build(state: AppState, current, guard):
     result = gr.Markdown(elem_id="fid-result")
     chart = gr.Plot(value=pareto_figure(state))
 
-    def run(cur, n_, s_, k_, f_, progress=gr.Progress()):
-        return evaluate(state, cur, n_, s_, k_, f_, progress)
+    # Annotations are evaluated here (no `from __future__ import annotations` in this module) so that
+    # gradio recognises gr.Request and passes the session.
+    def run(cur, n_, s_, k_, f_, request: gr.Request, progress=gr.Progress()):
+        flag = state.jobs.start(request.session_hash)
+        try:
+            return evaluate(state, cur, n_, s_, k_, f_, progress, cancel=flag)
+        finally:
+            state.jobs.finish(request.session_hash, flag)
+
+    def stop(request: gr.Request):
+        state.jobs.cancel(request.session_hash)
     ev = go_btn.click(guard(run), [current, n, steps, seeds, fp32], [result, chart], api_name="fid",
                       concurrency_id="heavy", concurrency_limit=1)
-    cancel.click(None, None, None, cancels=[ev])
+    cancel.click(stop, None, None, cancels=[ev], api_visibility="undocumented")

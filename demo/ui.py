@@ -11,7 +11,7 @@ from lafq.data import DataError
 from lafq.policy import Policy
 
 from . import tab_compare, tab_fisher, tab_inside, tab_quality, tab_quantize
-from .state import AppState
+from .state import AppState, Cancelled
 
 log = logging.getLogger("lafq.app")
 # How the app is served, shared by app.py and the server tests: no Node SSR server, errors shown to the user.
@@ -29,6 +29,8 @@ def guard(fn):
             raise gr.Error(str(e)) from None
         except gr.Error:
             raise
+        except Cancelled:
+            raise gr.Error("cancelled") from None
         except Exception as e:  # the server keeps serving; the user sees what kind of failure it was
             log.exception("handler %s failed", getattr(fn, "__name__", fn))
             raise gr.Error(f"internal error ({type(e).__name__}); the server log has details") from None

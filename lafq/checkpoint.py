@@ -107,7 +107,7 @@ def save_unet(path, model, train: dict | None = None) -> None:
 
 def unet_from_file(tensors: dict, meta: dict, name: str, expect_config=None):
     """Build a UNet from loaded tensors and metadata, validating config and tensors."""
-    from .model import UNet, UNetConfig
+    from .model import UNet, UNetConfig, to_inference_layout
 
     try:
         cfg = UNetConfig.from_dict(meta.get("config", {}))
@@ -119,7 +119,7 @@ def unet_from_file(tensors: dict, meta: dict, name: str, expect_config=None):
     model = UNet(cfg)
     check_state_dict(model, tensors, name)
     model.load_state_dict(tensors)
-    return model.eval()
+    return to_inference_layout(model.eval())
 
 
 def load_unet(path, expect_config=None):

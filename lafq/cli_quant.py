@@ -30,7 +30,7 @@ def cmd_fisher(args):
         bar = tqdm(total=args.bins * (10 if args.per_class else 1), desc="fisher", dynamic_ncols=True)
     t0 = time.perf_counter()
     fm = compute_fisher(model, x, y, bins=args.bins, samples_per_bin=args.samples, per_class=args.per_class,
-                        seed=args.seed, progress=(lambda d, t: bar.update(1)) if bar else None)
+                        seed=args.seed, progress=(lambda d, t: bar.update(1)) if bar else None, method=args.method)
     if bar:
         bar.close()
     fm.meta["dataset"] = args.dataset
@@ -98,6 +98,8 @@ def register_fisher(sub):
     f.add_argument("--bins", type=int, default=50, help="timestep bins over [0, T), 1..1000")
     f.add_argument("--samples", type=int, default=64, help="samples per bin (per class with --per-class)")
     f.add_argument("--per-class", action="store_true", help="also one map per digit")
+    f.add_argument("--method", choices=("hooks", "vmap", "naive"), default="hooks",
+                   help="per-sample gradients: layer hooks (fastest on CPU), torch.func.vmap, or a naive loop; all exact")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--out", type=Path, default=Path(DEFAULT_FISHER))
     f.add_argument("--json", action="store_true")
@@ -144,11 +146,13 @@ def cmd_report(args):
     fisher = FisherMap.load(args.fisher)
     s = settings_with(Settings.quick() if args.quick else Settings(), n=args.n, steps=args.steps, seeds=args.seeds)
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else print
-    t0 = time.perf_counter()
-    rows = run(model, fisher, s, get_backend(args.backend), load_classifier(DEFAULT_CLASSIFIER)[0], log=log)
-    seconds = time.perf_counter() - t0
     command = "python -m lafq report" + (" --quick" if args.quick else "") + "".join(
         f" --{k} {v}" for k, v in (("n", args.n), ("steps", args.steps), ("seeds", args.seeds)) if v is not None)
+    t0 = time.perf_counter()
+    # Rewrite the files after every row: an interrupted run leaves a readable, marked-partial report.
+    on_row = lambda rows, total: write(rows, s, command, time.perf_counter() - t0, Path(args.out_dir), total)  # noqa: E731
+    rows = run(model, fisher, s, get_backend(args.backend), load_classifier(DEFAULT_CLASSIFIER)[0], log=log, on_row=on_row)
+    seconds = time.perf_counter() - t0
     write(rows, s, command, seconds, Path(args.out_dir))
     _emit(args, {"command": "report", "rows": rows, "seconds": round(seconds, 1), "out_dir": str(args.out_dir)},
           f"wrote {args.out_dir}/report.md, report.csv, report_pareto.svg ({seconds / 60:.1f} min)")
@@ -159,8 +163,8 @@ def register_report(sub):
     r.add_argument("--checkpoint", default="checkpoints/unet.safetensors")
     r.add_argument("--fisher", default=DEFAULT_FISHER)
     r.add_argument("--quick", action="store_true", help="small N, few steps and rows: minutes on 2 cores")
-    r.add_argument("--n", type=int, default=None, help="samples per seed (default 5000; quick 100)")
-    r.add_argument("--steps", type=int, default=None, help="DDIM steps (default 100; quick 10)")
+    r.add_argument("--n", type=int, default=None, help="samples per seed (default 200; quick 100)")
+    r.add_argument("--steps", type=int, default=None, help="DDIM steps (default 20; quick 10)")
     r.add_argument("--seeds", type=int, default=None, help="sampling seeds (default 3; quick 2)")
     r.add_argument("--backend", choices=("auto", "classifier", "inception"), default="auto")
     r.add_argument("--out-dir", default="docs")

@@ -211,5 +211,11 @@ class UNet(nn.Module):
         return self.head(h)
 
 
+def to_inference_layout(model: nn.Module) -> nn.Module:
+    """Channels-last conv weights, in place: oneDNN's fast layout on CPU (1.4x the sampling throughput
+    measured on 2 cores, docs/benchmarks.md). Outputs equal the default layout's to float rounding."""
+    return model.to(memory_format=torch.channels_last)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

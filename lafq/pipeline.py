@@ -5,6 +5,8 @@ same code path with the same noise.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from .checkpoint import atomic_write_bytes
 from .diffusion import DEFAULT_GUIDANCE, Schedule, ddim_sample, ddpm_sample, linear_schedule, to_uint8
 from .metrics import (FIDResult, balanced_labels, classifier_accuracy, frechet_distance, get_backend,
                       reference_statistics, statistics)
@@ -97,20 +100,52 @@ def generate(denoiser, spec: SampleSpec, *, num_classes: int = 10, schedule: Sch
     return torch.cat(out), labels
 
 
+def seed_result_key(denoiser, spec: SampleSpec, backend, classifier, reference: str) -> str:
+    """What one seed's FID depends on: weights (and plan), everything in the spec, backend and reference."""
+    from .fisher import state_digest
+
+    denoiser = getattr(denoiser, "_orig_mod", denoiser)  # torch.compile'd: the weights are the original's
+    plan = getattr(denoiser, "lafq_plan", None)
+    parts = {"model": state_digest(denoiser), "plan": sorted(plan.precisions.items()) if plan else None,
+             "spec": spec.__dict__, "backend": [backend.name, getattr(backend, "digest", "")],
+             "classifier": state_digest(classifier) if classifier is not None else None, "reference": reference}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
 def evaluate_fid(denoiser, spec: SampleSpec, seeds: list[int], *, backend=None, classifier=None, num_classes: int = 10,
-                 reference: str = "mnist-train5k", device="cpu", progress=None, log=None) -> FIDResult:
-    """FID (and classifier accuracy for conditional samples) of spec.n samples, once per seed."""
+                 reference: str = "mnist-train5k", device="cpu", progress=None, log=None,
+                 cache_dir: str | Path | None = None) -> FIDResult:
+    """FID (and classifier accuracy for conditional samples) of spec.n samples, once per seed.
+
+    With `cache_dir`, each finished seed is written there as JSON (keyed by `seed_result_key`) and
+    found again by a later call, so an hours-long evaluation can be split over several runs.
+    """
     backend = backend or get_backend("auto")
     ref = reference_statistics(backend, reference)
     result = FIDResult(backend=backend.name, n=spec.n, values=[], reference=reference)
     for k, seed in enumerate(seeds):
         s = SampleSpec(**{**spec.__dict__, "seed": seed})
+        cached = Path(cache_dir) / f"fid-{seed_result_key(denoiser, s, backend, classifier, reference)}.json" \
+            if cache_dir else None
+        if cached is not None and cached.exists():
+            d = json.loads(cached.read_text())
+            result.values.append(d["fid"])
+            if d.get("accuracy") is not None:
+                result.accuracy.append(d["accuracy"])
+            if log:
+                log(f"seed {seed}: FID {d['fid']:.3f} ({backend.name}, N={spec.n}) from {cached}")
+            continue
         t0 = time.perf_counter()
         prog = (lambda d, t, k=k: progress(k * t + d, len(seeds) * t)) if progress else None
         images, labels = generate(denoiser, s, num_classes=num_classes, device=device, progress=prog)
         result.values.append(frechet_distance(statistics(backend.features(images)), ref))
         if classifier is not None and labels is not None:
             result.accuracy.append(classifier_accuracy(classifier, images, labels))
+        if cached is not None:
+            acc = result.accuracy[-1] if classifier is not None and labels is not None else None
+            atomic_write_bytes(cached, json.dumps({"fid": result.values[-1], "accuracy": acc, "seed": seed,
+                                                   "backend": backend.name, "n": spec.n, "spec": s.__dict__,
+                                                   "seconds": round(time.perf_counter() - t0, 1)}, default=str).encode())
         if log:
             log(f"seed {seed}: FID {result.values[-1]:.3f} ({backend.name}, N={spec.n})"
                 + (f", accuracy {100 * result.accuracy[-1]:.2f}%" if result.accuracy else "")

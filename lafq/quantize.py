@@ -37,22 +37,33 @@ class _Dequantize:
     def __call__(self, module, _inputs):
         dtype = getattr(module, "_lafq_dtype", torch.float32)
         for attr in self.attrs:
-            setattr(module, attr, load(module._lafq_stored[attr], dtype))
+            setattr(module, attr, _laid_out(module, attr, load(module._lafq_stored[attr], dtype)))
+
+
+def _laid_out(module: nn.Module, attr: str, w: torch.Tensor) -> torch.Tensor:
+    """Give a dequantized weight the memory layout its fp32 original had (channels-last convs run faster)."""
+    if attr not in module._lafq_channels_last:
+        return w
+    # empty_like gives canonical strides even where the layout is ambiguous (a 1-channel conv),
+    # so a model quantized in memory and its reload from file run identical kernels.
+    return torch.empty_like(w, memory_format=torch.channels_last).copy_(w)
 
 
 def _install(model: nn.Module, stored: dict[str, Stored]) -> None:
     by_module: dict[nn.Module, list[str]] = {}
     for name, s in stored.items():
         mod, attr = _owner(model, name)
-        del mod._parameters[attr]
+        original = mod._parameters.pop(attr)
         if not hasattr(mod, "_lafq_stored"):
-            mod._lafq_stored = {}
+            mod._lafq_stored, mod._lafq_channels_last = {}, set()
         mod._lafq_stored[attr] = s
+        if original.dim() == 4 and original.is_contiguous(memory_format=torch.channels_last):
+            mod._lafq_channels_last.add(attr)
         # Buffers make the stored form move with .to(device) and show in memory accounting.
         mod.register_buffer(f"{attr}_q", s.data, persistent=False)
         if s.scale is not None:
             mod.register_buffer(f"{attr}_scale", s.scale, persistent=False)
-        setattr(mod, attr, load(s))  # a plain tensor until the first hook call
+        setattr(mod, attr, _laid_out(mod, attr, load(s)))  # a plain tensor until the first hook call
         by_module.setdefault(mod, []).append(attr)
     for mod, attrs in by_module.items():
         mod.register_forward_pre_hook(_Dequantize(attrs))
@@ -71,8 +82,11 @@ def quantize_(model: nn.Module, plan: Plan) -> nn.Module:
     """Quantize `model` in place following `plan` (names not in the plan stay fp32); returns it, in eval mode."""
     if getattr(model, "lafq_plan", None) is not None:
         raise ValueError("model is already quantized; quantize a fresh copy of the FP32 model")
+    from .model import to_inference_layout
+
     shapes = param_shapes(model)
     plan.validate(shapes)
+    to_inference_layout(model)  # the layout quantized_from_file builds, so a reload is bit-identical
     params = dict(model.named_parameters())
     stored = {n: store(params[n], p) for n, p in plan.precisions.items() if p != "fp32"}
     _install(model, stored)
@@ -181,14 +195,14 @@ def save_quantized(path: str | os.PathLike, model: nn.Module) -> int:
 
 def quantized_from_file(tensors: dict, meta: dict, name: str):
     """Rebuild a quantized U-Net from file contents without re-quantizing (bit-identical reload)."""
-    from .model import UNet, UNetConfig
+    from .model import UNet, UNetConfig, to_inference_layout
 
     try:
         cfg = UNetConfig.from_dict(meta["config"])
         plan = Plan(dict(meta["plan"]["precisions"]), meta["plan"].get("policy", {}))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{name}: invalid quantized-model metadata ({e})") from None
-    model = UNet(cfg)
+    model = to_inference_layout(UNet(cfg))  # the same layout as a freshly loaded FP32 model
     shapes = param_shapes(model)
     try:
         plan.validate(shapes)

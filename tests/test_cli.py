@@ -44,6 +44,28 @@ def test_fid_json_reports_backend_n_ci_and_floor(tiny_ckpt, capsys):
     assert res["real_floor"]["n"] == 20 and res["real_floor"]["fid_mean"] < res["fid_mean"]
 
 
+def test_fid_cache_splits_a_run_over_calls(tiny_ckpt, tmp_path, capsys):
+    base = ["fid", "--checkpoint", str(tiny_ckpt), "--n", "12", "--steps", "2", "--backend", "classifier",
+            "--cache-dir", str(tmp_path), "--json"]
+    assert main(base + ["--seeds", "1"]) == 0  # a first session finishes seed 0 only
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(list(tmp_path.glob("fid-*.json"))) == 1
+    assert main(base + ["--seeds", "2"]) == 0
+    out = capsys.readouterr()
+    both = json.loads(out.out.strip().splitlines()[-1])
+    assert "seed 0: FID" in out.err and "from " in out.err  # reused, not recomputed
+    assert both["fid_values"][0] == first["fid_values"][0] and len(both["fid_values"]) == 2
+    assert len(list(tmp_path.glob("fid-*.json"))) == 2
+    assert main(base + ["--seeds", "1", "--steps", "3"]) == 0  # another spec is another key
+    capsys.readouterr()
+    assert len(list(tmp_path.glob("fid-*.json"))) == 3
+
+
+def test_bench_rejects_unknown_sections(capsys):
+    assert main(["bench", "--only", "sampling,speed"]) == 2
+    assert "unknown bench section(s) ['speed']" in capsys.readouterr().err
+
+
 def test_train_cli_on_a_tiny_budget(tmp_path, capsys):
     assert main(["train", "--steps", "3", "--batch-size", "4", "--base-channels", "8", "--out", str(tmp_path),
                  "--sample-every", "1000", "--json"]) == 0

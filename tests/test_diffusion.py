@@ -76,3 +76,18 @@ def test_batched_guidance_equals_two_forwards(tiny_model):
 def test_unknown_sampler_is_refused(tiny_model):
     with pytest.raises(ValueError, match="ddim"):
         sample(tiny_model, linear_schedule(), 1, sampler="euler")
+
+
+def test_channels_last_layout_changes_speed_not_outputs():
+    import copy
+
+    from lafq.model import UNet, to_inference_layout
+    from tests.conftest import TINY
+
+    torch.manual_seed(0)
+    m = UNet(TINY).eval()
+    fast = to_inference_layout(copy.deepcopy(m))
+    assert fast.stem.weight.is_contiguous(memory_format=torch.channels_last)
+    x, t, y = torch.randn(3, 1, 28, 28), torch.tensor([1, 500, 999]), torch.tensor([0, 5, 10])
+    with torch.inference_mode():
+        assert torch.allclose(m(x, t, y), fast(x, t, y), atol=1e-5)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lafq.diffusion import linear_schedule
-from lafq.fisher import FisherMap, bin_edges, compute_fisher, naive_sq_grads, per_sample_sq_grads
+from lafq.fisher import FisherMap, bin_edges, compute_fisher, hooked_sq_grads, naive_sq_grads, per_sample_sq_grads
 from lafq.model import UNet
 from tests.conftest import TINY
 
@@ -16,16 +16,27 @@ def test_vectorised_fisher_equals_naive_loop():
     y = torch.tensor([0, 1, 2, 3, 4, 10, 9])
     t = torch.randint(0, 1000, (7,), generator=g)
     noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
-    fast = per_sample_sq_grads(m, s, x0, y, t, noise, chunk=3)  # chunking must not matter
     slow = naive_sq_grads(m, s, x0, y, t, noise)
-    for k in slow:
-        assert torch.allclose(fast[k], slow[k], rtol=1e-9, atol=1e-20), k
+    for fast in (per_sample_sq_grads(m, s, x0, y, t, noise, chunk=3),  # chunking must not matter
+                 hooked_sq_grads(m, s, x0, y, t, noise, chunk=3)):
+        assert fast.keys() == slow.keys()
+        for k in slow:
+            assert torch.allclose(fast[k], slow[k], rtol=1e-9, atol=1e-20), k
     # ...and it is not the square of the mean gradient (the shortcut this module avoids).
     m.zero_grad()
     from lafq.train import diffusion_loss
     diffusion_loss(m, s, x0, y, t, noise).backward()
     k = "stem.weight"
     assert not torch.allclose(slow[k] / 7, m.stem.weight.grad.pow(2))
+
+
+def test_hooks_refuse_what_they_cannot_split():
+    from lafq.persample import hook_sq_grads
+    m = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, groups=2))
+    with pytest.raises(TypeError, match="Conv2d.*vmap"):
+        hook_sq_grads(m, lambda: m(torch.zeros(1, 2, 5, 5)).flatten(1).sum(1))
+    with pytest.raises(ValueError, match="choose one of"):
+        compute_fisher(UNet(TINY), torch.zeros(4, 1, 28, 28), torch.arange(4), bins=1, samples_per_bin=1, method="fast")
 
 
 @pytest.fixture(scope="module")

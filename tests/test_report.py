@@ -19,8 +19,14 @@ def test_report_grid_rows_files_and_findings(tiny_model, tmp_path):
     by = {r["name"]: r for r in rows}
     assert by["fp32"]["pct_of_fp32"] == 100 and by["uniform fp16"]["pct_of_fp32"] == 50
     assert by["random @ budget 8 bits"]["bytes"] <= by["budget 8 bits"]["bytes"]
+    assert by["fp32"]["dfid_mean"] == 0 and by["fp32"]["dfid_ci95"] == 0
+    d = [a - b for a, b in zip(by["uniform fp16"]["fid_values"], by["fp32"]["fid_values"])]
+    assert by["uniform fp16"]["dfid_mean"] == round(sum(d) / 2, 4)
+    write(rows[:3], s, "python -m lafq report --test", 1.0, tmp_path, total_rows=len(rows))
+    assert "Partial: 3 of" in (tmp_path / "report.md").read_text()
     write(rows, s, "python -m lafq report --test", 1.0, tmp_path)
     md = (tmp_path / "report.md").read_text()
+    assert "Partial" not in md and "ΔFID vs FP32 (paired)" in md and "Goal 2" in md
     assert "backend **classifier**" in md and "N = 10" in md and "| uniform fp16 |" in md and "budget 8 bits" in md
     with open(tmp_path / "report.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)

@@ -176,3 +176,29 @@ def test_plot_builders_are_pure():
     pa = plots.pareto([{"label": "a", "pct_of_fp32": 50, "fid_mean": 3, "fid_ci95": 1, "source": "you"}])
     assert pa.data[0].error_y.array[0] == 1
     assert len(plots.image_panels([np.zeros((2, 2))] * 3, ["a", "b", "c"]).data) == 3
+
+
+def test_cancel_stops_the_worker_not_just_the_page(app_state):
+    """Cancel sets the session's flag; the running job stops at its next step and caches nothing."""
+    from demo.state import Cancelled
+
+    cur = tab_quantize.policy_from_controls(*controls(strategy="uniform", target="int8"))
+    flag = app_state.jobs.start("session-a")
+    other = app_state.jobs.start("session-b")
+    calls = []
+
+    def progress(frac, desc):
+        calls.append(frac)
+        app_state.jobs.cancel("session-a")  # the user presses Cancel during the first step
+
+    cached = set(app_state.fid_cache)
+    with pytest.raises(Cancelled):
+        tab_quality.evaluate(app_state, cur, 30, 7, 2, False, progress, cancel=flag)
+    assert len(calls) == 1 and set(app_state.fid_cache) == cached  # 14 steps were asked for; one ran
+    assert not other.is_set()  # another session's job is untouched
+    app_state.jobs.finish("session-a", flag)
+    app_state.jobs.cancel("session-a")  # no job: nothing to do, no error
+    old = app_state.fisher
+    with pytest.raises(Cancelled):
+        tab_fisher.recompute(app_state, 3, 2, False, lambda f, desc: None, cancel=other.set() or other)
+    assert app_state.fisher is old and not app_state.model.training

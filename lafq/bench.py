@@ -1,0 +1,398 @@
+"""`python -m lafq bench`: speed measured side by side, with the machine it ran on.
+
+Each comparison runs its variants interleaved (A, B, A, B, ...) in this process and reports
+medians, so a background load slows every variant alike. Sections:
+    sampling    our DDIM sampler vs diffusers (UNet2DModel + DDIMScheduler) on the same job;
+                achieved FLOP/s as a fraction of a matmul peak measured in the same run
+    fisher      a bins x samples Fisher map: layer hooks vs torch.func.vmap vs a naive loop
+    fid         feature extraction + statistics + distance for N images, per backend
+    quantized   latency per image and peak resident memory per precision plan
+    app         cold start and the Compare tab's default job (bench/app_bench.py)
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .diffusion import DEFAULT_GUIDANCE, ddim_sample, linear_schedule
+
+REPO = Path(__file__).resolve().parent.parent
+SECTIONS = ("sampling", "fisher", "fid", "quantized", "app")
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    batch: int = 64  # images per sampling job (guidance doubles the forward batch)
+    steps: int = 50  # DDIM steps
+    reps: int = 3
+    fisher_bins: int = 50
+    fisher_samples: int = 64
+    fid_ns: tuple[int, ...] = (1000, 5000)
+    latency_reps: int = 5
+    compile: bool = True  # also time torch.compile'd sampling (its compile time is reported apart)
+    app_runs: int = 3
+
+    @classmethod
+    def quick(cls) -> "BenchSettings":
+        return cls(steps=5, reps=3, fisher_bins=3, fisher_samples=16, fid_ns=(1000,), latency_reps=3, compile=False,
+                   app_runs=2)
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "gpu": gpu}
+
+
+def interleaved(variants: dict, reps: int) -> dict[str, float]:
+    """Median seconds per variant, running them A, B, C, A, B, C, ... after one warm-up each."""
+    for fn in variants.values():
+        fn()
+    times = {k: [] for k in variants}
+    for _ in range(reps):
+        for k, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def matmul_peak(size: int = 2048, reps: int = 5) -> float:
+    """FLOP/s of a large fp32 matmul: the practical ceiling for this machine's dense compute."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    sec = interleaved({"mm": lambda: a @ b}, reps)["mm"]
+    return 2 * size ** 3 / sec
+
+
+def forward_flops(model, batch: int, num_classes: int = 10) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, t = torch.randn(batch, 1, 28, 28), torch.randint(0, 1000, (batch,))
+    y = torch.randint(0, num_classes + 1, (batch,))
+    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+        model(x, t, y)
+    return fc.get_total_flops()
+
+
+# -- sampling ---------------------------------------------------------------------------------
+
+def diffusers_unet():
+    """A class-conditional UNet2DModel shaped like ours (818,745 vs 828,641 parameters)."""
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(sample_size=28, in_channels=1, out_channels=1, block_out_channels=(32, 48, 56),
+                       layers_per_block=1, norm_num_groups=8, attention_head_dim=8, num_class_embeds=11,
+                       down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D")).eval()
+
+
+@torch.inference_mode()
+def diffusers_sample(unet, n: int, steps: int, guidance: float = DEFAULT_GUIDANCE, seed: int = 0):
+    """The diffusers way of doing our job: DDIMScheduler, batched classifier-free guidance."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+    sched.set_timesteps(steps)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 28, 28, generator=gen)
+    y = torch.arange(n) % 10
+    labels = torch.cat([y, torch.full_like(y, 10)])
+    for t in sched.timesteps:
+        eps_c, eps_u = unet(torch.cat([x, x]), t, class_labels=labels).sample.chunk(2)
+        x = sched.step(eps_u + guidance * (eps_c - eps_u), t, x, eta=0.0).prev_sample
+    return x
+
+
+def bench_sampling(model, s: BenchSettings) -> dict:
+    import copy
+
+    schedule = linear_schedule()
+    labels = torch.arange(s.batch) % 10
+    nchw = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+
+    def ours(m):
+        return lambda: ddim_sample(m, schedule, s.batch, labels=labels, steps=s.steps, generator=torch.Generator().manual_seed(0))
+
+    variants = {"lafq": ours(model), "lafq, NCHW layout": ours(nchw)}
+    compile_s = None
+    if s.compile:
+        compiled = torch.compile(model)
+        t0 = time.perf_counter()
+        ours(compiled)()
+        compile_s = time.perf_counter() - t0  # first call: compilation plus one job
+        variants["lafq + torch.compile"] = ours(compiled)
+    try:
+        dunet = diffusers_unet()
+        dunet_cl = copy.deepcopy(dunet).to(memory_format=torch.channels_last)
+        variants["diffusers"] = lambda: diffusers_sample(dunet, s.batch, s.steps)
+        variants["diffusers, channels-last"] = lambda: diffusers_sample(dunet_cl, s.batch, s.steps)
+        diffusers_params = sum(p.numel() for p in dunet.parameters())
+    except ImportError:
+        diffusers_params = None
+    sec = interleaved(variants, s.reps)
+    peak = matmul_peak()
+    flops = forward_flops(model, 2 * s.batch) * s.steps
+    ips = {k: s.batch / v for k, v in sec.items()}
+    out = {"job": f"DDIM-{s.steps}, batch {s.batch}, guidance {DEFAULT_GUIDANCE} (batched), FP32",
+           "images_per_s": ips, "seconds": sec, "params": {"lafq": sum(p.numel() for p in model.parameters()),
+                                                          "diffusers": diffusers_params},
+           "matmul_peak_gflops": peak / 1e9, "sampler_gflops": flops / sec["lafq"] / 1e9,
+           "fraction_of_peak": flops / sec["lafq"] / peak,
+           "channels_last_speedup": sec["lafq, NCHW layout"] / sec["lafq"], "compile_first_call_s": compile_s}
+    if "diffusers" in ips:
+        out["ratio_vs_diffusers"] = ips["lafq"] / ips["diffusers"]
+    return out
+
+
+# -- fisher -----------------------------------------------------------------------------------
+
+def bench_fisher(model, s: BenchSettings) -> dict:
+    """The whole bins x samples map per method, interleaved bin by bin (same draws for every method)."""
+    from .data import load_dataset
+    from .fisher import bin_edges, hooked_sq_grads, naive_sq_grads, per_sample_sq_grads
+
+    x_all, y_all = load_dataset("mnist-train5k").tensors()
+    schedule = linear_schedule()
+    edges = bin_edges(s.fisher_bins)
+    gen = torch.Generator().manual_seed(0)
+    methods = {"hooks": hooked_sq_grads, "vmap": per_sample_sq_grads, "naive": naive_sq_grads}
+    total = {k: 0.0 for k in methods}
+    was = model.training
+    model.eval()
+    for b in range(s.fisher_bins):
+        idx = torch.randint(len(x_all), (s.fisher_samples,), generator=gen)
+        t = torch.randint(edges[b], edges[b + 1], (s.fisher_samples,), generator=gen)
+        args = (model, schedule, x_all[idx], y_all[idx], t, torch.randn(s.fisher_samples, 1, 28, 28, generator=gen))
+        for k, fn in methods.items():
+            t0 = time.perf_counter()
+            fn(*args)
+            total[k] += time.perf_counter() - t0
+    model.train(was)
+    return {"map": f"{s.fisher_bins} bins x {s.fisher_samples} samples", "seconds": total,
+            "hooks_vs_naive": total["naive"] / total["hooks"], "vmap_vs_naive": total["naive"] / total["vmap"]}
+
+
+# -- fid --------------------------------------------------------------------------------------
+
+def bench_fid(s: BenchSettings, sampling_images_per_s: float | None) -> dict:
+    """Seconds from N uint8 images to an FID against cached reference statistics (sampling excluded);
+    'included' adds N / (the sampler's measured images per second at the sampling section's job)."""
+    from .data import load_dataset
+    from .metrics import frechet_distance, get_backend, inception_weights_path, reference_statistics
+
+    images = torch.from_numpy(load_dataset("mnist-test10k").images)
+    out = {}
+    backends = ["classifier"] + (["inception"] if inception_weights_path() else [])
+    for name in backends:
+        backend = get_backend(name)
+        ref = reference_statistics(backend, "mnist-train5k")
+        for n in s.fid_ns:
+            from .metrics import statistics as stats
+            imgs = images[:n] if n <= len(images) else images.repeat(n // len(images) + 1, 1, 1)[:n]
+            sec = interleaved({"fid": lambda: frechet_distance(stats(backend.features(imgs)), ref)}, 1)["fid"]
+            row = {"excluded_s": sec}
+            if sampling_images_per_s:
+                row["included_s"] = sec + n / sampling_images_per_s
+            out[f"{name} N={n}"] = row
+    if "inception" not in backends:
+        out["inception"] = "not measured: pytorch-fid's Inception weights are not on this machine"
+    return out
+
+
+# -- quantized inference ----------------------------------------------------------------------
+
+def bench_plans(model, fisher) -> dict:
+    """The plans the issue names: FP32, FP16-mixed (layer-ratio p=0.25), uniform INT8 / INT4, budget 4.5 bits."""
+    from .policy import Plan, Policy, make_plan, param_shapes
+    from .precision import fallback
+
+    shapes, w = param_shapes(model), dict(model.named_parameters())
+    uniform = lambda p: Plan({n: fallback(sh, p) for n, sh in shapes.items()}, {"strategy": "uniform", "target": p})
+    return {"fp32": uniform("fp32"), "fp16 layer-ratio p=0.25": make_plan(Policy("layer-ratio", p=0.25), fisher, w),
+            "int8 uniform": uniform("int8"), "int4 uniform": uniform("int4"),
+            "budget 4.5 bits": make_plan(Policy("budget", avg_bits=4.5, statistic="mean"), fisher, w)}
+
+
+_MEMORY_PROBE = """
+import json, sys, torch
+from pathlib import Path
+from lafq.diffusion import guided_eps
+from lafq.pipeline import load_denoiser
+from lafq.policy import Plan
+from lafq.quantize import quantize_
+
+def status(key):
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key))
+    return int(line.split()[1]) * 1024
+
+plan = Plan(**json.loads(sys.stdin.read()))
+b = int(sys.argv[1])
+x, t, y = torch.randn(b, 1, 28, 28), torch.full((b,), 500), torch.arange(b) % 10
+Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) after imports
+before = status("VmRSS")
+m, _ = load_denoiser()
+m = m if all(p == "fp32" for p in plan.precisions.values()) else quantize_(m, plan)
+resident = sum(v.nbytes for v in list(m.parameters()) + list(m.buffers()))
+with torch.inference_mode():
+    guided_eps(m, x, t, y, 2.0, 10)
+print(json.dumps({"peak_rss_increase": status("VmHWM") - before, "model_tensor_bytes": resident}))
+"""
+
+
+def _memory_child(plan_json: str, batch: int) -> dict:
+    """In a fresh process: bytes the model's tensors hold, and how far the peak RSS rose from loading
+    the checkpoint to the end of one guided step (Linux: the peak is reset through /proc/self/clear_refs)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(batch)], input=plan_json, capture_output=True,
+                       text=True, env=env, cwd=REPO)
+    if r.returncode:
+        return {"error": r.stderr.strip()[-300:]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def bench_quantized(model, fisher, s: BenchSettings) -> dict:
+    import copy
+
+    from .diffusion import guided_eps
+    from .quantize import quantize_, set_compute_dtype, size_report, to_device
+
+    plans = bench_plans(model, fisher)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    models = {k: (model if k == "fp32" else quantize_(copy.deepcopy(model), p)) for k, p in plans.items()}
+    b = s.batch
+    x, t, y = torch.randn(b, 1, 28, 28), torch.full((b,), 500), torch.arange(b) % 10
+    step = lambda m: (lambda: torch.inference_mode()(guided_eps)(m, x, t, y, DEFAULT_GUIDANCE, 10))
+    sec = interleaved({k: step(m) for k, m in models.items()}, s.latency_reps)
+    out = {"job": f"one guided denoising step, batch {b} (2x{b} forward), CPU FP32 compute", "plans": {}}
+    for k, plan in plans.items():
+        out["plans"][k] = {"ms_per_image_step": 1000 * sec[k] / b, "slowdown_vs_fp32": sec[k] / sec["fp32"],
+                           "weight_bytes": size_report(plan, shapes).total_bytes,
+                           **_memory_child(json.dumps({"precisions": plan.precisions}), b)}
+    if torch.cuda.is_available():
+        gpu = {}
+        xs = [v.cuda() for v in (x, t, y)]
+        for k, m in models.items():
+            for dtype in (torch.float32, torch.float16):
+                g = set_compute_dtype(to_device(copy.deepcopy(m), "cuda"), dtype) if k != "fp32" else \
+                    copy.deepcopy(m).cuda().to(dtype)
+                fn = lambda g=g, dtype=dtype: (torch.inference_mode()(guided_eps)(g, xs[0].to(dtype), xs[1], xs[2], 2.0, 10),
+                                               torch.cuda.synchronize())
+                gpu[f"{k}, {str(dtype)[6:]} compute"] = 1000 * interleaved({"g": fn}, s.latency_reps)["g"] / b
+        out["gpu_ms_per_image_step"] = gpu
+    return out
+
+
+# -- app --------------------------------------------------------------------------------------
+
+def bench_app(runs: int = 3) -> dict:
+    script = REPO / "bench" / "app_bench.py"
+    if not script.exists():
+        return {"skipped": f"{script} not found (the app benchmarks live with the app)"}
+    r = subprocess.run([sys.executable, str(script), "--json", "--runs", str(runs)], capture_output=True, text=True, cwd=REPO,
+                       env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    if r.returncode:
+        return {"failed": r.stderr.strip()[-500:]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# -- all --------------------------------------------------------------------------------------
+
+def run(s: BenchSettings, sections=SECTIONS, log=print) -> dict:
+    from .fisher import FisherMap
+    from .pipeline import load_denoiser
+
+    model, _ = load_denoiser()
+    res = {"machine": machine(), "settings": s.__dict__, "sections": {}}
+    log(f"machine: {res['machine']}")
+    ips = None
+    for name in sections:
+        t0 = time.perf_counter()
+        if name == "sampling":
+            r = bench_sampling(model, s)
+            ips = r["images_per_s"]["lafq"]
+        elif name == "fisher":
+            r = bench_fisher(model, s)
+        elif name == "fid":
+            r = bench_fid(s, ips)
+        elif name == "quantized":
+            r = bench_quantized(model, FisherMap.load(REPO / "checkpoints" / "fisher.safetensors"), s)
+        elif name == "app":
+            r = bench_app(s.app_runs)
+        else:
+            raise ValueError(f"unknown bench section {name!r}; choose from {SECTIONS}")
+        r["section_seconds"] = time.perf_counter() - t0
+        res["sections"][name] = r
+        log(f"[{name}] " + json.dumps(r, default=float)[:2000])
+    return res
+
+
+def _f(v, spec=".2f"):
+    return format(v, spec) if isinstance(v, (int, float)) else str(v)
+
+
+def markdown(res: dict, command: str) -> str:
+    """The tables docs/benchmarks.md quotes."""
+    m = res["machine"]
+    L = [f"Command: `{command}`. Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, "
+         f"torch {m['torch']}, Python {m['python']}, GPU: {m['gpu'] or 'none'}.", ""]
+    sec = res["sections"]
+    if "sampling" in sec:
+        r = sec["sampling"]
+        L += [f"### Sampling: {r['job']}", "", "| sampler | params | images/s | ratio vs diffusers |", "|---|---:|---:|---:|"]
+        base = r["images_per_s"].get("diffusers")
+        for k, v in r["images_per_s"].items():
+            p = r["params"]["diffusers" if k.startswith("diffusers") else "lafq"]
+            L.append(f"| {k} | {p:,} | {v:.1f} | {_f(v / base) if base else 'n/a'} |")
+        L += ["", f"Achieved {r['sampler_gflops']:.1f} GFLOP/s = **{100 * r['fraction_of_peak']:.0f}%** of a "
+                  f"{r['matmul_peak_gflops']:.1f} GFLOP/s fp32 matmul peak measured in the same run "
+                  f"(FLOPs by torch.utils.flop_counter). Channels-last weights: {r['channels_last_speedup']:.2f}x."
+              + (f" torch.compile's first call (compilation + one job): {r['compile_first_call_s']:.0f} s."
+                 if r.get("compile_first_call_s") else ""), ""]
+    if "fisher" in sec:
+        r = sec["fisher"]
+        L += [f"### Fisher map ({r['map']})", "", "| method | seconds | speed-up vs naive |", "|---|---:|---:|"]
+        for k, v in r["seconds"].items():
+            L.append(f"| {k} | {v:.1f} | {r['seconds']['naive'] / v:.2f}x |")
+        L.append("")
+    if "fid" in sec:
+        job = sec.get("sampling", {}).get("job", "the sampling section's job")
+        L += ["### FID (features + statistics + Fréchet distance)", "", "Sampling included = excluded + N / the "
+              f"measured images/s of {job}.", "", "| backend, N | sampling excluded (s) | sampling included (s) |",
+              "|---|---:|---:|"]
+        for k, v in sec["fid"].items():
+            if isinstance(v, dict):
+                L.append(f"| {k} | {v['excluded_s']:.1f} | {_f(v.get('included_s'), '.0f')} |")
+            elif k != "section_seconds":
+                L.append(f"| {k} | {v} | |")
+        L.append("")
+    if "quantized" in sec:
+        r = sec["quantized"]
+        L += [f"### Quantized inference: {r['job']}", "", "| plan | size (bytes) | model tensors in memory (bytes) | "
+              "ms/image/step | vs FP32 | peak RSS rise, load + 1 step (MiB) |", "|---|---:|---:|---:|---:|---:|"]
+        for k, v in r["plans"].items():
+            L.append(f"| {k} | {v['weight_bytes']:,} | {_f(v.get('model_tensor_bytes'), ',')} | {v['ms_per_image_step']:.2f} | "
+                     f"{v['slowdown_vs_fp32']:.2f}x | {_f(v.get('peak_rss_increase', 0) / 2 ** 20, '.1f')} |")
+        for k, v in r.get("gpu_ms_per_image_step", {}).items():
+            L.append(f"| GPU: {k} | | {v:.3f} | | |")
+        L.append("")
+    if "app" in sec:
+        r = sec["app"]
+        L += ["### App", ""] + [f"- {k}: {_f(v)}" for k, v in r.items() if k != "section_seconds"] + [""]
+    return "\n".join(L)

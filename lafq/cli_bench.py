@@ -1,0 +1,44 @@
+"""`python -m lafq bench`: see lafq/bench.py for what each section measures."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def cmd_bench(args):
+    import torch
+
+    from .bench import SECTIONS, BenchSettings, markdown, run
+    from .checkpoint import atomic_write_bytes
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sections = tuple(args.only.split(",")) if args.only else SECTIONS
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        raise ValueError(f"unknown bench section(s) {unknown}; choose from {list(SECTIONS)}")
+    s = BenchSettings.quick() if args.quick else BenchSettings()
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else print
+    res = run(s, sections, log=log)
+    command = "python -m lafq bench" + (" --quick" if args.quick else "") + (f" --only {args.only}" if args.only else "")
+    md = markdown(res, command)
+    if args.md:
+        atomic_write_bytes(args.md, md.encode())
+    if args.json:
+        print(json.dumps(res, default=float, sort_keys=True), flush=True)
+    else:
+        print("\n" + md)
+
+
+def register_bench(sub):
+    b = sub.add_parser("bench", help="speed: sampling vs diffusers, Fisher methods, FID, quantized latency, app")
+    b.add_argument("--quick", action="store_true", help="short jobs (a few minutes on 2 cores); ratios stay meaningful")
+    b.add_argument("--only", default=None, help="comma-separated sections: sampling,fisher,fid,quantized,app")
+    b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    b.add_argument("--md", type=Path, default=None, help="also write the markdown tables to this file")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench)
+
+
+REGISTER = [register_bench]

@@ -1,0 +1,127 @@
+"""Per-sample squared gradients from one batched backward pass, by layer hooks.
+
+For a layer y = W x, the gradient of sample s alone is an outer product of that sample's output
+gradient and its input (summed over pixels for a convolution), so one ordinary forward/backward
+over the batch, with each layer's input and output gradient kept, gives every sample's gradient
+exactly (the idea behind BackPACK and Opacus). On a CPU this is several times faster than
+`torch.func.vmap`, which turns per-sample convolution gradients into grouped convolutions.
+
+Supported parameter owners: Linear, Conv2d (groups=1), GroupNorm, Embedding; any other
+parameter raises, so a new layer type can never be silently left out of a Fisher map.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.Embedding)
+
+
+def _check_supported(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    owners = []
+    for name, mod in model.named_modules():
+        own = list(mod.named_parameters(recurse=False))
+        if not own:
+            continue
+        if not isinstance(mod, SUPPORTED) or (isinstance(mod, nn.Conv2d) and mod.groups != 1):
+            raise TypeError(f"per-sample hooks do not support {type(mod).__name__} ({name}); use method='vmap'")
+        owners.append((name, mod))
+    return owners
+
+
+def _conv_weight_grads(mod: nn.Conv2d, x: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
+    """(S, Cout, Cin, kh, kw): one batched matmul per kernel offset over shifted views of the input,
+    about 3x faster on a CPU than F.unfold (im2col) followed by one large matmul."""
+    if isinstance(mod.padding, str):
+        raise TypeError(f"per-sample hooks need numeric conv padding, got {mod.padding!r}; use method='vmap'")
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = mod.kernel_size, mod.stride, mod.dilation, mod.padding
+    S, C = x.shape[:2]
+    xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    hout = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    wout = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    out = torch.empty(S, g2.shape[1], C, kh, kw, dtype=g2.dtype, device=g2.device)
+    for i in range(kh):
+        for j in range(kw):
+            view = xp[:, :, i * dh: i * dh + (hout - 1) * sh + 1: sh, j * dw: j * dw + (wout - 1) * sw + 1: sw]
+            out[:, :, :, i, j] = torch.bmm(g2, view.reshape(S, C, hout * wout).transpose(1, 2))
+    return out
+
+
+def _weight_grads(mod: nn.Module, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-sample gradients (S, *param.shape) of one module from its input x and output gradient g."""
+    if isinstance(mod, nn.Linear):
+        x2, g2 = x.reshape(x.shape[0], -1, x.shape[-1]), g.reshape(g.shape[0], -1, g.shape[-1])
+        out = {"weight": torch.bmm(g2.transpose(1, 2), x2)}
+        if mod.bias is not None:
+            out["bias"] = g2.sum(1)
+        return out
+    if isinstance(mod, nn.Conv2d):
+        g2 = g.flatten(2)  # (S, Cout, P)
+        out = {"weight": _conv_weight_grads(mod, x, g2)}
+        if mod.bias is not None:
+            out["bias"] = g2.sum(2)
+        return out
+    if isinstance(mod, nn.GroupNorm):
+        xhat = F.group_norm(x, mod.num_groups, eps=mod.eps)
+        out = {}
+        if mod.weight is not None:
+            out["weight"] = (g * xhat).flatten(2).sum(2)
+            out["bias"] = g.flatten(2).sum(2)
+        return out
+    raise AssertionError(type(mod))  # Embedding is handled without materialising rows
+
+
+def _stand_ins(mod: nn.Module) -> list[torch.Tensor]:
+    if isinstance(mod, nn.Conv2d):
+        return [mod.bias if mod.bias is not None else mod.weight]
+    return list(mod.parameters(recurse=False))
+
+
+def hook_sq_grads(model: nn.Module, loss_per_sample) -> dict[str, torch.Tensor]:
+    """Sum over samples of squared per-sample gradients, {name: tensor shaped like the parameter}.
+
+    `loss_per_sample()` runs the model's forward and returns the (S,) per-sample losses; the
+    model must use each parameterised module once per forward and treat samples independently
+    (eval mode: no batch statistics, no dropout).
+    """
+    owners = _check_supported(model)
+    inputs: dict[str, torch.Tensor] = {}
+    grads: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def keep(name):
+        def forward_hook(mod, args, output):
+            if name in inputs:
+                raise RuntimeError(f"{name} ran twice in one forward; per-sample hooks need single use")
+            inputs[name] = args[0].detach()
+            output.register_hook(lambda g: grads.__setitem__(name, g.detach()))
+        return forward_hook
+
+    for name, mod in owners:
+        handles.append(mod.register_forward_hook(keep(name)))
+    try:
+        with torch.enable_grad():
+            losses = loss_per_sample()
+            # Asking for these gradients makes autograd reach (and hook) every layer output;
+            # a conv's bias stands in for its weight so the batch weight gradient, which
+            # is not needed, is never computed.
+            wanted = [p for _, mod in owners for p in _stand_ins(mod)]
+            torch.autograd.grad(losses.sum(), wanted, allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+
+    acc: dict[str, torch.Tensor] = {}
+    for name, mod in owners:
+        prefix = f"{name}." if name else ""
+        x, g = inputs[name], grads[name]
+        if isinstance(mod, nn.Embedding):
+            if x.dim() != 1:  # several lookups per sample would need a per-sample sum before squaring
+                raise ValueError(f"{name}: per-sample hooks need one embedding index per sample, got shape {tuple(x.shape)}")
+            g2 = g.reshape(-1, g.shape[-1]).pow(2)
+            acc[prefix + "weight"] = torch.zeros_like(mod.weight).index_add_(0, x.reshape(-1), g2)
+            continue
+        for pname, per_sample in _weight_grads(mod, x, g).items():
+            acc[prefix + pname] = per_sample.pow(2).sum(0)
+    return acc
