@@ -30,22 +30,23 @@ def _check_supported(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return owners
 
 
-def _conv_weight_grads(mod: nn.Conv2d, x: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
+def _conv_weight_grads(mod: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """(S, Cout, Cin, kh, kw): one batched matmul per kernel offset over shifted views of the input,
-    about 3x faster on a CPU than F.unfold (im2col) followed by one large matmul."""
+    in pixels-by-channels order (free views of channels-last tensors). About 3x faster on a CPU than
+    F.unfold (im2col) followed by one large matmul."""
     if isinstance(mod.padding, str):
         raise TypeError(f"per-sample hooks need numeric conv padding, got {mod.padding!r}; use method='vmap'")
     (kh, kw), (sh, sw), (dh, dw), (ph, pw) = mod.kernel_size, mod.stride, mod.dilation, mod.padding
     S, C = x.shape[:2]
-    xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
-    hout = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
-    wout = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
-    out = torch.empty(S, g2.shape[1], C, kh, kw, dtype=g2.dtype, device=g2.device)
+    cout, hout, wout = g.shape[1:]
+    xh = F.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph))  # (S, H+2ph, W+2pw, C)
+    gt = g.permute(0, 2, 3, 1).reshape(S, hout * wout, cout).transpose(1, 2)  # (S, Cout, P)
+    out = torch.empty(S, cout, kh, kw, C, dtype=g.dtype, device=g.device)
     for i in range(kh):
         for j in range(kw):
-            view = xp[:, :, i * dh: i * dh + (hout - 1) * sh + 1: sh, j * dw: j * dw + (wout - 1) * sw + 1: sw]
-            out[:, :, :, i, j] = torch.bmm(g2, view.reshape(S, C, hout * wout).transpose(1, 2))
-    return out
+            view = xh[:, i * dh: i * dh + (hout - 1) * sh + 1: sh, j * dw: j * dw + (wout - 1) * sw + 1: sw, :]
+            out[:, :, i, j] = torch.bmm(gt, view.reshape(S, hout * wout, C))
+    return out.permute(0, 1, 4, 2, 3)
 
 
 def _weight_grads(mod: nn.Module, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -57,10 +58,9 @@ def _weight_grads(mod: nn.Module, x: torch.Tensor, g: torch.Tensor) -> dict[str,
             out["bias"] = g2.sum(1)
         return out
     if isinstance(mod, nn.Conv2d):
-        g2 = g.flatten(2)  # (S, Cout, P)
-        out = {"weight": _conv_weight_grads(mod, x, g2)}
+        out = {"weight": _conv_weight_grads(mod, x, g)}
         if mod.bias is not None:
-            out["bias"] = g2.sum(2)
+            out["bias"] = g.sum((2, 3))
         return out
     if isinstance(mod, nn.GroupNorm):
         xhat = F.group_norm(x, mod.num_groups, eps=mod.eps)
@@ -100,17 +100,24 @@ def hook_sq_grads(model: nn.Module, loss_per_sample) -> dict[str, torch.Tensor]:
 
     for name, mod in owners:
         handles.append(mod.register_forward_hook(keep(name)))
+    wanted = [p for _, mod in owners for p in _stand_ins(mod)]
+    wanted_ids = {id(p) for p in wanted}
+    # Freezing what is not asked for stops autograd computing batch weight gradients that the
+    # per-sample products replace: about a third of a convolution's backward.
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(id(p) in wanted_ids)
     try:
         with torch.enable_grad():
             losses = loss_per_sample()
             # Asking for these gradients makes autograd reach (and hook) every layer output;
-            # a conv's bias stands in for its weight so the batch weight gradient, which
-            # is not needed, is never computed.
-            wanted = [p for _, mod in owners for p in _stand_ins(mod)]
+            # a conv's bias stands in for its weight.
             torch.autograd.grad(losses.sum(), wanted, allow_unused=True)
     finally:
         for h in handles:
             h.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
     acc: dict[str, torch.Tensor] = {}
     for name, mod in owners:
