@@ -16,6 +16,7 @@ import torch
 
 from .checkpoint import atomic_write_bytes
 from .diffusion import DEFAULT_GUIDANCE, Schedule, ddim_sample, ddpm_sample, linear_schedule, to_uint8
+from .quantize import hold_dequantized
 from .metrics import (FIDResult, balanced_labels, classifier_accuracy, frechet_distance, get_backend,
                       reference_statistics, statistics)
 
@@ -87,16 +88,17 @@ def generate(denoiser, spec: SampleSpec, *, num_classes: int = 10, schedule: Sch
     batches = range(0, spec.n, spec.batch_size)
     total = per_batch * len(batches)
     out = []
-    for b, start in enumerate(batches):
-        n = min(spec.batch_size, spec.n - start)
-        y = labels[start:start + n] if labels is not None else None
-        cb = (lambda i, _t, b=b: progress(b * per_batch + i, total)) if progress else None
-        kw = dict(labels=y, guidance=spec.guidance, null_class=num_classes, generator=gen, device=device, callback=cb)
-        if spec.sampler == "ddim":
-            x = ddim_sample(denoiser, schedule, n, steps=spec.steps, eta=spec.eta, **kw)
-        else:
-            x = ddpm_sample(denoiser, schedule, n, **kw)
-        out.append(to_uint8(x).cpu())
+    with hold_dequantized(denoiser):  # a quantized model dequantizes once per call, not once per step
+        for b, start in enumerate(batches):
+            n = min(spec.batch_size, spec.n - start)
+            y = labels[start:start + n] if labels is not None else None
+            cb = (lambda i, _t, b=b: progress(b * per_batch + i, total)) if progress else None
+            kw = dict(labels=y, guidance=spec.guidance, null_class=num_classes, generator=gen, device=device, callback=cb)
+            if spec.sampler == "ddim":
+                x = ddim_sample(denoiser, schedule, n, steps=spec.steps, eta=spec.eta, **kw)
+            else:
+                x = ddpm_sample(denoiser, schedule, n, **kw)
+            out.append(to_uint8(x).cpu())
     return torch.cat(out), labels
 
 

@@ -12,6 +12,8 @@ ones as `<name>.qdata` (int8, or uint8 with two int4 per byte) plus `<name>.scal
 from __future__ import annotations
 
 import os
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,16 +30,57 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return model.get_submodule(mod_name) if mod_name else model, attr
 
 
+class _Hold:
+    """How many sampling calls currently keep this model's dequantized weights (see hold_dequantized)."""
+
+    def __init__(self):
+        self.count = 0
+        self.lock = threading.Lock()
+
+    def __deepcopy__(self, memo):  # a copied model gets its own counter (locks cannot be copied)
+        return _Hold()
+
+
 class _Dequantize:
-    """Forward pre-hook: rebuild the module's quantized parameters in the compute dtype."""
+    """Forward pre-hook: rebuild the module's quantized parameters in the compute dtype, once per
+    forward, or once per `hold_dequantized` block (a sampling call runs 2 x steps forwards)."""
 
     def __init__(self, attrs: list[str]):
         self.attrs = attrs
 
     def __call__(self, module, _inputs):
+        if module._lafq_fresh and module._lafq_hold.count > 0:
+            return
         dtype = getattr(module, "_lafq_dtype", torch.float32)
         for attr in self.attrs:
             setattr(module, attr, _laid_out(module, attr, load(module._lafq_stored[attr], dtype)))
+        module._lafq_fresh = module._lafq_hold.count > 0
+
+
+@contextmanager
+def hold_dequantized(model: nn.Module):
+    """Within the block, each quantized weight is dequantized by the first forward and reused by the
+    rest (no-op for an unquantized model). Safe with concurrent callers: the weights are only
+    rebuilt again after the last block ends."""
+    hold = next((m._lafq_hold for m in model.modules() if hasattr(m, "_lafq_hold")), None)
+    if hold is None:
+        yield model
+        return
+    with hold.lock:
+        hold.count += 1
+    try:
+        yield model
+    finally:
+        with hold.lock:
+            hold.count -= 1
+            if hold.count == 0:
+                _mark_stale(model)
+
+
+def _mark_stale(model: nn.Module) -> None:
+    for m in model.modules():
+        if hasattr(m, "_lafq_fresh"):
+            m._lafq_fresh = False
 
 
 def _laid_out(module: nn.Module, attr: str, w: torch.Tensor) -> torch.Tensor:
@@ -51,11 +94,13 @@ def _laid_out(module: nn.Module, attr: str, w: torch.Tensor) -> torch.Tensor:
 
 def _install(model: nn.Module, stored: dict[str, Stored]) -> None:
     by_module: dict[nn.Module, list[str]] = {}
+    hold = _Hold()
     for name, s in stored.items():
         mod, attr = _owner(model, name)
         original = mod._parameters.pop(attr)
         if not hasattr(mod, "_lafq_stored"):
             mod._lafq_stored, mod._lafq_channels_last = {}, set()
+            mod._lafq_hold, mod._lafq_fresh = hold, False
         mod._lafq_stored[attr] = s
         if original.dim() == 4 and original.is_contiguous(memory_format=torch.channels_last):
             mod._lafq_channels_last.add(attr)
@@ -99,6 +144,7 @@ def set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Run a quantized model in `dtype` (e.g. fp16 on a GPU): remaining parameters cast, stored ones dequantized to it."""
     model.to(dtype=dtype) if dtype != torch.float32 else model.float()
     _sync_buffers(model)
+    _mark_stale(model)
     for mod in model.modules():
         if hasattr(mod, "_lafq_stored"):
             mod._lafq_dtype = dtype
@@ -108,6 +154,7 @@ def set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 def to_device(model: nn.Module, device) -> nn.Module:
     model.to(device)
     _sync_buffers(model)
+    _mark_stale(model)
     return model
 
 

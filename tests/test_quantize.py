@@ -70,3 +70,26 @@ def test_tampered_quantized_file_is_refused(tiny_model, tmp_path):
     save_file(path, tensors, meta)
     with pytest.raises(CheckpointError, match="missing tensor 'stem.weight.scale'"):
         load_denoiser(path)
+
+
+def test_hold_dequantizes_once_per_sampling_call_with_identical_outputs(tiny_model, monkeypatch):
+    import lafq.quantize as qz
+    from lafq.quantize import hold_dequantized
+
+    q = quantize_(copy.deepcopy(tiny_model), _plan(tiny_model, "int4"))
+    s = linear_schedule()
+    per_step = sample(q, s, 2, steps=3, seed=1, labels=[4, 5])
+    calls = []
+    real_load = qz.load
+    monkeypatch.setattr(qz, "load", lambda *a, **k: calls.append(1) or real_load(*a, **k))
+    with hold_dequantized(q):
+        held = sample(q, s, 2, steps=3, seed=1, labels=[4, 5])
+        n_held = len(calls)
+        with hold_dequantized(q):  # nested / concurrent holders share the weights
+            sample(q, s, 2, steps=3, seed=1, labels=[4, 5])
+        assert len(calls) == n_held  # the inner block ended but the outer still holds
+    assert torch.equal(held, per_step)
+    assert n_held == len(q.lafq_stored)  # once per quantized tensor, not once per step
+    sample(q, s, 2, steps=3, seed=1, labels=[4, 5])
+    assert len(calls) == n_held + 3 * len(q.lafq_stored)  # outside a block: every forward again
+    copy.deepcopy(q)  # the hold counter (which owns a lock) must not break copying
