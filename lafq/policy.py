@@ -46,6 +46,7 @@ class Policy:
     avg_bits: float | None = None  # budget / random: average bits per weight, scales included
     budget_bytes: int | None = None  # ... or total bytes
     seed: int = 0  # random
+    lower_to: tuple[str, ...] = ("fp16", "int8", "int4")  # random: the precisions tensors may be lowered to
     fisher_group: str = "all"  # which class's map drives the scores
 
     def __post_init__(self):
@@ -70,6 +71,11 @@ class Policy:
             raise ValueError(f"thresholds for unknown groups {sorted(unknown)}; groups are {sorted(self.groups)}")
         if self.strategy in ("budget", "random") and self.avg_bits is None and self.budget_bytes is None:
             raise ValueError(f"strategy {self.strategy!r} needs avg_bits or budget_bytes")
+        object.__setattr__(self, "lower_to", tuple(self.lower_to))  # JSON round trips give lists
+        if not self.lower_to:
+            raise ValueError("lower_to needs at least one precision")
+        for p in self.lower_to:
+            check_precision(p)
         if self.avg_bits is not None and not (math.isfinite(self.avg_bits) and 0 < self.avg_bits <= 32):
             raise ValueError(f"avg_bits must be in (0, 32], got {self.avg_bits}")
 
@@ -178,7 +184,7 @@ def make_plan(policy: Policy, fisher: FisherMap, weights: dict[str, torch.Tensor
     if policy.strategy in ("budget", "random"):
         budget = resolve_budget(policy, shapes)
         if policy.strategy == "random":
-            prec = random_allocation(shapes, budget, policy.seed, protected)
+            prec = random_allocation(shapes, budget, policy.seed, protected, policy.lower_to)
         else:
             front = pareto_front(fisher, weights, policy.statistic, policy.fisher_group, protected)
             prec = pick_from_front(front, budget, shapes)
@@ -282,8 +288,11 @@ def pick_from_front(front: list[FrontPoint], budget: int, shapes) -> dict[str, s
     return dict(fitting[-1].precisions)
 
 
-def random_allocation(shapes: dict[str, tuple], budget: int, seed: int, protected: set[str] = frozenset()) -> dict[str, str]:
-    """Lower tensors in a random order, each to a random lower precision, until the size fits the budget."""
+def random_allocation(shapes: dict[str, tuple], budget: int, seed: int, protected: set[str] = frozenset(),
+                      lower_to: tuple[str, ...] = ("fp16", "int8", "int4")) -> dict[str, str]:
+    """Lower tensors in a random order, each to a random precision from `lower_to`, until the size fits.
+
+    The control for a two-level plan passes its one target, so only *which* tensors are lowered differs."""
     rng = random.Random(seed)
     prec = {n: "fp32" for n in shapes}
     order = [n for n in shapes if n not in protected]
@@ -292,15 +301,16 @@ def random_allocation(shapes: dict[str, tuple], budget: int, seed: int, protecte
     for n in order:
         if size <= budget:
             break
-        choices = sorted({fallback(shapes[n], p) for p in ("fp16", "int8", "int4")}, key=lambda p: BITS[p])
+        choices = sorted({fallback(shapes[n], p) for p in lower_to}, key=lambda p: BITS[p])
         # A random lower precision; a later pass forces tensors to their floor if the budget is still exceeded.
         p = rng.choice(choices)
         size += tensor_bytes(shapes[n], p) - tensor_bytes(shapes[n], prec[n])
         prec[n] = p
-    for n in order:  # still over budget: push tensors to their floor in the same random order
+    lowest = min(lower_to, key=lambda p: BITS[p])
+    for n in order:  # still over budget: push tensors to the lowest allowed precision in the same random order
         if size <= budget:
             break
-        p = fallback(shapes[n], "int4")
+        p = fallback(shapes[n], lowest)
         size += tensor_bytes(shapes[n], p) - tensor_bytes(shapes[n], prec[n])
         prec[n] = p
     return prec

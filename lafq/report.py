@@ -61,9 +61,12 @@ def grid(model, fisher: FisherMap, s: Settings) -> list[tuple[str, Plan]]:
 
 
 def _random_like(plan: Plan, fisher, w, shapes) -> Plan:
-    """A random allocation no larger than `plan`: the control that tells whether Fisher mattered."""
+    """A random allocation no larger than `plan`, lowering tensors to the precisions `plan` uses (a two-level
+    FP16 plan gets an FP16-only control): the control that tells whether Fisher's choice of tensors mattered."""
     budget = size_report(plan, shapes).total_bytes
-    return make_plan(Policy("random", budget_bytes=budget, seed=0), fisher, w)
+    # Precisions the plan gives to matrices (vectors only reach fp16 as the integer formats' fallback).
+    used = sorted({p for n, p in plan.precisions.items() if p != "fp32" and len(shapes[n]) > 1})
+    return make_plan(Policy("random", budget_bytes=budget, seed=0, lower_to=tuple(used) or ("fp16",)), fisher, w)
 
 
 def paired_delta(values: list[float], base: list[float]) -> tuple[float, float]:

@@ -123,3 +123,16 @@ def test_plan_json_round_trip_and_unknown_parameters(setup):
         bad.validate(param_shapes(m))
     with pytest.raises(ValueError, match="not a LAFQ plan"):
         Plan.from_json("[1, 2]")
+
+
+def test_random_control_can_be_restricted_to_a_plans_precisions(tiny_model):
+    from lafq.policy import param_shapes, random_allocation, plan_bytes
+
+    shapes = param_shapes(tiny_model)
+    fp32 = plan_bytes({n: "fp32" for n in shapes}, shapes)
+    prec = random_allocation(shapes, int(0.7 * fp32), seed=3, lower_to=("fp16",))
+    assert set(prec.values()) <= {"fp32", "fp16"} and plan_bytes(prec, shapes) <= 0.7 * fp32
+    prec = random_allocation(shapes, int(0.3 * fp32), seed=3, lower_to=("int8",))
+    assert {p for n, p in prec.items() if len(shapes[n]) > 1} <= {"fp32", "int8"}  # vectors may fall back to fp16
+    with pytest.raises(ValueError, match="lower_to"):
+        Policy("random", avg_bits=8, lower_to=())

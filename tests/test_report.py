@@ -19,6 +19,8 @@ def test_report_grid_rows_files_and_findings(tiny_model, tmp_path):
     by = {r["name"]: r for r in rows}
     assert by["fp32"]["pct_of_fp32"] == 100 and by["uniform fp16"]["pct_of_fp32"] == 50
     assert by["random @ budget 8 bits"]["bytes"] <= by["budget 8 bits"]["bytes"]
+    plans = dict(grid(tiny_model, fm, s))
+    assert set(plans["random @ layer-ratio fp16"].precisions.values()) <= {"fp32", "fp16"}  # same target, random tensors
     assert by["fp32"]["dfid_mean"] == 0 and by["fp32"]["dfid_ci95"] == 0
     d = [a - b for a, b in zip(by["uniform fp16"]["fid_values"], by["fp32"]["fid_values"])]
     assert by["uniform fp16"]["dfid_mean"] == round(sum(d) / 2, 4)
