@@ -151,9 +151,12 @@ def cmd_report(args):
     t0 = time.perf_counter()
     # Rewrite the files after every row: an interrupted run leaves a readable, marked-partial report.
     on_row = lambda rows, total: write(rows, s, command, time.perf_counter() - t0, Path(args.out_dir), total)  # noqa: E731
-    rows = run(model, fisher, s, get_backend(args.backend), load_classifier(DEFAULT_CLASSIFIER)[0], log=log, on_row=on_row)
+    backend = get_backend(args.backend)
+    rows = run(model, fisher, s, backend, load_classifier(DEFAULT_CLASSIFIER)[0], log=log, on_row=on_row)
     seconds = time.perf_counter() - t0
-    write(rows, s, command, seconds, Path(args.out_dir))
+    from .pipeline import real_floor
+    floor = real_floor(backend, s.n, list(range(s.seeds)))
+    write(rows, s, command, seconds, Path(args.out_dir), floor=floor)
     _emit(args, {"command": "report", "rows": rows, "seconds": round(seconds, 1), "out_dir": str(args.out_dir)},
           f"wrote {args.out_dir}/report.md, report.csv, report_pareto.svg ({seconds / 60:.1f} min)")
 

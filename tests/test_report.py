@@ -26,8 +26,10 @@ def test_report_grid_rows_files_and_findings(tiny_model, tmp_path):
     assert by["uniform fp16"]["dfid_mean"] == round(sum(d) / 2, 4)
     write(rows[:3], s, "python -m lafq report --test", 1.0, tmp_path, total_rows=len(rows))
     assert "Partial: 3 of" in (tmp_path / "report.md").read_text()
-    write(rows, s, "python -m lafq report --test", 1.0, tmp_path)
+    from lafq.pipeline import real_floor
+    write(rows, s, "python -m lafq report --test", 1.0, tmp_path, floor=real_floor(backend, 10, [0, 1]))
     md = (tmp_path / "report.md").read_text()
+    assert "Real-vs-real floor at the same backend and N (10 of" in md
     assert "Partial" not in md and "ΔFID vs FP32 (paired)" in md and "Goal 2" in md
     assert "backend **classifier**" in md and "N = 10" in md and "| uniform fp16 |" in md and "budget 8 bits" in md
     with open(tmp_path / "report.csv") as f:
