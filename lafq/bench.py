@@ -196,6 +196,7 @@ def bench_fid(s: BenchSettings, sampling_images_per_s: float | None) -> dict:
     'included' adds N / (the sampler's measured images per second at the sampling section's job)."""
     from .data import load_dataset
     from .metrics import frechet_distance, get_backend, inception_weights_path, reference_statistics
+    from .metrics import statistics as stats
 
     images = torch.from_numpy(load_dataset("mnist-test10k").images)
     out = {}
@@ -204,7 +205,6 @@ def bench_fid(s: BenchSettings, sampling_images_per_s: float | None) -> dict:
         backend = get_backend(name)
         ref = reference_statistics(backend, "mnist-train5k")
         for n in s.fid_ns:
-            from .metrics import statistics as stats
             imgs = images[:n] if n <= len(images) else images.repeat(n // len(images) + 1, 1, 1)[:n]
             sec = interleaved({"fid": lambda: frechet_distance(stats(backend.features(imgs)), ref)}, 1)["fid"]
             row = {"excluded_s": sec}

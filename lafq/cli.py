@@ -123,7 +123,7 @@ def cmd_fid(args):
         spec = _spec(args, args.n, seeds[0])
         model, _ = load_denoiser(args.checkpoint)
         num_classes = model.cfg.num_classes
-        if args.compile:  # ~45 s of compilation for ~15-20% faster sampling on CPU (docs/benchmarks.md)
+        if args.compile:  # ~46 s of compilation for ~1.3x faster sampling on CPU (docs/benchmarks.md)
             import torch
             model = torch.compile(model)
         log(f"FID: {args.n} samples x {len(seeds)} seeds, {spec.sampler}-{spec.steps}, guidance {spec.guidance}, backend {backend.name}")
