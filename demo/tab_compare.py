@@ -6,6 +6,7 @@ import time
 import numpy as np
 import torch
 
+from lafq.diffusion import DEFAULT_GUIDANCE
 from lafq.pipeline import SampleSpec, generate
 from lafq.policy import Plan
 from lafq.precision import fallback
@@ -14,7 +15,7 @@ from . import plots
 from .state import MAX_SAMPLES, MAX_STEPS, AppState, as_number, digit_or_none
 from .tab_quantize import resolve_plan
 
-DEFAULTS = dict(digit="7", guidance=2.0, steps=20, seed=0, n=4)
+DEFAULTS = dict(digit="7", guidance=DEFAULT_GUIDANCE, steps=20, seed=0, n=4)
 
 
 def grid(images: torch.Tensor, nrow: int, scale: int = 3, pad_value: int = 255) -> np.ndarray:

@@ -144,10 +144,12 @@ def cmd_report(args):
 
     model, _ = load_denoiser(args.checkpoint)
     fisher = FisherMap.load(args.fisher)
-    s = settings_with(Settings.quick() if args.quick else Settings(), n=args.n, steps=args.steps, seeds=args.seeds)
+    s = settings_with(Settings.quick() if args.quick else Settings(), n=args.n, steps=args.steps, seeds=args.seeds,
+                      guidance=args.guidance)
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else print
     command = "python -m lafq report" + (" --quick" if args.quick else "") + "".join(
-        f" --{k} {v}" for k, v in (("n", args.n), ("steps", args.steps), ("seeds", args.seeds)) if v is not None)
+        f" --{k} {v}" for k, v in (("n", args.n), ("steps", args.steps), ("seeds", args.seeds),
+                                              ("guidance", args.guidance)) if v is not None)
     t0 = time.perf_counter()
     # Rewrite the files after every row: an interrupted run leaves a readable, marked-partial report.
     on_row = lambda rows, total: write(rows, s, command, time.perf_counter() - t0, Path(args.out_dir), total)  # noqa: E731
@@ -169,6 +171,7 @@ def register_report(sub):
     r.add_argument("--n", type=int, default=None, help="samples per seed (default 200; quick 100)")
     r.add_argument("--steps", type=int, default=None, help="DDIM steps (default 20; quick 10)")
     r.add_argument("--seeds", type=int, default=None, help="sampling seeds (default 3; quick 2)")
+    r.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the library's)")
     r.add_argument("--backend", choices=("auto", "classifier", "inception"), default="auto")
     r.add_argument("--out-dir", default="docs")
     r.add_argument("--json", action="store_true")

@@ -13,7 +13,10 @@ from typing import Callable
 import torch
 
 T_DEFAULT = 1000
-DEFAULT_GUIDANCE = 2.0
+# Measured on the shipped checkpoint (DDIM-100, 1,000 samples, classifier FID; checkpoints/README.md):
+# w=1 (no guidance) FID 22.8 but 95.3% of digits are the class asked for; w=1.5 FID 26.2, 100.0%;
+# w=2 FID 48.0, 100.0%. 1.5 keeps every requested digit right at a fraction of w=2's diversity loss.
+DEFAULT_GUIDANCE = 1.5
 
 StepCallback = Callable[[int, int], None]  # (steps done, total steps)
 

@@ -17,6 +17,7 @@ import torch
 
 from .checkpoint import atomic_write_bytes
 from .fisher import FisherMap
+from .diffusion import DEFAULT_GUIDANCE
 from .pipeline import SampleSpec, evaluate_fid
 from .policy import Plan, Policy, make_plan, param_shapes
 from .precision import fallback
@@ -31,6 +32,7 @@ class Settings:
     n: int = 200
     steps: int = 20
     seeds: int = 3
+    guidance: float = DEFAULT_GUIDANCE
     targets: tuple[str, ...] = ("fp16", "int8", "int4")
     budgets: tuple[float, ...] = (8.0, 6.0, 5.0, 4.5)
     statistic: str = "final"  # as the source; budget plans use the mean over timesteps
@@ -86,7 +88,7 @@ def run(model, fisher: FisherMap, s: Settings, backend, classifier, log=print, o
         q = model if name == "fp32" else quantize_(copy.deepcopy(model), plan)
         rep = size_report(plan, shapes)
         t0 = time.perf_counter()
-        r = evaluate_fid(q, SampleSpec(n=s.n, steps=s.steps, batch_size=128), list(range(s.seeds)), backend=backend,
+        r = evaluate_fid(q, SampleSpec(n=s.n, steps=s.steps, guidance=s.guidance, batch_size=128), list(range(s.seeds)), backend=backend,
                          classifier=classifier, num_classes=model.cfg.num_classes)
         per_image = (time.perf_counter() - t0) / (s.n * s.seeds)
         row = {"name": name, "bytes": rep.total_bytes, "pct_of_fp32": round(rep.pct_of_fp32, 2),
@@ -122,7 +124,7 @@ def write(rows: list[dict], s: Settings, command: str, seconds: float, out_dir: 
              *([f"**Partial: {len(rows)} of {total_rows} rows so far.**\n"] if partial else []),
              f"Command: `{command}` — {seconds / 60:.1f} min on {platform.machine()}, {torch.get_num_threads()} threads, "
              f"torch {torch.__version__}.\n",
-             f"FID backend **{fp32['backend']}**, N = {s.n} samples per seed (class-balanced, guidance 2, DDIM-{s.steps}) "
+             f"FID backend **{fp32['backend']}**, N = {s.n} samples per seed (class-balanced, guidance {s.guidance:g}, DDIM-{s.steps}) "
              f"against the held-out mnist-train5k reference; ± is the 95% t-interval over {s.seeds} sampling seeds. "
              "Accuracy: the shipped classifier on the same samples. Size: numel × element size per dtype plus fp32 "
              "scales (the source's definition). Two-level policies rank tensors by Fisher at the final denoising "

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from lafq.cli import main
+from lafq.diffusion import DEFAULT_GUIDANCE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,6 +41,7 @@ def test_fid_json_reports_backend_n_ci_and_floor(tiny_ckpt, capsys):
                  "--backend", "classifier", "--real-floor", "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["backend"] == "classifier" and res["n"] == 20 and len(res["fid_values"]) == 2
+    assert res["guidance"] == DEFAULT_GUIDANCE  # no --guidance: the library's default, and the JSON says which
     assert res["fid_ci95"] >= 0 and len(res["accuracy_values"]) == 2
     assert res["real_floor"]["n"] == 20 and res["real_floor"]["fid_mean"] < res["fid_mean"]
 

@@ -10,7 +10,7 @@ from lafq.report import Settings, grid, run, write
 def test_report_grid_rows_files_and_findings(tiny_model, tmp_path):
     x, y = load_dataset("mnist-train5k").tensors()
     fm = compute_fisher(tiny_model, x[::25], y[::25], bins=2, samples_per_bin=2)
-    s = Settings(n=10, steps=2, seeds=2, targets=("fp16",), budgets=(8.0,))
+    s = Settings(n=10, steps=2, seeds=2, guidance=3.0, targets=("fp16",), budgets=(8.0,))
     names = [n for n, _ in grid(tiny_model, fm, s)]
     assert names[0] == "fp32" and "uniform fp16" in names and "budget 8 bits" in names
     assert "random @ layer-ratio fp16" in names and "random @ budget 8 bits" in names
@@ -31,7 +31,7 @@ def test_report_grid_rows_files_and_findings(tiny_model, tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "Real-vs-real floor at the same backend and N (10 of" in md
     assert "Partial" not in md and "ΔFID vs FP32 (paired)" in md and "Goal 2" in md
-    assert "backend **classifier**" in md and "N = 10" in md and "| uniform fp16 |" in md and "budget 8 bits" in md
+    assert "backend **classifier**" in md and "N = 10" in md and "guidance 3," in md and "| uniform fp16 |" in md and "budget 8 bits" in md
     with open(tmp_path / "report.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     assert (tmp_path / "report_pareto.svg").read_text().startswith("<svg")
