@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pytorch_fid.fid_score import calculate_frechet_distance
 
 from .checkpoint import atomic_write_bytes
 from .classifier import MnistClassifier, load_classifier, uint8_to_input
@@ -118,6 +117,9 @@ def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def frechet_distance(stats_a, stats_b) -> float:
+    # Imported here: pytorch_fid pulls in torchvision and scipy, over a second of the app's cold start.
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
     return float(calculate_frechet_distance(stats_a[0], stats_a[1], stats_b[0], stats_b[1]))
 
 
