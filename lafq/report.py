@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import atomic_write_bytes
-from .fisher import FisherMap
 from .diffusion import DEFAULT_GUIDANCE
+from .fisher import FisherMap
 from .pipeline import SampleSpec, evaluate_fid
 from .policy import Plan, Policy, make_plan, param_shapes
 from .precision import fallback
@@ -88,11 +88,12 @@ def run(model, fisher: FisherMap, s: Settings, backend, classifier, log=print, o
         q = model if name == "fp32" else quantize_(copy.deepcopy(model), plan)
         rep = size_report(plan, shapes)
         t0 = time.perf_counter()
-        r = evaluate_fid(q, SampleSpec(n=s.n, steps=s.steps, guidance=s.guidance, batch_size=128), list(range(s.seeds)), backend=backend,
+        spec = SampleSpec(n=s.n, steps=s.steps, guidance=s.guidance, batch_size=128)
+        r = evaluate_fid(q, spec, list(range(s.seeds)), backend=backend,
                          classifier=classifier, num_classes=model.cfg.num_classes)
         per_image = (time.perf_counter() - t0) / (s.n * s.seeds)
         row = {"name": name, "bytes": rep.total_bytes, "pct_of_fp32": round(rep.pct_of_fp32, 2),
-               "avg_bits": round(rep.avg_bits, 3), "fid_mean": round(r.mean, 4), "fid_ci95": round(r.ci95, 4),
+               "avg_bits": round(rep.avg_bits, 3), "guidance": spec.guidance, "fid_mean": round(r.mean, 4), "fid_ci95": round(r.ci95, 4),
                "accuracy": round(100 * sum(r.accuracy) / len(r.accuracy), 2), "ms_per_image": round(1000 * per_image, 2),
                "backend": r.backend, "n": r.n, "seeds": s.seeds, "counts": {k: v for k, v in plan.counts().items() if v},
                "fid_values": r.values, "accuracy_values": r.accuracy}

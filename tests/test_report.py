@@ -17,6 +17,7 @@ def test_report_grid_rows_files_and_findings(tiny_model, tmp_path):
     backend = ClassifierBackend()
     rows = run(tiny_model, fm, s, backend, backend.model, log=lambda m: None)
     by = {r["name"]: r for r in rows}
+    assert all(r["guidance"] == 3.0 for r in rows)  # the spec sampled with, not only the text
     assert by["fp32"]["pct_of_fp32"] == 100 and by["uniform fp16"]["pct_of_fp32"] == 50
     assert by["random @ budget 8 bits"]["bytes"] <= by["budget 8 bits"]["bytes"]
     plans = dict(grid(tiny_model, fm, s))
