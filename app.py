@@ -1,4 +1,7 @@
-"""LAFQ Gradio app: `python app.py` serves on 127.0.0.1:7860 (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT override)."""
+"""LAFQ Gradio app: `python app.py` serves on 127.0.0.1:7860 (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT override).
+
+Computes on the GPU where there is one; LAFQ_DEVICE=cpu (or cuda:N) chooses.
+"""
 import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -9,9 +12,14 @@ def main():
 
     from demo.state import load_state
     from demo.ui import LAUNCH_OPTIONS, QUEUE_OPTIONS, build_app
+    from lafq.data import DataError
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    demo = build_app(load_state())
+    try:
+        state = load_state(device=os.environ.get("LAFQ_DEVICE", "auto"))
+    except (ValueError, OSError, DataError) as e:  # bad LAFQ_DEVICE, missing or invalid checkpoint: one line, not a traceback
+        raise SystemExit(f"error: {e}") from None
+    demo = build_app(state)
     demo.queue(**QUEUE_OPTIONS)
     demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                 server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")), **LAUNCH_OPTIONS)

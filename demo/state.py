@@ -21,7 +21,7 @@ from lafq.diffusion import linear_schedule
 from lafq.fisher import FisherMap, compute_fisher, state_digest
 from lafq.pipeline import load_denoiser
 from lafq.policy import Plan, Policy, make_plan, param_shapes
-from lafq.quantize import quantize_, size_report
+from lafq.quantize import quantize_, size_report, to_device
 
 REPO = Path(__file__).resolve().parent.parent
 CHECKPOINT = REPO / "checkpoints" / "unet.safetensors"
@@ -143,8 +143,8 @@ class AppState:
         return param_shapes(self.model)
 
     @property
-    def weights(self) -> dict:
-        return dict(self.model.named_parameters())
+    def weights(self) -> dict:  # on the CPU, beside the Fisher map they are scored with
+        return {n: p.detach().cpu() for n, p in self.model.named_parameters()}
 
     def plan(self, policy: Policy) -> Plan:
         return make_plan(policy, self.fisher, self.weights)
@@ -159,7 +159,7 @@ class AppState:
             if key in self._quantized:
                 self._quantized.move_to_end(key)
                 return self._quantized[key]
-        q = quantize_(copy.deepcopy(self.model), plan)
+        q = to_device(quantize_(copy.deepcopy(self.model).cpu(), plan), self.device)  # quantized on the CPU, then moved
         with self.lock:
             self._quantized[key] = q
             while len(self._quantized) > 6:
@@ -184,9 +184,13 @@ def plan_key(plan: Plan) -> str:
     return hashlib.sha256(json.dumps(plan.precisions, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_state(checkpoint=CHECKPOINT, fisher_path=FISHER, quick_bins: int = 5, quick_samples: int = 4) -> AppState:
-    """Load the model and its Fisher map; if the shipped map is missing or belongs to other weights,
-    compute a small one (a few seconds) and say so."""
+def load_state(checkpoint=CHECKPOINT, fisher_path=FISHER, quick_bins: int = 5, quick_samples: int = 4,
+               device: str = "auto") -> AppState:
+    """Load the model (onto `device`: "auto" takes the GPU where there is one) and its Fisher map; if the
+    shipped map is missing or belongs to other weights, compute a small one (a few seconds) and say so."""
+    from lafq.device import resolve_device
+
+    dev = resolve_device(device)
     model, _ = load_denoiser(checkpoint)
     if getattr(model, "lafq_plan", None) is not None:
         raise CheckpointError(f"{checkpoint} is a quantized model; the app needs the FP32 checkpoint")
@@ -207,4 +211,4 @@ def load_state(checkpoint=CHECKPOINT, fisher_path=FISHER, quick_bins: int = 5, q
         from lafq.data import load_dataset
         x, y = load_dataset("mnist-test10k").tensors()
         fm = compute_fisher(model, x, y, bins=quick_bins, samples_per_bin=quick_samples, method="naive")  # tiny: no vmap set-up cost
-    return AppState(model=model, fisher=fm, fisher_note=note)
+    return AppState(model=model.to(dev), fisher=fm, fisher_note=note, device=str(dev))

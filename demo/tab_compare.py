@@ -48,7 +48,8 @@ def compare(state: AppState, current: dict, digit, guidance, steps, seed, n, wit
     out, timing = {}, {}
     for name, m in models.items():
         t0 = time.perf_counter()
-        out[name], _ = generate(m, spec, num_classes=state.model.cfg.num_classes, schedule=state.schedule)
+        out[name], _ = generate(m, spec, num_classes=state.model.cfg.num_classes, schedule=state.schedule,
+                                device=state.device)
         timing[name] = (time.perf_counter() - t0) / spec.n
     nrow = max(1, int(round(spec.n ** 0.5)))
     diff = (out["plan"].float() - out["FP32"].float()).abs()

@@ -42,7 +42,7 @@ def evaluate(state: AppState, current: dict, n, steps, seeds, include_fp32: bool
                                if progress else None, cancel)
             r = evaluate_fid(model, SampleSpec(n=n, steps=steps, batch_size=100), list(range(seeds)),
                              backend=state.backend(), classifier=state.classifier(),
-                             num_classes=state.model.cfg.num_classes, progress=prog)
+                             num_classes=state.model.cfg.num_classes, progress=prog, device=state.device)
             size = state.size(p) if p else None
             fp32_bytes = 4 * sum(q.numel() for q in state.model.parameters())
             point = FIDPoint(label, size.total_bytes if size else fp32_bytes, size.pct_of_fp32 if size else 100.0,

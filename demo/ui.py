@@ -40,7 +40,8 @@ def guard(fn):
 def build_app(state: AppState) -> gr.Blocks:
     with gr.Blocks(title="LAFQ: Fisher-guided quantization of a diffusion model") as demo:
         gr.Markdown("# LAFQ — layer-adaptive, Fisher-guided quantization\nSee where precision matters in a "
-                    "class-conditional MNIST diffusion U-Net, tune a quantization plan, and measure what it costs.")
+                    "class-conditional MNIST diffusion U-Net, tune a quantization plan, and measure what it costs. "
+                    f"Computing on: {state.device}.")
         current = gr.State({"policy": Policy().to_dict()})
         with gr.Tab("Fisher", id="fisher"):
             fisher_fn, fisher_in, fisher_out = tab_fisher.build(state, guard)

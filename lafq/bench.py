@@ -307,7 +307,7 @@ def bench_quantized(model, fisher, s: BenchSettings) -> dict:
             for dtype in (torch.float32, torch.float16):
                 g = set_compute_dtype(to_device(copy.deepcopy(m), "cuda"), dtype) if k != "fp32" else \
                     copy.deepcopy(m).cuda().to(dtype)
-                fn = lambda g=g, dtype=dtype: (torch.inference_mode()(guided_eps)(g, xs[0].to(dtype), xs[1], xs[2], 2.0, 10),
+                fn = lambda g=g, dtype=dtype: (torch.inference_mode()(guided_eps)(g, xs[0].to(dtype), xs[1], xs[2], GUIDANCE, 10),
                                                torch.cuda.synchronize())
                 gpu[f"{k}, {str(dtype)[6:]} compute"] = 1000 * interleaved({"g": fn}, s.latency_reps)["g"] / b
         out["gpu_ms_per_image_step"] = gpu

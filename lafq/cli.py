@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError
 from .data import DataError
+from .diffusion import DEFAULT_GUIDANCE
 
 DEFAULT_CKPT = "checkpoints/unet.safetensors"
 
@@ -63,14 +64,28 @@ def _sampling_args(p):
     p.add_argument("--steps", type=_positive("--steps"), default=50, help="DDIM steps (DDPM always uses all T)")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 ancestral")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: 2.0)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help=f"classifier-free guidance scale (default: {DEFAULT_GUIDANCE:g})")
     p.add_argument("--classes", default=None, help="'7', '0,1,2' or 'none' (unconditional); default: balanced 0-9")
     p.add_argument("--batch-size", type=_positive("--batch-size"), default=128)
+    _device_arg(p)
     p.add_argument("--json", action="store_true", help="print one JSON result line")
 
 
+def _device_arg(p):
+    p.add_argument("--device", default="auto", help="auto (the GPU where there is one), cpu, cuda or cuda:N")
+
+
+def _model_on(model, args):
+    """Move a U-Net or quantized model to --device; returns (model, device)."""
+    from .device import resolve_device
+    from .quantize import to_device
+
+    device = resolve_device(args.device)
+    return to_device(model, device), device
+
+
 def _spec(args, n: int, seed: int):
-    from .diffusion import DEFAULT_GUIDANCE
     from .pipeline import SampleSpec
 
     return SampleSpec(n=n, labels=_classes(args.classes), steps=args.steps, sampler=args.sampler, eta=args.eta,
@@ -86,8 +101,12 @@ def cmd_train(args):
                       save_every=args.save_every, sample_every=args.sample_every, log_every=args.log_every)
     mcfg = UNetConfig(base_channels=args.base_channels)
     t0 = time.perf_counter()
-    rec = train(args.out, cfg, mcfg, resume=not args.no_resume, progress=not args.json, until=args.until)
-    res = {"command": "train", "out": str(args.out), **rec, "seconds_this_call": round(time.perf_counter() - t0, 1)}
+    from .device import resolve_device
+
+    device = resolve_device(args.device)
+    rec = train(args.out, cfg, mcfg, resume=not args.no_resume, progress=not args.json, until=args.until, device=device)
+    res = {"command": "train", "out": str(args.out), **rec, "device": str(device),
+           "seconds_this_call": round(time.perf_counter() - t0, 1)}
     _emit(args, res, f"trained to step {rec['step']} (loss {rec.get('loss', float('nan')):.4f}); wrote {args.out}/unet.safetensors")
 
 
@@ -96,17 +115,17 @@ def cmd_sample(args):
     from .train import save_grid
 
     spec = _spec(args, args.n, args.seed)
-    model, _ = load_denoiser(args.checkpoint)
+    model, device = _model_on(load_denoiser(args.checkpoint)[0], args)
     t0 = time.perf_counter()
-    images, labels = generate(model, spec, num_classes=model.cfg.num_classes)
+    images, labels = generate(model, spec, num_classes=model.cfg.num_classes, device=device)
     dt = time.perf_counter() - t0
     nrow = args.nrow or max(1, int(round(args.n ** 0.5)))
     save_grid(images.float() / 127.5 - 1, args.out, nrow=nrow)
     res = {"command": "sample", "out": str(args.out), "n": args.n, "seed": args.seed, "steps": spec.steps,
-           "sampler": spec.sampler, "guidance": spec.guidance, "seconds": round(dt, 3),
+           "sampler": spec.sampler, "guidance": spec.guidance, "seconds": round(dt, 3), "device": str(device),
            "labels": labels.tolist() if labels is not None else None}
     _emit(args, res, f"wrote {args.out}: {args.n} images, {spec.sampler}-{spec.steps if spec.sampler == 'ddim' else 1000}, "
-                     f"guidance {spec.guidance}, seed {args.seed}, {dt:.1f}s")
+                     f"guidance {spec.guidance}, seed {args.seed}, {dt:.1f}s on {device}")
 
 
 def cmd_fid(args):
@@ -121,16 +140,17 @@ def cmd_fid(args):
     lines = []
     if not args.floor_only:
         spec = _spec(args, args.n, seeds[0])
-        model, _ = load_denoiser(args.checkpoint)
+        model, device = _model_on(load_denoiser(args.checkpoint)[0], args)
         num_classes = model.cfg.num_classes
         if args.compile:  # ~46 s of compilation for ~1.3x faster sampling on CPU (docs/benchmarks.md)
             import torch
             model = torch.compile(model)
-        log(f"FID: {args.n} samples x {len(seeds)} seeds, {spec.sampler}-{spec.steps}, guidance {spec.guidance}, backend {backend.name}")
+        log(f"FID: {args.n} samples x {len(seeds)} seeds, {spec.sampler}-{spec.steps}, guidance {spec.guidance}, "
+            f"backend {backend.name}, sampling on {device}")
         clf = load_classifier(DEFAULT_CLASSIFIER)[0]
         r = evaluate_fid(model, spec, seeds, backend=backend, classifier=clf, num_classes=num_classes, log=log,
-                         cache_dir=args.cache_dir)
-        res.update(r.to_dict(), steps=spec.steps, sampler=spec.sampler, guidance=spec.guidance)
+                         cache_dir=args.cache_dir, device=device)
+        res.update(r.to_dict(), steps=spec.steps, sampler=spec.sampler, guidance=spec.guidance, device=str(device))
         lines.append(r.describe())
     if args.real_floor or args.floor_only:
         f = real_floor(backend, args.n, seeds)
@@ -155,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sample-every", type=_positive("--sample-every"), default=2000)
     t.add_argument("--log-every", type=_positive("--log-every"), default=100)
     t.add_argument("--no-resume", action="store_true", help="start over even if OUT has a train state")
+    _device_arg(t)
     t.add_argument("--out", type=Path, default=Path("checkpoints"))
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_train)

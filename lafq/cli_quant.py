@@ -20,9 +20,13 @@ def cmd_fisher(args):
     from .fisher import compute_fisher
     from .pipeline import load_denoiser
 
+    from .device import resolve_device
+
     model, _ = load_denoiser(args.checkpoint)
     if getattr(model, "lafq_plan", None) is not None:
         raise ValueError("compute Fisher maps on the FP32 checkpoint, not a quantized model")
+    device = resolve_device(args.device)
+    model.to(device)
     x, y = load_dataset(args.dataset).tensors()
     bar = None
     if not args.json:
@@ -36,7 +40,7 @@ def cmd_fisher(args):
     fm.meta["dataset"] = args.dataset
     fm.save(args.out)
     layers, per_layer = fm.layer_names(), fm.per_layer()
-    res = {"command": "fisher", "out": str(args.out), "bins": args.bins, "samples_per_bin": args.samples,
+    res = {"command": "fisher", "out": str(args.out), "bins": args.bins, "samples_per_bin": args.samples, "device": str(device),
            "groups": fm.groups, "tensors": len(fm.names), "seconds": round(time.perf_counter() - t0, 2),
            "layer_fisher_mean": {layer: float(v) for layer, v in zip(layers, per_layer.mean(1))}}
     human = [f"wrote {args.out}: {len(fm.names)} tensors x {args.bins} bins ({args.samples} samples each), "
@@ -101,6 +105,7 @@ def register_fisher(sub):
     f.add_argument("--method", choices=("hooks", "vmap", "naive"), default="hooks",
                    help="per-sample gradients: layer hooks (fastest on CPU), torch.func.vmap, or a naive loop; all exact")
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--device", default="auto", help="auto (the GPU where there is one), cpu, cuda or cuda:N")
     f.add_argument("--out", type=Path, default=Path(DEFAULT_FISHER))
     f.add_argument("--json", action="store_true")
     f.set_defaults(func=cmd_fisher)

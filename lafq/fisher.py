@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from .checkpoint import load_file, save_file
+from .device import model_device
 from .diffusion import Schedule, linear_schedule, q_sample
 from .model import LAYERS, layer_of
 from .persample import hook_sq_grads
@@ -210,7 +211,8 @@ def compute_fisher(model, images: torch.Tensor, labels: torch.Tensor, *, bins: i
     edges = bin_edges(bins, schedule.T)
     was_training = model.training
     model.eval()  # no dropout: the Fisher of the deterministic network
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # draws on the CPU: the same samples whatever the model's device
+    dev = model_device(model)
     names = [k for k, _ in model.named_parameters()]
     params = dict(model.named_parameters())
     classes = list(range(model.cfg.num_classes)) if model.cfg.num_classes else [None]
@@ -232,9 +234,9 @@ def compute_fisher(model, images: torch.Tensor, labels: torch.Tensor, *, bins: i
                 y = labels[idx] if group != [None] else torch.full((samples_per_bin,), 0)
                 t = torch.randint(edges[b], edges[b + 1], (samples_per_bin,), generator=gen)
                 noise = torch.randn(x0.shape, generator=gen)
-                acc = sq(model, schedule, x0, y, t, noise, chunk=chunk)
+                acc = sq(model, schedule, *(v.to(dev) for v in (x0, y, t, noise)), chunk=chunk)
                 for k, name in enumerate(names):
-                    g2 = acc[name].double() / samples_per_bin
+                    g2 = acc[name].double().cpu() / samples_per_bin
                     fisher[gi, k, b] = g2.mean()
                     if name in channel:
                         channel[name][gi, b] = g2.flatten(1).mean(1)
@@ -247,7 +249,7 @@ def compute_fisher(model, images: torch.Tensor, labels: torch.Tensor, *, bins: i
         fisher = torch.cat([fisher.mean(0, keepdim=True), fisher])
         channel = {k: torch.cat([v.mean(0, keepdim=True), v]) for k, v in channel.items()}
     group_names = ["all"] + ([str(c) for c in classes] if per_class else [])
-    magnitude = torch.stack([p.detach().abs().mean().double() for p in params.values()])
+    magnitude = torch.stack([p.detach().abs().mean().double().cpu() for p in params.values()])
     info = {"samples_per_bin": samples_per_bin, "seed": seed, "method": method, "checkpoint_digest": state_digest(model),
             "seconds": round(time.perf_counter() - t0, 2), "loss": "eps-MSE, unweighted, conditional labels"}
     return FisherMap(names, [p.numel() for p in params.values()], edges, group_names, fisher, magnitude, channel, info)

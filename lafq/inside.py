@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .diffusion import Schedule, ddim_sample, linear_schedule, q_sample
+from .device import model_device
+from .diffusion import DEFAULT_GUIDANCE, Schedule, ddim_sample, linear_schedule, q_sample
 from .model import LAYERS
 
 OBSERVED = [layer for layer in LAYERS if layer != "embed"]
@@ -47,7 +48,7 @@ def _timesteps(schedule, steps):
     return ddim_timesteps(schedule.T, steps)
 
 
-def activation_trace(model, label: int | None, *, steps: int = 25, guidance: float = 2.0, seed: int = 0,
+def activation_trace(model, label: int | None, *, steps: int = 25, guidance: float = DEFAULT_GUIDANCE, seed: int = 0,
                      schedule: Schedule | None = None) -> Trace:
     """Mean |activation| of every layer at every denoising step, plus channel-mean spatial maps."""
     schedule = schedule or linear_schedule()
@@ -55,12 +56,13 @@ def activation_trace(model, label: int | None, *, steps: int = 25, guidance: flo
     rec = _Recorder(model)
     try:
         img = ddim_sample(model, schedule, 1, steps=steps, guidance=guidance, labels=None if label is None else [label],
-                          null_class=model.cfg.num_classes, generator=torch.Generator().manual_seed(seed))
+                          null_class=model.cfg.num_classes, generator=torch.Generator().manual_seed(seed),
+                          device=model_device(model))
     finally:
         rec.close()
     matrix = torch.stack([torch.stack([o.abs().mean() for o in rec.outputs[layer]]) for layer in OBSERVED])
-    maps = {layer: torch.stack([o[0].abs().mean(0) for o in rec.outputs[layer]]) for layer in OBSERVED}
-    return Trace(OBSERVED, _timesteps(schedule, steps), matrix, maps, img[0])
+    maps = {layer: torch.stack([o[0].abs().mean(0) for o in rec.outputs[layer]]).cpu() for layer in OBSERVED}
+    return Trace(OBSERVED, _timesteps(schedule, steps), matrix.cpu(), maps, img[0].cpu())
 
 
 def saliency(model, image: torch.Tensor, label: int | None, t: int, *, seed: int = 0,
@@ -71,21 +73,23 @@ def saliency(model, image: torch.Tensor, label: int | None, t: int, *, seed: int
     """
     schedule = schedule or linear_schedule()
     gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn((1, *image.shape), generator=gen)
-    tt = torch.tensor([t])
-    y = torch.tensor([model.cfg.num_classes if label is None else label])
-    xt = q_sample(schedule, image[None], tt, noise).requires_grad_(True)
+    dev = model_device(model)
+    noise = torch.randn((1, *image.shape), generator=gen).to(dev)
+    tt = torch.tensor([t], device=dev)
+    y = torch.tensor([model.cfg.num_classes if label is None else label], device=dev)
+    xt = q_sample(schedule, image[None].to(dev), tt, noise).requires_grad_(True)
     with torch.enable_grad():
         eps = model(xt, tt, y)
         loss = torch.nn.functional.mse_loss(eps, noise)
         (g,) = torch.autograd.grad(loss, xt)
     abar = schedule.abar(tt)
     x0 = ((xt - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)
-    return {"x_t": xt.detach()[0, 0], "x0_hat": x0.detach()[0, 0], "saliency": g.abs()[0, 0], "loss": loss.detach()}
+    out = {"x_t": xt.detach()[0, 0], "x0_hat": x0.detach()[0, 0], "saliency": g.abs()[0, 0], "loss": loss.detach()}
+    return {k: v.cpu() for k, v in out.items()}
 
 
-def quantization_error_trace(reference, quantized, label: int | None, *, steps: int = 25, guidance: float = 2.0,
-                             seed: int = 0, schedule: Schedule | None = None) -> Trace:
+def quantization_error_trace(reference, quantized, label: int | None, *, steps: int = 25,
+                             guidance: float = DEFAULT_GUIDANCE, seed: int = 0, schedule: Schedule | None = None) -> Trace:
     """Relative L2 error ||q - f|| / ||f|| of each layer's output, feeding both models the reference trajectory.
 
     Both models see the same x_t at every step (the FP32 model's path), so the error at each layer
@@ -101,7 +105,8 @@ def quantization_error_trace(reference, quantized, label: int | None, *, steps: 
         return out
     try:
         img = ddim_sample(both, schedule, 1, steps=steps, guidance=guidance, labels=None if label is None else [label],
-                          null_class=reference.cfg.num_classes, generator=torch.Generator().manual_seed(seed))
+                          null_class=reference.cfg.num_classes, generator=torch.Generator().manual_seed(seed),
+                          device=model_device(reference))
     finally:
         ref_rec.close()
         q_rec.close()
@@ -109,4 +114,4 @@ def quantization_error_trace(reference, quantized, label: int | None, *, steps: 
     for layer in OBSERVED:
         rows.append(torch.stack([(q - f).norm() / f.norm().clamp_min(1e-12)
                                  for f, q in zip(ref_rec.outputs[layer], q_rec.outputs[layer])]))
-    return Trace(OBSERVED, _timesteps(schedule, steps), torch.stack(rows), None, img[0])
+    return Trace(OBSERVED, _timesteps(schedule, steps), torch.stack(rows).cpu(), None, img[0].cpu())

@@ -117,10 +117,34 @@ def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def frechet_distance(stats_a, stats_b) -> float:
+    """pytorch-fid's Frechet distance; where the installed SciPy breaks it, the same formula here."""
     # Imported here: pytorch_fid pulls in torchvision and scipy, over a second of the app's cold start.
     from pytorch_fid.fid_score import calculate_frechet_distance
 
-    return float(calculate_frechet_distance(stats_a[0], stats_a[1], stats_b[0], stats_b[1]))
+    try:
+        return float(calculate_frechet_distance(stats_a[0], stats_a[1], stats_b[0], stats_b[1]))
+    except TypeError as e:  # pytorch-fid 0.3.0 passes sqrtm(disp=False), which newer SciPy no longer takes
+        if "disp" not in str(e):
+            raise
+        return _frechet_distance(*stats_a, *stats_b)
+
+
+def _frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2), with pytorch-fid's guards for a near-singular product."""
+    from scipy import linalg
+
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"FID: imaginary component {np.max(np.abs(covmean.imag))} in the covariance square root")
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
 def reference_statistics(backend, dataset: str = "mnist-train5k", cache_dir=STATS_DIR, data_root=None):

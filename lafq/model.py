@@ -94,8 +94,10 @@ class Embedding(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(self.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
         self.class_emb = nn.Embedding(cfg.num_classes + 1, d) if cfg.num_classes else None
 
-    def forward(self, t, y):
-        emb = self.time_mlp(timestep_embedding(t, self.freq_dim).to(self.time_mlp[0].weight.dtype))
+    def forward(self, t, y, dtype: torch.dtype = torch.float32):
+        # In the input's dtype, not the weight's: a quantized layer's weight only takes its compute
+        # dtype inside its own forward (fp16 compute on a GPU failed on a float32 embedding).
+        emb = self.time_mlp(timestep_embedding(t, self.freq_dim).to(dtype))
         if self.class_emb is not None:
             emb = emb + self.class_emb(y)
         return F.silu(emb)  # every block's projection starts from the activated embedding
@@ -199,7 +201,7 @@ class UNet(nn.Module):
         """Predict the noise in x at integer timesteps t for class labels y (None: unconditional)."""
         if y is None:
             y = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
-        emb = self.embed(t, y)
+        emb = self.embed(t, y, x.dtype)
         h = self.stem(x)
         s1 = self.down1(h, emb)
         s2 = self.down2(self.down1.resample(s1), emb)

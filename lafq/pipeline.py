@@ -147,6 +147,7 @@ def evaluate_fid(denoiser, spec: SampleSpec, seeds: list[int], *, backend=None, 
             acc = result.accuracy[-1] if classifier is not None and labels is not None else None
             atomic_write_bytes(cached, json.dumps({"fid": result.values[-1], "accuracy": acc, "seed": seed,
                                                    "backend": backend.name, "n": spec.n, "spec": s.__dict__,
+                                                   "device": str(device),
                                                    "seconds": round(time.perf_counter() - t0, 1)}, default=str).encode())
         if log:
             log(f"seed {seed}: FID {result.values[-1]:.3f} ({backend.name}, N={spec.n})"

@@ -103,7 +103,9 @@ def _train_state_tensors(model, ema, opt, gen) -> dict:
                 state[f"optim.{name}.{key}"] = s[key]
     state["rng.torch"] = torch.get_rng_state()
     state["rng.gen"] = gen.get_state()
-    return state
+    if next(model.parameters()).is_cuda:  # dropout draws from the GPU's generator there
+        state["rng.cuda"] = torch.cuda.get_rng_state()
+    return {k: v.detach().cpu() for k, v in state.items()}
 
 
 def _restore_train_state(tensors, model, ema, opt, gen, step: int) -> None:
@@ -112,26 +114,31 @@ def _restore_train_state(tensors, model, ema, opt, gen, step: int) -> None:
     for i, (name, p) in enumerate(model.named_parameters()):
         if f"optim.{name}.exp_avg" in tensors:
             opt.state[p] = {"step": torch.tensor(float(step)),
-                            "exp_avg": tensors[f"optim.{name}.exp_avg"].clone(),
-                            "exp_avg_sq": tensors[f"optim.{name}.exp_avg_sq"].clone()}
+                            "exp_avg": tensors[f"optim.{name}.exp_avg"].to(p.device, copy=True),
+                            "exp_avg_sq": tensors[f"optim.{name}.exp_avg_sq"].to(p.device, copy=True)}
     torch.set_rng_state(tensors["rng.torch"])
     gen.set_state(tensors["rng.gen"])
+    if "rng.cuda" in tensors and next(model.parameters()).is_cuda:
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
 
 
 def train(out: str | Path, cfg: TrainConfig = TrainConfig(), model_cfg: UNetConfig = UNetConfig(),
           resume: bool = True, progress: bool = True, channels_last: bool = True, data_root=None,
-          until: int | None = None) -> dict:
+          until: int | None = None, device="cpu") -> dict:
     """Train (or resume from out/train_state.safetensors) up to cfg.steps; returns the last log record.
 
     `until` stops this call early at that step (a checkpoint is written there); the learning-rate
     schedule still spans cfg.steps, so a run split over several calls equals one uninterrupted run.
+    Batches, timesteps and noise are drawn on the CPU whatever `device` is, so a run can move between
+    a CPU and a GPU and go on with the same data (a resumed run on another device is not bit-identical).
     """
+    device = torch.device(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "train_state.safetensors"
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    model = UNet(model_cfg)
+    model = UNet(model_cfg).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, wall = 0, 0.0
@@ -152,8 +159,10 @@ def train(out: str | Path, cfg: TrainConfig = TrainConfig(), model_cfg: UNetConf
     data = load_dataset(cfg.dataset, data_root)
     x_all, y_all = data.tensors()
     schedule = linear_schedule()
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.machine()} {torch.get_num_threads()} threads"
     info = {"dataset": cfg.dataset, "dataset_size": len(data), "params": count_parameters(model),
-            "torch": torch.__version__, "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
+            "torch": torch.__version__, "machine": machine,
             "seed": cfg.seed}
 
     def checkpoint(step_now: int, wall_now: float) -> None:
@@ -179,6 +188,7 @@ def train(out: str | Path, cfg: TrainConfig = TrainConfig(), model_cfg: UNetConf
         y[torch.rand(cfg.batch_size, generator=gen) < cfg.p_uncond] = model_cfg.num_classes
         t = torch.randint(0, schedule.T, (cfg.batch_size,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
+        x0, y, t, noise = (v.to(device, non_blocking=True) for v in (x0, y, t, noise))
         if channels_last:
             x0, noise = x0.to(memory_format=torch.channels_last), noise.to(memory_format=torch.channels_last)
         for g in opt.param_groups:
@@ -207,7 +217,8 @@ def train(out: str | Path, cfg: TrainConfig = TrainConfig(), model_cfg: UNetConf
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
         if step % cfg.sample_every == 0 or step == cfg.steps:
             labels = torch.arange(10).repeat_interleave(8) if model_cfg.num_classes else None
-            imgs = sample(ema, schedule, 80, steps=25, seed=0, labels=labels, null_class=model_cfg.num_classes)
+            imgs = sample(ema, schedule, 80, steps=25, seed=0, labels=labels, null_class=model_cfg.num_classes,
+                          device=device).cpu()
             save_grid(imgs, out / "samples.png", nrow=8)
         if step % cfg.save_every == 0 or step == stop:
             checkpoint(step, wall + time.perf_counter() - t_last)

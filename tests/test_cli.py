@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from lafq.cli import main
 from lafq.diffusion import DEFAULT_GUIDANCE
@@ -73,6 +74,7 @@ def test_train_cli_on_a_tiny_budget(tmp_path, capsys):
                  "--sample-every", "1000", "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["step"] == 3 and (tmp_path / "unet.safetensors").is_file()
+    assert res["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # --device auto
 
 
 @pytest.mark.parametrize("args, message", [

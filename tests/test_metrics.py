@@ -15,6 +15,24 @@ def test_identical_features_give_zero_and_shifts_grow():
     assert d[2] == pytest.approx(16 * 1.0, rel=1e-3)  # a pure mean shift adds |shift|^2 per dimension
 
 
+def test_fid_survives_a_scipy_whose_sqrtm_takes_no_disp(monkeypatch):
+    """pytorch-fid 0.3.0 calls sqrtm(..., disp=False); SciPy versions without `disp` get the same number."""
+    import scipy.linalg
+
+    rng = np.random.default_rng(1)
+    a, b = statistics(rng.normal(size=(500, 8))), statistics(rng.normal(0.3, 1.2, size=(500, 8)))
+    expected = frechet_distance(a, b)
+    sqrtm = scipy.linalg.sqrtm
+
+    def sqrtm_without_disp(m, **kw):
+        if "disp" in kw:
+            raise TypeError("sqrtm() got an unexpected keyword argument 'disp'")
+        return sqrtm(m, **kw)
+    monkeypatch.setattr(scipy.linalg, "sqrtm", sqrtm_without_disp)
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
+
+
 def test_mean_and_ci95():
     m, ci = mean_ci95([1.0, 2.0, 3.0])
     assert m == 2.0 and ci == pytest.approx(4.303 * 1 / 3 ** 0.5, rel=1e-3)

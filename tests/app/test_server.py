@@ -80,3 +80,21 @@ def test_bad_upload_then_good_request(client, tmp_path):
         client.predict(handle_file(str(bad)), api_name="/load_plan")
     md, _, _ = client.predict(*READOUT, api_name="/quantize_readout")
     assert "% of FP32" in md
+
+
+def test_app_refuses_a_bad_device_in_one_line():
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, "app.py"], cwd=repo, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "LAFQ_DEVICE": "tpu", "GRADIO_SERVER_PORT": str(free_port())})
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: unknown device 'tpu'; choose one of auto, cpu, cuda")
+
+
+def test_header_names_the_device(app_state):
+    from demo.ui import build_app
+
+    assert "Computing on: cpu" in build_app(app_state).config["components"][0]["props"]["value"]

@@ -1,0 +1,45 @@
+"""Which device to compute on: "auto" takes the GPU where one is present, else the CPU.
+
+Noise is always drawn by a CPU generator and then moved (see diffusion.py), so a seed means the
+same starting noise on every device; the images agree to float rounding, not to the bit.
+"""
+from __future__ import annotations
+
+import torch
+
+CHOICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """'auto' -> cuda if available, else cpu; 'cuda' / 'cuda:N' without a GPU is an error that says so."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for, but torch {torch.__version__} sees no CUDA GPU; "
+                             "use 'cpu' or 'auto'")
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r} asked for, but only {torch.cuda.device_count()} CUDA GPU(s) exist")
+        return dev
+    raise ValueError(f"unknown device {name!r}; choose one of {', '.join(CHOICES)} (or cuda:N)")
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of a model's first parameter or buffer (CPU for a model with neither)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
