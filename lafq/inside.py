@@ -48,18 +48,24 @@ def _timesteps(schedule, steps):
     return ddim_timesteps(schedule.T, steps)
 
 
+def _one_trajectory(denoiser, model, label, steps, guidance, seed, schedule, recorders) -> torch.Tensor:
+    """One guided DDIM sample on `model`'s device, through `denoiser`; the recorders' hooks removed after."""
+    try:
+        return ddim_sample(denoiser, schedule, 1, steps=steps, guidance=guidance,
+                           labels=None if label is None else [label], null_class=model.cfg.num_classes,
+                           generator=torch.Generator().manual_seed(seed), device=model_device(model))
+    finally:
+        for rec in recorders:
+            rec.close()
+
+
 def activation_trace(model, label: int | None, *, steps: int = 25, guidance: float = DEFAULT_GUIDANCE, seed: int = 0,
                      schedule: Schedule | None = None) -> Trace:
     """Mean |activation| of every layer at every denoising step, plus channel-mean spatial maps."""
     schedule = schedule or linear_schedule()
     model = copy.deepcopy(model)  # hooks on a private copy: a shared model may serve other requests meanwhile
     rec = _Recorder(model)
-    try:
-        img = ddim_sample(model, schedule, 1, steps=steps, guidance=guidance, labels=None if label is None else [label],
-                          null_class=model.cfg.num_classes, generator=torch.Generator().manual_seed(seed),
-                          device=model_device(model))
-    finally:
-        rec.close()
+    img = _one_trajectory(model, model, label, steps, guidance, seed, schedule, [rec])
     matrix = torch.stack([torch.stack([o.abs().mean() for o in rec.outputs[layer]]) for layer in OBSERVED])
     maps = {layer: torch.stack([o[0].abs().mean(0) for o in rec.outputs[layer]]).cpu() for layer in OBSERVED}
     return Trace(OBSERVED, _timesteps(schedule, steps), matrix.cpu(), maps, img[0].cpu())
@@ -103,13 +109,7 @@ def quantization_error_trace(reference, quantized, label: int | None, *, steps: 
         out = reference(x, t, y)
         quantized(x, t, y)  # observed through its hooks only
         return out
-    try:
-        img = ddim_sample(both, schedule, 1, steps=steps, guidance=guidance, labels=None if label is None else [label],
-                          null_class=reference.cfg.num_classes, generator=torch.Generator().manual_seed(seed),
-                          device=model_device(reference))
-    finally:
-        ref_rec.close()
-        q_rec.close()
+    img = _one_trajectory(both, reference, label, steps, guidance, seed, schedule, [ref_rec, q_rec])
     rows = []
     for layer in OBSERVED:
         rows.append(torch.stack([(q - f).norm() / f.norm().clamp_min(1e-12)
