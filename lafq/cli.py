@@ -94,16 +94,15 @@ def _spec(args, n: int, seed: int):
 
 
 def cmd_train(args):
+    from .device import resolve_device
     from .model import UNetConfig
     from .train import TrainConfig, train
 
     cfg = TrainConfig(dataset=args.dataset, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       save_every=args.save_every, sample_every=args.sample_every, log_every=args.log_every)
     mcfg = UNetConfig(base_channels=args.base_channels)
-    t0 = time.perf_counter()
-    from .device import resolve_device
-
     device = resolve_device(args.device)
+    t0 = time.perf_counter()
     rec = train(args.out, cfg, mcfg, resume=not args.no_resume, progress=not args.json, until=args.until, device=device)
     res = {"command": "train", "out": str(args.out), **rec, "device": str(device),
            "seconds_this_call": round(time.perf_counter() - t0, 1)}

@@ -17,10 +17,9 @@ def _emit(args, result, human):
 
 def cmd_fisher(args):
     from .data import load_dataset
+    from .device import resolve_device
     from .fisher import compute_fisher
     from .pipeline import load_denoiser
-
-    from .device import resolve_device
 
     model, _ = load_denoiser(args.checkpoint)
     if getattr(model, "lafq_plan", None) is not None:

@@ -93,3 +93,15 @@ def test_hold_dequantizes_once_per_sampling_call_with_identical_outputs(tiny_mod
     sample(q, s, 2, steps=3, seed=1, labels=[4, 5])
     assert len(calls) == n_held + 3 * len(q.lafq_stored)  # outside a block: every forward again
     copy.deepcopy(q)  # the hold counter (which owns a lock) must not break copying
+
+
+def test_low_precision_compute_runs_a_quantized_model(tiny_model):
+    """set_compute_dtype(bf16) on the CPU (fp16 on a GPU): the time embedding must follow the input's dtype."""
+    from lafq.quantize import set_compute_dtype
+
+    q = set_compute_dtype(quantize_(copy.deepcopy(tiny_model), _plan(tiny_model, "int8")), torch.bfloat16)
+    x, t, y = torch.randn(2, 1, 28, 28), torch.tensor([10, 900]), torch.tensor([3, 10])
+    with torch.no_grad():
+        out = q(x.to(torch.bfloat16), t, y)
+        ref = tiny_model(x, t, y)
+    assert out.dtype == torch.bfloat16 and torch.allclose(out.float(), ref, atol=0.1)
