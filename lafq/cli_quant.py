@@ -95,6 +95,8 @@ def cmd_quantize(args):
 
 
 def register_fisher(sub):
+    from .cli import _device_arg
+
     f = sub.add_parser("fisher", help="compute the Fisher map (tensor x timestep bin [x class])")
     f.add_argument("--checkpoint", default="checkpoints/unet.safetensors")
     f.add_argument("--dataset", default="mnist-test10k")
@@ -104,7 +106,7 @@ def register_fisher(sub):
     f.add_argument("--method", choices=("hooks", "vmap", "naive"), default="hooks",
                    help="per-sample gradients: layer hooks (fastest on CPU), torch.func.vmap, or a naive loop; all exact")
     f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--device", default="auto", help="auto (the GPU where there is one), cpu, cuda or cuda:N")
+    _device_arg(f)
     f.add_argument("--out", type=Path, default=Path(DEFAULT_FISHER))
     f.add_argument("--json", action="store_true")
     f.set_defaults(func=cmd_fisher)

@@ -188,7 +188,7 @@ def train(out: str | Path, cfg: TrainConfig = TrainConfig(), model_cfg: UNetConf
         y[torch.rand(cfg.batch_size, generator=gen) < cfg.p_uncond] = model_cfg.num_classes
         t = torch.randint(0, schedule.T, (cfg.batch_size,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
-        x0, y, t, noise = (v.to(device, non_blocking=True) for v in (x0, y, t, noise))
+        x0, y, t, noise = (v.to(device) for v in (x0, y, t, noise))
         if channels_last:
             x0, noise = x0.to(memory_format=torch.channels_last), noise.to(memory_format=torch.channels_last)
         for g in opt.param_groups:
