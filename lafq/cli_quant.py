@@ -33,7 +33,8 @@ def cmd_fisher(args):
         bar = tqdm(total=args.bins * (10 if args.per_class else 1), desc="fisher", dynamic_ncols=True)
     t0 = time.perf_counter()
     fm = compute_fisher(model, x, y, bins=args.bins, samples_per_bin=args.samples, per_class=args.per_class,
-                        seed=args.seed, progress=(lambda d, t: bar.update(1)) if bar else None, method=args.method)
+                        seed=args.seed, progress=(lambda d, t: bar.update(1)) if bar else None, method=args.method,
+                        p_null=args.p_null)
     if bar:
         bar.close()
     fm.meta["dataset"] = args.dataset
@@ -52,7 +53,10 @@ def policy_from_args(args):
     from .policy import Policy
 
     kw = dict(strategy=args.strategy, target=args.target, high=args.high, statistic=args.statistic,
-              protect_mid=args.protect_mid, seed=args.seed, avg_bits=args.avg_bits, budget_bytes=args.budget_bytes)
+              protect_mid=args.protect_mid, seed=args.seed, avg_bits=args.avg_bits, budget_bytes=args.budget_bytes,
+              signal=args.signal, edge=args.edge)
+    if args.choices:
+        kw["choices"] = tuple(c.strip() for c in args.choices.split(","))
     if args.threshold is not None:
         kw["threshold"] = args.threshold
     if args.p is not None:
@@ -96,6 +100,7 @@ def cmd_quantize(args):
 
 def register_fisher(sub):
     from .cli import _device_arg
+    from .fisher import DEFAULT_P_NULL
 
     f = sub.add_parser("fisher", help="compute the Fisher map (tensor x timestep bin [x class])")
     f.add_argument("--checkpoint", default="checkpoints/unet.safetensors")
@@ -105,6 +110,9 @@ def register_fisher(sub):
     f.add_argument("--per-class", action="store_true", help="also one map per digit")
     f.add_argument("--method", choices=("hooks", "vmap", "naive"), default="hooks",
                    help="per-sample gradients: layer hooks (fastest on CPU), torch.func.vmap, or a naive loop; all exact")
+    f.add_argument("--p-null", type=float, default=DEFAULT_P_NULL,
+                   help="probability of scoring a draw with the null class, the branch guided sampling also runs "
+                        "(default: the training label dropout); 0 scores conditional labels only")
     f.add_argument("--seed", type=int, default=0)
     _device_arg(f)
     f.add_argument("--out", type=Path, default=Path(DEFAULT_FISHER))
@@ -114,7 +122,7 @@ def register_fisher(sub):
 
 def register_quantize(sub):
     from .fisher import STATISTICS
-    from .policy import STRATEGIES
+    from .policy import BUDGET_CHOICES, SIGNALS, STRATEGIES
     from .precision import PRECISIONS
 
     q = sub.add_parser("quantize", help="policy -> plan -> quantized model, with its size table")
@@ -130,6 +138,11 @@ def register_quantize(sub):
     q.add_argument("--k", type=float, default=None, help="layer-std: quantize below mean + k*std of log Fisher")
     q.add_argument("--avg-bits", type=float, default=None, help="budget/random: average bits per weight")
     q.add_argument("--budget-bytes", type=int, default=None, help="budget/random: total bytes")
+    q.add_argument("--signal", choices=SIGNALS, default="fisher",
+                   help="what weighs a tensor: Fisher, weight magnitude, or (budget) quantization error alone")
+    q.add_argument("--choices", default=None,
+                   help=f"budget: comma-separated precisions a tensor may take (default {','.join(BUDGET_CHOICES)})")
+    q.add_argument("--edge", choices=PRECISIONS, default="int8", help="first-last: precision of the stem and head")
     q.add_argument("--protect-mid", action="store_true", help="keep the middle block in high precision")
     q.add_argument("--seed", type=int, default=0, help="random: allocation seed")
     q.add_argument("--plan", default=None, help="apply this plan JSON instead of a policy")
@@ -143,42 +156,66 @@ def cmd_report(args):
     import sys
 
     from .classifier import load_classifier
+    from .device import resolve_device
+    from .evaluate import Evaluator
     from .fisher import FisherMap
     from .metrics import DEFAULT_CLASSIFIER, get_backend
-    from .pipeline import load_denoiser
-    from .report import Settings, run, settings_with, write
+    from .pipeline import load_denoiser, real_floor
+    from .report import Settings, evaluate, grid, settings_with, write
+    from .sensitivity import run as run_sensitivity
 
     model, _ = load_denoiser(args.checkpoint)
+    device = resolve_device(args.device)
+    model.to(device)
     fisher = FisherMap.load(args.fisher)
-    s = settings_with(Settings.quick() if args.quick else Settings(), n=args.n, steps=args.steps, seeds=args.seeds,
-                      guidance=args.guidance)
+    base = Settings.quick() if args.quick else Settings()
+    s = settings_with(base, n=args.n, steps=args.steps, seeds=args.seeds, guidance=args.guidance,
+                      random_seeds=args.random_seeds)
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else print
     command = "python -m lafq report" + (" --quick" if args.quick else "") + "".join(
-        f" --{k} {v}" for k, v in (("n", args.n), ("steps", args.steps), ("seeds", args.seeds),
-                                              ("guidance", args.guidance)) if v is not None)
-    t0 = time.perf_counter()
-    # Rewrite the files after every row: an interrupted run leaves a readable, marked-partial report.
-    on_row = lambda rows, total: write(rows, s, command, time.perf_counter() - t0, Path(args.out_dir), total)  # noqa: E731
+        f" --{k.replace('_', '-')} {v}" for k, v in (("n", args.n), ("steps", args.steps), ("seeds", args.seeds),
+                                                     ("guidance", args.guidance), ("random_seeds", args.random_seeds))
+        if v is not None)
+    classifier = load_classifier(DEFAULT_CLASSIFIER)[0]
     backend = get_backend(args.backend)
-    rows = run(model, fisher, s, backend, load_classifier(DEFAULT_CLASSIFIER)[0], log=log, on_row=on_row)
-    seconds = time.perf_counter() - t0
-    from .pipeline import real_floor
+    cache = Path(args.cache_dir) / ("quick" if args.quick else "full")
+    out_dir = Path(args.out_dir)
+    t0 = time.perf_counter()
+    sens = []
+    if not args.skip_sensitivity:
+        sens = run_sensitivity(Evaluator(model, classifier, None, cache / "sensitivity", device=device, log=log),
+                               fisher, s.sensitivity, s.guidance, log=log)
+    rows = grid(model, fisher, s)
     floor = real_floor(backend, s.n, list(range(s.seeds)))
-    write(rows, s, command, seconds, Path(args.out_dir), floor=floor)
-    _emit(args, {"command": "report", "rows": rows, "seconds": round(seconds, 1), "out_dir": str(args.out_dir)},
-          f"wrote {args.out_dir}/report.md, report.csv, report_pareto.svg ({seconds / 60:.1f} min)")
+    # Rewrite the files after every (plan, seed): an interrupted run leaves a readable, marked-partial report.
+    on_record = lambda recs: write(recs, s, command, out_dir, total_rows=len(rows), floor=floor,  # noqa: E731
+                                   sensitivity=sens)
+    records = evaluate(rows, Evaluator(model, classifier, backend, cache, device=device, log=log), s, log=log,
+                       on_record=on_record)
+    write(records, s, command, out_dir, total_rows=len(rows), floor=floor, sensitivity=sens)
+    seconds = time.perf_counter() - t0
+    _emit(args, {"command": "report", "rows": len(rows), "records": len(records), "seconds": round(seconds, 1),
+                 "out_dir": str(out_dir)},
+          f"wrote {out_dir}/report.md, report.csv, sensitivity.csv and figures ({seconds / 60:.1f} min)")
 
 
 def register_report(sub):
-    r = sub.add_parser("report", help="the experiment grid -> docs/report.md, report.csv, report_pareto.svg")
+    from .cli import _device_arg
+
+    r = sub.add_parser("report", help="the evidence: sensitivity validation and the plan grid -> docs/report.md, .csv, .svg")
     r.add_argument("--checkpoint", default="checkpoints/unet.safetensors")
     r.add_argument("--fisher", default=DEFAULT_FISHER)
     r.add_argument("--quick", action="store_true", help="small N, few steps and rows: minutes on 2 cores")
-    r.add_argument("--n", type=int, default=None, help="samples per seed (default 200; quick 100)")
-    r.add_argument("--steps", type=int, default=None, help="DDIM steps (default 20; quick 10)")
-    r.add_argument("--seeds", type=int, default=None, help="sampling seeds (default 3; quick 2)")
+    r.add_argument("--n", type=int, default=None, help="samples per seed (default 1000; quick 50)")
+    r.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50; quick 10)")
+    r.add_argument("--seeds", type=int, default=None, help="sampling seeds (default 3)")
+    r.add_argument("--random-seeds", type=int, default=None, help="random controls per plan (default 5; quick 2)")
     r.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the library's)")
     r.add_argument("--backend", choices=("auto", "classifier", "inception"), default="auto")
+    r.add_argument("--skip-sensitivity", action="store_true", help="only the plan grid")
+    r.add_argument("--cache-dir", default="checkpoints/eval/report",
+                   help="finished (plan, seed) records; a rerun resumes from them")
+    _device_arg(r)
     r.add_argument("--out-dir", default="docs")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_report)

@@ -30,6 +30,7 @@ STATISTICS = ("final", "mean", "max")
 METHODS = ("hooks", "vmap", "naive")  # all exact; hooks is the fastest on CPU (docs/benchmarks.md)
 VIEWS = ("raw", "normalized", "log")
 MAX_BINS = 1000
+DEFAULT_P_NULL = 0.1  # the training label dropout (TrainConfig.p_uncond): how often sampling's null branch is seen
 
 
 @dataclass
@@ -99,6 +100,10 @@ class FisherMap:
         else:
             raise ValueError(f"unknown timestep statistic {statistic!r}; choose one of {STATISTICS}")
         return dict(zip(self.names, v.tolist()))
+
+    def magnitude_score(self) -> dict[str, float]:
+        """One number per tensor: its mean |w| (the weight-magnitude signal)."""
+        return dict(zip(self.names, self.magnitude.tolist()))
 
     def channel_score(self, name: str, statistic: str = "mean", group: str | int = "all") -> torch.Tensor | None:
         """Per-output-channel Fisher of one tensor under the same statistic, or None if not kept."""
@@ -199,14 +204,21 @@ def _balanced_draw(labels: torch.Tensor, classes: list[int], n: int, gen: torch.
 
 def compute_fisher(model, images: torch.Tensor, labels: torch.Tensor, *, bins: int = 50, samples_per_bin: int = 64,
                    per_class: bool = False, schedule: Schedule | None = None, seed: int = 0, chunk: int = 64,
-                   progress: Callable[[int, int], None] | None = None, method: str = "hooks") -> FisherMap:
+                   progress: Callable[[int, int], None] | None = None, method: str = "hooks",
+                   p_null: float = DEFAULT_P_NULL) -> FisherMap:
     """Fisher map of `model` on data (images float (N,1,28,28) in [-1,1], labels long (N,)).
 
     Per bin, `samples_per_bin` (x0, class, t, noise) draws: t uniform in the bin, x0 class-balanced.
+    Each draw's label is replaced by the null class with probability `p_null` (the training label
+    dropout, 0.1): guided sampling runs the null-class branch at every step, so its weights (the
+    null row of the class embedding) must be scored too; p_null=0 gives the conditional-only map.
     per_class=True computes each digit's map with that many samples each; "all" is their mean.
+    The loss is the unweighted eps-MSE (training used min-SNR-5 weighting; the map does not).
     """
     if samples_per_bin < 1:
         raise ValueError(f"samples_per_bin must be at least 1, got {samples_per_bin}")
+    if not 0 <= p_null <= 1:
+        raise ValueError(f"p_null must be in [0, 1], got {p_null}")
     schedule = schedule or linear_schedule()
     edges = bin_edges(bins, schedule.T)
     was_training = model.training
@@ -234,6 +246,8 @@ def compute_fisher(model, images: torch.Tensor, labels: torch.Tensor, *, bins: i
                 y = labels[idx] if group != [None] else torch.full((samples_per_bin,), 0)
                 t = torch.randint(edges[b], edges[b + 1], (samples_per_bin,), generator=gen)
                 noise = torch.randn(x0.shape, generator=gen)
+                if p_null > 0 and model.cfg.num_classes:  # drawn after the rest: p_null=0 keeps earlier maps' draws
+                    y = torch.where(torch.rand(samples_per_bin, generator=gen) < p_null, model.cfg.num_classes, y)
                 acc = sq(model, schedule, *(v.to(dev) for v in (x0, y, t, noise)), chunk=chunk)
                 for k, name in enumerate(names):
                     g2 = acc[name].double().cpu() / samples_per_bin
@@ -251,5 +265,5 @@ def compute_fisher(model, images: torch.Tensor, labels: torch.Tensor, *, bins: i
     group_names = ["all"] + ([str(c) for c in classes] if per_class else [])
     magnitude = torch.stack([p.detach().abs().mean().double().cpu() for p in params.values()])
     info = {"samples_per_bin": samples_per_bin, "seed": seed, "method": method, "checkpoint_digest": state_digest(model),
-            "seconds": round(time.perf_counter() - t0, 2), "loss": "eps-MSE, unweighted, conditional labels"}
+            "seconds": round(time.perf_counter() - t0, 2), "loss": f"eps-MSE, unweighted; null class with probability {p_null:g}", "p_null": p_null}
     return FisherMap(names, [p.numel() for p in params.values()], edges, group_names, fisher, magnitude, channel, info)

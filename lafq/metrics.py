@@ -215,3 +215,50 @@ def classifier_accuracy(classifier: MnistClassifier, images: torch.Tensor, label
 def balanced_labels(n: int, num_classes: int = 10) -> torch.Tensor:
     """0,1,..,9,0,1,.. : n labels with every class as equally often as possible."""
     return torch.arange(n) % num_classes
+
+
+# -- fidelity to a reference model (same noise) ---------------------------------------------------
+
+FIDELITY = ("mad", "psnr", "feature_distance", "agreement")
+FIDELITY_LABELS = {"mad": "mean |Δ| / 255", "psnr": "PSNR dB", "feature_distance": "feature distance",
+                   "agreement": "class agreement"}
+PSNR_CAP = 100.0  # dB for identical images: keeps per-seed means and intervals finite
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """How close images are to reference images drawn from the same noise, image by image.
+
+    mad               mean |Δ| over pixels and images, on the 0..1 scale (|Δ| / 255)
+    psnr              10 log10(255² / MSE), MSE over all pixels of all images (capped at PSNR_CAP)
+    feature_distance  mean ‖f(x) − f(ref)‖ / mean ‖f(ref)‖ over the classifier's 128-d features
+    agreement         fraction of images the classifier puts in the same class as their reference
+    """
+    mad: float
+    psnr: float
+    feature_distance: float
+    agreement: float
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in FIDELITY}
+
+
+@torch.inference_mode()
+def fidelity(reference: torch.Tensor, images: torch.Tensor, classifier: MnistClassifier,
+             batch_size: int = 500) -> Fidelity:
+    """Fidelity of uint8 `images` to uint8 `reference` (same shape, image i paired with image i)."""
+    if reference.shape != images.shape:
+        raise ValueError(f"fidelity pairs images one to one: shapes {tuple(reference.shape)} and {tuple(images.shape)}")
+    d = images.double() - reference.double()
+    mse = float(d.pow(2).mean())
+    psnr = PSNR_CAP if mse == 0 else min(PSNR_CAP, 10 * math.log10(255.0 ** 2 / mse))
+    classifier.eval()
+
+    def feats(x):
+        x = uint8_to_input(x)
+        return torch.cat([classifier.features(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+    fr, fi = feats(reference), feats(images)
+    dist = float((fi - fr).double().norm(dim=1).mean() / fr.double().norm(dim=1).mean().clamp_min(1e-12))
+    agree = float((classifier.out(fi).argmax(1) == classifier.out(fr).argmax(1)).double().mean())
+    return Fidelity(float(d.abs().mean() / 255), psnr, dist, agree)

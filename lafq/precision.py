@@ -3,6 +3,9 @@
     fp32, fp16, bf16   the tensor cast to that dtype
     int8, int4         symmetric round-to-nearest per output channel (dim 0) with one fp32 scale
                        per channel; int4 values in [-7, 7] packed two per byte (low nibble first)
+    int4-g32, int4-g64 the same int4 codes with one fp16 scale per group of 32 / 64 consecutive
+                       weights along the input dimension (the tensor flattened to (out, in));
+                       the last group of a row may be shorter. 4 + 16/G bits per weight.
 
 Integer formats need a tensor with an output-channel axis (dim >= 2 or an embedding table);
 vectors (biases, norms) take float formats only.
@@ -13,11 +16,14 @@ from dataclasses import dataclass
 
 import torch
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "int4-g64", "int4-g32")
 FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8, "int4": 4}
-QMAX = {"int8": 127, "int4": 7}
+BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8, "int4": 4, "int4-g64": 4, "int4-g32": 4}
+QMAX = {"int8": 127, "int4": 7, "int4-g64": 7, "int4-g32": 7}
+GROUP = {"int4-g64": 64, "int4-g32": 32}  # group-wise formats: weights per scale along the input dimension
+PACKED = ("int4", "int4-g64", "int4-g32")  # two codes per byte
 SCALE_BYTES = 4  # one fp32 scale per output channel
+GROUP_SCALE_BYTES = 2  # one fp16 scale per group
 
 
 def check_precision(p: str) -> str:
@@ -46,11 +52,20 @@ def numel(shape) -> int:
 def data_bytes(shape, precision: str) -> int:
     """numel × element size, the source's definition (int4: half a byte per value, rounded up per tensor)."""
     n = numel(shape)
-    return (n + 1) // 2 if precision == "int4" else n * BITS[precision] // 8
+    return (n + 1) // 2 if precision in PACKED else n * BITS[precision] // 8
+
+
+def scale_shape(shape, precision: str) -> tuple[int, ...]:
+    """Shape of the stored scales: (out,) per channel, (out, ceil(in / G)) per group, () for floats."""
+    if precision in GROUP:
+        return (shape[0], -(-(numel(shape) // shape[0]) // GROUP[precision]))
+    return (shape[0],) if precision in QMAX else ()
 
 
 def scale_bytes(shape, precision: str) -> int:
-    return shape[0] * SCALE_BYTES if precision in QMAX else 0
+    if precision not in QMAX:
+        return 0
+    return numel(scale_shape(shape, precision)) * (GROUP_SCALE_BYTES if precision in GROUP else SCALE_BYTES)
 
 
 def tensor_bytes(shape, precision: str) -> int:
@@ -59,7 +74,7 @@ def tensor_bytes(shape, precision: str) -> int:
 
 @dataclass
 class Stored:
-    """A tensor in its stored form: `data` (float dtype, int8, or packed uint8) and per-channel `scale`."""
+    """A tensor in its stored form: `data` (float dtype, int8, or packed uint8) and `scale` (see scale_shape)."""
     precision: str
     shape: tuple[int, ...]
     data: torch.Tensor
@@ -72,10 +87,40 @@ def channel_scales(w: torch.Tensor, precision: str) -> torch.Tensor:
     return torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero channel: any scale works
 
 
+def _grouped(w2d: torch.Tensor, g: int) -> torch.Tensor:
+    """(out, in) -> (out, groups, g), zero-padded at the end of each row."""
+    pad = -w2d.shape[1] % g
+    return torch.nn.functional.pad(w2d, (0, pad)).reshape(w2d.shape[0], -1, g)
+
+
+def group_scales(w: torch.Tensor, precision: str) -> torch.Tensor:
+    """fp16 scales (out, groups). Rounded to fp16 *before* quantizing, so the codes fit the stored scale."""
+    amax = _grouped(w.detach().float().flatten(1), GROUP[precision]).abs().amax(2)
+    scale = (amax / QMAX[precision]).half()
+    # fp16 underflow (|w| < ~4e-7) or an all-zero group: 1 is as good as any scale there.
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def _dequant(q: torch.Tensor, scale: torch.Tensor, shape, precision: str) -> torch.Tensor:
+    """int codes (shape) × per-channel (out,) or per-group (out, groups) scales -> fp32 (shape)."""
+    q2 = q.float().flatten(1)
+    if precision not in GROUP:
+        return (q2 * scale.float()[:, None]).reshape(shape)
+    g = GROUP[precision]
+    return (_grouped(q2, g) * scale.float()[:, :, None]).flatten(1)[:, :q2.shape[1]].reshape(shape)
+
+
 def quantize_int(w: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel RTN: (int8 values in [-qmax, qmax], fp32 scales)."""
+    """Symmetric RTN: (int8 values in [-qmax, qmax], scales: fp32 per channel or fp16 per group)."""
+    qmax = QMAX[precision]
+    if precision in GROUP:
+        scale = group_scales(w, precision)
+        w2 = w.detach().float().flatten(1)
+        g = GROUP[precision]
+        q = torch.round(_grouped(w2, g) / scale.float()[:, :, None]).clamp(-qmax, qmax).flatten(1)[:, :w2.shape[1]]
+        return q.to(torch.int8).reshape(w.shape), scale
     scale = channel_scales(w, precision)
-    q = torch.round(w.detach().float().flatten(1) / scale[:, None]).clamp(-QMAX[precision], QMAX[precision])
+    q = torch.round(w.detach().float().flatten(1) / scale[:, None]).clamp(-qmax, qmax)
     return q.to(torch.int8).reshape(w.shape), scale
 
 
@@ -101,15 +146,15 @@ def store(w: torch.Tensor, precision: str) -> Stored:
     if precision in FLOAT_DTYPES:
         return Stored(precision, shape, w.detach().to(FLOAT_DTYPES[precision]).contiguous())
     q, scale = quantize_int(w, precision)
-    return Stored(precision, shape, pack_int4(q) if precision == "int4" else q, scale)
+    return Stored(precision, shape, pack_int4(q) if precision in PACKED else q, scale)
 
 
 def load(s: Stored, dtype=torch.float32) -> torch.Tensor:
     """Dequantize to the compute dtype."""
     if s.precision in FLOAT_DTYPES:
         return s.data.to(dtype)
-    q = unpack_int4(s.data, s.shape) if s.precision == "int4" else s.data
-    return (q.float().flatten(1) * s.scale[:, None]).reshape(s.shape).to(dtype)
+    q = unpack_int4(s.data, s.shape) if s.precision in PACKED else s.data
+    return _dequant(q, s.scale, s.shape, s.precision).to(dtype)
 
 
 def roundtrip(w: torch.Tensor, precision: str) -> torch.Tensor:

@@ -7,7 +7,8 @@ compute runs in fp32 on a CPU (or fp16 on a GPU with `compute_dtype`).
 
 File: `.safetensors`, kind "quantized", metadata {"config", "plan", "format"}; tensors are the
 fp32 parameters under their names, float-cast ones under their names in their dtype, and integer
-ones as `<name>.qdata` (int8, or uint8 with two int4 per byte) plus `<name>.scale` (fp32).
+ones as `<name>.qdata` (int8, or uint8 with two int4 per byte) plus `<name>.scale` (fp32 per output
+channel, or fp16 per group for int4-g32 / int4-g64).
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from torch import nn
 
 from .checkpoint import CheckpointError, save_file
 from .policy import Plan, param_shapes
-from .precision import FLOAT_DTYPES, PRECISIONS, QMAX, Stored, data_bytes, load, numel, scale_bytes, store
+from .precision import (FLOAT_DTYPES, PACKED, PRECISIONS, QMAX, Stored, data_bytes, load, numel, scale_bytes, scale_shape,
+                        store)
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -261,9 +263,10 @@ def quantized_from_file(tensors: dict, meta: dict, name: str):
         try:
             if p in QMAX:
                 s = Stored(p, shape, tensors[f"{n}.qdata"], tensors[f"{n}.scale"])
-                want = (data_bytes(shape, p),) if p == "int4" else shape
-                if tuple(s.data.shape) != want or tuple(s.scale.shape) != (shape[0],):
-                    raise CheckpointError(f"{name}: {n} has stored shape {tuple(s.data.shape)}, expected {want}")
+                want = (data_bytes(shape, p),) if p in PACKED else shape
+                if tuple(s.data.shape) != want or tuple(s.scale.shape) != scale_shape(shape, p):
+                    raise CheckpointError(f"{name}: {n} has stored shape {tuple(s.data.shape)} with scales "
+                                          f"{tuple(s.scale.shape)}, expected {want} with {scale_shape(shape, p)}")
                 stored[n] = s
             elif p == "fp32":
                 plain[n] = tensors[n]

@@ -98,3 +98,22 @@ def test_bins_cover_all_timesteps():
     assert len(bin_edges(1000)) == 1001
     with pytest.raises(ValueError, match="bins"):
         bin_edges(0)
+
+
+def test_the_null_class_branch_that_guided_sampling_runs_gets_fisher():
+    """Guidance evaluates the null class at every step; a map from conditional labels alone scores its
+    embedding row exactly 0, which would make it look free to quantize."""
+    torch.manual_seed(0)
+    m = UNet(TINY).eval()
+    from lafq.data import load_dataset
+    x, y = load_dataset("mnist-train5k").tensors()
+    null = m.cfg.num_classes
+    rows = {}
+    for p_null in (0.0, 0.5):
+        fm = compute_fisher(m, x[::25], y[::25], bins=2, samples_per_bin=8, p_null=p_null)
+        rows[p_null] = fm.channel["embed.class_emb.weight"][0, :, null]  # (bins,) for the null row
+        assert fm.meta["p_null"] == p_null and f"{p_null:g}" in fm.meta["loss"]
+    assert torch.all(rows[0.0] == 0) and torch.all(rows[0.5] > 0)
+    with pytest.raises(ValueError, match="p_null"):
+        compute_fisher(m, x[:4], y[:4], bins=1, samples_per_bin=1, p_null=1.5)
+

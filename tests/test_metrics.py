@@ -66,3 +66,25 @@ def test_inception_backend_without_weights_says_how_to_get_them(monkeypatch, tmp
     with pytest.raises(FileNotFoundError, match="--backend classifier"):
         InceptionBackend()
     assert get_backend("auto").name == "classifier"
+
+
+def test_fidelity_of_identical_images_is_perfect_and_of_a_known_shift_exact():
+    from lafq.classifier import load_classifier
+    from lafq.data import load_dataset
+    from lafq.metrics import DEFAULT_CLASSIFIER, PSNR_CAP, fidelity
+
+    clf = load_classifier(DEFAULT_CLASSIFIER)[0]
+    ref = torch.from_numpy(load_dataset("mnist-test10k").images[:50])
+    same = fidelity(ref, ref.clone(), clf)
+    assert same.mad == 0 and same.psnr == PSNR_CAP and same.feature_distance == 0 and same.agreement == 1
+    shifted = (ref.int() + 51).clamp(max=255).to(torch.uint8)  # +0.2 of the range where it does not clip
+    f = fidelity(ref, shifted, clf)
+    expected = float((shifted.double() - ref.double()).abs().mean() / 255)
+    assert f.mad == pytest.approx(expected) and 0 < f.mad <= 0.2
+    mse = float((shifted.double() - ref.double()).pow(2).mean())
+    assert f.psnr == pytest.approx(10 * np.log10(255 ** 2 / mse))
+    other = torch.from_numpy(load_dataset("mnist-test10k").images[50:100])
+    far = fidelity(ref, other, clf)  # different digits: far in features, mostly other classes
+    assert far.feature_distance > f.feature_distance and far.agreement < 0.5
+    with pytest.raises(ValueError, match="one to one"):
+        fidelity(ref, other[:10], clf)

@@ -136,3 +136,108 @@ def test_random_control_can_be_restricted_to_a_plans_precisions(tiny_model):
     assert {p for n, p in prec.items() if len(shapes[n]) > 1} <= {"fp32", "int8"}  # vectors may fall back to fp16
     with pytest.raises(ValueError, match="lower_to"):
         Policy("random", avg_bits=8, lower_to=())
+
+
+def _brute_force(options, budget):
+    import itertools
+
+    best = None
+    names = list(options)
+    for combo in itertools.product(*(options[n] for n in names)):
+        size = sum(o[0] for o in combo)
+        damage = sum(o[1] for o in combo)
+        if size <= budget and (best is None or damage < best):
+            best = damage
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_exact_budget_matches_brute_force_on_small_instances(seed):
+    from lafq.policy import solve_budget
+
+    g = torch.Generator().manual_seed(seed)
+    options = {}
+    for k in range(6):  # 6 tensors x 4 options: 4,096 allocations
+        sizes = sorted(torch.randint(10, 500, (4,), generator=g).tolist())
+        damages = sorted(torch.rand(4, generator=g, dtype=torch.float64).mul(10 ** (k - 3)).tolist(), reverse=True)
+        options[f"t{k}"] = [(b, d, f"p{j}") for j, (b, d) in enumerate(zip(sizes, damages))]
+    smallest = sum(o[0][0] for o in options.values())
+    largest = sum(o[-1][0] for o in options.values())
+    for budget in torch.linspace(smallest, largest, 9).long().tolist():
+        best = solve_budget(options, budget)
+        assert best.bytes <= budget
+        assert best.damage == pytest.approx(_brute_force(options, budget), rel=1e-9, abs=1e-15)
+
+
+def test_budget_plan_is_never_worse_than_the_greedy_front(setup):
+    from lafq.policy import budget_options, solve_budget
+
+    fm, m, w = setup
+    total = sum(p.numel() for p in m.parameters())
+    front = pareto_front(fm, w)
+    options = budget_options(fm, w)
+    for bits in (5, 6, 8):
+        budget = int(bits * total / 8)
+        greedy = [p for p in front if p.bytes <= budget][-1]
+        assert solve_budget(options, budget).damage <= greedy.damage * (1 + 1e-9)
+
+
+def test_first_last_keeps_stem_and_head_at_int8(setup):
+    fm, _, w = setup
+    plan = make_plan(Policy("first-last", target="int4", edge="int8"), fm, w)
+    for n, p in plan.precisions.items():
+        if w[n].dim() < 2:
+            assert p == "fp16"
+        else:
+            assert p == ("int8" if layer_of(n) in ("stem", "head") else "int4"), n
+
+
+def test_signals_change_the_budget_plan_but_not_its_size(setup):
+    fm, m, w = setup
+    shapes = param_shapes(m)
+    budget = int(6 * sum(p.numel() for p in m.parameters()) / 8)
+    plans = {s: make_plan(Policy("budget", budget_bytes=budget, signal=s, statistic="mean"), fm, w)
+             for s in ("fisher", "error", "magnitude")}
+    assert all(plan_bytes(p.precisions, shapes) <= budget for p in plans.values())
+    assert plans["fisher"].precisions != plans["error"].precisions
+    by_mag = make_plan(Policy("layer-ratio", p=0.5, signal="magnitude"), fm, w)
+    mags = fm.magnitude_score()
+    for layer in {layer_of(n) for n in mags}:
+        members = sorted((n for n in mags if layer_of(n) == layer), key=lambda n: (mags[n], n))
+        k = math.floor(0.5 * len(members))
+        assert {n for n in members if by_mag.precisions[n] == "fp16"} == set(members[:k])
+    with pytest.raises(ValueError, match="error"):
+        Policy("layer-ratio", signal="error")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_controls_are_built_up_to_within_one_percent_of_the_budget(setup, seed):
+    fm, m, w = setup
+    shapes = param_shapes(m)
+    total = sum(p.numel() for p in m.parameters())
+    seen = set()
+    for bits in (5.0, 6.0, 8.0):
+        budget = int(bits * total / 8)
+        plan = make_plan(Policy("random", budget_bytes=budget, seed=seed, lower_to=("fp16", "int8", "int4")), fm, w)
+        size = plan_bytes(plan.precisions, shapes)
+        assert 0.99 * budget <= size <= budget
+        seen.add(tuple(sorted(plan.precisions.items())))
+    assert len(seen) == 3
+
+
+def test_random_controls_differ_between_seeds_at_equal_size(setup):
+    fm, m, w = setup
+    budget = int(6 * sum(p.numel() for p in m.parameters()) / 8)
+    plans = [make_plan(Policy("random", budget_bytes=budget, seed=k), fm, w).precisions for k in range(5)]
+    assert len({tuple(sorted(p.items())) for p in plans}) == 5
+
+
+def test_group_wise_int4_is_a_budget_choice(setup):
+    fm, m, w = setup
+    total = sum(p.numel() for p in m.parameters())
+    plans = [make_plan(Policy("budget", avg_bits=b, statistic="mean"), fm, w) for b in (5, 6, 8)]
+    used = set().union(*(p.precisions.values() for p in plans))
+    assert used & {"int4-g32", "int4-g64"}
+    only = make_plan(Policy("budget", avg_bits=6, statistic="mean", choices=("fp32", "fp16", "int8", "int4")), fm, w)
+    assert not set(only.precisions.values()) & {"int4-g32", "int4-g64"}
+    assert total > 0

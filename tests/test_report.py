@@ -1,38 +1,106 @@
-import csv
-
+import pytest
 
 from lafq.data import load_dataset
+from lafq.evaluate import Evaluator
 from lafq.fisher import compute_fisher
-from lafq.metrics import ClassifierBackend
-from lafq.report import Settings, grid, run, write
+from lafq.metrics import ClassifierBackend, mean_ci95
+from lafq.policy import param_shapes
+from lafq.quantize import size_report
+from lafq.report import EDGE, G32, Settings, compare, evaluate, grid, read_csv, summarize, verdict, write
+from lafq.sensitivity import SensitivitySettings, run as run_sensitivity, spearman, summarize as sens_summary
+
+SMALL = Settings(n=10, steps=2, seeds=3, guidance=3.0, random_seeds=2, budgets=(8.0,),
+                 sensitivity=SensitivitySettings(n=4, steps=2, seeds=2, unit="layer"))
 
 
-def test_report_grid_rows_files_and_findings(tiny_model, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_fisher():
+    import torch
+
+    from lafq.model import UNet
+    from tests.conftest import TINY
+    torch.manual_seed(0)
+    m = UNet(TINY).eval()
     x, y = load_dataset("mnist-train5k").tensors()
-    fm = compute_fisher(tiny_model, x[::25], y[::25], bins=2, samples_per_bin=2)
-    s = Settings(n=10, steps=2, seeds=2, guidance=3.0, targets=("fp16",), budgets=(8.0,))
-    names = [n for n, _ in grid(tiny_model, fm, s)]
-    assert names[0] == "fp32" and "uniform fp16" in names and "budget 8 bits" in names
-    assert "random @ layer-ratio fp16" in names and "random @ budget 8 bits" in names
+    return m, compute_fisher(m, x[::25], y[::25], bins=2, samples_per_bin=2)
+
+
+def test_grid_holds_the_baselines_exact_budgets_and_equal_size_controls(tiny_fisher):
+    m, fm = tiny_fisher
+    rows = {r.name: r for r in grid(m, fm, SMALL)}
+    shapes = param_shapes(m)
+    size = {n: size_report(r.plan, shapes).total_bytes for n, r in rows.items()}
+    assert list(rows)[0] == "fp32"
+    for name in ("uniform int4", EDGE, G32, "uniform int4-g64", "uniform fp16", "global fp16", "groups fp16",
+                 "layer-ratio fp16", "layer-std fp16", "budget 8 bits", "error-only budget @ int4-g32 size",
+                 "magnitude budget @ int4-g32 size"):
+        assert name in rows, name
+    # Plans compared with each other are equal in size: the budget is solved at the baseline's own size.
+    assert size["budget @ int4-g32 size"] <= size[G32] and size[f"budget @ {EDGE} size"] <= size[EDGE]
+    for r in rows.values():
+        if r.control_of:
+            assert 0.99 * size[r.control_of] <= size[r.name] <= size[r.control_of], r.name
+    controls = [r for r in rows.values() if r.control_of == "budget 8 bits"]
+    assert len(controls) == SMALL.random_seeds and len({tuple(sorted(c.plan.precisions.items())) for c in controls}) == 2
+
+
+def test_report_records_every_seed_resumes_from_disk_and_writes_its_sections(tiny_fisher, tmp_path, monkeypatch):
+    m, fm = tiny_fisher
     backend = ClassifierBackend()
-    rows = run(tiny_model, fm, s, backend, backend.model, log=lambda m: None)
-    by = {r["name"]: r for r in rows}
-    assert all(r["guidance"] == 3.0 for r in rows)  # the spec sampled with, not only the text
-    assert by["fp32"]["pct_of_fp32"] == 100 and by["uniform fp16"]["pct_of_fp32"] == 50
-    assert by["random @ budget 8 bits"]["bytes"] <= by["budget 8 bits"]["bytes"]
-    plans = dict(grid(tiny_model, fm, s))
-    assert set(plans["random @ layer-ratio fp16"].precisions.values()) <= {"fp32", "fp16"}  # same target, random tensors
-    assert by["fp32"]["dfid_mean"] == 0 and by["fp32"]["dfid_ci95"] == 0
-    d = [a - b for a, b in zip(by["uniform fp16"]["fid_values"], by["fp32"]["fid_values"])]
-    assert by["uniform fp16"]["dfid_mean"] == round(sum(d) / 2, 4)
-    write(rows[:3], s, "python -m lafq report --test", 1.0, tmp_path, total_rows=len(rows))
-    assert "Partial: 3 of" in (tmp_path / "report.md").read_text()
-    from lafq.pipeline import real_floor
-    write(rows, s, "python -m lafq report --test", 1.0, tmp_path, floor=real_floor(backend, 10, [0, 1]))
+    rows = grid(m, fm, SMALL)[:6]
+    ev = Evaluator(m, backend.model, backend, tmp_path / "cache", log=lambda _: None)
+    records = evaluate(rows, ev, SMALL, log=lambda _: None)
+    assert len(records) == 6 * SMALL.seeds and all(r["guidance"] == 3.0 and r["n"] == 10 for r in records)
+    fp32 = [r for r in records if r["name"] == "fp32"]
+    assert all(r["mad"] == 0 and r["agreement"] == 1 for r in fp32)
+    # A second run finds every (plan, seed) on disk and samples nothing.
+    import lafq.evaluate
+    monkeypatch.setattr(lafq.evaluate, "generate", lambda *a, **k: pytest.fail("sampled again"))
+    again = evaluate(rows, Evaluator(m, backend.model, backend, tmp_path / "cache", log=lambda _: None), SMALL,
+                     log=lambda _: None)
+    assert [(r["name"], r["seed"], r["fid"]) for r in again] == [(r["name"], r["seed"], r["fid"]) for r in records]
+    monkeypatch.undo()
+    sens = run_sensitivity(Evaluator(m, backend.model, None, tmp_path / "sens"), fm, SMALL.sensitivity, 3.0,
+                           log=lambda _: None)
+    assert {r["unit"] for r in sens} == {"embed", "stem", "down1", "down2", "down3", "mid", "up3", "up2", "up1", "head"}
+    write(records, SMALL, "python -m lafq report --test", tmp_path, total_rows=len(rows) + 1, sensitivity=sens)
     md = (tmp_path / "report.md").read_text()
-    assert "Real-vs-real floor at the same backend and N (10 of" in md
-    assert "Partial" not in md and "ΔFID vs FP32 (paired)" in md and "Goal 2" in md
-    assert "backend **classifier**" in md and "N = 10" in md and "guidance 3," in md and "| uniform fp16 |" in md and "budget 8 bits" in md
-    with open(tmp_path / "report.csv") as f:
-        assert len(list(csv.DictReader(f))) == len(rows)
+    assert "Partial: 6 of 7 rows" in md
+    for text in ("backend **classifier**", "N = 10", "guidance 3,", "DDIM-2", "ΔFID vs FP32 (paired)",
+                 "## Sensitivity validation", "## The source's table beside ours", "| per-layer ratio p = 0.25 |",
+                 f"**budget @ {EDGE} size** vs {EDGE}", "**budget @ int4-g32 size** vs uniform int4-g32"):
+        assert text in md, text
+    # Every interval can be re-derived from the per-seed CSV.
+    back = read_csv(tmp_path / "report.csv")
+    assert len(back) == len(records)
+    by = {r["name"]: r for r in summarize(back)}
+    u4 = [r["fid"] - f["fid"] for r, f in zip((r for r in back if r["name"] == "uniform int4"), (r for r in back if r["name"] == "fp32"))]
+    assert by["uniform int4"]["dfid"] == pytest.approx(mean_ci95(u4)[0])
+    assert by["uniform int4"]["dfid_ci95"] == pytest.approx(mean_ci95(u4)[1])
+    assert len(read_csv(tmp_path / "sensitivity.csv")) == len(sens)
+    assert (tmp_path / "sensitivity.svg").read_text().startswith("<svg")
     assert (tmp_path / "report_pareto.svg").read_text().startswith("<svg")
+
+
+def test_paired_comparisons_and_verdicts():
+    recs = [{"name": n, "seed": s, "fid": f, "mad": d, "psnr": 20.0, "feature_distance": d, "agreement": 1.0}
+            for n, vals in (("a", [(10.0, 0.10), (12.0, 0.12), (11.0, 0.11)]), ("b", [(11.0, 0.20), (13.1, 0.22), (12.0, 0.21)]))
+            for s, (f, d) in enumerate(vals)]
+    c = compare(recs, "a", "b")
+    assert c["fid"][0] == pytest.approx(-1.0333, abs=1e-3) and c["fid"][2] == 3
+    assert verdict("fid", c["fid"], 10) == "better" and verdict("mad", c["mad"], 10) == "better"
+    assert verdict("agreement", c["agreement"], 10).startswith("no difference detectable at N = 10 × 3 seeds")
+    assert verdict("fid", (1.0, 0.5, 3), 10) == "worse"
+
+
+def test_spearman_sees_a_monotone_predictor_and_random_sees_nothing():
+    measured = {f"u{i}": float(i) for i in range(20)}
+    assert spearman(measured, {k: v ** 3 for k, v in measured.items()})[0] == pytest.approx(1.0)
+    assert spearman(measured, {k: -v for k, v in measured.items()})[0] == pytest.approx(-1.0)
+    recs = [{"unit": k, "seed": s, "mad": v + s, "feature_distance": v, **{f"pred_{p}": v for p in
+            ("fisher", "fisher_x_error", "error", "magnitude")}} for k, v in measured.items() for s in range(2)]
+    summary = sens_summary(recs)
+    assert summary["units"] == 20 and summary["seeds"] == 2
+    assert summary["measures"]["mad"]["rho"]["fisher"][0] == pytest.approx(1.0)
+    mean, lo, hi = summary["measures"]["mad"]["random"]
+    assert lo < mean < hi and abs(mean) < 0.2

@@ -1,0 +1,118 @@
+"""Paired evaluation of plans against FP32, one (plan, seed) at a time, resumable from disk.
+
+Every plan samples from the same noise per seed as FP32 (one CPU generator seeded with the seed),
+so each seed gives per-image pairs: fidelity to FP32 (metrics.Fidelity) and a paired FID
+difference. A finished (plan, seed) is a JSON record in the cache directory, keyed by everything it
+depends on (weights, plan, sampling spec, backend); a later run finds it and skips the work, so an
+evaluation of many hours can be spread over several sittings. FP32 images per seed are kept beside
+them (`.npy`, regenerated when absent: sampling is deterministic for a given seed and machine).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import atomic_write_bytes
+from .metrics import classifier_accuracy, fidelity, frechet_distance, reference_statistics, statistics
+from .pipeline import SampleSpec, generate
+from .policy import Plan
+from .quantize import quantize_
+
+
+def machine() -> str:
+    """This machine in one line: CPU model (or GPU), threads, torch: recorded with every number."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} threads){gpu}, torch {torch.__version__}"
+
+
+def plan_digest(plan: Plan) -> str:
+    return hashlib.sha256(json.dumps(sorted(plan.precisions.items())).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Evaluator:
+    """Samples plans of one FP32 model and scores them against FP32 from the same noise."""
+    model: torch.nn.Module
+    classifier: torch.nn.Module
+    backend: object | None  # FID feature backend; None: fidelity only (no FID)
+    cache_dir: Path
+    reference: str = "mnist-train5k"
+    device: str = "cpu"
+    log: object = print
+
+    def __post_init__(self):
+        from .fisher import state_digest
+
+        self.cache_dir = Path(self.cache_dir)
+        self._model_digest = state_digest(self.model)
+        self._ref_stats = reference_statistics(self.backend, self.reference) if self.backend is not None else None
+        self._fp32_images: dict[str, torch.Tensor] = {}
+
+    def _key(self, what: str, plan: Plan | None, spec: SampleSpec) -> str:
+        parts = {"model": self._model_digest, "plan": plan_digest(plan) if plan else "fp32", "spec": asdict(spec),
+                 "backend": [self.backend.name, self.backend.digest] if self.backend else None,
+                 "reference": self.reference, "what": what}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+    def fp32_images(self, spec: SampleSpec) -> torch.Tensor:
+        key = self._key("images", None, spec)
+        if key not in self._fp32_images:
+            path = self.cache_dir / f"fp32-images-{key}.npy"
+            if path.is_file():
+                images = torch.from_numpy(np.load(path))
+            else:
+                images, _ = generate(self.model, spec, num_classes=self.model.cfg.num_classes, device=self.device)
+                buf = io.BytesIO()
+                np.save(buf, images.numpy())
+                atomic_write_bytes(path, buf.getvalue())
+            self._fp32_images = {key: images}  # one seed's images at a time: N = 5,000 is 4 MB each
+        return self._fp32_images[key]
+
+    def record(self, name: str, plan: Plan | None, spec: SampleSpec, extra: dict | None = None) -> dict:
+        """One (plan, seed): FID (when a backend is set), accuracy, fidelity to FP32; cached on disk."""
+        what = "fid+fidelity" if self.backend is not None else "fidelity"
+        path = self.cache_dir / f"{what}-{self._key(what, plan, spec)}.json"
+        if path.is_file():
+            rec = json.loads(path.read_text())
+            rec["name"] = name  # the same plan may appear under another row name
+            return rec
+        t0 = time.perf_counter()
+        ref = self.fp32_images(spec)
+        if plan is None or all(p == "fp32" for p in plan.precisions.values()):
+            images = ref
+            q = self.model
+        else:
+            q = quantize_(copy.deepcopy(self.model), plan)
+            images, _ = generate(q, spec, num_classes=self.model.cfg.num_classes, device=self.device)
+        from .pipeline import resolve_labels
+
+        labels = resolve_labels(spec, self.model.cfg.num_classes)
+        rec = {"name": name, "seed": spec.seed, "n": spec.n, "steps": spec.steps, "sampler": spec.sampler,
+               "guidance": spec.guidance, **fidelity(ref, images, self.classifier).to_dict(),
+               "accuracy": classifier_accuracy(self.classifier, images, labels) if labels is not None else None}
+        if self.backend is not None:
+            rec["fid"] = frechet_distance(statistics(self.backend.features(images)), self._ref_stats)
+            rec["backend"] = self.backend.name
+        rec.update(seconds=round(time.perf_counter() - t0, 1), machine=machine(), device=str(self.device),
+                   plan_digest=plan_digest(plan) if plan else "fp32", **(extra or {}))
+        atomic_write_bytes(path, json.dumps(rec, sort_keys=True).encode())
+        del q
+        return rec

@@ -1,0 +1,49 @@
+"""The budget plan is the exact optimum of its objective on the shipped model (not a greedy approximation)."""
+import numpy as np
+import pytest
+
+from lafq.fisher import FisherMap
+from lafq.pipeline import load_denoiser
+from lafq.policy import Policy, budget_options, make_plan, pareto_front, param_shapes, predicted_damage
+from lafq.report import Settings
+
+
+def dp_optimum(options, budgets):
+    """Least total damage within each budget by dynamic programming over extra bytes: exact, independent of the MILP."""
+    base_bytes = sum(o[0][0] for o in options.values())
+    cap = max(budgets) - base_bytes
+    dp = np.zeros(cap + 1)  # dp[c]: least damage of the tensors so far using at most c extra bytes
+    for opts in options.values():
+        b0 = opts[0][0]
+        new = np.full(cap + 1, np.inf)
+        for b, d, _ in opts:
+            e = b - b0
+            if e <= cap:
+                np.minimum(new[e:], dp[:cap + 1 - e] + d, out=new[e:])
+        dp = new
+    return {b: float(dp[b - base_bytes]) for b in budgets}
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    model, _ = load_denoiser()
+    return model, FisherMap.load("checkpoints/fisher.safetensors")
+
+
+def test_budget_plans_of_the_report_are_exactly_optimal_on_the_shipped_model(shipped):
+    model, fm = shipped
+    w = dict(model.named_parameters())
+    shapes = param_shapes(model)
+    total = sum(p.numel() for p in model.parameters())
+    budgets = {bits: int(bits * total / 8) for bits in Settings().budgets}
+    options = budget_options(fm, w, "mean")
+    best = dp_optimum(options, list(budgets.values()))
+    scores = fm.score("mean")
+    front = pareto_front(fm, w, "mean")
+    for bits, budget in budgets.items():
+        plan = make_plan(Policy("budget", avg_bits=bits, statistic="mean"), fm, w)
+        damage = sum(predicted_damage(w[n], p, scores[n], fm.channel_score(n, "mean")) for n, p in plan.precisions.items())
+        assert damage == pytest.approx(best[budget], rel=1e-9), bits
+        assert sum(1 for _ in shapes) == len(plan.precisions)
+        greedy = [p for p in front if p.bytes <= budget][-1]
+        assert greedy.damage >= damage * (1 - 1e-9)  # the old greedy pick can only be worse
