@@ -97,7 +97,8 @@ def test_build_refuses_a_folder_with_files_unless_forced(tmp_path):
     (out / "keep.txt").write_text("x")
     r = run_cli("space", "build", str(out))
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip() == f"error: {out} exists and is not an empty folder; pass --force to replace it, or choose another OUT"
+    assert r.stderr.strip() == (f"error: {out} exists and is not an empty folder; pass --force to replace it, "
+                                "or choose another OUT")
     assert (out / "keep.txt").exists()
     r = run_cli("space", "build", str(out), "--force", "--hardware", "cpu-basic", "--json")
     assert r.returncode == 0, r.stderr
