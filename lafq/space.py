@@ -62,10 +62,10 @@ class Hardware:
 
 HARDWARE = {
     "cpu-basic": Hardware("cpu-basic", "cpu-basic", "3.11", {}, (),
-                          "2 vCPU, 16 GB; the app computes on the CPU (Compare's default job about 1.4 s)"),
+                          "2 vCPU, 16 GB: the app computes on the CPU, the Compare tab's default job in about 1.4 s"),
     "zero-gpu": Hardware("zero-gpu", "zero-a10g", "3.12.12", ZEROGPU_TORCH, (SPACES_PIN,),
-                         "a GPU slice is attached per request (sampling, FID, Fisher recompute, traces), "
-                         "which adds its own start-up to each such request"),
+                         "a GPU slice is attached to each GPU job: sampling, FID, Fisher recompute and the "
+                         "Inside traces wait for one, the rest of the app runs on the CPU"),
 }
 
 LFS_SIZE_LIMIT = 10 * 1024 * 1024  # the Hub refuses larger plain files whatever their kind
@@ -189,8 +189,11 @@ def build(out, hardware: str = "cpu-basic", *, license: str = "other", force: bo
     missing = [f for f in APP_FILES if not (repo / f).is_file()]
     if missing:
         raise SpaceError(f"the project lacks {', '.join(missing)}, which the app reads; restore them (git checkout -- PATH)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as e:
+        raise SpaceError(f"cannot write beside {out}: {e.strerror}; choose a folder you can write to") from None
     try:
         sources = [repo / f for f in APP_FILES]
         for pkg in PACKAGES:
