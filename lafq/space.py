@@ -62,7 +62,7 @@ class Hardware:
 
 HARDWARE = {
     "cpu-basic": Hardware("cpu-basic", "cpu-basic", "3.11", {}, (),
-                          "2 vCPU, 16 GB: the app computes on the CPU, the Compare tab's default job in about 1.4 s"),
+                          "2 vCPU, 16 GB: the app computes on the CPU (the Compare tab's default job: 1.4 s on 2 idle cores)"),
     "zero-gpu": Hardware("zero-gpu", "zero-a10g", "3.12.12", ZEROGPU_TORCH, (SPACES_PIN,),
                          "a GPU slice is attached to each GPU job: sampling, FID, Fisher recompute and the "
                          "Inside traces wait for one, the rest of the app runs on the CPU"),
