@@ -1,6 +1,7 @@
 """LAFQ Gradio app: `python app.py` serves on 127.0.0.1:7860 (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT override).
 
-Computes on the GPU where there is one; LAFQ_DEVICE=cpu (or cuda:N) chooses.
+Computes on the GPU where there is one; LAFQ_DEVICE=cpu (or cuda:N) chooses. On a ZeroGPU Space the GPU work
+runs in @spaces.GPU calls (demo/zerogpu.py); on CPU Basic it runs as locally.
 """
 import os
 
@@ -8,6 +9,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
 def main():
+    from demo import zerogpu  # first: on ZeroGPU, `spaces` must be imported before torch touches CUDA
+
     import torch
 
     from demo.state import load_state
@@ -16,7 +19,7 @@ def main():
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     try:
-        state = load_state(device=os.environ.get("LAFQ_DEVICE", "auto"))
+        state = load_state(device=zerogpu.host_device(os.environ.get("LAFQ_DEVICE", "auto")))
     except (ValueError, OSError, DataError) as e:  # bad LAFQ_DEVICE, missing or invalid checkpoint: one line, not a traceback
         raise SystemExit(f"error: {e}") from None
     demo = build_app(state)

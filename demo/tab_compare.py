@@ -14,6 +14,7 @@ from lafq.precision import fallback
 from . import plots
 from .state import MAX_SAMPLES, MAX_STEPS, AppState, as_number, digit_or_none
 from .tab_quantize import resolve_plan
+from .zerogpu import gpu
 
 DEFAULTS = dict(digit="7", guidance=DEFAULT_GUIDANCE, steps=20, seed=0, n=4)
 
@@ -33,6 +34,7 @@ def uniform_plan(state: AppState, plan: Plan) -> Plan:
     return Plan({n: fallback(s, low) for n, s in state.shapes.items()}, {"strategy": "uniform", "target": low})
 
 
+@gpu(duration=30)
 def compare(state: AppState, current: dict, digit, guidance, steps, seed, n, with_uniform: bool):
     """Images from each model with the same seed; the |difference| map; seconds per image for each."""
     label = digit_or_none(digit)

@@ -5,6 +5,7 @@ from lafq.model import layer_of
 
 from . import plots
 from .state import MAX_BINS, MAX_FISHER_SAMPLES, AppState, InputError, as_choice, as_number, cancellable
+from .zerogpu import fisher_seconds, gpu
 
 COLORBAR = {"raw": "E[(dL/dθ)²]", "normalized": "F / max F", "log": "log10(F / max F)"}
 GROUPS = ["all"] + [str(d) for d in range(10)]
@@ -34,6 +35,7 @@ def fisher_figures(state: AppState, view: str, group: str, level: str, t_bin, la
     return heat, mag_fig, bar
 
 
+@gpu(duration=fisher_seconds)
 def recompute(state: AppState, bins, samples, per_class: bool, progress=None, cancel=None) -> str:
     """Recompute the map for the loaded model (vectorised per-sample gradients); replaces the app's map."""
     bins = as_number(bins, "bins", 1, MAX_BINS, integer=True)

@@ -8,6 +8,7 @@ from lafq.inside import OBSERVED, activation_trace, quantization_error_trace, sa
 from . import plots
 from .state import MAX_STEPS, AppState, as_choice, as_number, digit_or_none
 from .tab_quantize import resolve_plan
+from .zerogpu import gpu
 
 
 def _common(digit, steps, seed):
@@ -15,6 +16,7 @@ def _common(digit, steps, seed):
             as_number(seed, "seed", 0, 2**31 - 1, integer=True))
 
 
+@gpu(duration=30)
 def activations(state: AppState, digit, steps, seed, layer):
     label, steps, seed = _common(digit, steps, seed)
     layer = as_choice(layer, "layer", OBSERVED)
@@ -27,6 +29,7 @@ def activations(state: AppState, digit, steps, seed, layer):
     return heat, maps
 
 
+@gpu(duration=30)
 def saliency_panels(state: AppState, digit, t, seed):
     label = digit_or_none(digit)
     t = as_number(t, "timestep", 0, state.schedule.T - 1, integer=True)
@@ -41,6 +44,7 @@ def saliency_panels(state: AppState, digit, t, seed):
                               ["real x0", f"x_t (t={t})", "model's x0 estimate", "saliency |dL/dx_t|"])
 
 
+@gpu(duration=30)
 def quant_error(state: AppState, current: dict, digit, steps, seed):
     label, steps, seed = _common(digit, steps, seed)
     plan = resolve_plan(state, current)

@@ -8,6 +8,7 @@ from . import plots
 from .state import (MAX_FID_N, MAX_FID_SEEDS, MAX_STEPS, REPORT_CSV, AppState, FIDPoint, as_number, cancellable,
                     plan_key)
 from .tab_quantize import resolve_plan
+from .zerogpu import fid_seconds, gpu
 
 QUICK_N = 200
 
@@ -23,6 +24,7 @@ def report_points(path=REPORT_CSV) -> list[dict]:
         return []
 
 
+@gpu(duration=fid_seconds)
 def evaluate(state: AppState, current: dict, n, steps, seeds, include_fp32: bool, progress=None, cancel=None):
     """FID + accuracy for the current plan (and FP32 at the same settings); cached per plan and settings.
     Setting `cancel` (a threading.Event) stops the job at its next denoising step (raises Cancelled)."""

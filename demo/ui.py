@@ -12,6 +12,7 @@ from lafq.policy import Policy
 
 from . import tab_compare, tab_fisher, tab_inside, tab_quality, tab_quantize
 from .state import AppState, Cancelled
+from .zerogpu import describe
 
 log = logging.getLogger("lafq.app")
 # How the app is served, shared by app.py and the server tests: no Node SSR server, errors shown to the user.
@@ -41,7 +42,7 @@ def build_app(state: AppState) -> gr.Blocks:
     with gr.Blocks(title="LAFQ: Fisher-guided quantization of a diffusion model") as demo:
         gr.Markdown("# LAFQ — layer-adaptive, Fisher-guided quantization\nSee where precision matters in a "
                     "class-conditional MNIST diffusion U-Net, tune a quantization plan, and measure what it costs. "
-                    f"Computing on: {state.device}.")
+                    f"Computing on: {describe(state.device)}.")
         current = gr.State({"policy": Policy().to_dict()})
         with gr.Tab("Fisher", id="fisher"):
             fisher_fn, fisher_in, fisher_out = tab_fisher.build(state, guard)

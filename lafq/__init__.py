@@ -1,2 +1,2 @@
 """LAFQ: layer-adaptive, Fisher-guided quantization of diffusion models."""
-__version__ = "0.1.0"
+__version__ = "0.2.0"

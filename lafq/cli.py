@@ -1,4 +1,4 @@
-"""`python -m lafq <command>`: train, sample, fid, fisher, quantize, report, bench.
+"""`python -m lafq <command>`: train, sample, fid, fisher, quantize, report, bench, space.
 
 Every command takes --json to print one machine-readable result line on stdout (human
 messages go to stderr then). Errors print one line saying what was wrong and exit 2.
@@ -207,9 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands():
     """Commands whose modules register themselves (kept out of this file so it stays short)."""
-    from . import cli_bench, cli_quant
+    from . import cli_bench, cli_quant, space
 
-    return cli_quant.REGISTER + cli_bench.REGISTER
+    return cli_quant.REGISTER + cli_bench.REGISTER + space.REGISTER
 
 
 def main(argv=None) -> int:
