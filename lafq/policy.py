@@ -305,8 +305,10 @@ def solve_budget(options: Options, budget: int) -> FrontPoint:
 
     A multiple-choice knapsack (one precision per tensor) as a 0/1 MILP solved by HiGHS with a
     zero optimality gap; checked against brute force and an exact dynamic programme in the tests.
-    Greedy upgrades along the convex hull (`pareto_front`) leave bytes unused between its points:
-    on the shipped model at 6 bits the greedy plan's predicted damage was 13.4% above this optimum."""
+    Greedy upgrades along the convex hull (`pareto_front`) leave bytes unused between its points: on
+    the shipped model and map the greedy pick's predicted damage is 0.4-81% above this optimum at the
+    report's budgets (81% at 4.5 bits, 17% at 6; 13% at 6 bits without the group-wise formats). HiGHS
+    solves these 125-tensor instances in well under a second."""
     import numpy as np
     from scipy.optimize import Bounds, LinearConstraint, milp
 

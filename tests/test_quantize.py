@@ -15,7 +15,7 @@ def _plan(model, precision):
     return Plan({n: fallback(tuple(p.shape), precision) for n, p in model.named_parameters()})
 
 
-@pytest.mark.parametrize("precision", ["fp16", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("precision", ["fp16", "bf16", "int8", "int4", "int4-g64", "int4-g32"])
 def test_saved_file_is_smaller_and_reloads_bit_identically(tiny_model, tiny_ckpt, tmp_path, precision):
     q = quantize_(copy.deepcopy(tiny_model), _plan(tiny_model, precision))
     path = tmp_path / f"{precision}.safetensors"
