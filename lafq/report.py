@@ -106,7 +106,7 @@ def grid(model, fisher: FisherMap, s: Settings) -> list[Row]:
     signals = [Row(f"{label} budget @ int4-g32 size", plan(strategy="budget", budget_bytes=size(g32.plan),
                                                            statistic="mean", signal=sig), "signal")
                for sig, label in (("error", "error-only"), ("magnitude", "magnitude"))]
-    rows = [fp32, u4, edge, g32, at_edge, at_g32, *signals, *controls(at_g32, "int4-g32 size"),
+    rows = [fp32, edge, at_edge, g32, at_g32, u4, *signals, *controls(at_g32, "int4-g32 size"),
             Row("uniform int4-g64", uniform("int4-g64").plan, "baseline"), uniform("int8"), uniform("fp16")]
     for strategy, kw in SOURCE_STRATEGIES:
         rows.append(Row(f"{strategy} fp16", plan(strategy=strategy, target="fp16", statistic=s.statistic, **kw),

@@ -61,7 +61,7 @@ def test_group_wise_int4_error_is_at_most_half_a_step_of_each_group(precision, g
     s = store(w, precision)
     assert s.scale.dtype == torch.float16 and tuple(s.scale.shape) == (6, -(-90 // group))
     back = load(s)
-    flat, err = w.flatten(1), (back - w).flatten(1).abs()
+    err = (back - w).flatten(1).abs()
     for k in range(0, 90, group):
         step = s.scale[:, k // group].float()
         assert torch.all(err[:, k:k + group] <= step[:, None] / 2 + 1e-6)
