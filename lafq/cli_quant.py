@@ -162,7 +162,8 @@ def cmd_report(args):
     from .metrics import DEFAULT_CLASSIFIER, get_backend
     from .pipeline import load_denoiser, real_floor
     from .report import Settings, evaluate, grid, settings_with, write
-    from .sensitivity import run as run_sensitivity
+    from .policy import param_shapes
+    from .sensitivity import run as run_sensitivity, units
 
     model, _ = load_denoiser(args.checkpoint)
     device = resolve_device(args.device)
@@ -183,16 +184,17 @@ def cmd_report(args):
     t0 = time.perf_counter()
     sens = []
     if not args.skip_sensitivity:
-        sens = run_sensitivity(Evaluator(model, classifier, None, cache / "sensitivity", device=device, log=log),
-                               fisher, s.sensitivity, s.guidance, log=log)
+        sens = run_sensitivity(Evaluator(model, classifier, None, cache / "sensitivity", device=device, log=log,
+                                         cached_only=args.render), fisher, s.sensitivity, s.guidance, log=log)
     rows = grid(model, fisher, s)
     floor = real_floor(backend, s.n, list(range(s.seeds)))
     # Rewrite the files after every (plan, seed): an interrupted run leaves a readable, marked-partial report.
+    n_units = len(units(param_shapes(model), s.sensitivity.unit))
     on_record = lambda recs: write(recs, s, command, out_dir, total_rows=len(rows), floor=floor,  # noqa: E731
-                                   sensitivity=sens)
-    records = evaluate(rows, Evaluator(model, classifier, backend, cache, device=device, log=log), s, log=log,
-                       on_record=on_record)
-    write(records, s, command, out_dir, total_rows=len(rows), floor=floor, sensitivity=sens)
+                                   sensitivity=sens, sensitivity_units=n_units)
+    records = evaluate(rows, Evaluator(model, classifier, backend, cache, device=device, log=log,
+                                       cached_only=args.render), s, log=log, on_record=None if args.render else on_record)
+    write(records, s, command, out_dir, total_rows=len(rows), floor=floor, sensitivity=sens, sensitivity_units=n_units)
     seconds = time.perf_counter() - t0
     _emit(args, {"command": "report", "rows": len(rows), "records": len(records), "seconds": round(seconds, 1),
                  "out_dir": str(out_dir)},
@@ -213,6 +215,8 @@ def register_report(sub):
     r.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the library's)")
     r.add_argument("--backend", choices=("auto", "classifier", "inception"), default="auto")
     r.add_argument("--skip-sensitivity", action="store_true", help="only the plan grid")
+    r.add_argument("--render", action="store_true",
+                   help="write the report from the records already in --cache-dir, sampling nothing")
     r.add_argument("--cache-dir", default="checkpoints/eval/report",
                    help="finished (plan, seed) records; a rerun resumes from them")
     _device_arg(r)

@@ -57,6 +57,7 @@ class Evaluator:
     reference: str = "mnist-train5k"
     device: str = "cpu"
     log: object = print
+    cached_only: bool = False  # record() returns None instead of sampling what is not on disk yet
 
     def __post_init__(self):
         from .fisher import state_digest
@@ -86,7 +87,7 @@ class Evaluator:
             self._fp32_images = {key: images}  # one seed's images at a time: N = 5,000 is 4 MB each
         return self._fp32_images[key]
 
-    def record(self, name: str, plan: Plan | None, spec: SampleSpec, extra: dict | None = None) -> dict:
+    def record(self, name: str, plan: Plan | None, spec: SampleSpec, extra: dict | None = None) -> dict | None:
         """One (plan, seed): FID (when a backend is set), accuracy, fidelity to FP32; cached on disk."""
         what = "fid+fidelity" if self.backend is not None else "fidelity"
         path = self.cache_dir / f"{what}-{self._key(what, plan, spec)}.json"
@@ -94,6 +95,8 @@ class Evaluator:
             rec = json.loads(path.read_text())
             rec["name"] = name  # the same plan may appear under another row name
             return rec
+        if self.cached_only:
+            return None
         t0 = time.perf_counter()
         ref = self.fp32_images(spec)
         if plan is None or all(p == "fp32" for p in plan.precisions.values()):

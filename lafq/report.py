@@ -120,7 +120,8 @@ def grid(model, fisher: FisherMap, s: Settings) -> list[Row]:
 
 
 def evaluate(rows: list[Row], evaluator, s: Settings, log=print, on_record=None) -> list[dict]:
-    """Every (row, seed) record, FP32 first; `on_record(records)` after each (for partial writes)."""
+    """Every (row, seed) record, FP32 first; `on_record(records)` after each (for partial writes).
+    With `evaluator.cached_only`, only the records already on disk (nothing is sampled)."""
     shapes = param_shapes(evaluator.model)
     records = []
     for i, row in enumerate(rows):
@@ -130,11 +131,15 @@ def evaluate(rows: list[Row], evaluator, s: Settings, log=print, on_record=None)
                  "counts": {k: v for k, v in row.plan.counts().items() if v}}
         for seed in range(s.seeds):
             rec = evaluator.record(row.name, None if row.kind == "reference" else row.plan, s.spec(seed), extra)
+            if rec is None:  # cached_only and not measured yet
+                continue
             rec.update(extra, name=row.name)
             records.append(rec)
             if on_record:
                 on_record(records)
         done = [r for r in records if r["name"] == row.name]
+        if not done:
+            continue
         log(f"[{i + 1}/{len(rows)}] {row.name:42} {rep.pct_of_fp32:6.2f}%  FID "
             f"{sum(r['fid'] for r in done) / len(done):8.3f}  mean|Δ| {sum(r['mad'] for r in done) / len(done):.4f}  "
             f"agree {100 * sum(r['agreement'] for r in done) / len(done):5.1f}%")
@@ -226,18 +231,17 @@ def _fmt(metric: str, v: float) -> str:
 UNITS = {"fid": "", "mad": " ‰", "psnr": " dB", "feature_distance": " %", "agreement": " pp"}
 
 
+DELTA_LABELS = {"fid": "ΔFID", "mad": "Δ mean abs Δ", "psnr": "Δ PSNR", "feature_distance": "Δ feature distance",
+                "agreement": "Δ class agreement"}
+
+
 def describe_compare(c: dict, n: int) -> str:
-    parts = []
-    for m in ("fid", "mad", "feature_distance", "agreement"):
-        mean, ci, k = c[m]
-        parts.append(f"{'ΔFID' if m == 'fid' else 'Δ' + m.replace('_', ' ')} {_sign(m, mean)} ± {_fmt(m, ci)}{UNITS[m]}"
-                     f" ({verdict(m, c[m], n)})")
-    return "; ".join(parts)
+    return "; ".join(f"{DELTA_LABELS[m]} {_sign(m, c[m][0])} ± {_fmt(m, c[m][1])}{UNITS[m]} ({verdict(m, c[m], n)})"
+                     for m in ("fid", "mad", "feature_distance", "agreement"))
 
 
 def _sign(metric: str, v: float) -> str:
-    s = _fmt(metric, abs(v))
-    return ("−" if v < 0 else "+") + s
+    return ("-" if v < 0 else "+") + _fmt(metric, abs(v))
 
 
 # -- files ---------------------------------------------------------------------------------------
@@ -274,7 +278,7 @@ def read_csv(path) -> list[dict]:
 
 
 def write(records: list[dict], s: Settings, command: str, out_dir: Path, *, total_rows: int | None = None,
-          floor=None, sensitivity: list[dict] | None = None) -> None:
+          floor=None, sensitivity: list[dict] | None = None, sensitivity_units: int | None = None) -> None:
     """docs/report.md, report.csv, sensitivity.csv and the two figures from the records so far."""
     from .evaluate import machine
     from .sensitivity import summarize as sens_summary
@@ -291,13 +295,15 @@ def write(records: list[dict], s: Settings, command: str, out_dir: Path, *, tota
     if sensitivity:
         atomic_write_bytes(out_dir / "sensitivity.csv", _csv(sensitivity, SENS_FIELDS))
         sens = sens_summary(sensitivity)
-        atomic_write_bytes(out_dir / "sensitivity.svg", sensitivity_svg(sens).encode())
-    backend = rows[0].get("backend", "?") if rows else "?"
+        if sens:
+            atomic_write_bytes(out_dir / "sensitivity.svg", sensitivity_svg(sens).encode())
+    backend = rows[0].get("backend") if rows else (floor.backend if floor is not None else "?")
+    machines = sorted({r["machine"] for r in [*records, *(sensitivity or [])] if r.get("machine")}) or [machine()]
     lines = ["# Report: does Fisher guidance beat strong simple baselines?\n",
              *([f"**Partial: {len(complete)} of {total_rows} rows complete so far; the run resumes where it "
                 "stopped.**\n"] if partial else []),
-             f"Command: `{command}`. Machine: {machine()}. Every (plan, seed) record in `report.csv` names the "
-             "machine it ran on and its seconds.\n",
+             f"Command: `{command}`. Measured on: {'; '.join(machines)}. Every (plan, seed) record in `report.csv` "
+             "names the machine it ran on and its seconds.\n",
              f"Sampling: DDIM-{s.steps} (η = 0), guidance {s.guidance:g}, N = {s.n:,} class-balanced samples per seed, "
              f"seeds 0–{s.seeds - 1}; every plan draws the same noise per seed as FP32, so every difference to FP32 "
              "below is **paired** (per seed, then mean ± the 95% Student-t half-width over seeds). "
@@ -322,7 +328,7 @@ def write(records: list[dict], s: Settings, command: str, out_dir: Path, *, tota
                      f"{_fmt('accuracy', r['accuracy'])} | {r['seeds']} |")
     lines += ["", "![size vs FID](report_pareto.svg)", "", "## What the data say", "", *findings(records, s), ""]
     lines += random_section(records, s)
-    lines += sensitivity_section(sens, s)
+    lines += sensitivity_section(sens, s, sensitivity_units)
     lines += source_section(records)
     atomic_write_bytes(out_dir / "report.md", ("\n".join(lines) + "\n").encode())
 
@@ -382,7 +388,7 @@ def random_section(records: list[dict], s: Settings) -> list[str]:
             continue
         sizes = [100 * c["bytes"] / by[plan]["bytes"] for c in ctrls]
         c = compare(records, plan, [x["name"] for x in ctrls])
-        d = (f"{c['fid'][0]:+.3f} ± {c['fid'][1]:.3f} | {_sign('mad', c['mad'][0])} ± {_fmt('mad', c['mad'][1])}"
+        d = (f"{_sign('fid', c['fid'][0])} ± {c['fid'][1]:.3f} | {_sign('mad', c['mad'][0])} ± {_fmt('mad', c['mad'][1])}"
              if c else "— | —")
         out.append(f"| {plan} | {len(ctrls)} | {min(sizes):.2f}–{max(sizes):.2f} | "
                    f"{min(x['fid'] for x in ctrls):.3f}–{max(x['fid'] for x in ctrls):.3f} | "
@@ -390,11 +396,13 @@ def random_section(records: list[dict], s: Settings) -> list[str]:
     return out + [""]
 
 
-def sensitivity_section(sens: dict | None, s: Settings) -> list[str]:
+def sensitivity_section(sens: dict | None, s: Settings, total_units: int | None = None) -> list[str]:
     if not sens:
         return ["## Sensitivity validation", "", "Not yet measured.", ""]
     ss = s.sensitivity
     out = ["## Sensitivity validation", "",
+           *([f"**Partial: {sens['units']} of {total_units} {ss.unit}s measured so far.**", ""]
+             if total_units and sens["units"] < total_units else []),
            f"Each of {sens['units']} {ss.unit}s lowered alone to {ss.precision.upper()} (everything else FP32); damage "
            f"measured as the paired fidelity loss to FP32 (N = {ss.n} per seed, {sens['seeds']} seeds, DDIM-{ss.steps}, "
            f"guidance {s.guidance:g}; per-seed values in `sensitivity.csv`). Spearman ρ of each predictor with the "

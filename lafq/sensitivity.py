@@ -109,10 +109,14 @@ def run(evaluator, fisher, s: SensitivitySettings, guidance: float, log=print) -
         for seed in range(s.seeds):
             spec = SampleSpec(n=s.n, steps=s.steps, guidance=guidance, seed=seed, batch_size=128)
             rec = evaluator.record(u, plan, spec)
+            if rec is None:  # cached_only and not measured yet
+                continue
             rec.update(unit=u, unit_kind=s.unit, precision=s.precision,
                        **{f"pred_{p}": preds[p][u] for p in preds})
             records.append(rec)
-        log(f"sensitivity {i + 1}/{len(groups)} {u}: mean |Δ| {sum(r['mad'] for r in records[-s.seeds:]) / s.seeds:.5f}")
+        done = [r for r in records if r["unit"] == u]
+        if done:
+            log(f"sensitivity {i + 1}/{len(groups)} {u}: mean |Δ| {sum(r['mad'] for r in done) / len(done):.5f}")
     return records
 
 
@@ -121,6 +125,8 @@ def summarize(records: list[dict]) -> dict:
     by_unit: dict[str, list[dict]] = {}
     for r in records:
         by_unit.setdefault(r["unit"], []).append(r)
+    if len(by_unit) < 3:
+        return {}  # too few units for a rank correlation
     out = {"units": len(by_unit), "seeds": len(next(iter(by_unit.values()))) if by_unit else 0, "measures": {},
            "predicted": {p: {u: rs[0][f"pred_{p}"] for u, rs in by_unit.items()} for p in PREDICTORS if p != "random"}}
     for m in MEASURES:
