@@ -59,6 +59,11 @@ def test_report_records_every_seed_resumes_from_disk_and_writes_its_sections(tin
     again = evaluate(rows, Evaluator(m, backend.model, backend, tmp_path / "cache", log=lambda _: None), SMALL,
                      log=lambda _: None)
     assert [(r["name"], r["seed"], r["fid"]) for r in again] == [(r["name"], r["seed"], r["fid"]) for r in records]
+    # Rendering from disk samples nothing and leaves out what is not measured yet.
+    more = grid(m, fm, SMALL)[:7]
+    cached = evaluate(more, Evaluator(m, backend.model, backend, tmp_path / "cache", cached_only=True), SMALL,
+                      log=lambda _: None)
+    assert len(cached) == len(records) and more[6].name not in {r["name"] for r in cached}
     monkeypatch.undo()
     sens = run_sensitivity(Evaluator(m, backend.model, None, tmp_path / "sens"), fm, SMALL.sensitivity, 3.0,
                            log=lambda _: None)
