@@ -1,0 +1,195 @@
+"""The denoiser contract every analysis runs on: one model, its noise schedule, its training target.
+
+A `Denoiser` wraps any `nn.Module` that predicts from a noisy sample `x_t` and integer timesteps `t`:
+
+    pred = den.predict(x_t, t, rows)      rows: which captured conditioning row each sample uses
+    den.noisy(x0, noise, t)               x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, in x0's dtype
+    den.target(x0, noise, t)              what the model was trained to predict, by `prediction_type`:
+                                              epsilon       noise
+                                              v_prediction  sqrt(abar_t) noise - sqrt(1 - abar_t) x0
+                                              sample        x0
+    den.losses(x0, noise, t, rows)        per-sample MSE to the target, (S,): the loss Fisher maps score
+    den.eps(x_t, t, rows)                 the prediction turned into a noise estimate (what samplers use)
+
+The formulas are diffusers' `DDPMScheduler.add_noise` / `get_velocity`, computed in the sample's dtype
+(float64 in the tests), so a model trained with a diffusers scheduler is scored on its own target.
+
+Conditioning (class labels, `encoder_hidden_states`, `added_cond_kwargs`, ...) is captured from one real
+call (`capture_conditioning`) and replayed row by row with fresh noise: no per-architecture code
+beyond the small function that calls the model.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..diffusion import Schedule
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+# (model callable, x_t, t, conditioning keyword arguments) -> prediction shaped like x_t
+CallFn = Callable[[Callable, torch.Tensor, torch.Tensor, dict], torch.Tensor]
+
+
+def _index(value: Any, idx: torch.Tensor, rows: int, like: torch.Tensor) -> Any:
+    """Pick rows `idx` of every per-row tensor in a (nested) value; float tensors take `like`'s dtype and device."""
+    if isinstance(value, dict):
+        return {k: _index(v, idx, rows, like) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_index(v, idx, rows, like) for v in value)
+    if not torch.is_tensor(value):
+        return value
+    if value.dim() and value.shape[0] == rows:
+        value = value[idx.to(value.device)]
+    if value.is_floating_point():
+        return value.to(device=like.device, dtype=like.dtype)
+    return value.to(like.device)
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Keyword inputs of one real model call, minus the sample and timestep.
+
+    Tensors whose first dimension is `rows` are per-row and replayed by row index; anything else
+    (scalars, flags, dicts of options) is passed unchanged to every call. A captured guided call
+    (conditional and unconditional rows batched together) replays both branches.
+    """
+    kwargs: dict
+    rows: int
+
+    def __post_init__(self):
+        if not isinstance(self.kwargs, dict):
+            raise TypeError(f"conditioning kwargs must be a dict, got {type(self.kwargs).__name__}")
+        if self.rows < 1:
+            raise ValueError(f"conditioning needs at least one row, got {self.rows}")
+
+    def select(self, idx: torch.Tensor, like: torch.Tensor) -> dict:
+        """The keyword arguments for a batch whose sample s uses row idx[s]."""
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.rows):
+            raise ValueError(f"conditioning rows must be in [0, {self.rows}), got {idx.tolist()}")
+        return _index(self.kwargs, idx, self.rows, like)
+
+
+class _Captured(Exception):
+    def __init__(self, arguments):
+        self.arguments = arguments
+
+
+def capture_conditioning(module: nn.Module, run: Callable[[], Any]) -> Conditioning:
+    """Run `run()` (e.g. a pipeline call) until it first calls `module`, and keep that call's inputs.
+
+    The call is stopped there (nothing else of the pipeline runs). The first two parameters of
+    `module.forward` are taken as the sample and the timestep; every other argument given is kept.
+    """
+    sig = inspect.signature(module.forward)
+    names = list(sig.parameters)
+    if len(names) < 2:
+        raise ValueError(f"{type(module).__name__}.forward takes {names}; a denoiser takes (sample, timestep, ...)")
+
+    def pre_hook(_mod, args, kwargs):
+        raise _Captured(sig.bind(*args, **kwargs).arguments)
+
+    handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        run()
+    except _Captured as c:
+        arguments = dict(c.arguments)
+    else:
+        raise ValueError(f"the call never ran {type(module).__name__}: nothing to capture")
+    finally:
+        handle.remove()
+    sample = arguments.pop(names[0])
+    arguments.pop(names[1], None)
+    arguments.pop("return_dict", None)  # the adapter asks for a tuple itself
+    var_kw = [n for n, p in sig.parameters.items() if p.kind is inspect.Parameter.VAR_KEYWORD]
+    for n in var_kw:  # **kwargs bind as one dict: spread it back into keywords
+        arguments.update(arguments.pop(n, {}))
+    kept = {k: _detach(v) for k, v in arguments.items() if v is not None}
+    return Conditioning(kept, int(sample.shape[0]))
+
+
+def _detach(value):
+    if isinstance(value, dict):
+        return {k: _detach(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_detach(v) for v in value)
+    return value.detach().clone() if torch.is_tensor(value) else value
+
+
+def _bcast(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return coef.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+@dataclass(frozen=True)
+class Denoiser:
+    """A model with what it takes to score and sample it; see the module docstring."""
+    module: nn.Module
+    call: CallFn
+    schedule: Schedule
+    prediction_type: str
+    sample_shape: tuple[int, ...]
+    conditioning: Conditioning | None = None
+    source: dict = field(default_factory=dict)  # where it came from: library, class, config, path
+    null_row: int | None = None  # the conditioning row of the unconditional branch, where there is one
+
+    def __post_init__(self):
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction_type {self.prediction_type!r}; choose one of {PREDICTION_TYPES}")
+        if not isinstance(self.module, nn.Module):
+            raise TypeError(f"module must be an nn.Module, got {type(self.module).__name__}")
+        object.__setattr__(self, "sample_shape", tuple(int(s) for s in self.sample_shape))
+        if not self.sample_shape or min(self.sample_shape) < 1:
+            raise ValueError(f"sample_shape must be positive sizes, got {self.sample_shape}")
+
+    @property
+    def T(self) -> int:
+        return self.schedule.T
+
+    def _abar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return _bcast(self.schedule.alphas_cumprod.to(device=like.device, dtype=like.dtype)[t.to(like.device)], like)
+
+    def noisy(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = self._abar(t, x0)
+        return a ** 0.5 * x0 + (1 - a) ** 0.5 * noise
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "sample":
+            return x0
+        a = self._abar(t, x0)
+        return a ** 0.5 * noise - (1 - a) ** 0.5 * x0
+
+    def kwargs_for(self, rows: torch.Tensor | None, like: torch.Tensor) -> dict:
+        if self.conditioning is None:
+            return {}
+        if rows is None:
+            rows = torch.zeros(like.shape[0], dtype=torch.long)
+        return self.conditioning.select(rows, like)
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, rows: torch.Tensor | None = None, *, fn: Callable | None = None):
+        """The model's output for x_t at timesteps t; `fn` replaces the module (e.g. a functional_call)."""
+        return self.call(fn or self.module, x, t, self.kwargs_for(rows, x))
+
+    def losses(self, x0, noise, t, rows=None, *, fn: Callable | None = None) -> torch.Tensor:
+        pred = self.predict(self.noisy(x0, noise, t), t, rows, fn=fn)
+        return F.mse_loss(pred, self.target(x0, noise, t), reduction="none").flatten(1).mean(1)
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        pred = self.predict(x, t, rows)
+        if self.prediction_type == "epsilon":
+            return pred
+        a = self._abar(t, x)
+        if self.prediction_type == "v_prediction":  # eps = sqrt(a) v + sqrt(1 - a) x_t
+            return a ** 0.5 * pred + (1 - a) ** 0.5 * x
+        return (x - a ** 0.5 * pred) / (1 - a) ** 0.5
+
+    def eps_denoiser(self) -> Callable:
+        """`eps = f(x, t, y)` for lafq.diffusion's samplers, y being conditioning rows (None: row 0)."""
+        return lambda x, t, y=None: self.eps(x, t, y)
