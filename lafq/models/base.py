@@ -190,6 +190,29 @@ class Denoiser:
             return a ** 0.5 * pred + (1 - a) ** 0.5 * x
         return (x - a ** 0.5 * pred) / (1 - a) ** 0.5
 
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the model computes in (a quantized model's dequantization dtype)."""
+        for m in self.module.modules():
+            if hasattr(m, "_lafq_stored"):
+                return getattr(m, "_lafq_dtype", torch.float32)
+        return next((p.dtype for p in self.module.parameters() if p.is_floating_point()), torch.float32)
+
     def eps_denoiser(self) -> Callable:
-        """`eps = f(x, t, y)` for lafq.diffusion's samplers, y being conditioning rows (None: row 0)."""
-        return lambda x, t, y=None: self.eps(x, t, y)
+        """`eps = f(x, t, y)` for lafq.diffusion's samplers, y being conditioning rows (None: row 0);
+        the sampler's float32 state enters in the model's dtype."""
+        return lambda x, t, y=None: self.eps(x.to(self.compute_dtype()), t, y)
+
+    def sample(self, n: int, *, steps: int = 50, seed: int = 0, rows=None, guidance: float = 1.0,
+               clip: bool = False, **kw) -> torch.Tensor:
+        """DDIM samples (lafq.diffusion.sample, same seed same noise) replaying conditioning `rows`;
+        guidance != 1 needs the unconditional row (`null_row`). clip=False: latents are not in [-1, 1]."""
+        from ..diffusion import sample
+
+        if guidance != 1.0 and self.null_row is None:
+            raise ValueError("guidance needs the unconditional conditioning row (null_row); this model has none")
+        if rows is not None:
+            rows = [int(r) for r in rows]
+        dev = next(self.module.parameters(), torch.empty(0)).device
+        return sample(self.eps_denoiser(), self.schedule, n, steps=steps, seed=seed, shape=self.sample_shape,
+                      labels=rows, guidance=guidance, null_class=self.null_row if self.null_row is not None else 0,
+                      clip=clip, device=dev, **kw)
