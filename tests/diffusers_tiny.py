@@ -19,6 +19,15 @@ def tiny_unet2d(seed: int = 0):
                        norm_num_groups=2, attention_head_dim=4, num_class_embeds=3).eval()
 
 
+def export_unet2d(seed: int = 0):
+    """Unconditional, with 32-wide linear layers so group sizes 32 divide them (~0.1M parameters)."""
+    from diffusers import UNet2DModel
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(32, 32),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=8, attention_head_dim=8).eval()
+
+
 def tiny_unet2d_condition(seed: int = 0):
     from diffusers import UNet2DConditionModel
     torch.manual_seed(seed)

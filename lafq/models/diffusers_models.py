@@ -52,7 +52,14 @@ def model_class_name(model: nn.Module) -> str:
 
 def config_dict(model: nn.Module) -> dict:
     """The model's config as plain JSON values, without diffusers' private bookkeeping keys."""
-    return json.loads(json.dumps({k: v for k, v in dict(model.config).items() if not k.startswith("_")}, default=list))
+    return json.loads(json.dumps({k: v for k, v in dict(model.config).items() if not k.startswith("_")}, default=_jsonable))
+
+
+def _jsonable(value):
+    """Tuples come as lists already; a quantization config (a loaded quantized model) as its own dict."""
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    return list(value) if isinstance(value, (set, frozenset)) else str(value)
 
 
 def from_diffusers(model: nn.Module, scheduler, *, conditioning: Conditioning | None = None,
