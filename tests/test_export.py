@@ -97,6 +97,9 @@ def test_diffusers_export_loads_through_from_pretrained_and_a_pipeline_samples(m
 
 def test_quanto_export_runs_include_and_exclude_calls_and_the_frozen_model_samples(model_and_plan, tmp_path):
     _needs("optimum.quanto", "optimum-quanto")
+    import shutil
+    if not shutil.which("c++"):
+        pytest.skip("optimum-quanto's int4 CPU kernel is a C++ extension it builds on first use; no C++ compiler here")
     model, plan = model_and_plan
     exp = export_plan(plan, model, "quanto")
     exp.save(tmp_path / "q.json")

@@ -96,6 +96,23 @@ def _layout(path_or_repo: str, subfolder: str | None) -> tuple[str | None, str |
                      f"(the prediction type and noise schedule come from it)")
 
 
+def load_diffusers_model(path_or_repo: str | Path, *, subfolder: str | None = None, dtype: torch.dtype = torch.float32):
+    """Only the model (no scheduler needed): a model folder, a pipeline folder (its unet/transformer) or a Hub repo."""
+    from diffusers import AutoModel, ModelMixin
+
+    path_or_repo = str(path_or_repo)
+    p = Path(path_or_repo)
+    if p.is_dir():
+        if subfolder is None and (p / "model_index.json").is_file():
+            subfolder = "transformer" if (p / "transformer").is_dir() else "unet"
+        if not ((p / subfolder if subfolder else p) / "config.json").is_file():
+            raise ValueError(f"{p / subfolder if subfolder else p} has no config.json: not a diffusers model folder")
+    model = AutoModel.from_pretrained(path_or_repo, subfolder=subfolder, use_safetensors=True, torch_dtype=dtype)
+    if not isinstance(model, ModelMixin):
+        raise ValueError(f"{path_or_repo}: {type(model).__name__} is not a diffusers model")
+    return model.eval()
+
+
 def load_scheduler(path_or_repo: str, subfolder: str | None = "scheduler"):
     import diffusers
     from diffusers import SchedulerMixin
