@@ -42,8 +42,8 @@ def cmd_export(args):
     res = {"command": "export", "out": str(out), "to": args.to, "model": str(args.model),
            "converted": len(exp.converted), "not_converted": len(exp.not_converted),
            "approximations": exp.approximations}
-    human = [f"wrote {out}: {len(exp.converted)} modules converted for {args.to}, {len(exp.not_converted)} kept "
-             f"as they are (reasons in the file)"]
+    human = [(f"wrote {out}: {len(exp.converted)} modules converted for {args.to}, {len(exp.not_converted)} kept "
+              f"as they are (reasons in the file)")]
     human += [f"  approximated: {a}" for a in exp.approximations]
     _emit(args, res, "\n".join(human))
 

@@ -34,6 +34,7 @@ import importlib.metadata
 import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from torch import nn
 
@@ -193,7 +194,7 @@ def load_export(path: str | os.PathLike, *, pipeline: bool = False):
     """The library object an export file holds: torchao FqnToConfig, diffusers TorchAoConfig (or, with
     pipeline=True, a PipelineQuantizationConfig for its component), or the quanto call list."""
     try:
-        d = json.loads(open(path, encoding="utf-8").read())
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
         target, cfg = d["target"], d["config"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise ExportError(f"{path} is not a lafq export file ({e})") from None

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.func import functional_call, grad, vmap
@@ -86,6 +86,20 @@ def _naive(den: Denoiser, names: list[str], x0, noise, t, rows) -> dict[str, tor
     return acc
 
 
+def _one_sample_loss(den: Denoiser, module, leaves, per_row, spec):
+    """loss(params, x0, noise, t, per-row conditioning leaves) of one sample, for vmap(grad(...))."""
+    def loss(p, x, n, tt, batched_leaves):
+        it = iter(batched_leaves)
+        kwargs = tree_unflatten([next(it)[None] if b else v for v, b in zip(leaves, per_row)], spec)
+
+        def fn(*a, **k):
+            return functional_call(module, p, a, k)
+
+        pred = den.call(fn, den.noisy(x[None], n[None], tt[None]), tt[None], kwargs)
+        return (pred - den.target(x[None], n[None], tt[None])).pow(2).mean()
+    return loss
+
+
 def _vmap(den: Denoiser, names: list[str], x0, noise, t, rows, chunk: int) -> dict[str, torch.Tensor]:
     params = {n: p.detach() for n, p in den.module.named_parameters() if n in set(names)}
     acc = {n: torch.zeros_like(p) for n, p in params.items()}
@@ -97,15 +111,7 @@ def _vmap(den: Denoiser, names: list[str], x0, noise, t, rows, chunk: int) -> di
         leaves, spec = tree_flatten(kw)
         per_row = [torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == len(x0[sl]) for v in leaves]
         batched = [v for v, b in zip(leaves, per_row) if b]
-
-        def loss(p, x, n, tt, batched_leaves):
-            it = iter(batched_leaves)
-            kwargs = tree_unflatten([next(it)[None] if b else v for v, b in zip(leaves, per_row)], spec)
-            fn = lambda *a, **k: functional_call(module, p, a, k)  # noqa: E731
-            pred = den.call(fn, den.noisy(x[None], n[None], tt[None]), tt[None], kwargs)
-            return (pred - den.target(x[None], n[None], tt[None])).pow(2).mean()
-
-        g = vmap(grad(loss), in_dims=(None, 0, 0, 0, 0))
+        g = vmap(grad(_one_sample_loss(den, module, leaves, per_row, spec)), in_dims=(None, 0, 0, 0, 0))
         with warnings.catch_warnings():  # functorch's "no batching rule" notices: slower, still exact
             warnings.filterwarnings("ignore", message="There is a performance drop")
             grads = g(params, x0[sl], noise[sl], t[sl], batched)

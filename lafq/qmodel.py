@@ -29,7 +29,15 @@ from torch import nn
 from .checkpoint import CheckpointError, load_file, save_file
 from .policy import Plan, param_shapes
 from .precision import FLOAT_DTYPES, PACKED, QMAX, Stored, data_bytes, scale_shape
-from .quantize import _install, _mark_stale, _sync_buffers, quantize_, quantized_from_file, quantized_tensors, save_quantized
+from .quantize import (
+    _install,
+    _mark_stale,
+    _sync_buffers,
+    quantize_,
+    quantized_from_file,
+    quantized_tensors,
+    save_quantized,
+)
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -8,11 +8,11 @@ import torch
 
 pytest.importorskip("diffusers", reason="diffusers is in requirements-bench.txt; the export tests build a diffusers model")
 
-from lafq.export import ExportError, apply_quanto, export_plan, load_export  # noqa: E402
-from lafq.models import from_diffusers  # noqa: E402
-from lafq.policy import Plan  # noqa: E402
-from lafq.precision import fallback  # noqa: E402
-from tests.diffusers_tiny import export_unet2d, scheduler  # noqa: E402
+from lafq.export import ExportError, apply_quanto, export_plan, load_export
+from lafq.models import from_diffusers
+from lafq.policy import Plan
+from lafq.precision import fallback
+from tests.diffusers_tiny import export_unet2d, scheduler
 
 CYCLE = ["int8", "int4", "int4-g32", "fp16", "fp32", "int4-g64", "bf16"]
 
@@ -41,7 +41,12 @@ def _check_samples(quantized, model):
 
 def test_torchao_export_loads_as_fqn_to_config_and_the_quantized_model_samples(model_and_plan, tmp_path):
     _needs("torchao", "torchao")
-    from torchao.quantization import FqnToConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig, quantize_
+    from torchao.quantization import (
+        FqnToConfig,
+        Int8WeightOnlyConfig,
+        IntxWeightOnlyConfig,
+        quantize_,
+    )
     from torchao.quantization.granularity import PerAxis, PerGroup
 
     model, plan = model_and_plan
@@ -72,7 +77,12 @@ def test_torchao_export_loads_as_fqn_to_config_and_the_quantized_model_samples(m
 def test_diffusers_export_loads_through_from_pretrained_and_a_pipeline_samples(model_and_plan, tmp_path):
     _needs("torchao", "torchao")
     _needs("accelerate", "accelerate")
-    from diffusers import DDPMPipeline, PipelineQuantizationConfig, TorchAoConfig, UNet2DModel
+    from diffusers import (
+        DDPMPipeline,
+        PipelineQuantizationConfig,
+        TorchAoConfig,
+        UNet2DModel,
+    )
 
     model, plan = model_and_plan
     exp = export_plan(plan, model, "diffusers")

@@ -4,10 +4,21 @@ import torch
 
 pytest.importorskip("diffusers", reason="diffusers is in requirements-bench.txt; the adapter tests need it")
 
-from lafq.fisher_any import fisher_map, sq_grads  # noqa: E402
-from lafq.models import capture_conditioning, from_diffusers, from_lafq_unet, load_diffusers  # noqa: E402
-from tests.conftest import TINY  # noqa: E402
-from tests.diffusers_tiny import save_pipeline_dir, scheduler, tiny_dit, tiny_unet2d, tiny_unet2d_condition  # noqa: E402
+from lafq.fisher_any import fisher_map, sq_grads
+from lafq.models import (
+    capture_conditioning,
+    from_diffusers,
+    from_lafq_unet,
+    load_diffusers,
+)
+from tests.conftest import TINY
+from tests.diffusers_tiny import (
+    save_pipeline_dir,
+    scheduler,
+    tiny_dit,
+    tiny_unet2d,
+    tiny_unet2d_condition,
+)
 
 
 def _conditioned(model, g):
@@ -54,7 +65,7 @@ def test_adapter_fisher_equals_a_naive_one_sample_loop_in_float64(build, predict
     rows = torch.randint(3, (s,), generator=g)
     ref = _naive_reference(model, sched, x0, noise, t, kw, rows)
     for method in ("hooks", "vmap", "naive"):
-        got, methods = sq_grads(den, x0, noise, t, rows, method=method, chunk=2)  # chunking must not matter
+        got, _ = sq_grads(den, x0, noise, t, rows, method=method, chunk=2)  # chunking must not matter
         assert got.keys() == ref.keys()
         for k in ref:
             assert torch.allclose(got[k], ref[k], rtol=1e-9, atol=1e-20), (method, k)
@@ -101,7 +112,7 @@ def test_the_sample_target_and_the_eps_conversion_invert_each_other():
         den = from_diffusers(model, scheduler(pt))
         xt = den.noisy(x0, noise, t)
         target = den.target(x0, noise, t)
-        oracle = lambda fn, x, tt, kw, target=target: target  # noqa: E731 - a model that is exactly right
+        oracle = lambda fn, x, tt, kw, target=target: target
         perfect = type(den)(**{**den.__dict__, "call": oracle})
         assert torch.allclose(perfect.eps(xt, t), noise, atol=1e-8), pt
     with pytest.raises(ValueError, match="prediction_type"):

@@ -138,3 +138,28 @@ def test_unquantized_models_and_foreign_classes_are_refused_in_one_line(tmp_path
     pytest.importorskip("diffusers")
     with pytest.raises(CheckpointError, match="not a diffusers model class"):
         load_quantized(tmp_path / "evil.safetensors")
+
+
+def test_a_fisher_budget_plan_for_a_diffusers_model_runs_end_to_end_from_map_to_reloaded_samples(tmp_path):
+    """Adapter -> Fisher map -> budget plan -> quantized model -> file -> samples, on a UNet2DConditionModel."""
+    from lafq.fisher import FisherMap
+    from lafq.fisher_any import fisher_map
+    from lafq.models import capture_conditioning, from_diffusers
+    from lafq.policy import Policy, make_plan, param_shapes
+    from lafq.quantize import size_report
+    from tests.diffusers_tiny import scheduler
+
+    model = _diffusers_models()["UNet2DConditionModel"]()
+    kw = _call_kwargs(model, 2)
+    cond = capture_conditioning(model, lambda: model(torch.randn(2, 2, 8, 8), torch.tensor([1, 2]), **kw))
+    den = from_diffusers(model, scheduler("v_prediction"), conditioning=cond)
+    fm = fisher_map(den, torch.randn(8, 2, 8, 8, generator=torch.Generator().manual_seed(0)), bins=2, samples_per_bin=3)
+    fm.save(tmp_path / "f.safetensors")
+    assert torch.equal(FisherMap.load(tmp_path / "f.safetensors").fisher, fm.fisher)
+    plan = make_plan(Policy(strategy="budget", avg_bits=6.0, statistic="mean"), fm, dict(model.named_parameters()))
+    assert size_report(plan, param_shapes(model)).avg_bits <= 6.0
+    q = quantize(copy.deepcopy(model), plan)
+    save_quantized_model(tmp_path / "q.safetensors", q)
+    back, _ = load_quantized(tmp_path / "q.safetensors")
+    a, b = (from_diffusers(m, scheduler("v_prediction"), conditioning=cond).sample(2, steps=3, rows=[0, 1]) for m in (q, back))
+    assert torch.equal(a, b)

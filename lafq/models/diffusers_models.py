@@ -80,7 +80,9 @@ def _layout(path_or_repo: str, subfolder: str | None) -> tuple[str | None, str |
     if not p.is_dir():
         if subfolder is not None:
             return subfolder, "scheduler"
-        from diffusers import DiffusionPipeline  # a Hub repo: the pipeline index names the denoiser
+        from diffusers import (
+            DiffusionPipeline,  # a Hub repo: the pipeline index names the denoiser
+        )
         index = DiffusionPipeline.load_config(path_or_repo)
         return ("transformer" if "transformer" in index else "unet"), "scheduler"
     if subfolder is None and (p / "model_index.json").is_file():
