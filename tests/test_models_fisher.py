@@ -115,6 +115,7 @@ def test_the_sample_target_and_the_eps_conversion_invert_each_other():
         oracle = lambda fn, x, tt, kw, target=target: target
         perfect = type(den)(**{**den.__dict__, "call": oracle})
         assert torch.allclose(perfect.eps(xt, t), noise, atol=1e-8), pt
+    assert den.with_conditioning(None).conditioning is None
     with pytest.raises(ValueError, match="prediction_type"):
         type(den)(**{**den.__dict__, "prediction_type": "flow"})
 

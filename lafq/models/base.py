@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -147,6 +147,10 @@ class Denoiser:
         object.__setattr__(self, "sample_shape", tuple(int(s) for s in self.sample_shape))
         if not self.sample_shape or min(self.sample_shape) < 1:
             raise ValueError(f"sample_shape must be positive sizes, got {self.sample_shape}")
+
+    def with_conditioning(self, conditioning: Conditioning | None, null_row: int | None = None) -> "Denoiser":
+        """The same denoiser replaying other conditioning (e.g. captured from a pipeline call)."""
+        return replace(self, conditioning=conditioning, null_row=null_row)
 
     @property
     def T(self) -> int:
