@@ -112,7 +112,9 @@ def _vmap(den: Denoiser, names: list[str], x0, noise, t, rows, chunk: int) -> di
         per_row = [torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == len(x0[sl]) for v in leaves]
         batched = [v for v, b in zip(leaves, per_row) if b]
         g = vmap(grad(_one_sample_loss(den, module, leaves, per_row, spec)), in_dims=(None, 0, 0, 0, 0))
-        with warnings.catch_warnings():  # functorch's "no batching rule" notices: slower, still exact
+        # no_grad keeps the parameters not substituted here (which require grad) from recording an outer
+        # graph; torch.func.grad computes its own gradients regardless.
+        with warnings.catch_warnings(), torch.no_grad():  # functorch's "no batching rule" notices: slower, still exact
             warnings.filterwarnings("ignore", message="There is a performance drop")
             grads = g(params, x0[sl], noise[sl], t[sl], batched)
         for k, v in grads.items():

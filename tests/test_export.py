@@ -137,3 +137,21 @@ def test_the_export_file_names_what_was_left_out_and_why(model_and_plan, tmp_pat
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ExportError, match="not a lafq export file"):
         load_export(tmp_path / "bad.json")
+
+
+def test_the_gpu_int4_kernel_export_uses_tinygemm_group_sizes_and_round_trips(model_and_plan, tmp_path):
+    """torchao 0.18 has no CPU kernel for Int4WeightOnlyConfig (mslk or CUDA only): this checks the config,
+    not a forward."""
+    _needs("torchao", "torchao")
+    from torchao.quantization import Int4WeightOnlyConfig
+
+    model, plan = model_and_plan
+    exp = export_plan(plan, model, "torchao", int4_kernel="tinygemm")
+    exp.save(tmp_path / "t.json")
+    cfg = load_export(tmp_path / "t.json")
+    int4 = {n: c for n, c in cfg.fqn_to_config.items() if isinstance(c, Int4WeightOnlyConfig)}
+    assert int4 and all(c.group_size in (32, 64, 128) for c in int4.values())
+    assert all(model.get_submodule(n).in_features % c.group_size == 0 for n, c in int4.items())
+    assert any("group size 128" in a for a in exp.approximations)
+    with pytest.raises(ExportError, match="int4 kernel"):
+        export_plan(plan, model, "torchao", int4_kernel="marlin")

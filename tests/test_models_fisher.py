@@ -134,3 +134,28 @@ def test_the_project_unet_scores_the_same_through_its_adapter():
     assert set(methods.values()) == {"hooks"}
     for k in ref:  # lafq's q_sample rounds abar to float32; the adapter keeps the sample's dtype
         assert (got[k] - ref[k]).norm() <= 1e-5 * ref[k].norm(), k
+
+
+def test_conditioning_captured_from_a_real_guided_pipeline_call_scores_both_branches():
+    """DiTPipeline batches the class labels with its null class (1000) for guidance; capturing its first
+    transformer call and replaying the rows gives the null row of the class table Fisher too."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=4, in_channels=2, out_channels=4, num_layers=1,
+                                sample_size=8, patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=2).eval()
+    vae = AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(4,), latent_channels=2,
+                        norm_num_groups=2, sample_size=8)  # never runs: the capture stops at the first denoiser call
+    pipe = DiTPipeline(transformer=dit, vae=vae, scheduler=DDIMScheduler(num_train_timesteps=1000))
+    pipe.set_progress_bar_config(disable=True)
+    cond = capture_conditioning(pipe.transformer, lambda: pipe(class_labels=[1, 2], num_inference_steps=2, guidance_scale=4.0))
+    assert cond.rows == 4 and cond.kwargs["class_labels"].tolist() == [1, 2, 1000, 1000]
+    den = from_diffusers(dit, scheduler(), conditioning=cond, null_row=2)
+    fm = fisher_map(den, torch.randn(4, 2, 8, 8, generator=torch.Generator().manual_seed(0)), bins=1, samples_per_bin=12)
+    table = fm.channel["transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight"][0, 0]
+    assert not table.requires_grad
+    assert table[1] > 0 and table[2] > 0 and table[1000] > 0  # both conditional labels and the null class
+    assert table[0] == 0 and table[3] == 0  # labels the call never used
+    x = den.sample(2, steps=2, rows=[0, 1], guidance=4.0)  # guided sampling replays the null row
+    assert x.shape == (2, 2, 8, 8) and torch.isfinite(x).all()
