@@ -49,7 +49,9 @@ def _stored_modules(model: nn.Module) -> list[nn.Module]:
 def compute_dtype(model: nn.Module) -> torch.dtype:
     """The dtype quantized weights are dequantized to."""
     mods = _stored_modules(model)
-    return getattr(mods[0], "_lafq_dtype", torch.float32) if mods else torch.float32
+    if mods:
+        return getattr(mods[0], "_lafq_dtype", torch.float32)
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> None:
@@ -62,6 +64,12 @@ class QuantizedMixin:
     """Mixed into a quantized model's class: device moves carry the stored forms, dtype casts do not touch them."""
 
     _lafq_base_class: type = nn.Module
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (diffusers models cast their time embeddings to `self.dtype`, which would
+        otherwise be read from whatever parameter or scale comes first)."""
+        return compute_dtype(self)
 
     def _apply(self, fn, recurse=True):
         held = {}

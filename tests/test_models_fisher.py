@@ -139,7 +139,12 @@ def test_the_project_unet_scores_the_same_through_its_adapter():
 def test_conditioning_captured_from_a_real_guided_pipeline_call_scores_both_branches():
     """DiTPipeline batches the class labels with its null class (1000) for guidance; capturing its first
     transformer call and replaying the rows gives the null row of the class table Fisher too."""
-    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DiTPipeline,
+        DiTTransformer2DModel,
+    )
 
     torch.manual_seed(0)
     dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=4, in_channels=2, out_channels=4, num_layers=1,

@@ -83,6 +83,17 @@ def test_moves_and_casts_carry_the_stored_forms_without_recasting_them():
     assert q(x.half()).dtype == torch.float16 and q[2].weight_scale.dtype == torch.float16  # group scales are fp16
 
 
+def test_a_quantized_diffusers_model_reports_and_runs_in_its_compute_dtype_after_casts():
+    model = _diffusers_models()["UNet2DModel"]()
+    q = quantize(copy.deepcopy(model), Plan({n: fallback(tuple(p.shape), "int8") for n, p in model.named_parameters()}))
+    x, t, kw = torch.randn(2, 1, 8, 8), torch.tensor([1, 500]), _call_kwargs(model, 2)
+    before = q(x, t, **kw).sample
+    q.to(torch.float64)  # diffusers casts its time embedding to model.dtype: it must say float64 now
+    assert q.dtype == torch.float64 and q(x.double(), t, **kw).sample.dtype == torch.float64
+    q.to(torch.float32)
+    assert q.dtype == torch.float32 and torch.equal(q(x, t, **kw).sample, before)
+
+
 def test_any_torch_module_with_conv1d_embedding_and_attention_quantizes_and_reloads_into_a_fresh_instance(tmp_path):
     class Mixed(nn.Module):
         def __init__(self):
