@@ -44,6 +44,19 @@ def tiny_dit(seed: int = 0):
                                  sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=2).eval()
 
 
+def tiny_transformer2d(seed: int = 0):
+    """The generic Transformer2DModel in its DiT configuration (it takes the timestep third, by name)."""
+    import warnings
+
+    from diffusers import Transformer2DModel
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():  # diffusers points DiT users to DiTTransformer2DModel: this is the other class
+        warnings.simplefilter("ignore")
+        return Transformer2DModel(num_attention_heads=2, attention_head_dim=4, in_channels=2, out_channels=4, num_layers=1,
+                                  sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=2,
+                                  norm_type="ada_norm_zero").eval()
+
+
 def scheduler(prediction_type: str = "epsilon", steps: int = 1000):
     from diffusers import DDPMScheduler
     return DDPMScheduler(num_train_timesteps=steps, prediction_type=prediction_type)

@@ -16,6 +16,7 @@ from tests.diffusers_tiny import (
     save_pipeline_dir,
     scheduler,
     tiny_dit,
+    tiny_transformer2d,
     tiny_unet2d,
     tiny_unet2d_condition,
 )
@@ -29,7 +30,9 @@ def _conditioned(model, g):
         kw = {"encoder_hidden_states": torch.randn(3, 5, model.config.cross_attention_dim, generator=g, dtype=torch.float64)}
     else:
         kw = {"class_labels": torch.tensor([1, 2, 0])}
-    return capture_conditioning(model, lambda: model(x, torch.tensor([10, 20, 30]), **kw)), kw, c
+    cond = capture_conditioning(model, lambda: model(x, timestep=torch.tensor([10, 20, 30]), **kw))
+    assert cond.kwargs.keys() == kw.keys()  # the sample and the timestep are not conditioning
+    return cond, kw, c
 
 
 def _naive_reference(model, sched, x0, noise, t, kw, rows):
@@ -42,7 +45,7 @@ def _naive_reference(model, sched, x0, noise, t, kw, rows):
         target = {"epsilon": noise[i:i + 1], "v_prediction": sched.get_velocity(x0[i:i + 1], noise[i:i + 1], ti)}[
             sched.config.prediction_type]
         cond = {k: v[rows[i:i + 1]] for k, v in kw.items()}
-        out = model(xt, ti, **cond, return_dict=False)[0][:, :x0.shape[1]]
+        out = model(xt, timestep=ti, **cond, return_dict=False)[0][:, :x0.shape[1]]
         torch.nn.functional.mse_loss(out, target).backward()
         for k, p in model.named_parameters():
             if p.grad is not None:
@@ -52,7 +55,8 @@ def _naive_reference(model, sched, x0, noise, t, kw, rows):
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize("build", [tiny_unet2d_condition, tiny_dit], ids=["UNet2DConditionModel", "DiT"])
+@pytest.mark.parametrize("build", [tiny_unet2d_condition, tiny_dit, tiny_transformer2d],
+                         ids=["UNet2DConditionModel", "DiT", "Transformer2DModel"])
 def test_adapter_fisher_equals_a_naive_one_sample_loop_in_float64(build, prediction_type):
     model = build().double()
     g = torch.Generator().manual_seed(0)

@@ -8,7 +8,7 @@ from torch import nn
 from lafq.checkpoint import CheckpointError, load_file
 from lafq.policy import Plan
 from lafq.precision import fallback
-from lafq.qmodel import compute_dtype, load_quantized, quantize, save_quantized_model
+from lafq.qmodel import base_class, compute_dtype, load_quantized, quantize, save_quantized_model
 from lafq.quantize import quantized_tensors
 
 MIXED = ["int8", "int4", "int4-g32", "fp16", "bf16", "fp32", "int4-g64"]
@@ -30,8 +30,14 @@ def _assert_same_storage(a, b):
 
 def _diffusers_models():
     pytest.importorskip("diffusers", reason="diffusers is in requirements-bench.txt; these tests build diffusers models")
-    from tests.diffusers_tiny import tiny_dit, tiny_unet2d, tiny_unet2d_condition
-    return {"UNet2DModel": tiny_unet2d, "UNet2DConditionModel": tiny_unet2d_condition, "DiT": tiny_dit}
+    from tests.diffusers_tiny import (
+        tiny_dit,
+        tiny_transformer2d,
+        tiny_unet2d,
+        tiny_unet2d_condition,
+    )
+    return {"UNet2DModel": tiny_unet2d, "UNet2DConditionModel": tiny_unet2d_condition, "DiT": tiny_dit,
+            "Transformer2DModel": tiny_transformer2d}
 
 
 def _call_kwargs(model, n):
@@ -40,7 +46,7 @@ def _call_kwargs(model, n):
     return {"class_labels": torch.arange(n) % 3}
 
 
-@pytest.mark.parametrize("arch", ["UNet2DModel", "UNet2DConditionModel", "DiT"])
+@pytest.mark.parametrize("arch", ["UNet2DModel", "UNet2DConditionModel", "DiT", "Transformer2DModel"])
 def test_a_diffusers_model_reloads_with_bit_identical_stored_tensors_and_samples_from_the_file(arch, tmp_path):
     from lafq.models import capture_conditioning, from_diffusers
     from tests.diffusers_tiny import scheduler
@@ -53,11 +59,12 @@ def test_a_diffusers_model_reloads_with_bit_identical_stored_tensors_and_samples
     meta = load_file(path)[1]
     assert meta["model"]["library"] == "diffusers" and meta["model"]["class"] == type(model).__name__
     back, _ = load_quantized(path)
-    assert type(back) is type(q)
+    # diffusers' from_config builds a DiT-configured Transformer2DModel as its DiTTransformer2DModel
+    assert type(back) is type(q) or (arch, base_class(back).__name__) == ("Transformer2DModel", "DiTTransformer2DModel")
     _assert_same_storage(q, back)
     c = model.config.in_channels
     kw = _call_kwargs(model, 2)
-    cond = capture_conditioning(model, lambda: model(torch.randn(2, c, 8, 8), torch.tensor([3, 7]), **kw))
+    cond = capture_conditioning(model, lambda: model(torch.randn(2, c, 8, 8), timestep=torch.tensor([3, 7]), **kw))
     samples = [from_diffusers(m, scheduler(), conditioning=cond).sample(2, steps=3, seed=4, rows=[0, 1]) for m in (q, back)]
     assert torch.equal(samples[0], samples[1]) and torch.isfinite(samples[0]).all()
     fp32 = from_diffusers(model, scheduler(), conditioning=cond).sample(2, steps=3, seed=4, rows=[0, 1])
@@ -162,7 +169,7 @@ def test_a_fisher_budget_plan_for_a_diffusers_model_runs_end_to_end_from_map_to_
 
     model = _diffusers_models()["UNet2DConditionModel"]()
     kw = _call_kwargs(model, 2)
-    cond = capture_conditioning(model, lambda: model(torch.randn(2, 2, 8, 8), torch.tensor([1, 2]), **kw))
+    cond = capture_conditioning(model, lambda: model(torch.randn(2, 2, 8, 8), timestep=torch.tensor([1, 2]), **kw))
     den = from_diffusers(model, scheduler("v_prediction"), conditioning=cond)
     fm = fisher_map(den, torch.randn(8, 2, 8, 8, generator=torch.Generator().manual_seed(0)), bins=2, samples_per_bin=3)
     fm.save(tmp_path / "f.safetensors")

@@ -85,13 +85,16 @@ class _Captured(Exception):
 def capture_conditioning(module: nn.Module, run: Callable[[], Any]) -> Conditioning:
     """Run `run()` (e.g. a pipeline call) until it first calls `module`, and keep that call's inputs.
 
-    The call is stopped there (nothing else of the pipeline runs). The first two parameters of
-    `module.forward` are taken as the sample and the timestep; every other argument given is kept.
+    The call is stopped there (nothing else of the pipeline runs). The first parameter of
+    `module.forward` is the sample; the timestep is the parameter named `timestep` (diffusers' name
+    in every model, wherever it stands: Transformer2DModel takes encoder_hidden_states before it),
+    `timesteps` or `t`, else the second one. Every other argument given is kept.
     """
     sig = inspect.signature(module.forward)
     names = list(sig.parameters)
     if len(names) < 2:
         raise ValueError(f"{type(module).__name__}.forward takes {names}; a denoiser takes (sample, timestep, ...)")
+    time_name = next((n for n in ("timestep", "timesteps", "t") if n in names), names[1])
 
     def pre_hook(_mod, args, kwargs):
         raise _Captured(sig.bind(*args, **kwargs).arguments)
@@ -106,7 +109,7 @@ def capture_conditioning(module: nn.Module, run: Callable[[], Any]) -> Condition
     finally:
         handle.remove()
     sample = arguments.pop(names[0])
-    arguments.pop(names[1], None)
+    arguments.pop(time_name, None)
     arguments.pop("return_dict", None)  # the adapter asks for a tuple itself
     var_kw = [n for n, p in sig.parameters.items() if p.kind is inspect.Parameter.VAR_KEYWORD]
     for n in var_kw:  # **kwargs bind as one dict: spread it back into keywords
@@ -148,7 +151,7 @@ class Denoiser:
         if not self.sample_shape or min(self.sample_shape) < 1:
             raise ValueError(f"sample_shape must be positive sizes, got {self.sample_shape}")
 
-    def with_conditioning(self, conditioning: Conditioning | None, null_row: int | None = None) -> "Denoiser":
+    def with_conditioning(self, conditioning: Conditioning | None, null_row: int | None = None) -> Denoiser:
         """The same denoiser replaying other conditioning (e.g. captured from a pipeline call)."""
         return replace(self, conditioning=conditioning, null_row=null_row)
 

@@ -21,7 +21,8 @@ from .base import Conditioning, Denoiser
 
 
 def _call(fn, x, t, kwargs):
-    out = fn(x, t, **kwargs, return_dict=False)[0]
+    # timestep by name: Transformer2DModel takes encoder_hidden_states second
+    out = fn(x, timestep=t, **kwargs, return_dict=False)[0]
     c = x.shape[1]
     return out[:, :c] if out.shape[1] == 2 * c else out  # learned variance: the first half is the prediction
 
