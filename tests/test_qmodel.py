@@ -8,7 +8,13 @@ from torch import nn
 from lafq.checkpoint import CheckpointError, load_file
 from lafq.policy import Plan
 from lafq.precision import fallback
-from lafq.qmodel import base_class, compute_dtype, load_quantized, quantize, save_quantized_model
+from lafq.qmodel import (
+    base_class,
+    compute_dtype,
+    load_quantized,
+    quantize,
+    save_quantized_model,
+)
 from lafq.quantize import quantized_tensors
 
 MIXED = ["int8", "int4", "int4-g32", "fp16", "bf16", "fp32", "int4-g64"]
