@@ -1,4 +1,9 @@
-"""`python -m lafq export`: a plan as torchao, diffusers or optimum-quanto load it (lafq.export)."""
+"""CLI commands for models of any architecture:
+
+    export        a plan as torchao, diffusers or optimum-quanto load it (lafq.export)
+    fisher-model  the Fisher map of a diffusers model on clean samples (lafq.fisher_any), replaying
+                  conditioning captured with lafq.models.capture_conditioning + save_conditioning
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -48,6 +53,73 @@ def cmd_export(args):
     _emit(args, res, "\n".join(human))
 
 
+def _images(path: str, key: str | None):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a .safetensors file ({e})") from None
+    if not tensors:
+        raise ValueError(f"{path} holds no tensors")
+    name = key or ("images" if "images" in tensors else sorted(tensors)[0])
+    if name not in tensors:
+        raise ValueError(f"{path} has no tensor {name!r}; it has {sorted(tensors)}")
+    return tensors[name]
+
+
+def cmd_fisher_model(args):
+    import time
+
+    from .cli import _emit
+    from .device import resolve_device
+    from .fisher_any import fisher_map
+    from .models import load_conditioning, load_diffusers
+
+    images = _images(args.images, args.key)
+    cond = load_conditioning(args.conditioning) if args.conditioning else None
+    try:
+        den = load_diffusers(args.model, subfolder=args.subfolder, conditioning=cond)
+    except ImportError:
+        raise ValueError("fisher-model needs diffusers: pip install -r requirements-export.txt") from None
+    except OSError as e:
+        raise ValueError(f"cannot load {args.model}: {str(e).splitlines()[0]}") from None
+    device = resolve_device(args.device)
+    den.module.to(device)
+    t0 = time.perf_counter()
+    fm = fisher_map(den, images, bins=args.bins, samples_per_bin=args.samples, seed=args.seed, method=args.method)
+    fm.meta["images"] = str(args.images)
+    fm.save(args.out)
+    res = {"command": "fisher-model", "out": str(args.out), "model": str(args.model), "class": den.source["class"],
+           "prediction_type": den.prediction_type, "tensors": len(fm.names), "bins": args.bins,
+           "samples_per_bin": args.samples, "methods": fm.meta["methods"], "device": str(device),
+           "seconds": round(time.perf_counter() - t0, 2)}
+    _emit(args, res, f"wrote {args.out}: {den.source['class']} ({den.prediction_type}), {len(fm.names)} tensors x "
+                     f"{args.bins} bins, per-sample gradients {fm.meta['methods']}, {res['seconds']}s on {device}")
+
+
+def register_fisher_model(sub) -> None:
+    from .fisher_any import METHODS
+
+    f = sub.add_parser("fisher-model", help="Fisher map of a diffusers model (UNet2D, UNet2DCondition, DiT, ...)")
+    f.add_argument("--model", required=True, help="a diffusers pipeline or model folder (or Hub repo id) with its scheduler")
+    f.add_argument("--subfolder", default=None, help="the denoiser's subfolder (default: transformer or unet)")
+    f.add_argument("--images", required=True, help=".safetensors with clean samples (N, C, H, W), e.g. VAE latents")
+    f.add_argument("--key", default=None, help="tensor name in --images (default: 'images', else the first)")
+    f.add_argument("--conditioning", default=None, help="captured conditioning (lafq.models.save_conditioning)")
+    f.add_argument("--bins", type=int, default=20)
+    f.add_argument("--samples", type=int, default=16, help="samples per timestep bin")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--method", choices=METHODS, default="hooks")
+    f.add_argument("--device", default="auto", help="auto (the GPU where there is one), cpu, cuda or cuda:N")
+    f.add_argument("--out", type=Path, default=Path("fisher-model.safetensors"))
+    f.add_argument("--json", action="store_true")
+    f.set_defaults(func=cmd_fisher_model)
+
+
 def register(sub) -> None:
     from .export import INT4_KERNELS, TARGETS
 
@@ -64,4 +136,4 @@ def register(sub) -> None:
     e.set_defaults(func=cmd_export)
 
 
-REGISTER = [register]
+REGISTER = [register, register_fisher_model]

@@ -58,3 +58,35 @@ def test_export_reads_a_diffusers_pipeline_folder_and_writes_a_torchao_config_di
     assert "modules converted for diffusers" in capsys.readouterr().out
     cfg = load_export(out)
     assert isinstance(cfg, TorchAoConfig) and cfg.quant_type.fqn_to_config
+
+
+def test_fisher_model_maps_a_diffusers_folder_with_saved_conditioning(tmp_path, capsys):
+    pytest.importorskip("diffusers", reason="diffusers is in requirements-bench.txt")
+    import torch
+    from safetensors.torch import save_file
+
+    from lafq.fisher import FisherMap
+    from lafq.models import capture_conditioning, load_conditioning, save_conditioning
+    from tests.diffusers_tiny import save_pipeline_dir, tiny_unet2d_condition
+
+    model = tiny_unet2d_condition()
+    root = save_pipeline_dir(tmp_path / "pipe", model, "v_prediction")
+    ehs = torch.randn(2, 5, 6)
+    cond = capture_conditioning(model, lambda: model(torch.randn(2, 2, 8, 8), timestep=torch.tensor([1, 2]),
+                                                     encoder_hidden_states=ehs, cross_attention_kwargs={"scale": 1.0}))
+    save_conditioning(tmp_path / "cond.safetensors", cond)
+    back = load_conditioning(tmp_path / "cond.safetensors")
+    assert back.rows == 2 and torch.equal(back.kwargs["encoder_hidden_states"], ehs)
+    assert back.kwargs["cross_attention_kwargs"] == {"scale": 1.0}
+    save_file({"images": torch.randn(6, 2, 8, 8)}, str(tmp_path / "latents.safetensors"))
+    out = tmp_path / "f.safetensors"
+    argv = ["fisher-model", "--model", str(root), "--images", str(tmp_path / "latents.safetensors"), "--conditioning",
+            str(tmp_path / "cond.safetensors"), "--bins", "2", "--samples", "3", "--device", "cpu", "--out", str(out), "--json"]
+    assert main(argv) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["class"] == "UNet2DConditionModel" and res["prediction_type"] == "v_prediction"
+    fm = FisherMap.load(out)
+    assert fm.fisher.shape == (1, len(list(model.parameters())), 2) and (fm.fisher > 0).any()
+    save_file({"images": torch.randn(6, 1, 8, 8)}, str(tmp_path / "wrong.safetensors"))
+    assert main([*argv[:4], str(tmp_path / "wrong.safetensors"), *argv[5:]]) == 2
+    assert "the model takes (2, 8, 8)" in capsys.readouterr().err

@@ -77,6 +77,43 @@ class Conditioning:
         return _index(self.kwargs, idx, self.rows, like)
 
 
+def save_conditioning(path, cond: Conditioning) -> None:
+    """Write captured conditioning as `.safetensors` (kind "conditioning"): tensors under their keyword
+    names (nested dicts as `outer.inner`), other values as JSON in the metadata."""
+    from ..checkpoint import save_file
+
+    tensors, static = {}, {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        elif torch.is_tensor(value):
+            tensors[prefix[:-1]] = value
+        else:
+            static[prefix[:-1]] = value
+
+    walk("", cond.kwargs)
+    save_file(path, tensors, {"kind": "conditioning", "rows": cond.rows, "static": static})
+
+
+def load_conditioning(path) -> Conditioning:
+    from ..checkpoint import CheckpointError, load_file
+
+    tensors, meta = load_file(path, kind="conditioning")
+    kwargs: dict = {}
+    for key, value in [*tensors.items(), *meta.get("static", {}).items()]:
+        *outer, last = key.split(".")
+        d = kwargs
+        for k in outer:
+            d = d.setdefault(k, {})
+        d[last] = value
+    try:
+        return Conditioning(kwargs, int(meta["rows"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid conditioning metadata ({e})") from None
+
+
 class _Captured(Exception):
     def __init__(self, arguments):
         self.arguments = arguments
