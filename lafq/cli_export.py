@@ -65,7 +65,7 @@ def _images(path: str, key: str | None):
         raise ValueError(f"{path} is not a .safetensors file ({e})") from None
     if not tensors:
         raise ValueError(f"{path} holds no tensors")
-    name = key or ("images" if "images" in tensors else sorted(tensors)[0])
+    name = key or ("images" if "images" in tensors else min(tensors))
     if name not in tensors:
         raise ValueError(f"{path} has no tensor {name!r}; it has {sorted(tensors)}")
     return tensors[name]

@@ -9,7 +9,14 @@
 Fisher maps (lafq.fisher_any), quantization (lafq.qmodel) and sampling take a Denoiser, so they do not
 depend on which architecture runs.
 """
-from .base import PREDICTION_TYPES, Conditioning, Denoiser, capture_conditioning, load_conditioning, save_conditioning
+from .base import (
+           PREDICTION_TYPES,
+           Conditioning,
+           Denoiser,
+           capture_conditioning,
+           load_conditioning,
+           save_conditioning,
+)
 from .diffusers_models import from_diffusers, load_diffusers, schedule_of
 from .lafq_unet import from_lafq_unet
 
