@@ -3,6 +3,7 @@
     export        a plan as torchao, diffusers or optimum-quanto load it (lafq.export)
     fisher-model  the Fisher map of a diffusers model on clean samples (lafq.fisher_any), replaying
                   conditioning captured with lafq.models.capture_conditioning + save_conditioning
+    quantize-model  policy (or plan) -> quantized diffusers model file (lafq.qmodel), with its size table
 """
 from __future__ import annotations
 
@@ -120,6 +121,65 @@ def register_fisher_model(sub) -> None:
     f.set_defaults(func=cmd_fisher_model)
 
 
+def cmd_quantize_model(args):
+    from .cli import _emit
+    from .cli_quant import policy_from_args
+    from .fisher import FisherMap
+    from .models.diffusers_models import load_diffusers_model
+    from .policy import Plan, make_plan, param_shapes
+    from .qmodel import quantize, save_quantized_model
+    from .quantize import size_report
+
+    try:
+        model = load_diffusers_model(args.model, subfolder=args.subfolder)
+    except ImportError:
+        raise ValueError("quantize-model needs diffusers: pip install -r requirements-export.txt") from None
+    except OSError as e:
+        raise ValueError(f"cannot load {args.model}: {str(e).splitlines()[0]}") from None
+    if args.plan:
+        plan = Plan.from_json(Path(args.plan).read_text(encoding="utf-8"))
+    else:
+        if not args.fisher:
+            raise ValueError("give --fisher (from fisher-model) for a policy, or --plan")
+        plan = make_plan(policy_from_args(args), FisherMap.load(args.fisher), dict(model.named_parameters()))
+    report = size_report(plan, param_shapes(model))
+    if args.out:
+        report.file_bytes = save_quantized_model(args.out, quantize(model, plan))
+    if args.plan_out:
+        from .checkpoint import atomic_write_bytes
+        atomic_write_bytes(args.plan_out, plan.to_json().encode())
+    res = {"command": "quantize-model", "model": str(args.model), "out": str(args.out) if args.out else None,
+           "policy": plan.policy, "size": report.to_dict()}
+    _emit(args, res, report.table() + (f"\nwrote {args.out}" if args.out else ""))
+
+
+def register_quantize_model(sub) -> None:
+    from .fisher import STATISTICS
+    from .policy import SIGNALS, STRATEGIES
+    from .precision import PRECISIONS
+
+    q = sub.add_parser("quantize-model", help="policy -> plan -> quantized diffusers model (.safetensors)")
+    q.add_argument("--model", required=True, help="a diffusers pipeline or model folder (or Hub repo id)")
+    q.add_argument("--subfolder", default=None)
+    q.add_argument("--fisher", default=None, help="the model's Fisher map (fisher-model)")
+    q.add_argument("--plan", default=None, help="apply this plan JSON instead of a policy")
+    q.add_argument("--strategy", choices=STRATEGIES, default="budget")
+    q.add_argument("--target", choices=PRECISIONS, default="int8")
+    q.add_argument("--statistic", choices=STATISTICS, default="mean")
+    q.add_argument("--p", type=float, default=None, help="layer-ratio: fraction of each layer's tensors")
+    q.add_argument("--avg-bits", type=float, default=None, help="budget/random: average bits per weight")
+    q.add_argument("--budget-bytes", type=int, default=None)
+    q.add_argument("--signal", choices=SIGNALS, default="fisher")
+    q.add_argument("--choices", default=None, help="budget: comma-separated precisions a tensor may take")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", type=Path, default=None, help="write the quantized model (.safetensors)")
+    q.add_argument("--plan-out", type=Path, default=None, help="write the plan (JSON), e.g. for export")
+    q.add_argument("--json", action="store_true")
+    # the rest of the policy keeps its defaults (the U-Net-specific options live on `quantize`)
+    q.set_defaults(func=cmd_quantize_model, high="fp32", threshold=None, k=None, group_thresholds=None,
+                   protect_mid=False, edge="int8")
+
+
 def register(sub) -> None:
     from .export import INT4_KERNELS, TARGETS
 
@@ -136,4 +196,4 @@ def register(sub) -> None:
     e.set_defaults(func=cmd_export)
 
 
-REGISTER = [register, register_fisher_model]
+REGISTER = [register, register_fisher_model, register_quantize_model]

@@ -60,7 +60,7 @@ def test_export_reads_a_diffusers_pipeline_folder_and_writes_a_torchao_config_di
     assert isinstance(cfg, TorchAoConfig) and cfg.quant_type.fqn_to_config
 
 
-def test_fisher_model_maps_a_diffusers_folder_with_saved_conditioning(tmp_path, capsys):
+def test_fisher_model_then_quantize_model_run_on_a_diffusers_folder_with_saved_conditioning(tmp_path, capsys):
     pytest.importorskip("diffusers", reason="diffusers is in requirements-bench.txt")
     import torch
     from safetensors.torch import save_file
@@ -87,6 +87,13 @@ def test_fisher_model_maps_a_diffusers_folder_with_saved_conditioning(tmp_path, 
     assert res["class"] == "UNet2DConditionModel" and res["prediction_type"] == "v_prediction"
     fm = FisherMap.load(out)
     assert fm.fisher.shape == (1, len(list(model.parameters())), 2) and (fm.fisher > 0).any()
+    q = tmp_path / "q.safetensors"
+    assert main(["quantize-model", "--model", str(root), "--fisher", str(out), "--avg-bits", "6", "--out", str(q),
+                 "--plan-out", str(tmp_path / "plan.json"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["size"]["avg_bits"] <= 6 and res["size"]["file_bytes"] == q.stat().st_size
+    from lafq.qmodel import load_quantized
+    assert type(load_quantized(q)[0]).__name__ == "QuantizedUNet2DConditionModel"
     save_file({"images": torch.randn(6, 1, 8, 8)}, str(tmp_path / "wrong.safetensors"))
     assert main([*argv[:4], str(tmp_path / "wrong.safetensors"), *argv[5:]]) == 2
     assert "the model takes (2, 8, 8)" in capsys.readouterr().err
