@@ -13,8 +13,8 @@ from __future__ import annotations
 import hashlib
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -121,7 +121,7 @@ class FisherMap:
                                   "bin_edges": self.bin_edges, "groups": self.groups, "info": self.meta})
 
     @classmethod
-    def load(cls, path) -> FisherMap:
+    def load(cls, path) -> "FisherMap":
         tensors, meta = load_file(path, kind="fisher")
         channel = {k[8:]: v for k, v in tensors.items() if k.startswith("channel.")}
         return cls(meta["names"], meta["numels"], meta["bin_edges"], meta["groups"], tensors["fisher"],

@@ -39,12 +39,18 @@ def _param_dtype(module: torch.nn.Module) -> torch.dtype:
 
 
 def _call_counts(den: Denoiser, x0, noise, t, rows) -> dict[str, int]:
-    """How often each parameterised module runs in one forward of one sample."""
+    """How often each parameterised module runs in one forward of one sample (an embedding looked up
+    more than once per sample, e.g. a token sequence, counts as its number of lookups)."""
     counts, handles = {}, []
+
+    def count(mod, args, _out, name):
+        n = args[0].numel() if isinstance(mod, torch.nn.Embedding) and args and torch.is_tensor(args[0]) else 1
+        counts[name] += n
+
     for name, mod in den.module.named_modules():
         if list(mod.parameters(recurse=False)):
             counts[name] = 0
-            handles.append(mod.register_forward_hook(lambda m, a, o, name=name: counts.__setitem__(name, counts[name] + 1)))
+            handles.append(mod.register_forward_hook(lambda m, a, o, name=name: count(m, a, o, name)))
     try:
         with torch.no_grad():
             den.losses(x0[:1], noise[:1], t[:1], None if rows is None else rows[:1])
