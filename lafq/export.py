@@ -160,6 +160,9 @@ def export_plan(plan: Plan, model: nn.Module, target: str, *, component: str = "
         dq = _require("diffusers", "diffusers")
         # diffusers' torchao loader looks at nn.Linear only; name the ones the plan keeps in float
         keep = sorted(n for n, (_, m) in module_precisions(plan, model).items() if isinstance(m, nn.Linear) and n not in converted)
+        # diffusers matches these by substring (`name + "."` in a parameter name): drop any that would also catch a
+        # converted module nested under the same path. The FqnToConfig maps them to nothing either way.
+        keep = [k for k in keep if not any(f"{k}." in f"{c}.weight" for c in converted)]
         return Export("diffusers", dq.TorchAoConfig(quant_type=cfg, modules_to_not_convert=keep or None),
                       converted, skipped, approx, component)
     if target != "quanto":
