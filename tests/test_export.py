@@ -92,7 +92,7 @@ def test_diffusers_export_loads_through_from_pretrained_and_a_pipeline_samples(m
     planned_float = {n for n, why in exp.not_converted.items() if "in the plan" in why}
     assert set(cfg.modules_to_not_convert) <= planned_float
     model.save_pretrained(tmp_path / "unet")
-    q = UNet2DModel.from_pretrained(tmp_path / "unet", quantization_config=cfg, torch_dtype=torch.float32)
+    q = UNet2DModel.from_pretrained(tmp_path / "unet", quantization_config=cfg, dtype=torch.float32)
     assert {n for n, m in q.named_modules() if type(getattr(m, "weight", None)).__name__ not in ("Parameter", "NoneType")} \
         == set(exp.converted)
     _check_samples(q, model)
@@ -100,7 +100,7 @@ def test_diffusers_export_loads_through_from_pretrained_and_a_pipeline_samples(m
     DDPMPipeline(unet=model, scheduler=scheduler()).save_pretrained(pipe_dir)
     pcfg = load_export(tmp_path / "d.json", pipeline=True)
     assert isinstance(pcfg, PipelineQuantizationConfig)
-    pipe = DDPMPipeline.from_pretrained(pipe_dir, quantization_config=pcfg, torch_dtype=torch.float32)
+    pipe = DDPMPipeline.from_pretrained(pipe_dir, quantization_config=pcfg, dtype=torch.float32)
     images = pipe(batch_size=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert images.shape == (1, 8, 8, 1) and (images >= 0).all() and (images <= 1).all()
 

@@ -110,7 +110,7 @@ def load_diffusers_model(path_or_repo: str | Path, *, subfolder: str | None = No
             subfolder = "transformer" if (p / "transformer").is_dir() else "unet"
         if not ((p / subfolder if subfolder else p) / "config.json").is_file():
             raise ValueError(f"{p / subfolder if subfolder else p} has no config.json: not a diffusers model folder")
-    model = AutoModel.from_pretrained(path_or_repo, subfolder=subfolder, use_safetensors=True, torch_dtype=dtype)
+    model = AutoModel.from_pretrained(path_or_repo, subfolder=subfolder, use_safetensors=True, dtype=dtype)
     if not isinstance(model, ModelMixin):
         raise ValueError(f"{path_or_repo}: {type(model).__name__} is not a diffusers model")
     return model.eval()
@@ -134,7 +134,7 @@ def load_diffusers(path_or_repo: str | Path, *, subfolder: str | None = None, co
 
     path_or_repo = str(path_or_repo)
     model_sub, sched_sub = _layout(path_or_repo, subfolder)
-    model = AutoModel.from_pretrained(path_or_repo, subfolder=model_sub, use_safetensors=True, torch_dtype=dtype)
+    model = AutoModel.from_pretrained(path_or_repo, subfolder=model_sub, use_safetensors=True, dtype=dtype)
     if not isinstance(model, ModelMixin):
         raise ValueError(f"{path_or_repo}: {type(model).__name__} is not a diffusers model")
     scheduler = load_scheduler(path_or_repo, sched_sub)
