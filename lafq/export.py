@@ -3,8 +3,10 @@
 Libraries quantize modules, a plan names parameters: a module follows the precision of its `weight`
 (biases stay in the model's float dtype in every library). What each target covers:
 
-    torchao     `FqnToConfig` keyed by module FQN, nn.Linear modules (what torchao's weight-only
-                configs and diffusers' torchao loader convert); unplanned modules map to None.
+    torchao     `FqnToConfig` keyed by module FQN, for nn.Linear modules: the ones torchao's weight-only
+                kernels are written for and the only ones diffusers' torchao loader converts (torchao
+                itself would wrap a Conv2d or Embedding named in the map, without a kernel for it);
+                unplanned modules are left out (no `_default`, so nothing else is touched).
                     int8                -> Int8WeightOnlyConfig()   (symmetric, per output channel: as lafq)
                     int4, int4-g32/-g64 -> IntxWeightOnlyConfig(torch.int4, PerAxis(0) / PerGroup(32|64))
                                            (runs on CPU and GPU; int4 codes held unpacked in int8)
