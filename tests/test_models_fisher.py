@@ -42,8 +42,8 @@ def _naive_reference(model, sched, x0, noise, t, kw, rows):
         model.zero_grad(set_to_none=True)
         ti = t[i:i + 1]
         xt = sched.add_noise(x0[i:i + 1], noise[i:i + 1], ti)
-        target = {"epsilon": noise[i:i + 1], "v_prediction": sched.get_velocity(x0[i:i + 1], noise[i:i + 1], ti)}[
-            sched.config.prediction_type]
+        target = {"epsilon": noise[i:i + 1], "v_prediction": sched.get_velocity(x0[i:i + 1], noise[i:i + 1], ti),
+                  "sample": x0[i:i + 1]}[sched.config.prediction_type]
         cond = {k: v[rows[i:i + 1]] for k, v in kw.items()}
         out = model(xt, timestep=ti, **cond, return_dict=False)[0][:, :x0.shape[1]]
         torch.nn.functional.mse_loss(out, target).backward()
@@ -54,7 +54,7 @@ def _naive_reference(model, sched, x0, noise, t, kw, rows):
     return acc
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("build", [tiny_unet2d_condition, tiny_dit, tiny_transformer2d],
                          ids=["UNet2DConditionModel", "DiT", "Transformer2DModel"])
 def test_adapter_fisher_equals_a_naive_one_sample_loop_in_float64(build, prediction_type):
