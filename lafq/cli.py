@@ -207,9 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands():
     """Commands whose modules register themselves (kept out of this file so it stays short)."""
-    from . import cli_bench, cli_quant, space
+    from . import cli_bench, cli_export, cli_quant, space
 
-    return cli_quant.REGISTER + cli_bench.REGISTER + space.REGISTER
+    return cli_quant.REGISTER + cli_bench.REGISTER + space.REGISTER + cli_export.REGISTER
 
 
 def main(argv=None) -> int:

@@ -68,8 +68,9 @@ class FisherMap:
         return names, norm if kind == "normalized" else torch.log10(norm.clamp_min(1e-12))
 
     def layer_names(self) -> list[str]:
-        present = {layer_of(n) for n in self.names}
-        return [layer for layer in LAYERS if layer in present]
+        """The U-Net's layers in network order; any other model's top-level modules in parameter order."""
+        present = list(dict.fromkeys(layer_of(n) for n in self.names))
+        return [layer for layer in LAYERS if layer in present] + [layer for layer in present if layer not in LAYERS]
 
     def per_layer(self, group: str | int = "all") -> torch.Tensor:
         """(layers, bins): element-weighted mean over the layer's tensors, i.e. trace / numel of the layer."""

@@ -7,8 +7,9 @@ exactly (the idea behind BackPACK and Opacus). On this project's 2-core CPU it i
 a per-sample loop and on par with `torch.func.vmap` (docs/benchmarks.md), without depending on
 functorch batching rules (vmap falls back to a slow path for CPU attention).
 
-Supported parameter owners: Linear, Conv2d (groups=1), GroupNorm, Embedding; any other
-parameter raises, so a new layer type can never be silently left out of a Fisher map.
+Supported parameter owners: Linear, Conv2d (groups=1), GroupNorm, LayerNorm, Embedding; any other
+parameter raises, so a new layer type can never be silently left out of a Fisher map. `owners=`
+restricts the pass to chosen modules (lafq.fisher_any computes the rest another way).
 """
 from __future__ import annotations
 
@@ -16,7 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SUPPORTED = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.Embedding)
+SUPPORTED = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm, nn.Embedding)
+
+
+def hookable(mod: nn.Module) -> bool:
+    """Whether this pass can split `mod`'s own parameters' gradients per sample."""
+    if isinstance(mod, nn.Conv2d):
+        return mod.groups == 1 and not isinstance(mod.padding, str) and mod.padding_mode == "zeros"
+    return isinstance(mod, SUPPORTED)
 
 
 def _check_supported(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -25,7 +33,7 @@ def _check_supported(model: nn.Module) -> list[tuple[str, nn.Module]]:
         own = list(mod.named_parameters(recurse=False))
         if not own:
             continue
-        if not isinstance(mod, SUPPORTED) or (isinstance(mod, nn.Conv2d) and mod.groups != 1):
+        if not hookable(mod):
             raise TypeError(f"per-sample hooks do not support {type(mod).__name__} ({name}); use method='vmap'")
         owners.append((name, mod))
     return owners
@@ -70,6 +78,15 @@ def _weight_grads(mod: nn.Module, x: torch.Tensor, g: torch.Tensor) -> dict[str,
             out["weight"] = (g * xhat).flatten(2).sum(2)
             out["bias"] = g.flatten(2).sum(2)
         return out
+    if isinstance(mod, nn.LayerNorm):
+        xhat = F.layer_norm(x, mod.normalized_shape, eps=mod.eps)
+        keep = tuple(range(1, x.dim() - len(mod.normalized_shape)))  # per sample: sum over tokens
+        out = {}
+        if mod.weight is not None:
+            out["weight"] = (g * xhat).sum(keep) if keep else g * xhat
+        if mod.bias is not None:
+            out["bias"] = g.sum(keep) if keep else g
+        return out
     raise AssertionError(type(mod))  # Embedding is handled without materialising rows
 
 
@@ -79,14 +96,16 @@ def _stand_ins(mod: nn.Module) -> list[torch.Tensor]:
     return list(mod.parameters(recurse=False))
 
 
-def hook_sq_grads(model: nn.Module, loss_per_sample) -> dict[str, torch.Tensor]:
+def hook_sq_grads(model: nn.Module, loss_per_sample, owners: list[tuple[str, nn.Module]] | None = None
+                  ) -> dict[str, torch.Tensor]:
     """Sum over samples of squared per-sample gradients, {name: tensor shaped like the parameter}.
 
     `loss_per_sample()` runs the model's forward and returns the (S,) per-sample losses; the
     model must use each parameterised module once per forward and treat samples independently
-    (eval mode: no batch statistics, no dropout).
+    (eval mode: no batch statistics, no dropout). `owners`: (name, module) pairs to cover
+    instead of every parameterised module (each must be `hookable`).
     """
-    owners = _check_supported(model)
+    owners = _check_supported(model) if owners is None else owners
     inputs: dict[str, torch.Tensor] = {}
     grads: dict[str, torch.Tensor] = {}
     handles = []
@@ -123,7 +142,11 @@ def hook_sq_grads(model: nn.Module, loss_per_sample) -> dict[str, torch.Tensor]:
     acc: dict[str, torch.Tensor] = {}
     for name, mod in owners:
         prefix = f"{name}." if name else ""
-        x, g = inputs[name], grads[name]
+        x, g = inputs.get(name), grads.get(name)
+        if g is None:  # never ran, or its output does not reach the loss: every gradient is 0
+            for pname, p in mod.named_parameters(recurse=False):
+                acc[prefix + pname] = torch.zeros_like(p)
+            continue
         if isinstance(mod, nn.Embedding):
             if x.dim() != 1:  # several lookups per sample would need a per-sample sum before squaring
                 raise ValueError(f"{name}: per-sample hooks need one embedding index per sample, got shape {tuple(x.shape)}")

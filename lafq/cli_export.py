@@ -1,0 +1,199 @@
+"""CLI commands for models of any architecture:
+
+    export        a plan as torchao, diffusers or optimum-quanto load it (lafq.export)
+    fisher-model  the Fisher map of a diffusers model on clean samples (lafq.fisher_any), replaying
+                  conditioning captured with lafq.models.capture_conditioning + save_conditioning
+    quantize-model  policy (or plan) -> quantized diffusers model file (lafq.qmodel), with its size table
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+DEFAULT_MODEL = "checkpoints/unet.safetensors"
+
+
+def _load_model(path: str):
+    """A lafq U-Net checkpoint (.safetensors) or a diffusers model / pipeline folder (or Hub repo id)."""
+    if str(path).endswith(".safetensors"):
+        from .pipeline import load_denoiser
+        model, meta = load_denoiser(path)
+        if meta.get("kind") != "unet":
+            raise ValueError(f"{path} holds a {meta.get('kind')!r}; export from the FP32 model the plan was made for")
+        return model, "lafq"
+    from .models.diffusers_models import load_diffusers_model
+    try:
+        return load_diffusers_model(path), "diffusers"
+    except ImportError:
+        raise ValueError("a diffusers model folder needs diffusers: pip install -r requirements-bench.txt") from None
+    except OSError as e:  # from_pretrained's "not found" for a missing folder or repo
+        raise ValueError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
+
+
+def cmd_export(args):
+    from .cli import _emit
+    from .export import export_plan
+    from .policy import Plan
+
+    plan_path = Path(args.plan)
+    if not plan_path.is_file():
+        raise FileNotFoundError(f"no such plan file: {plan_path}")
+    plan = Plan.from_json(plan_path.read_text(encoding="utf-8"))
+    model, kind = _load_model(args.model)
+    if args.to == "diffusers" and kind != "diffusers":
+        raise ValueError("--to diffusers writes a diffusers TorchAoConfig: --model must be a diffusers model folder "
+                         "(for the lafq U-Net use --to torchao or --to quanto)")
+    exp = export_plan(plan, model, args.to, component=args.component, int4_kernel=args.int4_kernel)
+    out = Path(args.out) if args.out else plan_path.with_suffix(f".{args.to}.json")
+    exp.save(out)
+    res = {"command": "export", "out": str(out), "to": args.to, "model": str(args.model),
+           "converted": len(exp.converted), "not_converted": len(exp.not_converted),
+           "approximations": exp.approximations}
+    human = [(f"wrote {out}: {len(exp.converted)} modules converted for {args.to}, {len(exp.not_converted)} kept "
+              f"as they are (reasons in the file)")]
+    human += [f"  approximated: {a}" for a in exp.approximations]
+    _emit(args, res, "\n".join(human))
+
+
+def _images(path: str, key: str | None):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a .safetensors file ({e})") from None
+    if not tensors:
+        raise ValueError(f"{path} holds no tensors")
+    name = key or ("images" if "images" in tensors else min(tensors))
+    if name not in tensors:
+        raise ValueError(f"{path} has no tensor {name!r}; it has {sorted(tensors)}")
+    return tensors[name]
+
+
+def cmd_fisher_model(args):
+    import time
+
+    from .cli import _emit
+    from .device import resolve_device
+    from .fisher_any import fisher_map
+    from .models import load_conditioning, load_diffusers
+
+    images = _images(args.images, args.key)
+    cond = load_conditioning(args.conditioning) if args.conditioning else None
+    try:
+        den = load_diffusers(args.model, subfolder=args.subfolder, conditioning=cond)
+    except ImportError:
+        raise ValueError("fisher-model needs diffusers: pip install -r requirements-export.txt") from None
+    except OSError as e:
+        raise ValueError(f"cannot load {args.model}: {str(e).splitlines()[0]}") from None
+    device = resolve_device(args.device)
+    den.module.to(device)
+    t0 = time.perf_counter()
+    fm = fisher_map(den, images, bins=args.bins, samples_per_bin=args.samples, seed=args.seed, method=args.method)
+    fm.meta["images"] = str(args.images)
+    fm.save(args.out)
+    res = {"command": "fisher-model", "out": str(args.out), "model": str(args.model), "class": den.source["class"],
+           "prediction_type": den.prediction_type, "tensors": len(fm.names), "bins": args.bins,
+           "samples_per_bin": args.samples, "methods": fm.meta["methods"], "device": str(device),
+           "seconds": round(time.perf_counter() - t0, 2)}
+    _emit(args, res, f"wrote {args.out}: {den.source['class']} ({den.prediction_type}), {len(fm.names)} tensors x "
+                     f"{args.bins} bins, per-sample gradients {fm.meta['methods']}, {res['seconds']}s on {device}")
+
+
+def register_fisher_model(sub) -> None:
+    from .fisher_any import METHODS
+
+    f = sub.add_parser("fisher-model", help="Fisher map of a diffusers model (UNet2D, UNet2DCondition, DiT, ...)")
+    f.add_argument("--model", required=True, help="a diffusers pipeline or model folder (or Hub repo id) with its scheduler")
+    f.add_argument("--subfolder", default=None, help="the denoiser's subfolder (default: transformer or unet)")
+    f.add_argument("--images", required=True, help=".safetensors with clean samples (N, C, H, W), e.g. VAE latents")
+    f.add_argument("--key", default=None, help="tensor name in --images (default: 'images', else the first)")
+    f.add_argument("--conditioning", default=None, help="captured conditioning (lafq.models.save_conditioning)")
+    f.add_argument("--bins", type=int, default=20)
+    f.add_argument("--samples", type=int, default=16, help="samples per timestep bin")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--method", choices=METHODS, default="hooks")
+    f.add_argument("--device", default="auto", help="auto (the GPU where there is one), cpu, cuda or cuda:N")
+    f.add_argument("--out", type=Path, default=Path("fisher-model.safetensors"))
+    f.add_argument("--json", action="store_true")
+    f.set_defaults(func=cmd_fisher_model)
+
+
+def cmd_quantize_model(args):
+    from .cli import _emit
+    from .cli_quant import policy_from_args
+    from .fisher import FisherMap
+    from .models.diffusers_models import load_diffusers_model
+    from .policy import Plan, make_plan, param_shapes
+    from .qmodel import quantize, save_quantized_model
+    from .quantize import size_report
+
+    try:
+        model = load_diffusers_model(args.model, subfolder=args.subfolder)
+    except ImportError:
+        raise ValueError("quantize-model needs diffusers: pip install -r requirements-export.txt") from None
+    except OSError as e:
+        raise ValueError(f"cannot load {args.model}: {str(e).splitlines()[0]}") from None
+    if args.plan:
+        plan = Plan.from_json(Path(args.plan).read_text(encoding="utf-8"))
+    else:
+        if not args.fisher:
+            raise ValueError("give --fisher (from fisher-model) for a policy, or --plan")
+        plan = make_plan(policy_from_args(args), FisherMap.load(args.fisher), dict(model.named_parameters()))
+    report = size_report(plan, param_shapes(model))
+    if args.out:
+        report.file_bytes = save_quantized_model(args.out, quantize(model, plan))
+    if args.plan_out:
+        from .checkpoint import atomic_write_bytes
+        atomic_write_bytes(args.plan_out, plan.to_json().encode())
+    res = {"command": "quantize-model", "model": str(args.model), "out": str(args.out) if args.out else None,
+           "policy": plan.policy, "size": report.to_dict()}
+    _emit(args, res, report.table() + (f"\nwrote {args.out}" if args.out else ""))
+
+
+def register_quantize_model(sub) -> None:
+    from .fisher import STATISTICS
+    from .policy import SIGNALS, STRATEGIES
+    from .precision import PRECISIONS
+
+    q = sub.add_parser("quantize-model", help="policy -> plan -> quantized diffusers model (.safetensors)")
+    q.add_argument("--model", required=True, help="a diffusers pipeline or model folder (or Hub repo id)")
+    q.add_argument("--subfolder", default=None)
+    q.add_argument("--fisher", default=None, help="the model's Fisher map (fisher-model)")
+    q.add_argument("--plan", default=None, help="apply this plan JSON instead of a policy")
+    q.add_argument("--strategy", choices=STRATEGIES, default="budget")
+    q.add_argument("--target", choices=PRECISIONS, default="int8")
+    q.add_argument("--statistic", choices=STATISTICS, default="mean")
+    q.add_argument("--p", type=float, default=None, help="layer-ratio: fraction of each layer's tensors")
+    q.add_argument("--avg-bits", type=float, default=None, help="budget/random: average bits per weight")
+    q.add_argument("--budget-bytes", type=int, default=None)
+    q.add_argument("--signal", choices=SIGNALS, default="fisher")
+    q.add_argument("--choices", default=None, help="budget: comma-separated precisions a tensor may take")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", type=Path, default=None, help="write the quantized model (.safetensors)")
+    q.add_argument("--plan-out", type=Path, default=None, help="write the plan (JSON), e.g. for export")
+    q.add_argument("--json", action="store_true")
+    # the rest of the policy keeps its defaults (the U-Net-specific options live on `quantize`)
+    q.set_defaults(func=cmd_quantize_model, high="fp32", threshold=None, k=None, group_thresholds=None,
+                   protect_mid=False, edge="int8")
+
+
+def register(sub) -> None:
+    from .export import INT4_KERNELS, TARGETS
+
+    e = sub.add_parser("export", help="write a plan as torchao / diffusers / optimum-quanto load it")
+    e.add_argument("--plan", required=True, help="plan JSON (from `quantize --plan-out` or the app)")
+    e.add_argument("--to", required=True, choices=TARGETS)
+    e.add_argument("--model", default=DEFAULT_MODEL,
+                   help="the FP32 model the plan is for: a lafq .safetensors or a diffusers model/pipeline folder")
+    e.add_argument("--component", default="unet", help="diffusers: the pipeline component (unet, transformer)")
+    e.add_argument("--int4-kernel", choices=INT4_KERNELS, default="intx",
+                   help="torchao int4: intx (CPU and GPU) or tinygemm (GPU, bfloat16 models)")
+    e.add_argument("--out", default=None, help="output JSON (default: PLAN.<to>.json)")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_export)
+
+
+REGISTER = [register, register_fisher_model, register_quantize_model]

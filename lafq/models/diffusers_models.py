@@ -1,0 +1,142 @@
+"""Adapter for diffusers denoisers: UNet2DModel, UNet2DConditionModel, DiTTransformer2DModel,
+Transformer2DModel, and any other ModelMixin called as `model(sample, timestep, **conditioning)`.
+
+`load_diffusers(path_or_repo)` is the real `from_pretrained` path: a local folder (a pipeline folder
+with `model_index.json`, or a model folder with `config.json` beside a `scheduler/` folder or a
+`scheduler_config.json`) or a Hub repo id, weights from `.safetensors` only. The training target
+follows `scheduler.config.prediction_type`; the schedule is the scheduler's own `alphas_cumprod`.
+Models that also predict a variance (DiT with learned sigma: twice the input channels) are scored
+on the prediction half, as diffusers' pipelines split it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..diffusion import Schedule
+from .base import Conditioning, Denoiser
+
+
+def _call(fn, x, t, kwargs):
+    # timestep by name: Transformer2DModel takes encoder_hidden_states second
+    out = fn(x, timestep=t, **kwargs, return_dict=False)[0]
+    c = x.shape[1]
+    return out[:, :c] if out.shape[1] == 2 * c else out  # learned variance: the first half is the prediction
+
+
+def schedule_of(scheduler) -> Schedule:
+    """The scheduler's training schedule in float64 (diffusers computes it in float32; the values are kept)."""
+    try:
+        betas, abar = scheduler.betas, scheduler.alphas_cumprod
+    except AttributeError:
+        raise ValueError(f"{type(scheduler).__name__} has no betas/alphas_cumprod: only DDPM-family "
+                         f"(discrete-time) schedulers are supported") from None
+    return Schedule(betas=betas.double().cpu(), alphas_cumprod=abar.double().cpu())
+
+
+def _sample_shape(model: nn.Module) -> tuple[int, ...]:
+    cfg = model.config
+    size = cfg.get("sample_size")
+    if size is None or cfg.get("in_channels") is None:
+        raise ValueError(f"{type(model).__name__}'s config has no sample_size/in_channels; pass sample_shape")
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return (int(cfg["in_channels"]), int(h), int(w))
+
+
+def model_class_name(model: nn.Module) -> str:
+    """The diffusers class a (possibly quantized) model was built from."""
+    return getattr(model, "_lafq_base_class", type(model)).__name__
+
+
+def config_dict(model: nn.Module) -> dict:
+    """The model's config as plain JSON values, without diffusers' private bookkeeping keys."""
+    return json.loads(json.dumps({k: v for k, v in dict(model.config).items() if not k.startswith("_")}, default=_jsonable))
+
+
+def _jsonable(value):
+    """Tuples come as lists already; a quantization config (a loaded quantized model) as its own dict."""
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    return list(value) if isinstance(value, (set, frozenset)) else str(value)
+
+
+def from_diffusers(model: nn.Module, scheduler, *, conditioning: Conditioning | None = None,
+                   sample_shape: tuple[int, ...] | None = None, null_row: int | None = None,
+                   source: dict | None = None) -> Denoiser:
+    """Wrap a diffusers model and its scheduler (the scheduler decides the target and the noise schedule)."""
+    prediction_type = scheduler.config.get("prediction_type", "epsilon")
+    return Denoiser(module=model, call=_call, schedule=schedule_of(scheduler), prediction_type=prediction_type,
+                    sample_shape=sample_shape or _sample_shape(model), conditioning=conditioning,
+                    source={"library": "diffusers", "class": model_class_name(model), "config": config_dict(model),
+                            **(source or {})},
+                    null_row=null_row)
+
+
+def _layout(path_or_repo: str, subfolder: str | None) -> tuple[str | None, str | None]:
+    """(model subfolder, scheduler subfolder) for a local folder; hub repos are read as pipelines."""
+    p = Path(path_or_repo)
+    if not p.is_dir():
+        if subfolder is not None:
+            return subfolder, "scheduler"
+        from diffusers import (
+            DiffusionPipeline,  # a Hub repo: the pipeline index names the denoiser
+        )
+        index = DiffusionPipeline.load_config(path_or_repo)
+        return ("transformer" if "transformer" in index else "unet"), "scheduler"
+    if subfolder is None and (p / "model_index.json").is_file():
+        subfolder = "transformer" if (p / "transformer").is_dir() else "unet"
+    model_dir = p / subfolder if subfolder else p
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"{model_dir} has no config.json: not a diffusers model folder")
+    for cand, sub in ((p / "scheduler", "scheduler"), (model_dir / "scheduler", f"{subfolder}/scheduler" if subfolder else "scheduler"),
+                      (p, None)):
+        if (cand / "scheduler_config.json").is_file():
+            return subfolder, sub
+    raise ValueError(f"no scheduler config for {path_or_repo}: expected scheduler/scheduler_config.json "
+                     f"(the prediction type and noise schedule come from it)")
+
+
+def load_diffusers_model(path_or_repo: str | Path, *, subfolder: str | None = None, dtype: torch.dtype = torch.float32):
+    """Only the model (no scheduler needed): a model folder, a pipeline folder (its unet/transformer) or a Hub repo."""
+    from diffusers import AutoModel, ModelMixin
+
+    path_or_repo = str(path_or_repo)
+    p = Path(path_or_repo)
+    if p.is_dir():
+        if subfolder is None and (p / "model_index.json").is_file():
+            subfolder = "transformer" if (p / "transformer").is_dir() else "unet"
+        if not ((p / subfolder if subfolder else p) / "config.json").is_file():
+            raise ValueError(f"{p / subfolder if subfolder else p} has no config.json: not a diffusers model folder")
+    model = AutoModel.from_pretrained(path_or_repo, subfolder=subfolder, use_safetensors=True, dtype=dtype)
+    if not isinstance(model, ModelMixin):
+        raise ValueError(f"{path_or_repo}: {type(model).__name__} is not a diffusers model")
+    return model.eval()
+
+
+def load_scheduler(path_or_repo: str, subfolder: str | None = "scheduler"):
+    import diffusers
+    from diffusers import SchedulerMixin
+
+    cfg = diffusers.DDPMScheduler.load_config(path_or_repo, subfolder=subfolder)
+    cls = getattr(diffusers, str(cfg.get("_class_name")), None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise ValueError(f"{path_or_repo}: unknown scheduler class {cfg.get('_class_name')!r}")
+    return cls.from_config(cfg)
+
+
+def load_diffusers(path_or_repo: str | Path, *, subfolder: str | None = None, conditioning: Conditioning | None = None,
+                   sample_shape: tuple[int, ...] | None = None, dtype: torch.dtype = torch.float32) -> Denoiser:
+    """Load a diffusers denoiser and its scheduler with `from_pretrained` (safetensors only)."""
+    from diffusers import AutoModel, ModelMixin
+
+    path_or_repo = str(path_or_repo)
+    model_sub, sched_sub = _layout(path_or_repo, subfolder)
+    model = AutoModel.from_pretrained(path_or_repo, subfolder=model_sub, use_safetensors=True, dtype=dtype)
+    if not isinstance(model, ModelMixin):
+        raise ValueError(f"{path_or_repo}: {type(model).__name__} is not a diffusers model")
+    scheduler = load_scheduler(path_or_repo, sched_sub)
+    return from_diffusers(model.eval(), scheduler, conditioning=conditioning, sample_shape=sample_shape,
+                          source={"path": path_or_repo, "subfolder": model_sub})

@@ -1,0 +1,99 @@
+"""`python -m lafq export`: a plan file in, the library's config file out, one-line errors."""
+import copy
+import json
+
+import pytest
+
+from lafq.cli import main
+from lafq.policy import Plan
+from lafq.precision import fallback
+
+
+def _plan_file(model, tmp_path, precision="int8"):
+    plan = Plan({n: fallback(tuple(p.shape), precision) for n, p in model.named_parameters()})
+    path = tmp_path / "plan.json"
+    path.write_text(plan.to_json())
+    return path
+
+
+def test_export_writes_a_torchao_config_for_the_project_unet(tiny_model, tiny_ckpt, tmp_path, capsys):
+    pytest.importorskip("torchao", reason="torchao is optional (requirements-export.txt)")
+    from lafq.export import load_export
+
+    plan = _plan_file(tiny_model, tmp_path)
+    assert main(["export", "--plan", str(plan), "--to", "torchao", "--model", str(tiny_ckpt), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    out = tmp_path / "plan.torchao.json"
+    assert res["out"] == str(out) and res["converted"] > 0
+    cfg = load_export(out)
+    linears = {n for n, m in copy.deepcopy(tiny_model).named_modules() if type(m).__name__ == "Linear"}
+    assert set(cfg.fqn_to_config) == linears  # time MLP and each block's embedding projection
+
+
+def test_export_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
+    assert main(["export", "--plan", str(tmp_path / "none.json"), "--to", "quanto", "--model", str(tiny_ckpt)]) == 2
+    assert "no such plan file" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"precisions": {"nope.weight": "int8"}}))
+    assert main(["export", "--plan", str(bad), "--to", "quanto", "--model", str(tiny_ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "lacks" in err and len(err.strip().splitlines()) == 1
+    assert main(["export", "--plan", str(bad), "--to", "diffusers", "--model", str(tiny_ckpt)]) == 2
+    assert "diffusers model folder" in capsys.readouterr().err
+
+
+def test_export_reads_a_diffusers_pipeline_folder_and_writes_a_torchao_config_diffusers_loads(tmp_path, capsys):
+    pytest.importorskip("diffusers", reason="diffusers is in requirements-bench.txt")
+    pytest.importorskip("torchao", reason="torchao is optional (requirements-export.txt)")
+    from diffusers import TorchAoConfig
+
+    from lafq.export import load_export
+    from tests.diffusers_tiny import save_pipeline_dir, tiny_unet2d
+
+    model = tiny_unet2d()
+    root = save_pipeline_dir(tmp_path / "pipe", model)
+    plan = _plan_file(model, tmp_path, "int4")
+    out = tmp_path / "d.json"
+    assert main(["export", "--plan", str(plan), "--to", "diffusers", "--model", str(root), "--out", str(out)]) == 0
+    assert "modules converted for diffusers" in capsys.readouterr().out
+    cfg = load_export(out)
+    assert isinstance(cfg, TorchAoConfig) and cfg.quant_type.fqn_to_config
+
+
+def test_fisher_model_then_quantize_model_run_on_a_diffusers_folder_with_saved_conditioning(tmp_path, capsys):
+    pytest.importorskip("diffusers", reason="diffusers is in requirements-bench.txt")
+    import torch
+    from safetensors.torch import save_file
+
+    from lafq.fisher import FisherMap
+    from lafq.models import capture_conditioning, load_conditioning, save_conditioning
+    from tests.diffusers_tiny import save_pipeline_dir, tiny_unet2d_condition
+
+    model = tiny_unet2d_condition()
+    root = save_pipeline_dir(tmp_path / "pipe", model, "v_prediction")
+    ehs = torch.randn(2, 5, 6)
+    cond = capture_conditioning(model, lambda: model(torch.randn(2, 2, 8, 8), timestep=torch.tensor([1, 2]),
+                                                     encoder_hidden_states=ehs, cross_attention_kwargs={"scale": 1.0}))
+    save_conditioning(tmp_path / "cond.safetensors", cond)
+    back = load_conditioning(tmp_path / "cond.safetensors")
+    assert back.rows == 2 and torch.equal(back.kwargs["encoder_hidden_states"], ehs)
+    assert back.kwargs["cross_attention_kwargs"] == {"scale": 1.0}
+    save_file({"images": torch.randn(6, 2, 8, 8)}, str(tmp_path / "latents.safetensors"))
+    out = tmp_path / "f.safetensors"
+    argv = ["fisher-model", "--model", str(root), "--images", str(tmp_path / "latents.safetensors"), "--conditioning",
+            str(tmp_path / "cond.safetensors"), "--bins", "2", "--samples", "3", "--device", "cpu", "--out", str(out), "--json"]
+    assert main(argv) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["class"] == "UNet2DConditionModel" and res["prediction_type"] == "v_prediction"
+    fm = FisherMap.load(out)
+    assert fm.fisher.shape == (1, len(list(model.parameters())), 2) and (fm.fisher > 0).any()
+    q = tmp_path / "q.safetensors"
+    assert main(["quantize-model", "--model", str(root), "--fisher", str(out), "--avg-bits", "6", "--out", str(q),
+                 "--plan-out", str(tmp_path / "plan.json"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["size"]["avg_bits"] <= 6 and res["size"]["file_bytes"] == q.stat().st_size
+    from lafq.qmodel import load_quantized
+    assert type(load_quantized(q)[0]).__name__ == "QuantizedUNet2DConditionModel"
+    save_file({"images": torch.randn(6, 1, 8, 8)}, str(tmp_path / "wrong.safetensors"))
+    assert main([*argv[:4], str(tmp_path / "wrong.safetensors"), *argv[5:]]) == 2
+    assert "the model takes (2, 8, 8)" in capsys.readouterr().err
