@@ -41,18 +41,23 @@ def saliency_panels(state: AppState, digit, t, seed):
                               ["real x0", f"x_t (t={t})", "model's x0 estimate", "saliency |dL/dx_t|"])
 
 
-def quant_error(state: AppState, current: dict, digit, steps, seed):
+def quant_error(state: AppState, current: dict, digit, steps, seed, user=None):
     label, steps, seed = _common(digit, steps, seed)
-    plan = resolve_plan(state, current)
+    plan = resolve_plan(state, current, user)
     tr = quantization_error_trace(state.model, state.quantized(plan), label, steps=steps, seed=seed,
                                   schedule=state.schedule)
     return plots.heatmap(tr.layers, tr.timesteps, tr.matrix.numpy(),
                          "relative error of each layer's output, current plan vs FP32 (same inputs)", "‖q−f‖/‖f‖")
 
 
-def build(state: AppState, current, guard):
+HOW_TO = ("**How to:** press a button to look inside the network along one denoising trajectory: which layers are "
+          "active when, what the model attends to (saliency), and where your plan's quantization error grows.")
+
+
+def build(state: AppState, current, user, guard):
     import gradio as gr
 
+    gr.Markdown(HOW_TO, elem_id="howto-inside")
     with gr.Row():
         digit = gr.Dropdown(["any"] + [str(d) for d in range(10)], value="3", label="digit")
         steps = gr.Slider(2, 100, value=25, step=1, label="DDIM steps")
@@ -71,5 +76,5 @@ def build(state: AppState, current, guard):
                   api_name="activations", concurrency_id="sample", concurrency_limit=2)
     sal_btn.click(guard(lambda *v: saliency_panels(state, *v)), [digit, t, seed], sal, api_name="saliency",
                   concurrency_id="sample")
-    qerr_btn.click(guard(lambda cur, *v: quant_error(state, cur, *v)), [current, digit, steps, seed], qerr,
+    qerr_btn.click(guard(lambda cur, *v: quant_error(state, cur, *v)), [current, digit, steps, seed, user], qerr,
                    api_name="quant_error", concurrency_id="sample")

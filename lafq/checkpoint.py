@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 FORMAT = 1
+KINDS = ("unet", "classifier", "quantized", "train_state", "fisher")
 
 
 class CheckpointError(ValueError):
@@ -49,8 +50,8 @@ def read_bytes_checked(data: bytes, name: str = "<bytes>", kind: str | None = No
     """Parse safetensors bytes; return (tensors, lafq metadata). Raises CheckpointError on anything odd."""
     try:
         tensors = load(data)
-    except (SafetensorError, ValueError, OSError) as e:
-        raise CheckpointError(f"{name} is not a valid .safetensors file ({e}); only .safetensors files made by "
+    except (SafetensorError, ValueError, OSError, TypeError, KeyError) as e:  # TypeError/KeyError: a dtype torch lacks
+        raise CheckpointError(f"{name} is not a valid .safetensors file ({str(e)[:100]}); only .safetensors files made by "
                               f"lafq are accepted (pickled .pt/.pth/.ckpt files are refused by design)") from None
     # safetensors.torch.load drops metadata; read the header for it (8-byte length, then JSON).
     n = int.from_bytes(data[:8], "little")
@@ -60,10 +61,15 @@ def read_bytes_checked(data: bytes, name: str = "<bytes>", kind: str | None = No
         raise CheckpointError(f"{name} has no 'lafq' metadata: it was not written by lafq")
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{name}: the 'lafq' metadata is not valid JSON ({e})") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{name}: the 'lafq' metadata is not valid JSON ({str(e)[:80]})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{name}: the 'lafq' metadata must be a JSON object, got a {type(meta).__name__}")
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{name}: format {meta.get('format')!r} is not supported (this lafq reads format {FORMAT})")
+        raise CheckpointError(f"{name}: format {str(meta.get('format'))[:20]!r} is not supported "
+                              f"(this lafq reads format {FORMAT})")
+    if meta.get("kind") not in KINDS:
+        raise CheckpointError(f"{name}: kind {str(meta.get('kind'))[:20]!r} is unknown; lafq writes {', '.join(KINDS)}")
     if kind is not None and meta.get("kind") != kind:
         raise CheckpointError(f"{name} holds a {meta.get('kind')!r}, expected a {kind!r}")
     return tensors, meta
@@ -72,8 +78,12 @@ def read_bytes_checked(data: bytes, name: str = "<bytes>", kind: str | None = No
 def load_file(path: str | os.PathLike, kind: str | None = None) -> tuple[dict, dict]:
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no such file: {path}")
-    return read_bytes_checked(path.read_bytes(), str(path), kind)
+        raise CheckpointError(f"no such file: {path}" if not path.exists() else f"{path} is not a file")
+    try:
+        data = path.read_bytes()
+    except OSError as e:  # permission denied, I/O error: one line, not a traceback
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    return read_bytes_checked(data, str(path), kind)
 
 
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
