@@ -8,18 +8,22 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
 def main():
+    from demo.serving import port_from_env
+
+    try:
+        port = port_from_env()  # before gradio is imported: it parses GRADIO_SERVER_PORT itself, with a traceback
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     import torch
 
-    from demo.serving import port_from_env
     from demo.state import load_state
     from demo.ui import LAUNCH_OPTIONS, QUEUE_OPTIONS, build_app
     from lafq.data import DataError
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     try:
-        port = port_from_env()
         state = load_state(device=os.environ.get("LAFQ_DEVICE", "auto"))
-    except (ValueError, OSError, DataError) as e:  # bad LAFQ_DEVICE or port, missing or invalid checkpoint: one line
+    except (ValueError, OSError, DataError) as e:  # bad LAFQ_DEVICE, missing or invalid checkpoint: one line
         raise SystemExit(f"error: {e}") from None
     demo = build_app(state)
     demo.queue(**QUEUE_OPTIONS)

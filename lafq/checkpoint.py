@@ -6,6 +6,7 @@ Writes go to a temporary file in the target directory, then rename: never a half
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -24,9 +25,18 @@ class CheckpointError(ValueError):
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` via a temporary file in the same folder and a rename. OSErrors name `path`
+    (not the temporary file): "is a directory: out", "permission denied: out/x.png"."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except (FileExistsError, NotADirectoryError):  # mkdir met a file where a folder belongs
+        raise NotADirectoryError(errno.ENOTDIR, "A parent folder is a file", str(path)) from None
+    except OSError as e:
+        raise type(e)(e.errno, e.strerror, str(path)) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
