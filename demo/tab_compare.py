@@ -84,9 +84,11 @@ def example(state: AppState):
 def build(state: AppState, current, user, guard):
     import gradio as gr
 
+    from .components import Choice
+
     gr.Markdown(HOW_TO, elem_id="howto-compare")
     with gr.Row():
-        digit = gr.Dropdown(["any"] + [str(d) for d in range(10)], value=DEFAULTS["digit"], label="digit")
+        digit = Choice(["any"] + [str(d) for d in range(10)], value=DEFAULTS["digit"], label="digit")
         guidance = gr.Slider(0, 6, value=DEFAULTS["guidance"], step=0.1, label="guidance scale")
         steps = gr.Slider(1, MAX_STEPS, value=DEFAULTS["steps"], step=1, label="DDIM steps")
         seed = gr.Number(DEFAULTS["seed"], precision=0, label="seed")

@@ -86,18 +86,20 @@ def bin_slider_update(state: AppState, user):
 def build(state: AppState, user, guard):
     import gradio as gr
 
+    from .components import Choice, RadioChoice
+
     from . import serving
 
     fm = state.fisher
     gr.Markdown(HOW_TO, elem_id="howto-fisher")
     gr.Markdown(f"Empirical Fisher of the denoising loss (mean of squared per-sample gradients). {state.fisher_note}.")
     with gr.Row():
-        view = gr.Radio(list(VIEWS), value="log", label="view")
-        level = gr.Radio(["layers", "tensors"], value="layers", label="rows")
-        group = gr.Dropdown(GROUPS, value="all", label="class")
+        view = RadioChoice(list(VIEWS), value="log", label="view")
+        level = RadioChoice(["layers", "tensors"], value="layers", label="rows")
+        group = Choice(GROUPS, value="all", label="class")
     heat = gr.Plot()
     with gr.Row():
-        layer = gr.Dropdown(fm.layer_names(), value="down1", label="layer (bar chart)")
+        layer = Choice(fm.layer_names(), value="down1", label="layer (bar chart)")
         t_bin = gr.Slider(0, fm.bins - 1, value=0, step=1, label="timestep bin (0 = the final denoising steps)")
     with gr.Row():
         bar = gr.Plot()

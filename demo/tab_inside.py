@@ -57,12 +57,14 @@ HOW_TO = ("**How to:** press a button to look inside the network along one denoi
 def build(state: AppState, current, user, guard):
     import gradio as gr
 
+    from .components import Choice
+
     gr.Markdown(HOW_TO, elem_id="howto-inside")
     with gr.Row():
-        digit = gr.Dropdown(["any"] + [str(d) for d in range(10)], value="3", label="digit")
+        digit = Choice(["any"] + [str(d) for d in range(10)], value="3", label="digit")
         steps = gr.Slider(2, 100, value=25, step=1, label="DDIM steps")
         seed = gr.Number(0, precision=0, label="seed")
-        layer = gr.Dropdown(OBSERVED, value="down1", label="layer for spatial maps")
+        layer = Choice(OBSERVED, value="down1", label="layer for spatial maps")
     act_btn = gr.Button("Activations along the trajectory")
     heat = gr.Plot()
     maps = gr.Plot()

@@ -250,6 +250,8 @@ def discard_upload(path) -> None:
 def build(state: AppState, current, user, guard):
     import gradio as gr
 
+    from .components import Choice, RadioChoice
+
     start = controls_for(state, DEFAULT_PRESET)
     floor = budget_floor_bits(state, False)
     gr.Markdown(HOW_TO, elem_id="howto-quantize")
@@ -257,11 +259,11 @@ def build(state: AppState, current, user, guard):
                 "in FP32).")
     with gr.Row():
         with gr.Column(scale=1, min_width=300):
-            preset = gr.Dropdown([*PRESETS, CUSTOM], value=DEFAULT_PRESET, label="preset", elem_id="preset")
-            strategy = gr.Dropdown(list(STRATEGIES), value=start[0], label="strategy")
+            preset = Choice([*PRESETS, CUSTOM], value=DEFAULT_PRESET, label="preset", elem_id="preset")
+            strategy = Choice(list(STRATEGIES), value=start[0], label="strategy")
             vis = visibility(start[0])
-            target = gr.Dropdown(list(PRECISIONS[1:]), value=start[1], label="target precision", visible=vis[1])
-            statistic = gr.Radio(list(STATISTICS), value=start[2], label="Fisher over timesteps", visible=vis[2])
+            target = Choice(list(PRECISIONS[1:]), value=start[1], label="target precision", visible=vis[1])
+            statistic = RadioChoice(list(STATISTICS), value=start[2], label="Fisher over timesteps", visible=vis[2])
             log_thr = gr.Slider(LOG_MIN, 0, value=start[3], step=0.05, label="global: log10 threshold", visible=vis[3])
             log_enc = gr.Slider(LOG_MIN, 0, value=start[4], step=0.05, label="groups: encoder (embed, stem, down1-3)",
                                 visible=vis[4])
@@ -282,8 +284,10 @@ def build(state: AppState, current, user, guard):
             with gr.Row():
                 export_btn = gr.Button("Export model + plan")
                 files = gr.File(label="downloads", file_count="multiple", interactive=False)
-            upload = gr.File(label="load a plan (.json) or quantized model (.safetensors)",
-                             file_types=[".json", ".safetensors"], type="filepath")
+            # No file_types: Gradio would refuse other files before the handler, leaving them in its upload
+            # folder; the handler names what is accepted and deletes every upload once read.
+            upload = gr.File(label="load a plan (.json) or quantized model (.safetensors)", type="filepath",
+                             elem_id="upload")
     controls = [strategy, target, statistic, log_thr, log_enc, log_mid, log_dec, p, k, bits, protect]
     outputs = [current, summary, table, pmap]
 

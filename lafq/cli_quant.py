@@ -176,7 +176,6 @@ def cmd_report(args):
     import sys
 
     from .classifier import load_classifier
-    from .fisher import FisherMap
     from .metrics import DEFAULT_CLASSIFIER, get_backend
     from .pipeline import load_denoiser
     from .report import Settings, run, settings_with, write

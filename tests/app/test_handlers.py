@@ -254,3 +254,30 @@ def test_cancel_stops_the_worker_not_just_the_page(app_state):
     with pytest.raises(Cancelled):
         tab_fisher.recompute(app_state, 3, 2, False, lambda f, desc: None, cancel=other.set() or other)
     assert app_state.fisher is old and not app_state.model.training
+
+
+@pytest.fixture(scope="module")
+def hostile(app_state):
+    from tests.app.hostile import hostile_files
+
+    cur = tab_quantize.policy_from_controls(*controls(strategy="layer-ratio", target="int8", p=0.5))  # fp32 and int8
+    model_path, _ = tab_quantize.export(app_state, cur, session="hostile-fixtures")
+    return hostile_files(Path(model_path).read_bytes())
+
+
+def test_every_hostile_file_is_refused_in_one_line_naming_the_problem(app_state, hostile, tmp_path):
+    for name, (data, message) in hostile.items():
+        p = tmp_path / name
+        p.write_bytes(data)
+        with pytest.raises(InputError) as e:
+            tab_quantize.load_upload(app_state, str(p))
+        text = str(e.value)
+        assert message in text and "\n" not in text and len(text) < 400, (name, text)
+
+
+def test_an_oversized_upload_is_refused_by_size(app_state, tmp_path):
+    big = tmp_path / "big.safetensors"
+    with open(big, "wb") as f:
+        f.truncate(200 * 2**20)  # sparse: 200 MiB that take no disk
+    with pytest.raises(InputError, match="200 MiB; the limit is 64 MiB"):
+        tab_quantize.load_upload(app_state, str(big))
