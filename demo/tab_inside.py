@@ -7,7 +7,7 @@ from lafq.inside import OBSERVED, activation_trace, quantization_error_trace, sa
 
 from . import plots
 from .state import MAX_STEPS, AppState, as_choice, as_number, digit_or_none
-from .tab_quantize import resolve_plan
+from .tab_quantize import current_label, resolve_plan
 
 
 def _common(digit, steps, seed):
@@ -47,7 +47,8 @@ def quant_error(state: AppState, current: dict, digit, steps, seed, user=None):
     tr = quantization_error_trace(state.model, state.quantized(plan), label, steps=steps, seed=seed,
                                   schedule=state.schedule)
     return plots.heatmap(tr.layers, tr.timesteps, tr.matrix.numpy(),
-                         "relative error of each layer's output, current plan vs FP32 (same inputs)", "‖q−f‖/‖f‖")
+                         f"relative error of each layer's output, {current_label(current, plan)} vs FP32 (same inputs)",
+                         "‖q−f‖/‖f‖")
 
 
 HOW_TO = ("**How to:** press a button to look inside the network along one denoising trajectory: which layers are "

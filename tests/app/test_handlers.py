@@ -281,3 +281,12 @@ def test_an_oversized_upload_is_refused_by_size(app_state, tmp_path):
         f.truncate(200 * 2**20)  # sparse: 200 MiB that take no disk
     with pytest.raises(InputError, match="200 MiB; the limit is 64 MiB"):
         tab_quantize.load_upload(app_state, str(big))
+
+
+def test_log_axes_print_powers_of_ten_and_image_grids_wrap():
+    fig = plots.bars(["a", "b"], [1e-5, 1e-13], "t", "y", log=True)
+    assert fig.layout.yaxis.exponentformat == "power" and fig.layout.yaxis.dtick == 1  # 10⁻⁵, not "10μ"
+    pm = plots.precision_map(["x"], ["fp32"], [10])
+    assert pm.layout.yaxis.type == "log" and pm.layout.yaxis.exponentformat == "power"
+    six = plots.image_panels([np.zeros((2, 2))] * 6, list("abcdef"))
+    assert six.layout.height > plots.image_panels([np.zeros((2, 2))] * 3, list("abc")).layout.height  # two rows
