@@ -127,8 +127,8 @@ def build(state: AppState, user, guard):
     # gradio recognises gr.Request and passes the session.
     def run(b, s, pc, usr, request: gr.Request, progress=gr.Progress()):
         fisher_settings(b, s)  # bad settings fail at once, not after waiting for the heavy slot
+        progress(0, desc="waiting for other jobs")
         with state.job(request.session_hash, serving.event_alive(), heavy=True) as job:
-            progress(0, desc="waiting for the model")
             new, msg = recompute(state, b, s, pc, progress, cancel=job, user=usr)
         return new, msg, gr.Slider(**bin_slider_update(state, new))
     ev = go_btn.click(guard(run), [bins, samples, per_class, user], [user, status, t_bin], api_name="recompute_fisher",

@@ -75,9 +75,12 @@ def build(state: AppState, current, user, guard):
     sal = gr.Plot()
     qerr_btn = gr.Button("Quantization error along the trajectory (current plan)")
     qerr = gr.Plot()
+    # On arrival: the activations for the default controls, computed once per process and kept.
+    arrival = (lambda: state.memo("inside-example", lambda: activations(state, "3", 25, 0, "down1"))), [heat, maps]
     act_btn.click(guard(lambda *v: activations(state, *v)), [digit, steps, seed, layer], [heat, maps],
                   api_name="activations", concurrency_id="sample", concurrency_limit=2)
     sal_btn.click(guard(lambda *v: saliency_panels(state, *v)), [digit, t, seed], sal, api_name="saliency",
                   concurrency_id="sample")
     qerr_btn.click(guard(lambda cur, *v: quant_error(state, cur, *v)), [current, digit, steps, seed, user], qerr,
                    api_name="quant_error", concurrency_id="sample")
+    return arrival

@@ -152,5 +152,5 @@ def build(state: AppState, current, user, guard):
                       concurrency_id="heavy", concurrency_limit=1)
     cancel.click(stop, None, result, cancels=[ev], api_visibility="private")
     for c in (n, steps):  # the chart follows the chosen N and steps
-        c.change(lambda usr, n_, s_: pareto_figure(state, usr, int(n_), int(s_)), [user, n, steps], chart,
+        c.change(guard(lambda usr, n_, s_: pareto_figure(state, usr, *settings(n_, s_, 1)[:2])), [user, n, steps], chart,
                  api_visibility="private", show_progress="hidden", trigger_mode="always_last")

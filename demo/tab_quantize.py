@@ -29,6 +29,7 @@ from .state import AppState, InputError, as_choice, as_number, plan_key, plan_la
 LOG_MIN = -10.0  # threshold sliders are log10 of a fraction of the largest Fisher score; the minimum means 0
 HOW_TO = ("**How to:** pick a preset (or a strategy and its settings); the size updates as you move the controls. "
           "The plan you see here is the one **Compare**, **Quality** and **Inside** use.")
+THRESHOLD_INFO = "log10 of a fraction of the largest Fisher score; leftmost = 0: keep everything in FP32"
 CONTROL_NAMES = ("strategy", "target", "statistic", "log_threshold", "log_encoder", "log_mid", "log_decoder", "p", "k",
                  "avg_bits", "protect_mid")
 # Which controls each strategy reads (the others are hidden). A strategy not listed shows every control.
@@ -255,18 +256,20 @@ def build(state: AppState, current, user, guard):
     start = controls_for(state, DEFAULT_PRESET)
     floor = budget_floor_bits(state, False)
     gr.Markdown(HOW_TO, elem_id="howto-quantize")
-    gr.Markdown("Thresholds are log10 of a fraction of the largest Fisher score (leftmost = 0: keep everything "
-                "in FP32).")
     with gr.Row():
         with gr.Column(scale=1, min_width=300):
+            # The size readout heads the controls' column: on a phone it stays next to the sliders.
+            warning = gr.Markdown(elem_id="quantize-warning")
+            summary = gr.Markdown(elem_id="size-readout")
             preset = Choice([*PRESETS, CUSTOM], value=DEFAULT_PRESET, label="preset", elem_id="preset")
             strategy = Choice(list(STRATEGIES), value=start[0], label="strategy")
             vis = visibility(start[0])
             target = Choice(list(PRECISIONS[1:]), value=start[1], label="target precision", visible=vis[1])
             statistic = RadioChoice(list(STATISTICS), value=start[2], label="Fisher over timesteps", visible=vis[2])
-            log_thr = gr.Slider(LOG_MIN, 0, value=start[3], step=0.05, label="global: log10 threshold", visible=vis[3])
+            log_thr = gr.Slider(LOG_MIN, 0, value=start[3], step=0.05, label="global: log10 threshold", visible=vis[3],
+                                info=THRESHOLD_INFO)
             log_enc = gr.Slider(LOG_MIN, 0, value=start[4], step=0.05, label="groups: encoder (embed, stem, down1-3)",
-                                visible=vis[4])
+                                visible=vis[4], info=THRESHOLD_INFO)
             log_mid = gr.Slider(LOG_MIN, 0, value=start[5], step=0.05, label="groups: mid", visible=vis[5])
             log_dec = gr.Slider(LOG_MIN, 0, value=start[6], step=0.05, label="groups: decoder (up3-1, head)",
                                 visible=vis[6])
@@ -277,8 +280,6 @@ def build(state: AppState, current, user, guard):
                              label=f"budget / random: average bits per weight (≥ {floor:.1f}: int4 everywhere possible)")
             protect = gr.Checkbox(start[10], label="protect the middle block", visible=vis[10])
         with gr.Column(scale=2, min_width=300):
-            warning = gr.Markdown(elem_id="quantize-warning")
-            summary = gr.Markdown(elem_id="size-readout")
             table = gr.Dataframe(headers=["dtype", "tensors", "params", "bytes"], interactive=False)
             pmap = gr.Plot()
             with gr.Row():

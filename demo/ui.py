@@ -65,12 +65,13 @@ def build_app(state: AppState) -> gr.Blocks:
         with gr.Tab("Quality", id="quality"):
             tab_quality.build(state, current, user, guard)
         with gr.Tab("Inside", id="inside"):
-            tab_inside.build(state, current, user, guard)
-        # First paint: figures and readouts when a page opens; the Compare example is computed once and kept.
+            inside_fn, inside_out = tab_inside.build(state, current, user, guard)
+        # First paint: figures and readouts when a page opens; the Compare and Inside examples are computed
+        # once per process and kept.
         demo.load(guard(fisher_fn), fisher_in, fisher_out, api_visibility="private")
         demo.load(guard(q_fn), q_in, q_out, api_visibility="private")
-        demo.load(guard(example_fn), None, example_out, api_visibility="private", concurrency_id="sample",
-                  show_progress="minimal")
+        for fn, out in ((example_fn, example_out), (inside_fn, inside_out)):
+            demo.load(guard(fn), None, out, api_visibility="private", concurrency_id="sample", show_progress="minimal")
 
         def forget(request: gr.Request):  # a closed page's export folder goes at once, not at shutdown
             tab_quantize.EXPORTS.forget(request.session_hash)

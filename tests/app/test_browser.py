@@ -62,6 +62,8 @@ def test_a_first_visit_shows_the_example_presets_and_how_to_lines(url, browser):
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"#{elem_id} img[src]"))
     wait.until(lambda d: "ms/image" in d.find_element(By.ID, "compare-timing").text)
     assert "How to" in browser.find_element(By.ID, "howto-compare").text
+    open_tab(browser, wait, "Inside")  # activations are drawn on arrival too
+    wait.until(lambda d: len([e for e in d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot") if e.is_displayed()]) >= 2)
     open_tab(browser, wait, "Quantize")
     readout = wait.until(EC.visibility_of_element_located((By.ID, "size-readout")))
     wait.until(lambda d: "% of FP32" in readout.text and "budget" in readout.text)  # the default preset

@@ -290,3 +290,17 @@ def test_log_axes_print_powers_of_ten_and_image_grids_wrap():
     assert pm.layout.yaxis.type == "log" and pm.layout.yaxis.exponentformat == "power"
     six = plots.image_panels([np.zeros((2, 2))] * 6, list("abcdef"))
     assert six.layout.height > plots.image_panels([np.zeros((2, 2))] * 3, list("abc")).layout.height  # two rows
+
+
+def test_a_refused_control_value_keeps_the_last_good_readout_and_warns_inline(app_state):
+    import gradio as gr
+
+    from demo.ui import guard
+
+    def below_floor(*_):
+        tab_quantize.readout(app_state, tab_quantize.policy_from_controls(*controls(strategy="budget", avg_bits=4.0)))
+    out = guard(below_floor, keep=4)()
+    assert len(out) == 5 and all(isinstance(o, type(gr.skip())) for o in out[:4])
+    assert out[4].startswith("⚠️") and "below the floor" in out[4] and "\n" not in out[4]
+    with pytest.raises(gr.Error, match="below the floor"):  # the API endpoint raises instead
+        guard(below_floor)()
