@@ -81,6 +81,25 @@ def example(state: AppState):
         DEFAULTS["n"], True))
 
 
+def served(outputs):
+    """Compare's outputs with the three grids as PNG-tagged PIL images, unique per response. Gradio writes an
+    image output in place, at a path named by the image's hash: two users receiving identical images at once
+    (the same seed, the arrival example) could download a half-written file. A per-response tag gives each
+    response its own file (Gradio deletes them after an hour)."""
+    import uuid
+
+    from PIL import Image
+
+    def tagged(a):
+        if a is None:
+            return None
+        img = Image.fromarray(a)
+        img.info["lafq-response"] = uuid.uuid4().hex
+        return img
+    *images, diff_fig, md = outputs
+    return (*[tagged(a) for a in images], diff_fig, md)
+
+
 def build(state: AppState, current, user, guard):
     import gradio as gr
 
@@ -102,7 +121,7 @@ def build(state: AppState, current, user, guard):
     diff = gr.Plot()
     timing = gr.Markdown(elem_id="compare-timing")
     outputs = [a, b, c, diff, timing]
-    go_btn.click(guard(lambda cur, *v: compare(state, cur, *v)), [current, digit, guidance, steps, seed, n, with_uniform,
+    go_btn.click(guard(lambda cur, *v: served(compare(state, cur, *v))), [current, digit, guidance, steps, seed, n, with_uniform,
                                                                    user],
                  outputs, api_name="compare", concurrency_id="sample", concurrency_limit=2)
-    return (lambda: example(state)), outputs
+    return (lambda: served(example(state))), outputs

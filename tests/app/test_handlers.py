@@ -304,3 +304,14 @@ def test_a_refused_control_value_keeps_the_last_good_readout_and_warns_inline(ap
     assert out[4].startswith("⚠️") and "below the floor" in out[4] and "\n" not in out[4]
     with pytest.raises(gr.Error, match="below the floor"):  # the API endpoint raises instead
         guard(below_floor)()
+
+
+def test_two_responses_with_identical_images_get_files_of_their_own():
+    """Gradio writes image outputs in place at a content-hash path; identical images sent to two users at
+    once could be read half-written (seen as 'peer closed connection' under load). Each response is unique."""
+    from gradio.processing_utils import encode_pil_to_bytes
+
+    grid = np.zeros((28, 28), np.uint8)
+    first, second = tab_compare.served((grid, grid, None, "fig", "md")), tab_compare.served((grid, grid, None, "fig", "md"))
+    assert encode_pil_to_bytes(first[0]) != encode_pil_to_bytes(second[0]) and first[2] is None
+    assert np.array_equal(np.asarray(first[0]), grid)  # the pixels are unchanged

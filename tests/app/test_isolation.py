@@ -48,26 +48,28 @@ def heavy_slot_frees(app_state) -> bool:
 def test_a_recompute_never_breaks_or_changes_other_users(url, app_state, monkeypatch):
     shipped = app_state.fisher
     started = started_signal(monkeypatch, tab_fisher, "compute_fisher")
-    g, a, b = (Client(url, verbose=False) for _ in range(3))
+    g, b = Client(url, verbose=False), Client(url, verbose=False)
     before_b = b.predict(*GLOBAL, api_name="/quantize_readout")[0]
     job = g.submit(100, 256, False, api_name="/recompute_fisher")  # long: it runs while the others work
     assert started.wait(WAIT)
     assert not _hooked(app_state.model)  # the recompute's hooks are on a private copy
-    a.predict(*INT8, api_name="/quantize_readout")  # a plan first built during the recompute
     errors = []
 
-    def use(client):
+    def use(readout):  # one client per thread: each is a user with a session of their own
         try:
-            client.predict("7", 1.5, 2, 0, 2, True, api_name="/compare")
-            client.predict("7", 2, 0, api_name="/quant_error")
+            user = Client(url, verbose=False)
+            user.predict(*readout, api_name="/quantize_readout")  # INT8: a plan first built during the recompute
+            user.predict("7", 1.5, 2, 0, 2, True, api_name="/compare")
+            user.predict("7", 2, 0, api_name="/quant_error")
         except Exception as e:  # noqa: BLE001 - collected and asserted below
             errors.append(repr(e))
-    threads = [threading.Thread(target=use, args=(c,)) for c in (a, b, a, b)]
+    threads = [threading.Thread(target=use, args=(r,)) for r in (INT8, GLOBAL, INT8, GLOBAL)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(WAIT)
     assert errors == []
+    assert not _hooked(app_state.model)
     job.cancel()
     assert heavy_slot_frees(app_state)  # the cancelled recompute stopped computing
     assert app_state.fisher is shipped and not _hooked(app_state.model)
