@@ -1,4 +1,14 @@
-"""What every tab shares: the FP32 model, its Fisher map, caches, and input validation.
+"""What every tab shares, what each user owns, and input validation.
+
+Contracts:
+- `AppState` is shared by every user and is read-only after `load_state`: the FP32 model is never
+  hooked, moved or replaced (work that needs hooks runs on a private deep copy), and the shipped
+  Fisher map is never replaced. Caches in it hold only results that depend on nothing but their key.
+- `UserSession` is one browser tab's or API client's own state (a gr.State): the Fisher map they
+  recomputed, their evaluations. Handlers return a new one; another user's never changes.
+- Long jobs run inside `AppState.job`: a cancel flag per session, the request's liveness (a client
+  that cancels or disconnects stops the worker at its next step), one heavy job computing at a time
+  even while a cancelled one winds down, and memory handed back to the OS afterwards.
 
 Nothing here imports gradio: handlers raise `InputError` (a ValueError) and the UI layer turns
 it into a gr.Error, so the same code is unit-tested without a server.
@@ -6,13 +16,19 @@ it into a gr.Error, so the same code is unit-tested without a server.
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
+import gc
 import hashlib
 import json
+import logging
 import math
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -23,10 +39,13 @@ from lafq.pipeline import load_denoiser
 from lafq.policy import Plan, Policy, make_plan, param_shapes
 from lafq.quantize import quantize_, size_report, to_device
 
+log = logging.getLogger("lafq.app")
+
 REPO = Path(__file__).resolve().parent.parent
 CHECKPOINT = REPO / "checkpoints" / "unet.safetensors"
 FISHER = REPO / "checkpoints" / "fisher.safetensors"
 REPORT_CSV = REPO / "docs" / "report.csv"
+SENSITIVITY_CSV = REPO / "docs" / "sensitivity.csv"
 
 # Caps that keep one request from holding a 2-core host for long.
 MAX_FID_N = 2000
@@ -35,39 +54,105 @@ MAX_STEPS = 200
 MAX_SAMPLES = 64
 MAX_BINS = 100
 MAX_FISHER_SAMPLES = 256
+MAX_EVALUATIONS = 50  # per user: the chart stays readable and a session's state stays small
+MAX_QUANTIZED = 6  # quantized models kept (a few MB each)
+MAX_FID_RESULTS = 128
+ECHO = 40  # characters of a rejected value echoed back: a 10 MB string must not come back in the reply or the log
 
 
 class Cancelled(Exception):
-    """A long job stopped because its user pressed Cancel."""
+    """A long job stopped because its user pressed Cancel, cancelled from a client, or went away."""
+
+
+class InputError(ValueError):
+    """A request value out of range or of the wrong kind; the message says what is accepted."""
+
+
+def shown(value) -> str:
+    """A rejected value as the error message quotes it: repr, cut to ECHO characters."""
+    r = repr(value)
+    return r if len(r) <= ECHO else f"{r[:ECHO]}… ({len(r):,} characters)"
+
+
+def as_number(value, name: str, lo: float, hi: float, integer: bool = False):
+    if isinstance(value, bool):  # True is 1 to float(); a checkbox value where a number belongs is a mistake
+        raise InputError(f"{name} must be a number in [{lo}, {hi}], got {shown(value)}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(f"{name} must be a number in [{lo}, {hi}], got {shown(value)}") from None
+    if not math.isfinite(v) or not lo <= v <= hi:
+        raise InputError(f"{name} must be in [{lo}, {hi}], got {shown(value)}")
+    if integer:
+        if v != int(v):
+            raise InputError(f"{name} must be a whole number in [{lo}, {hi}], got {shown(value)}")
+        return int(v)
+    return v
+
+
+def as_choice(value, name: str, choices):
+    if not isinstance(value, (str, int, float, type(None))) or value not in choices:
+        raise InputError(f"{name} must be one of {list(choices)}, got {shown(value)}")
+    return value
+
+
+def digit_or_none(value) -> int | None:
+    """'any' / None -> unconditional; '0'..'9' -> that digit."""
+    if value in (None, "", "any", "unconditional"):
+        return None
+    return as_number(value, "digit", 0, 9, integer=True)
+
+
+# -- jobs --------------------------------------------------------------------------------------
+
+class Job:
+    """One running job's stop signal: set by its session's Cancel button, or read from the request
+    (`alive() is False` once the client cancelled or disconnected). Event-like: set(), is_set()."""
+
+    def __init__(self, alive: Callable[[], bool] | None = None):
+        self._flag = threading.Event()
+        self._alive = alive
+
+    def set(self) -> None:
+        self._flag.set()
+
+    def is_set(self) -> bool:
+        return self._flag.is_set() or (self._alive is not None and not self._alive())
+
+    def check(self) -> None:
+        if self.is_set():
+            raise Cancelled("cancelled")
 
 
 class Jobs:
-    """One cancel flag per browser session. Gradio's `cancels=` stops the page from waiting but cannot
-    stop a worker thread; the running job's progress callback checks this flag and stops it."""
+    """The running job of each session. Gradio's `cancels=` stops the page from waiting but cannot
+    stop a worker thread; the job's progress callback checks its Job and stops it."""
 
     def __init__(self):
-        self._flags: dict[str, threading.Event] = {}
+        self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
 
-    def start(self, session: str) -> threading.Event:
-        flag = threading.Event()
+    def start(self, session: str, alive: Callable[[], bool] | None = None) -> Job:
+        job = Job(alive)
         with self._lock:
-            self._flags[session] = flag
-        return flag
+            self._jobs[session] = job
+        return job
 
-    def cancel(self, session: str) -> None:
+    def cancel(self, session: str) -> bool:
+        """Stop the session's running job; False if it has none."""
         with self._lock:
-            flag = self._flags.get(session)
-        if flag is not None:
-            flag.set()
+            job = self._jobs.get(session)
+        if job is not None:
+            job.set()
+        return job is not None
 
-    def finish(self, session: str, flag: threading.Event) -> None:
+    def finish(self, session: str, job: Job) -> None:
         with self._lock:
-            if self._flags.get(session) is flag:
-                del self._flags[session]
+            if self._jobs.get(session) is job:
+                del self._jobs[session]
 
 
-def cancellable(progress, cancel: threading.Event | None):
+def cancellable(progress, cancel: Job | threading.Event | None):
     """Wrap a progress callback so that it raises Cancelled once `cancel` is set."""
     if cancel is None:
         return progress
@@ -80,38 +165,33 @@ def cancellable(progress, cancel: threading.Event | None):
     return check
 
 
-class InputError(ValueError):
-    """A request value out of range or of the wrong kind; the message says what is accepted."""
+def release_memory() -> None:
+    """Hand freed memory back to the OS after a heavy job: glibc keeps freed arenas mapped otherwise,
+    so the resident size only ever grows (1.9 GB after a burst of FIDs)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
-def as_number(value, name: str, lo: float, hi: float, integer: bool = False):
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a number in [{lo}, {hi}], got {value!r}") from None
-    if not math.isfinite(v) or not lo <= v <= hi:
-        raise InputError(f"{name} must be in [{lo}, {hi}], got {value!r}")
-    if integer:
-        if v != int(v):
-            raise InputError(f"{name} must be a whole number in [{lo}, {hi}], got {value!r}")
-        return int(v)
-    return v
+_TRIM: list = []
 
 
-def as_choice(value, name: str, choices):
-    if value not in choices:
-        raise InputError(f"{name} must be one of {list(choices)}, got {value!r}")
-    return value
+def _malloc_trim():
+    if not _TRIM:
+        name = ctypes.util.find_library("c")
+        try:
+            _TRIM.append(getattr(ctypes.CDLL(name), "malloc_trim") if name else None)
+        except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+            _TRIM.append(None)
+    return _TRIM[0]
 
 
-def digit_or_none(value) -> int | None:
-    """'any' / None -> unconditional; '0'..'9' -> that digit."""
-    if value in (None, "", "any", "unconditional"):
-        return None
-    return as_number(value, "digit", 0, 9, integer=True)
+# -- per-user state ----------------------------------------------------------------------------
 
-
-@dataclass
+@dataclass(frozen=True)
 class FIDPoint:
     label: str
     bytes: int
@@ -120,23 +200,54 @@ class FIDPoint:
     fid_ci95: float
     backend: str
     n: int
+    steps: int = 0
+    seeds: int = 0
     accuracy: float | None = None
+    dfid_mean: float | None = None  # paired difference to FP32 (same seeds, same noise)
+    dfid_ci95: float | None = None
 
+
+@dataclass(frozen=True)
+class UserSession:
+    """One user's own state (kept in a gr.State). `fisher` None means the shipped map."""
+    fisher: FisherMap | None = None
+    fisher_note: str = ""
+    evaluations: tuple[FIDPoint, ...] = ()
+
+    def __post_init__(self):
+        if self.fisher is not None and not isinstance(self.fisher, FisherMap):
+            raise TypeError("UserSession.fisher must be a FisherMap or None")
+        object.__setattr__(self, "evaluations", tuple(self.evaluations)[-MAX_EVALUATIONS:])
+
+    def with_evaluations(self, points) -> "UserSession":
+        kept = [p for p in self.evaluations if (p.label, p.n, p.steps, p.seeds) not in
+                {(q.label, q.n, q.steps, q.seeds) for q in points}]
+        return replace(self, evaluations=tuple(kept) + tuple(points))
+
+
+def as_user(value) -> UserSession:
+    """The session value as a UserSession (a fresh one where a client sent something else)."""
+    return value if isinstance(value, UserSession) else UserSession()
+
+
+# -- shared state ------------------------------------------------------------------------------
 
 @dataclass
 class AppState:
     model: torch.nn.Module
     fisher: FisherMap
-    fisher_note: str  # where the map came from (shipped, recomputed, stale...)
+    fisher_note: str  # where the shipped map came from (shipped, stale...)
     device: str = "cpu"
     schedule: object = field(default_factory=linear_schedule)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    heavy: threading.Lock = field(default_factory=threading.Lock)  # held by the worker thread while it computes
     _quantized: OrderedDict = field(default_factory=OrderedDict)
-    fid_cache: dict = field(default_factory=dict)
+    fid_cache: OrderedDict = field(default_factory=OrderedDict)
     jobs: Jobs = field(default_factory=Jobs)
-    pareto: list[FIDPoint] = field(default_factory=list)
     _classifier: object = None
     _backend: object = None
+    _memo: dict = field(default_factory=dict)
+    _memo_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def shapes(self) -> dict:
@@ -146,11 +257,23 @@ class AppState:
     def weights(self) -> dict:  # on the CPU, beside the Fisher map they are scored with
         return {n: p.detach().cpu() for n, p in self.model.named_parameters()}
 
-    def plan(self, policy: Policy) -> Plan:
-        return make_plan(policy, self.fisher, self.weights)
+    def fisher_of(self, user: UserSession | None) -> FisherMap:
+        user = as_user(user)
+        return user.fisher if user.fisher is not None else self.fisher
+
+    def note_of(self, user: UserSession | None) -> str:
+        user = as_user(user)
+        return user.fisher_note if user.fisher is not None else self.fisher_note
+
+    def plan(self, policy: Policy, fisher: FisherMap | None = None) -> Plan:
+        return make_plan(policy, fisher if fisher is not None else self.fisher, self.weights)
 
     def size(self, plan: Plan):
         return size_report(plan, self.shapes)
+
+    def private_model(self) -> torch.nn.Module:
+        """A copy of the FP32 model for work that hooks or modifies it (Fisher): the shared one serves others."""
+        return copy.deepcopy(self.model)
 
     def quantized(self, plan: Plan) -> torch.nn.Module:
         """The quantized model for a plan, built once and kept (a few, least recently used first out)."""
@@ -159,12 +282,58 @@ class AppState:
             if key in self._quantized:
                 self._quantized.move_to_end(key)
                 return self._quantized[key]
-        q = to_device(quantize_(copy.deepcopy(self.model).cpu(), plan), self.device)  # quantized on the CPU, then moved
+        base = copy.deepcopy(self.model).cpu()
+        hooked = _hooked(base)  # never expected (the shared model is never hooked); a hooked copy must not be shared
+        q = to_device(quantize_(base, plan), self.device)  # quantized on the CPU, then moved
+        if hooked:
+            log.warning("the FP32 model carries hooks; not caching the quantized model for plan %s", key)
+            return q
         with self.lock:
             self._quantized[key] = q
-            while len(self._quantized) > 6:
+            while len(self._quantized) > MAX_QUANTIZED:
                 self._quantized.popitem(last=False)
         return q
+
+    def fid_result(self, key):
+        with self.lock:
+            if key in self.fid_cache:
+                self.fid_cache.move_to_end(key)
+                return self.fid_cache[key]
+        return None
+
+    def keep_fid_result(self, key, value) -> None:
+        with self.lock:
+            self.fid_cache[key] = value
+            while len(self.fid_cache) > MAX_FID_RESULTS:
+                self.fid_cache.popitem(last=False)
+
+    @contextmanager
+    def job(self, session: str, alive: Callable[[], bool] | None = None, heavy: bool = False):
+        """Run a job for `session`: yields its Job. heavy=True waits for the heavy slot (one job computing
+        at a time, even a cancelled one that is still winding down) and frees memory afterwards."""
+        job = self.jobs.start(session, alive)
+        held = False
+        try:
+            if heavy:
+                # Poll so a job cancelled while it waits stops waiting (the wait, not a test, uses the timeout).
+                while not (held := self.heavy.acquire(timeout=0.25)):
+                    job.check()
+            job.check()
+            yield job
+        finally:
+            if held:
+                self.heavy.release()
+            self.jobs.finish(session, job)
+            if heavy:
+                release_memory()
+
+    def memo(self, key, compute: Callable[[], object]):
+        """compute() once per key for the process (arrival examples, real-vs-real floors); later callers
+        wait for the first and share its result. Keys are few and fixed: no bound needed."""
+        with self._memo_lock:
+            if key not in self._memo:
+                self._memo[key] = compute()
+            return self._memo[key]
 
     def classifier(self):
         if self._classifier is None:
@@ -180,14 +349,44 @@ class AppState:
         return self._backend
 
 
+def _hooked(model: torch.nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               for m in model.modules())
+
+
 def plan_key(plan: Plan) -> str:
     return hashlib.sha256(json.dumps(plan.precisions, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _num(v) -> str:
+    return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "?"
+
+
+def plan_label(plan: Plan, source: str | None = None) -> str:
+    """A readable name for a plan (its policy in words; a loaded file's name), never a hash alone."""
+    pol = plan.policy if isinstance(plan.policy, dict) else {}
+    if isinstance(pol.get("label"), str) and pol["label"]:
+        name = pol["label"][:60]
+    else:
+        s, target = pol.get("strategy"), pol.get("target", "?")
+        name = {
+            "uniform": f"uniform {target}",
+            "global": f"global ≤ {_num(pol.get('threshold'))} → {target}",
+            "groups": f"groups → {target}",
+            "layer-ratio": f"layer-ratio p={_num(pol.get('p'))} → {target}",
+            "layer-std": f"layer-std k={_num(pol.get('k'))} → {target}",
+            "budget": f"budget {_num(pol.get('avg_bits'))} bits ({pol.get('statistic', '?')})",
+            "random": f"random {_num(pol.get('avg_bits'))} bits",
+        }.get(s, "custom plan")
+        if pol.get("protect_mid") is True:
+            name += ", mid kept"
+    return f"{name} (from {source[:60]})" if source else name
 
 
 def load_state(checkpoint=CHECKPOINT, fisher_path=FISHER, quick_bins: int = 5, quick_samples: int = 4,
                device: str = "auto") -> AppState:
     """Load the model (onto `device`: "auto" takes the GPU where there is one) and its Fisher map; if the
-    shipped map is missing or belongs to other weights, compute a small one (a few seconds) and say so."""
+    shipped map is missing, unreadable or belongs to other weights, compute a small one (a few seconds) and say so."""
     from lafq.device import resolve_device
 
     dev = resolve_device(device)
@@ -196,17 +395,21 @@ def load_state(checkpoint=CHECKPOINT, fisher_path=FISHER, quick_bins: int = 5, q
         raise CheckpointError(f"{checkpoint} is a quantized model; the app needs the FP32 checkpoint")
     digest = state_digest(model)
     fm, note = None, ""
+    rough = f"using a rough {quick_bins}-bin x {quick_samples}-sample map until you recompute (Fisher tab)"
     if Path(fisher_path).is_file():
-        fm = FisherMap.load(fisher_path)
-        if fm.meta.get("checkpoint_digest") != digest:
-            note = (f"the shipped Fisher map was computed on other weights; using a rough {quick_bins}-bin x {quick_samples}-sample "
-                    "map until you recompute (Fisher tab)")
-            fm = None
+        try:
+            fm = FisherMap.load(fisher_path)
+        except (CheckpointError, KeyError, TypeError, ValueError, IndexError) as e:  # a file missing keys is not a crash
+            note = f"the shipped Fisher map {Path(fisher_path).name} is unreadable ({shown(str(e))}); {rough}"
         else:
-            note = (f"shipped map: {fm.bins} bins x {fm.meta.get('samples_per_bin')} samples, groups: "
-                    f"{'all + per digit' if len(fm.groups) > 1 else 'all'}")
+            if fm.meta.get("checkpoint_digest") != digest:
+                note = f"the shipped Fisher map was computed on other weights; {rough}"
+                fm = None
+            else:
+                note = (f"shipped map: {fm.bins} bins x {fm.meta.get('samples_per_bin')} samples, groups: "
+                        f"{'all + per digit' if len(fm.groups) > 1 else 'all'}")
     else:
-        note = f"no shipped Fisher map; using a rough {quick_bins}-bin x {quick_samples}-sample map until you recompute (Fisher tab)"
+        note = f"no shipped Fisher map; {rough}"
     if fm is None:
         from lafq.data import load_dataset
         x, y = load_dataset("mnist-test10k").tensors()

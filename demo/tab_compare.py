@@ -1,4 +1,8 @@
-"""Compare tab: FP32, the current plan and (optionally) uniform quantization from identical noise."""
+"""Compare tab: FP32, the current plan and (optionally) uniform quantization from identical noise.
+
+On arrival the tab shows an example (the default preset, budget 4.5 bits, beside uniform INT4 and FP32),
+computed once per process and then served from memory to every page that opens.
+"""
 from __future__ import annotations
 
 import time
@@ -12,11 +16,16 @@ from lafq.policy import Plan
 from lafq.precision import fallback
 
 from . import plots
-from .state import MAX_SAMPLES, MAX_STEPS, AppState, as_number, digit_or_none
-from .tab_quantize import resolve_plan
+from .state import MAX_SAMPLES, MAX_STEPS, AppState, InputError, as_number, digit_or_none, shown
+from .tab_quantize import current_label, preset_current, resolve_plan
 from .zerogpu import gpu
 
 DEFAULTS = dict(digit="7", guidance=DEFAULT_GUIDANCE, steps=20, seed=0, n=4)
+HOW_TO = ("**How to:** pick a digit and press Generate: FP32, your plan and uniform quantization at the plan's lowest "
+          "precision start from the same noise, so any difference is the quantization's. The example below: the "
+          "budget plan (a seventh of FP32's size) next to uniform INT4 (the same size, no Fisher).")
+SPEED_NOTE = ("Quantized models are not faster per image here: their weights are stored small (memory, download) "
+              "and dequantized to FP32 for compute, so each step runs the same FP32 arithmetic.")
 
 
 def grid(images: torch.Tensor, nrow: int, scale: int = 3, pad_value: int = 255) -> np.ndarray:
@@ -35,14 +44,16 @@ def uniform_plan(state: AppState, plan: Plan) -> Plan:
 
 
 @gpu(duration=30)
-def compare(state: AppState, current: dict, digit, guidance, steps, seed, n, with_uniform: bool):
+def compare(state: AppState, current: dict, digit, guidance, steps, seed, n, with_uniform: bool, user=None):
     """Images from each model with the same seed; the |difference| map; seconds per image for each."""
     label = digit_or_none(digit)
     spec = SampleSpec(n=as_number(n, "images", 1, MAX_SAMPLES, integer=True),
                       labels=() if label is None else (label,), steps=as_number(steps, "DDIM steps", 1, MAX_STEPS, integer=True),
                       guidance=as_number(guidance, "guidance", 0.0, 10.0),
                       seed=as_number(seed, "seed", 0, 2**31 - 1, integer=True), batch_size=64)
-    plan = resolve_plan(state, current)
+    if not isinstance(with_uniform, bool):
+        raise InputError(f"'also uniform' must be true or false, got {shown(with_uniform)}")
+    plan = resolve_plan(state, current, user)
     models = {"FP32": state.model, "plan": state.quantized(plan)}
     if with_uniform:
         u = uniform_plan(state, plan)
@@ -56,18 +67,49 @@ def compare(state: AppState, current: dict, digit, guidance, steps, seed, n, wit
     nrow = max(1, int(round(spec.n ** 0.5)))
     diff = (out["plan"].float() - out["FP32"].float()).abs()
     diff_fig = plots.diff_map(grid(diff.to(torch.uint8), nrow, scale=1, pad_value=0), "|plan − FP32| per pixel (0-255)")
-    md = " · ".join(f"**{k}** {1000 * v:.0f} ms/image" for k, v in timing.items())
-    md += f" — DDIM-{spec.steps}, guidance {spec.guidance}, seed {spec.seed}; mean |Δ| plan vs FP32: {diff.mean():.2f}/255"
+    md = f"Plan: **{current_label(current, plan)}**. "
+    md += " · ".join(f"**{k}** {1000 * v:.0f} ms/image" for k, v in timing.items())
+    md += f" — DDIM-{spec.steps}, guidance {spec.guidance}, seed {spec.seed}; mean |Δ| plan vs FP32: {diff.mean():.2f}/255."
+    md += f"\n\n{SPEED_NOTE}"
     images = [grid(out["FP32"], nrow), grid(out["plan"], nrow)]
     images.append(grid(out[next(k for k in out if k.startswith("uniform"))], nrow) if with_uniform else None)
     return (*images, diff_fig, md)
 
 
-def build(state: AppState, current, guard):
+def example(state: AppState):
+    """The arrival example (default preset vs uniform, same noise), computed once per process and kept."""
+    return state.memo("compare-example", lambda: compare(
+        state, preset_current(state), DEFAULTS["digit"], DEFAULTS["guidance"], DEFAULTS["steps"], DEFAULTS["seed"],
+        DEFAULTS["n"], True))
+
+
+def served(outputs):
+    """Compare's outputs with the three grids as PNG-tagged PIL images, unique per response. Gradio writes an
+    image output in place, at a path named by the image's hash: two users receiving identical images at once
+    (the same seed, the arrival example) could download a half-written file. A per-response tag gives each
+    response its own file (Gradio deletes them after an hour)."""
+    import uuid
+
+    from PIL import Image
+
+    def tagged(a):
+        if a is None:
+            return None
+        img = Image.fromarray(a)
+        img.info["lafq-response"] = uuid.uuid4().hex
+        return img
+    *images, diff_fig, md = outputs
+    return (*[tagged(a) for a in images], diff_fig, md)
+
+
+def build(state: AppState, current, user, guard):
     import gradio as gr
 
+    from .components import Choice
+
+    gr.Markdown(HOW_TO, elem_id="howto-compare")
     with gr.Row():
-        digit = gr.Dropdown(["any"] + [str(d) for d in range(10)], value=DEFAULTS["digit"], label="digit")
+        digit = Choice(["any"] + [str(d) for d in range(10)], value=DEFAULTS["digit"], label="digit")
         guidance = gr.Slider(0, 6, value=DEFAULTS["guidance"], step=0.1, label="guidance scale")
         steps = gr.Slider(1, MAX_STEPS, value=DEFAULTS["steps"], step=1, label="DDIM steps")
         seed = gr.Number(DEFAULTS["seed"], precision=0, label="seed")
@@ -80,5 +122,8 @@ def build(state: AppState, current, guard):
         c = gr.Image(label="uniform", elem_id="img-uniform", format="png")
     diff = gr.Plot()
     timing = gr.Markdown(elem_id="compare-timing")
-    go_btn.click(guard(lambda cur, *v: compare(state, cur, *v)), [current, digit, guidance, steps, seed, n, with_uniform],
-                 [a, b, c, diff, timing], api_name="compare", concurrency_id="sample", concurrency_limit=2)
+    outputs = [a, b, c, diff, timing]
+    go_btn.click(guard(lambda cur, *v: served(compare(state, cur, *v))), [current, digit, guidance, steps, seed, n, with_uniform,
+                                                                   user],
+                 outputs, api_name="compare", concurrency_id="sample", concurrency_limit=2)
+    return (lambda: served(example(state))), outputs

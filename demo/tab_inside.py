@@ -7,7 +7,7 @@ from lafq.inside import OBSERVED, activation_trace, quantization_error_trace, sa
 
 from . import plots
 from .state import MAX_STEPS, AppState, as_choice, as_number, digit_or_none
-from .tab_quantize import resolve_plan
+from .tab_quantize import current_label, resolve_plan
 from .zerogpu import gpu
 
 
@@ -45,23 +45,31 @@ def saliency_panels(state: AppState, digit, t, seed):
 
 
 @gpu(duration=30)
-def quant_error(state: AppState, current: dict, digit, steps, seed):
+def quant_error(state: AppState, current: dict, digit, steps, seed, user=None):
     label, steps, seed = _common(digit, steps, seed)
-    plan = resolve_plan(state, current)
+    plan = resolve_plan(state, current, user)
     tr = quantization_error_trace(state.model, state.quantized(plan), label, steps=steps, seed=seed,
                                   schedule=state.schedule)
     return plots.heatmap(tr.layers, tr.timesteps, tr.matrix.numpy(),
-                         "relative error of each layer's output, current plan vs FP32 (same inputs)", "‖q−f‖/‖f‖")
+                         f"relative error of each layer's output, {current_label(current, plan)} vs FP32 (same inputs)",
+                         "‖q−f‖/‖f‖")
 
 
-def build(state: AppState, current, guard):
+HOW_TO = ("**How to:** press a button to look inside the network along one denoising trajectory: which layers are "
+          "active when, what the model attends to (saliency), and where your plan's quantization error grows.")
+
+
+def build(state: AppState, current, user, guard):
     import gradio as gr
 
+    from .components import Choice
+
+    gr.Markdown(HOW_TO, elem_id="howto-inside")
     with gr.Row():
-        digit = gr.Dropdown(["any"] + [str(d) for d in range(10)], value="3", label="digit")
+        digit = Choice(["any"] + [str(d) for d in range(10)], value="3", label="digit")
         steps = gr.Slider(2, 100, value=25, step=1, label="DDIM steps")
         seed = gr.Number(0, precision=0, label="seed")
-        layer = gr.Dropdown(OBSERVED, value="down1", label="layer for spatial maps")
+        layer = Choice(OBSERVED, value="down1", label="layer for spatial maps")
     act_btn = gr.Button("Activations along the trajectory")
     heat = gr.Plot()
     maps = gr.Plot()
@@ -71,9 +79,12 @@ def build(state: AppState, current, guard):
     sal = gr.Plot()
     qerr_btn = gr.Button("Quantization error along the trajectory (current plan)")
     qerr = gr.Plot()
+    # On arrival: the activations for the default controls, computed once per process and kept.
+    arrival = (lambda: state.memo("inside-example", lambda: activations(state, "3", 25, 0, "down1"))), [heat, maps]
     act_btn.click(guard(lambda *v: activations(state, *v)), [digit, steps, seed, layer], [heat, maps],
                   api_name="activations", concurrency_id="sample", concurrency_limit=2)
     sal_btn.click(guard(lambda *v: saliency_panels(state, *v)), [digit, t, seed], sal, api_name="saliency",
                   concurrency_id="sample")
-    qerr_btn.click(guard(lambda cur, *v: quant_error(state, cur, *v)), [current, digit, steps, seed], qerr,
+    qerr_btn.click(guard(lambda cur, *v: quant_error(state, cur, *v)), [current, digit, steps, seed, user], qerr,
                    api_name="quant_error", concurrency_id="sample")
+    return arrival

@@ -1,99 +1,221 @@
-"""Quality tab: FID (backend and N named, CI over seeds) and accuracy of the current plan; a Pareto chart."""
+"""Quality tab: how far the current plan is from FP32, with the FID backend and N named.
 
-import csv
+Contracts: the lead number is the paired FID difference to FP32 (every seed samples both models from
+the same noise, so the seed-to-seed variation they share cancels), with its 95% interval over seeds;
+unpaired FIDs and the real-vs-real floor at the same backend and N follow as context. A user's
+evaluations are theirs (UserSession.evaluations) and the chart shows those at the chosen N and steps;
+sampled results are cached process-wide by plan and settings (they depend on nothing else).
+Fidelity to FP32 (mean |Δ|, PSNR, feature distance, class agreement) is measured image by image on
+FIDELITY_N images per seed from the same noise, cached process-wide like the FIDs. The sensitivity chart
+shows the shipped validation (docs/sensitivity.csv): each weight matrix lowered alone to INT4, its
+measured damage against each predictor.
+"""
 
-from lafq.pipeline import SampleSpec, evaluate_fid
+import math
+
+from lafq.metrics import fidelity, mean_ci95
+from lafq.pipeline import SampleSpec, evaluate_fid, generate, real_floor
+from lafq.report import paired_delta, read_csv, summarize
+from lafq.sensitivity import summarize as sensitivity_summary
 
 from . import plots
-from .state import (MAX_FID_N, MAX_FID_SEEDS, MAX_STEPS, REPORT_CSV, AppState, FIDPoint, as_number, cancellable,
-                    plan_key)
-from .tab_quantize import resolve_plan
+from .state import (MAX_FID_N, MAX_FID_SEEDS, MAX_STEPS, REPORT_CSV, SENSITIVITY_CSV, AppState, FIDPoint, InputError,
+                    UserSession, as_choice, as_number, as_user, cancellable, plan_key, shown)
+from .tab_quantize import current_label, resolve_plan
 from .zerogpu import fid_seconds, gpu
 
 QUICK_N = 200
+FIDELITY_N = 64  # images per seed: paired per-image differences resolve at small N (the report uses 64 too)
+PREDICTOR_LABELS = {"fisher": "Fisher score", "fisher_x_error": "Fisher × ‖Q(w) − w‖²", "error": "‖Q(w) − w‖² alone",
+                    "magnitude": "weight magnitude"}
+HOW_TO = ("**How to:** press Evaluate. The first number is the plan's FID minus FP32's from the same noise "
+          "(paired: near 0 means FP32 quality; its interval needs 2+ seeds). Quick settings take seconds on a GPU, "
+          "about a minute on 2 CPU cores.")
 
 
 def report_points(path=REPORT_CSV) -> list[dict]:
-    """The committed report's rows (size vs FID) for context, if present."""
+    """The committed report's plans (size vs FID, mean ± 95% CI over its seeds) for context, if present."""
     try:
-        with open(path, newline="") as f:
-            return [{"label": r["name"], "pct_of_fp32": float(r["pct_of_fp32"]), "fid_mean": float(r["fid_mean"]),
-                     "fid_ci95": float(r["fid_ci95"]), "source": "fp32" if r["name"] == "fp32" else "report"}
-                    for r in csv.DictReader(f)]
-    except (OSError, KeyError, ValueError):
+        rows = summarize(read_csv(path))
+    except (OSError, KeyError, ValueError, TypeError, StopIteration):
         return []
+    return [{"label": f"{r['name']} (report, N={r['n']:,}, DDIM-{r['steps']})", "pct_of_fp32": r["pct_of_fp32"],
+             "fid_mean": r["fid"], "fid_ci95": 0.0 if math.isnan(r["fid_ci95"]) else r["fid_ci95"],
+             "source": "fp32" if r["name"] == "fp32" else "report"} for r in rows if not math.isnan(r["fid"])]
+
+
+def sensitivity_data(path=SENSITIVITY_CSV) -> dict:
+    """The shipped sensitivity validation, summarised (lafq.sensitivity.summarize), or {} if absent."""
+    try:
+        return sensitivity_summary(read_csv(path))
+    except (OSError, KeyError, ValueError, TypeError, StopIteration):
+        return {}
+
+
+def sensitivity_figure(predictor: str = "fisher_x_error", data: dict | None = None):
+    predictor = as_choice(predictor, "predictor", list(PREDICTOR_LABELS))
+    data = sensitivity_data() if data is None else data
+    if not data:
+        return plots.sensitivity([], [], [], PREDICTOR_LABELS[predictor], math.nan, math.nan, "not measured yet")
+    measured = data["measures"]["mad"]["measured"]
+    units = sorted(measured)
+    rho, p = data["measures"]["mad"]["rho"][predictor]
+    return plots.sensitivity(units, [measured[u] for u in units], [data["predicted"][predictor][u] for u in units],
+                             PREDICTOR_LABELS[predictor], rho, p, f"{data['units']} tensors, {data['seeds']} seeds")
+
+
+def settings(n, steps, seeds) -> tuple[int, int, int]:
+    return (as_number(n, "N", 10, MAX_FID_N, integer=True), as_number(steps, "DDIM steps", 1, MAX_STEPS, integer=True),
+            as_number(seeds, "seeds", 1, MAX_FID_SEEDS, integer=True))
+
+
+def _fid(state: AppState, model_plan, n, steps, seeds, progress, i, of):
+    """One model's FIDResult at these settings (cached process-wide: same plan and settings, same numbers)."""
+    key = (plan_key(model_plan) if model_plan else "fp32", n, steps, seeds)
+    cached = state.fid_result(key)
+    if cached is not None:
+        return cached
+    model = state.quantized(model_plan) if model_plan else state.model
+    prog = (lambda d, t: progress((i + d / t) / of)) if progress is not None else None
+    r = evaluate_fid(model, SampleSpec(n=n, steps=steps, batch_size=100), list(range(seeds)),
+                     backend=state.backend(), classifier=state.classifier(),
+                     num_classes=state.model.cfg.num_classes, progress=prog, device=state.device)
+    state.keep_fid_result(key, r)
+    return r
+
+
+def floor(state: AppState, n: int, seeds: int):
+    """Real-vs-real FID at this backend and N: what small-N bias alone scores."""
+    return state.memo(("floor", n, seeds), lambda: real_floor(state.backend(), n, list(range(seeds))))
+
+
+def _images(state: AppState, plan, steps: int, seed: int):
+    key = ("images", plan_key(plan) if plan else "fp32", steps, seed)
+    cached = state.fid_result(key)
+    if cached is None:
+        model = state.quantized(plan) if plan else state.model
+        cached, _ = generate(model, SampleSpec(n=FIDELITY_N, steps=steps, seed=seed, batch_size=FIDELITY_N),
+                             num_classes=state.model.cfg.num_classes, device=state.device)
+        state.keep_fid_result(key, cached)
+    return cached
+
+
+def fidelity_lines(state: AppState, plan, n: int, steps: int, seeds: int, progress=None) -> list[str]:
+    """Per-image fidelity of the plan to FP32 from the same noise (FIDELITY_N images per seed), one line:
+    mean ± 95% interval over seeds of mean |Δ|, PSNR, feature distance and class agreement."""
+    per_seed = []
+    for seed in range(seeds):
+        per_seed.append(fidelity(_images(state, None, steps, seed), _images(state, plan, steps, seed),
+                                 state.classifier()))
+        if progress is not None:
+            progress(seed + 1, seeds)
+
+    def stat(name, scale, unit, digits):
+        m, ci = mean_ci95([getattr(f, name) * scale for f in per_seed])
+        return f"{m:.{digits}f}{unit} {_interval(ci, seeds, digits)}"
+    return [f"**Fidelity to FP32** ({FIDELITY_N} images × {seeds} seed{'s' if seeds > 1 else ''}, same noise): "
+            f"mean |Δ| {stat('mad', 1000, ' ‰', 3)}; PSNR {stat('psnr', 1, ' dB', 2)}; feature distance "
+            f"{stat('feature_distance', 100, ' %', 3)}; class agreement {stat('agreement', 100, ' %', 1)}."]
+
+
+def _interval(ci: float, seeds: int, digits: int = 3) -> str:
+    return f"± {ci:.{digits}f}" if seeds > 1 else "(one seed: no interval; use 2+ seeds)"
 
 
 @gpu(duration=fid_seconds)
-def evaluate(state: AppState, current: dict, n, steps, seeds, include_fp32: bool, progress=None, cancel=None):
-    """FID + accuracy for the current plan (and FP32 at the same settings); cached per plan and settings.
-    Setting `cancel` (a threading.Event) stops the job at its next denoising step (raises Cancelled)."""
-    n = as_number(n, "N", 10, MAX_FID_N, integer=True)
-    steps = as_number(steps, "DDIM steps", 1, MAX_STEPS, integer=True)
-    seeds = as_number(seeds, "seeds", 1, MAX_FID_SEEDS, integer=True)
-    plan = resolve_plan(state, current)
-    targets = [("plan " + plan_key(plan), plan)]
-    if include_fp32:
-        targets.insert(0, ("fp32", None))
-    lines = []
-    for i, (label, p) in enumerate(targets):
-        key = (plan_key(p) if p else "fp32", n, steps, seeds)
-        if key not in state.fid_cache:
-            model = state.quantized(p) if p else state.model
-            prog = cancellable((lambda d, t, i=i: progress((i + d / t) / len(targets), desc=f"{label}: sampling and scoring"))
-                               if progress else None, cancel)
-            r = evaluate_fid(model, SampleSpec(n=n, steps=steps, batch_size=100), list(range(seeds)),
-                             backend=state.backend(), classifier=state.classifier(),
-                             num_classes=state.model.cfg.num_classes, progress=prog, device=state.device)
-            size = state.size(p) if p else None
-            fp32_bytes = 4 * sum(q.numel() for q in state.model.parameters())
-            point = FIDPoint(label, size.total_bytes if size else fp32_bytes, size.pct_of_fp32 if size else 100.0,
-                             r.mean, r.ci95, r.backend, r.n,
-                             100 * sum(r.accuracy) / len(r.accuracy) if r.accuracy else None)
-            with state.lock:
-                state.fid_cache[key] = (r, point)
-                state.pareto.append(point)
-        r, point = state.fid_cache[key]
-        lines.append(f"**{label}** ({point.pct_of_fp32:.1f}% of FP32): {r.describe()}")  # describe() has accuracy
-    return "\n\n".join(lines), pareto_figure(state)
+def evaluate(state: AppState, current: dict, n, steps, seeds, include_fp32: bool, progress=None, cancel=None,
+             user: UserSession | None = None):
+    """Paired ΔFID to FP32 (lead), unpaired FIDs, accuracy and the real-vs-real floor for the current plan.
+    Returns (markdown, chart, the user's session with this evaluation added).
+    Setting `cancel` (a Job or Event) stops the job at its next denoising step (raises Cancelled)."""
+    n, steps, seeds = settings(n, steps, seeds)
+    if not isinstance(include_fp32, bool):
+        raise InputError(f"'compare with FP32' must be true or false, got {shown(include_fp32)}")
+    user = as_user(user)
+    plan = resolve_plan(state, current, user)
+    label = current_label(current, plan)
+    progress_of = cancellable((lambda f: progress(f, desc="sampling and scoring")) if progress is not None else None,
+                              cancel)
+    parts = 3 if include_fp32 else 2
+    r = _fid(state, plan, n, steps, seeds, progress_of, 0, parts)
+    base = _fid(state, None, n, steps, seeds, progress_of, 1, parts) if include_fp32 else None
+    fidelity_progress = (lambda d, t: progress_of((parts - 1 + d / t) / parts)) if progress_of is not None else None
+    size = state.size(plan)
+    acc = (100 * sum(r.accuracy) / len(r.accuracy)) if r.accuracy else None
+    lines, d, dci = [], None, None
+    if base is not None:
+        d, dci = paired_delta(r.values, base.values)
+        lines.append(f"### ΔFID to FP32 (paired, same noise): **{d:+.3f}** {_interval(dci, seeds)}")
+        lines.append(f"**{label}** at {size.pct_of_fp32:.1f}% of FP32's size; negative is better than FP32, "
+                     f"an interval covering 0 means no measurable difference.")
+    lines += fidelity_lines(state, plan, n, steps, seeds, fidelity_progress)
+    lines.append(f"Unpaired: plan {r.describe()}" + (f"; FP32 {base.describe()}" if base is not None else ""))
+    f = floor(state, n, seeds)
+    lines.append(f"Real-vs-real floor at this backend and N: {f.mean:.3f} {_interval(f.ci95, seeds)}: "
+                 "absolute FIDs near it are mostly small-N bias; the paired difference carries the comparison.")
+    point = FIDPoint(label, size.total_bytes, size.pct_of_fp32, r.mean, r.ci95, r.backend, r.n, steps, seeds, acc, d, dci)
+    points = [point]
+    if base is not None:
+        points.append(FIDPoint("fp32", size.fp32_bytes, 100.0, base.mean, base.ci95, base.backend, base.n, steps, seeds,
+                               (100 * sum(base.accuracy) / len(base.accuracy)) if base.accuracy else None, 0.0, 0.0))
+    user = user.with_evaluations(points)
+    return "\n\n".join(lines), pareto_figure(state, user, n, steps), user
 
 
-def pareto_figure(state: AppState):
+def pareto_figure(state: AppState, user: UserSession | None = None, n: int = QUICK_N, steps: int = 20):
     pts = report_points()
-    for p in state.pareto:
-        pts.append({"label": f"{p.label} ({p.backend}, N={p.n})", "pct_of_fp32": p.pct_of_fp32, "fid_mean": p.fid_mean,
-                    "fid_ci95": p.fid_ci95, "source": "fp32" if p.label == "fp32" else "you"})
-    return plots.pareto(pts, "size vs FID: your evaluations (red), the report (grey)")
+    mine = [p for p in as_user(user).evaluations if p.n == n and p.steps == steps]
+    for p in mine:
+        pts.append({"label": f"{p.label} ({p.backend}, N={p.n}, {p.seeds} seeds)", "pct_of_fp32": p.pct_of_fp32,
+                    "fid_mean": p.fid_mean, "fid_ci95": p.fid_ci95, "source": "you"})
+    return plots.pareto(pts, f"size vs FID: your evaluations at N={n}, DDIM-{steps} (red); the report's plans (grey)")
 
 
-def build(state: AppState, current, guard):
+def build(state: AppState, current, user, guard):
     import gradio as gr
 
-    gr.Markdown(f"FID of class-balanced samples against the held-out MNIST reference, with the feature backend "
-                f"named (offline: the project's classifier; Inception when its weights are present). Quick: N={QUICK_N}. "
-                f"Results are cached per plan and settings.")
+    from . import serving
+
+    gr.Markdown(HOW_TO, elem_id="howto-quality")
+    gr.Markdown("FID of class-balanced samples against the held-out MNIST reference, with the feature backend "
+                "named (offline: the project's classifier; Inception when its weights are present).")
     with gr.Row():
         n = gr.Slider(10, MAX_FID_N, value=QUICK_N, step=10, label="N per seed")
         steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="DDIM steps")
-        seeds = gr.Slider(1, MAX_FID_SEEDS, value=2, step=1, label="seeds (for the CI)")
-        fp32 = gr.Checkbox(True, label="also FP32 at the same settings")
+        seeds = gr.Slider(1, MAX_FID_SEEDS, value=2, step=1, label="seeds (for the interval)")
+        fp32 = gr.Checkbox(True, label="compare with FP32 (paired, same noise)")
     with gr.Row():
-        go_btn = gr.Button("Evaluate", variant="primary")
+        go_btn = gr.Button("Evaluate", variant="primary", elem_id="evaluate")
         cancel = gr.Button("Cancel")
     result = gr.Markdown(elem_id="fid-result")
     chart = gr.Plot(value=pareto_figure(state))
 
     # Annotations are evaluated here (no `from __future__ import annotations` in this module) so that
     # gradio recognises gr.Request and passes the session.
-    def run(cur, n_, s_, k_, f_, request: gr.Request, progress=gr.Progress()):
-        flag = state.jobs.start(request.session_hash)
-        try:
-            return evaluate(state, cur, n_, s_, k_, f_, progress, cancel=flag)
-        finally:
-            state.jobs.finish(request.session_hash, flag)
+    def run(cur, n_, s_, k_, f_, usr, request: gr.Request, progress=gr.Progress()):
+        settings(n_, s_, k_)  # bad settings fail at once, not after waiting for the heavy slot
+        progress(0, desc="waiting for other jobs")
+        with state.job(request.session_hash, serving.event_alive(), heavy=True) as job:
+            return evaluate(state, cur, n_, s_, k_, f_, progress, cancel=job, user=usr)
 
     def stop(request: gr.Request):
-        state.jobs.cancel(request.session_hash)
-    ev = go_btn.click(guard(run), [current, n, steps, seeds, fp32], [result, chart], api_name="fid",
+        if state.jobs.cancel(request.session_hash):
+            return "Cancelled: the evaluation stops at its next step; nothing was recorded."
+        return "Nothing to cancel."
+    ev = go_btn.click(guard(run), [current, n, steps, seeds, fp32, user], [result, chart, user], api_name="fid",
                       concurrency_id="heavy", concurrency_limit=1)
-    cancel.click(stop, None, None, cancels=[ev], api_visibility="undocumented")
+    cancel.click(stop, None, result, cancels=[ev], api_visibility="private")
+    with gr.Accordion("Where precision matters: each weight matrix lowered alone to INT4 (shipped validation)",
+                      open=False):
+        gr.Markdown("Measured: the paired mean |Δ| to FP32's images from the same noise with only that tensor at "
+                    "INT4. A predictor is useful if it ranks tensors the way the measurement does (Spearman ρ near "
+                    "1). Command: `python -m lafq report` (sensitivity stage); per-seed values in "
+                    "`docs/sensitivity.csv`.")
+        predictor = gr.Dropdown([(v, k) for k, v in PREDICTOR_LABELS.items()], value="fisher_x_error",
+                                label="predictor")
+        sens_chart = gr.Plot(value=sensitivity_figure("fisher_x_error"))
+    predictor.change(guard(sensitivity_figure), predictor, sens_chart, api_visibility="private",
+                     show_progress="hidden")
+    for c in (n, steps):  # the chart follows the chosen N and steps
+        c.change(guard(lambda usr, n_, s_: pareto_figure(state, usr, *settings(n_, s_, 1)[:2])), [user, n, steps], chart,
+                 api_visibility="private", show_progress="hidden", trigger_mode="always_last")

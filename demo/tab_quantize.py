@@ -1,24 +1,67 @@
-"""Quantize tab: strategy and parameters -> live size readout, precision map, exports."""
-from __future__ import annotations
+"""Quantize tab: presets, strategy and parameters -> live size readout, precision map, exports, loading files.
 
+Contracts: the controls' values are validated here (they may come straight from the API); the plan
+they describe follows the user's own Fisher map; a budget below what is possible is refused with the
+floor named (the slider cannot go there); an uploaded plan or quantized model is checked completely
+(every tensor, not only the plan) and never changes another user's plan; exports go to one folder per
+session, replaced by that session's next export and deleted on exit.
+"""
+import atexit
+import math
+import shutil
 import tempfile
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 from lafq.checkpoint import CheckpointError, read_bytes_checked
 from lafq.fisher import STATISTICS
-from lafq.policy import STRATEGIES, Plan, Policy
-from lafq.precision import PRECISIONS
-from lafq.quantize import save_quantized
+from lafq.planfile import read_plan
+from lafq.policy import STRATEGIES, Plan, Policy, floor_bytes, param_shapes
+from lafq.precision import PRECISIONS, numel
+from lafq.quantize import quantized_from_file, save_quantized
 
 from . import plots
-from .state import AppState, InputError, as_choice, as_number, plan_key
+from .presets import CUSTOM, DEFAULT_PRESET, PRESETS
+from .serving import MAX_UPLOAD
+from .state import AppState, InputError, as_choice, as_number, plan_key, plan_label, shown
 
 LOG_MIN = -10.0  # threshold sliders are log10 of a fraction of the largest Fisher score; the minimum means 0
-MAX_UPLOAD = 64 * 1024 * 1024
+HOW_TO = ("**How to:** pick a preset (or a strategy and its settings); the size updates as you move the controls. "
+          "The plan you see here is the one **Compare**, **Quality** and **Inside** use.")
+THRESHOLD_INFO = "log10 of a fraction of the largest Fisher score; leftmost = 0: keep everything in FP32"
+CONTROL_NAMES = ("strategy", "target", "statistic", "log_threshold", "log_encoder", "log_mid", "log_decoder", "p", "k",
+                 "avg_bits", "protect_mid")
+# Which controls each strategy reads (the others are hidden). A strategy not listed shows every control.
+USES = {
+    "uniform": {"target"},
+    "global": {"target", "statistic", "log_threshold", "protect_mid"},
+    "groups": {"target", "statistic", "log_encoder", "log_mid", "log_decoder", "protect_mid"},
+    "layer-ratio": {"target", "statistic", "p", "protect_mid"},
+    "layer-std": {"target", "statistic", "k", "protect_mid"},
+    "budget": {"statistic", "avg_bits", "protect_mid"},
+    "random": {"avg_bits", "protect_mid"},
+}
 
 
 def _from_log(x: float) -> float:
     return 0.0 if x <= LOG_MIN else 10.0 ** x
+
+
+def _to_log(x: float) -> float:
+    return LOG_MIN if x <= 10 ** LOG_MIN else max(LOG_MIN, min(0.0, math.log10(x)))
+
+
+def budget_floor_bits(state: AppState, protect_mid: bool) -> float:
+    """The smallest average bits any budget plan reaches (int4 matrices, fp16 vectors, a protected mid in
+    fp32), rounded up to the slider's 0.1 step."""
+    shapes = state.shapes
+    protected = {n for n in shapes if protect_mid and n.startswith("mid.")}
+    lo, total = floor_bytes(shapes, protected), sum(numel(s) for s in shapes.values())
+    bits = math.ceil(80 * lo / total - 1e-9) / 10
+    while int(bits * total / 8) < lo:  # the budget in bytes is rounded down (lafq.policy.resolve_budget)
+        bits = round(bits + 0.1, 1)
+    return bits
 
 
 def policy_from_controls(strategy, target, statistic, log_threshold, log_encoder, log_mid, log_decoder, p, k, avg_bits,
@@ -34,127 +77,258 @@ def policy_from_controls(strategy, target, statistic, log_threshold, log_encoder
                     group_thresholds={"encoder": _from_log(logs[1]), "mid": _from_log(logs[2]), "decoder": _from_log(logs[3])},
                     p=as_number(p, "p", 0.0, 1.0), k=as_number(k, "k", -5.0, 5.0),
                     avg_bits=as_number(avg_bits, "average bits", 4.0, 32.0) if strategy in ("budget", "random") else None,
-                    protect_mid=bool(protect_mid))
+                    protect_mid=bool(protect_mid) if isinstance(protect_mid, (bool, int)) else
+                    as_choice(protect_mid, "protect the middle block", (True, False)))
     return {"policy": policy.to_dict()}
 
 
-def resolve_plan(state: AppState, current: dict | None) -> Plan:
-    """The plan behind the tabs' shared state: a policy to apply to the Fisher map, or an uploaded plan."""
-    if not current:
-        current = {"policy": Policy().to_dict()}
+def controls_for(state: AppState, name: str) -> list:
+    """Control values for a preset (a budget below the model's floor is raised to it)."""
+    kw = PRESETS[as_choice(name, "preset", list(PRESETS))]
+    pol = Policy(**kw)
+    bits = pol.avg_bits if pol.avg_bits is not None else 6.0
+    bits = max(bits, budget_floor_bits(state, pol.protect_mid))
+    return [pol.strategy, pol.target, pol.statistic, _to_log(pol.threshold), _to_log(pol.group_thresholds["encoder"]),
+            _to_log(pol.group_thresholds["mid"]), _to_log(pol.group_thresholds["decoder"]), pol.p, pol.k, bits,
+            pol.protect_mid]
+
+
+def preset_current(state: AppState, name: str = DEFAULT_PRESET) -> dict:
+    """The shared-state value a preset gives (the app's starting plan)."""
+    return policy_from_controls(*controls_for(state, name))
+
+
+def preset_of(policy: dict) -> str | None:
+    """The preset whose policy this is, if any (names the plan)."""
+    for name, kw in PRESETS.items():
+        if Policy(**kw).to_dict() == policy:
+            return name
+    return None
+
+
+def resolve_plan(state: AppState, current: dict | None, user=None) -> Plan:
+    """The plan behind the tabs' shared state: a policy applied to the user's Fisher map, or an uploaded plan."""
+    if not isinstance(current, dict) or not current:
+        current = preset_current(state)
     try:
         if "plan" in current:
             plan = Plan(dict(current["plan"]), current.get("plan_policy", {}))
             plan.validate(state.shapes)
             return plan
-        return state.plan(Policy(**current["policy"]))
-    except (TypeError, KeyError) as e:
-        raise InputError(f"the current plan is malformed ({e}); pick a strategy again") from None
+        return state.plan(Policy(**current["policy"]), state.fisher_of(user))
+    except (TypeError, KeyError, AttributeError) as e:
+        raise InputError(f"the current plan is malformed ({shown(str(e))}); pick a preset again") from None
 
 
-def readout(state: AppState, current: dict) -> tuple[str, list[list], object]:
+def current_label(current: dict | None, plan: Plan) -> str:
+    if isinstance(current, dict) and "plan" in current:
+        return plan_label(plan, current.get("source") or "a file")
+    return preset_of(plan.policy) or plan_label(plan)
+
+
+def readout(state: AppState, current: dict, user=None) -> tuple[str, list[list], object]:
     """Size summary (markdown), per-dtype table rows, and the precision map figure."""
-    plan = resolve_plan(state, current)
+    plan = resolve_plan(state, current, user)
     rep = state.size(plan)
     names = list(state.shapes)
-    from lafq.precision import numel
     fig = plots.precision_map(names, [plan.precisions.get(n, "fp32") for n in names],
                               [numel(state.shapes[n]) for n in names])
-    budget_note = ""
-    pol = plan.policy or {}
-    if pol.get("strategy") in ("budget", "random") and pol.get("avg_bits"):
-        budget_note = f" (budget {pol['avg_bits']:.2f} bits)"
     md = (f"### {rep.total_bytes:,} bytes = **{rep.pct_of_fp32:.1f}% of FP32** ({rep.reduction_pct:.1f}% smaller)\n"
-          f"{rep.avg_bits:.2f} bits per weight{budget_note}; FP32 is {rep.fp32_bytes:,} bytes; "
-          f"scales {rep.scale_bytes:,} bytes. Plan `{plan_key(plan)}`.")
+          f"{rep.avg_bits:.2f} bits per weight; FP32 is {rep.fp32_bytes:,} bytes; scales {rep.scale_bytes:,} bytes.\n\n"
+          f"Plan: **{current_label(current, plan)}** (id `{plan_key(plan)}`).")
+    if isinstance(current, dict) and "plan" in current:
+        md += ("\n\nThis loaded plan is active on every tab. Moving any control or picking a preset replaces it "
+               "with the plan the controls describe.")
     rows = [[p, rep.tensors_by_dtype[p], rep.params_by_dtype[p], rep.bytes_by_dtype[p]]
             for p in PRECISIONS if rep.tensors_by_dtype[p]]
     return md, rows, fig
 
 
-def export(state: AppState, current: dict) -> list[str]:
-    """Write the quantized model (.safetensors) and its plan (.json) for download."""
-    plan = resolve_plan(state, current)
-    out = Path(tempfile.mkdtemp(prefix="lafq-export-"))
+def visibility(strategy) -> list[bool]:
+    """Which of the controls (in CONTROL_NAMES order) the strategy reads; the strategy itself always shows."""
+    used = USES.get(strategy, set(CONTROL_NAMES))
+    return [True] + [n in used for n in CONTROL_NAMES[1:]]
+
+
+# -- exports ---------------------------------------------------------------------------------------
+
+class Exports:
+    """One export folder per session under a private root: a session's next export replaces its last,
+    at most `keep` sessions' folders exist (oldest out), and the root is deleted when the process exits."""
+
+    def __init__(self, keep: int = 16):
+        self.root = Path(tempfile.mkdtemp(prefix="lafq-exports-"))
+        self.keep = keep
+        self._dirs: OrderedDict[str, Path] = OrderedDict()
+        self._lock = threading.Lock()
+        atexit.register(shutil.rmtree, self.root, True)
+
+    def folder(self, session: str) -> Path:
+        with self._lock:
+            old = self._dirs.pop(session, None)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+            new = Path(tempfile.mkdtemp(dir=self.root))
+            self._dirs[session] = new
+            while len(self._dirs) > self.keep:
+                shutil.rmtree(self._dirs.popitem(last=False)[1], ignore_errors=True)
+            return new
+
+    def forget(self, session: str) -> None:
+        with self._lock:
+            old = self._dirs.pop(session, None)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+EXPORTS = Exports()
+
+
+def export(state: AppState, current: dict, user=None, session: str = "local") -> list[str]:
+    """Write the quantized model (.safetensors) and its plan (.json) for download (atomic writes)."""
+    plan = resolve_plan(state, current, user)
+    out = EXPORTS.folder(session)
     key = plan_key(plan)
     model_path, plan_path = out / f"lafq-quantized-{key}.safetensors", out / f"lafq-plan-{key}.json"
     save_quantized(model_path, state.quantized(plan))
-    plan_path.write_text(plan.to_json())
+    from lafq.checkpoint import atomic_write_bytes
+    atomic_write_bytes(plan_path, plan.to_json().encode())
     return [str(model_path), str(plan_path)]
 
 
+# -- uploads ---------------------------------------------------------------------------------------
+
 def load_upload(state: AppState, path: str | None) -> dict:
-    """A plan (.json) or a quantized model (.safetensors) from the user -> the shared current plan."""
-    if not path:
+    """A plan (.json) or a quantized model (.safetensors) from the user -> their current plan.
+    A model file is validated completely against the app's network (config, every tensor's name, shape,
+    dtype and values), as the CLI does; only its plan is then used."""
+    if not path or not isinstance(path, str):
         raise InputError("no file received; upload a plan .json or a quantized .safetensors made by lafq")
     p = Path(path)
+    name = p.name[:80]
+    if not p.is_file():
+        raise InputError(f"{name}: no such file")
     size = p.stat().st_size
     if size > MAX_UPLOAD:
-        raise InputError(f"file is {size / 2**20:.0f} MiB; the limit is {MAX_UPLOAD // 2**20} MiB")
+        raise InputError(f"{name} is {size / 2**20:.0f} MiB; the limit is {MAX_UPLOAD // 2**20} MiB")
+    suffix = p.suffix.lower()
+    if suffix not in (".json", ".safetensors"):
+        raise InputError(f"{name}: accepted files are a plan .json or a quantized .safetensors")
     data = p.read_bytes()
-    if p.suffix.lower() == ".json":
-        try:
-            plan = Plan.from_json(data.decode("utf-8", errors="strict"))
-        except (UnicodeDecodeError, ValueError) as e:
-            raise InputError(f"{p.name}: {e}") from None
-    elif p.suffix.lower() == ".safetensors":
-        try:
-            _, meta = read_bytes_checked(data, p.name)
-        except CheckpointError as e:
-            raise InputError(str(e)) from None
-        if meta.get("kind") != "quantized" or "plan" not in meta:
-            raise InputError(f"{p.name} holds a {meta.get('kind')!r}; upload a quantized model (or a plan .json)")
-        plan = Plan(dict(meta["plan"].get("precisions", {})), meta["plan"].get("policy", {}))
-    else:
-        raise InputError(f"{p.name}: accepted files are a plan .json or a quantized .safetensors")
     try:
-        plan.validate(state.shapes)
-    except ValueError as e:
-        raise InputError(f"{p.name}: {e}") from None
-    return {"plan": plan.precisions, "plan_policy": plan.policy}
+        if suffix == ".json":
+            plan = read_plan(data, name)
+        else:
+            tensors, meta = read_bytes_checked(data, name)
+            if meta.get("kind") != "quantized":
+                raise InputError(f"{name} holds a {shown(meta.get('kind'))}; upload a quantized model (or a plan .json)")
+            plan = quantized_from_file(tensors, meta, name, expect_config=state.model.cfg).lafq_plan
+        plan.validate(param_shapes(state.model))
+    except (CheckpointError, ValueError) as e:
+        msg = str(e)
+        raise InputError(msg if msg.startswith(name) else f"{name}: {msg}") from None
+    return {"plan": plan.precisions, "plan_policy": plan.policy, "source": name}
 
 
-def build(state: AppState, current, guard):
+def discard_upload(path) -> None:
+    """Delete an uploaded file from Gradio's upload folder once read (accepted or refused): nothing lingers."""
+    if not path or not isinstance(path, str):
+        return
+    try:
+        from gradio.utils import get_upload_folder
+        folder = Path(get_upload_folder()).resolve()
+        p = Path(path).resolve()
+    except (ImportError, OSError):
+        return
+    if folder in p.parents:
+        p.unlink(missing_ok=True)
+        try:
+            p.parent.rmdir()  # Gradio keeps each upload in its own folder
+        except OSError:
+            pass
+
+
+def build(state: AppState, current, user, guard):
     import gradio as gr
 
-    gr.Markdown("Pick a strategy; sizes update as the controls move. Thresholds are log10 of a fraction of the "
-                "largest Fisher score (leftmost = 0: keep everything in FP32).")
+    from .components import Choice, RadioChoice
+
+    start = controls_for(state, DEFAULT_PRESET)
+    floor = budget_floor_bits(state, False)
+    gr.Markdown(HOW_TO, elem_id="howto-quantize")
     with gr.Row():
-        with gr.Column(scale=1):
-            strategy = gr.Dropdown(list(STRATEGIES), value="layer-ratio", label="strategy")
-            target = gr.Dropdown(list(PRECISIONS[1:]), value="fp16", label="target precision")
-            statistic = gr.Radio(list(STATISTICS), value="final", label="Fisher over timesteps")
-            log_thr = gr.Slider(LOG_MIN, 0, value=-2, step=0.05, label="global: log10 threshold")
-            log_enc = gr.Slider(LOG_MIN, 0, value=LOG_MIN, step=0.05, label="groups: encoder (embed, stem, down1-3)")
-            log_mid = gr.Slider(LOG_MIN, 0, value=0, step=0.05, label="groups: mid")
-            log_dec = gr.Slider(LOG_MIN, 0, value=0, step=0.05, label="groups: decoder (up3-1, head)")
-            p = gr.Slider(0, 1, value=0.25, step=0.01, label="layer-ratio: p")
-            k = gr.Slider(-3, 3, value=0, step=0.05, label="layer-std: k (below mean + k std of log Fisher)")
-            bits = gr.Slider(4, 32, value=6, step=0.1, label="budget / random: average bits per weight")
-            protect = gr.Checkbox(False, label="protect the middle block")
-        with gr.Column(scale=2):
+        with gr.Column(scale=1, min_width=300):
+            # The size readout heads the controls' column: on a phone it stays next to the sliders.
+            warning = gr.Markdown(elem_id="quantize-warning")
             summary = gr.Markdown(elem_id="size-readout")
+            preset = Choice([*PRESETS, CUSTOM], value=DEFAULT_PRESET, label="preset", elem_id="preset")
+            strategy = Choice(list(STRATEGIES), value=start[0], label="strategy")
+            vis = visibility(start[0])
+            target = Choice(list(PRECISIONS[1:]), value=start[1], label="target precision", visible=vis[1])
+            statistic = RadioChoice(list(STATISTICS), value=start[2], label="Fisher over timesteps", visible=vis[2])
+            log_thr = gr.Slider(LOG_MIN, 0, value=start[3], step=0.05, label="global: log10 threshold", visible=vis[3],
+                                info=THRESHOLD_INFO)
+            log_enc = gr.Slider(LOG_MIN, 0, value=start[4], step=0.05, label="groups: encoder (embed, stem, down1-3)",
+                                visible=vis[4], info=THRESHOLD_INFO)
+            log_mid = gr.Slider(LOG_MIN, 0, value=start[5], step=0.05, label="groups: mid", visible=vis[5])
+            log_dec = gr.Slider(LOG_MIN, 0, value=start[6], step=0.05, label="groups: decoder (up3-1, head)",
+                                visible=vis[6])
+            p = gr.Slider(0, 1, value=start[7], step=0.01, label="layer-ratio: p", visible=vis[7])
+            k = gr.Slider(-3, 3, value=start[8], step=0.05, label="layer-std: k (below mean + k std of log Fisher)",
+                          visible=vis[8])
+            bits = gr.Slider(floor, 32, value=start[9], step=0.1, visible=vis[9],
+                             label=f"budget / random: average bits per weight (≥ {floor:.1f}: int4 everywhere possible)")
+            protect = gr.Checkbox(start[10], label="protect the middle block", visible=vis[10])
+        with gr.Column(scale=2, min_width=300):
             table = gr.Dataframe(headers=["dtype", "tensors", "params", "bytes"], interactive=False)
             pmap = gr.Plot()
             with gr.Row():
                 export_btn = gr.Button("Export model + plan")
                 files = gr.File(label="downloads", file_count="multiple", interactive=False)
-            upload = gr.File(label="load a plan (.json) or quantized model (.safetensors)",
-                             file_types=[".json", ".safetensors"], type="filepath")
+            # No file_types: Gradio would refuse other files before the handler, leaving them in its upload
+            # folder; the handler names what is accepted and deletes every upload once read.
+            upload = gr.File(label="load a plan (.json) or quantized model (.safetensors)", type="filepath",
+                             elem_id="upload")
     controls = [strategy, target, statistic, log_thr, log_enc, log_mid, log_dec, p, k, bits, protect]
+    outputs = [current, summary, table, pmap]
 
     def on_change(*vals):
+        *vals, usr = vals
         cur = policy_from_controls(*vals)
-        return (cur, *readout(state, cur))
+        return (cur, *readout(state, cur, usr))
+
+    def on_change_inline(*vals):
+        return (*on_change(*vals), "")  # clears an earlier inline warning
     for c in controls:
-        c.change(guard(on_change), controls, [current, summary, table, pmap], trigger_mode="always_last",
-                 concurrency_id="readout", concurrency_limit=4, show_progress="hidden", api_visibility="undocumented")
+        # A refused value (a budget below the floor) keeps the last good readout and says why inline.
+        c.change(guard(on_change_inline, keep=len(outputs)), [*controls, user], [*outputs, warning],
+                 trigger_mode="always_last", concurrency_id="readout", concurrency_limit=4, show_progress="hidden",
+                 api_visibility="private")
+    strategy.change(lambda s: [gr.update(visible=v) for v in visibility(s)[1:]], strategy, controls[1:],
+                    api_visibility="private", queue=False)
+
+    def floor_for(protect_mid, value):
+        lo = budget_floor_bits(state, bool(protect_mid))
+        return gr.Slider(minimum=lo, value=max(lo, float(value)),
+                         label=f"budget / random: average bits per weight (≥ {lo:.1f}: int4 everywhere possible)")
+    protect.change(guard(floor_for), [protect, bits], bits, api_visibility="private")
+    preset.input(guard(lambda name: controls_for(state, name) if name != CUSTOM else [gr.skip()] * len(controls)),
+                 preset, controls, api_visibility="private")
     # One named endpoint for the API: the same computation as the live readout.
     readout_btn = gr.Button("refresh readout", visible=False)
-    readout_btn.click(guard(on_change), controls, [current, summary, table, pmap], api_name="quantize_readout",
+    readout_btn.click(guard(on_change), [*controls, user], outputs, api_name="quantize_readout",
                       concurrency_id="readout", concurrency_limit=4)
-    export_btn.click(guard(lambda cur: export(state, cur)), current, files, api_name="export",
-                     concurrency_id="heavy", concurrency_limit=1)
-    upload.upload(guard(lambda f: (lambda cur: (cur, *readout(state, cur)))(load_upload(state, f))), upload,
-                  [current, summary, table, pmap], api_name="load_plan", concurrency_id="readout")
-    return controls, on_change, [current, summary, table, pmap]
+
+    def run_export(cur, usr, request: gr.Request):
+        return export(state, cur, usr, session=request.session_hash)
+    export_btn.click(guard(run_export), [current, user], files, api_name="export", concurrency_id="heavy",
+                     concurrency_limit=1)
+
+    def on_upload(f, usr):
+        try:
+            cur = load_upload(state, f)
+        finally:
+            discard_upload(f)
+        return (cur, *readout(state, cur, usr))
+    upload.upload(guard(on_upload), [upload, user], outputs, api_name="load_plan", concurrency_id="readout")
+    return [*controls, user], on_change, outputs

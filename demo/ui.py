@@ -1,4 +1,9 @@
-"""Assemble the tabs into one gr.Blocks; every handler runs behind `guard`."""
+"""Assemble the tabs into one gr.Blocks; every handler runs behind `guard`, the one place errors become messages.
+
+Per-user state: `current` (the plan every tab uses) and `user` (the user's own Fisher map and evaluations)
+are gr.State, so one user's actions never change another's. Internal events are private (not callable
+from the API); the named endpoints are the ones README and tests list.
+"""
 from __future__ import annotations
 
 import functools
@@ -8,26 +13,32 @@ import gradio as gr
 
 from lafq.checkpoint import CheckpointError
 from lafq.data import DataError
-from lafq.policy import Policy
 
 from . import tab_compare, tab_fisher, tab_inside, tab_quality, tab_quantize
-from .state import AppState, Cancelled
+from .serving import DELETE_CACHE, LAUNCH_OPTIONS, QUEUE_OPTIONS  # noqa: F401  (app.py and tests import them here)
+from .state import AppState, Cancelled, UserSession, shown
 from .zerogpu import describe
 
 log = logging.getLogger("lafq.app")
-# How the app is served, shared by app.py and the server tests: no Node SSR server, errors shown to the user.
-LAUNCH_OPTIONS = dict(ssr_mode=False, show_error=True)
-QUEUE_OPTIONS = dict(default_concurrency_limit=2, max_size=64)
 
 
-def guard(fn):
-    """Bad input -> gr.Error with the message; anything unexpected -> a short gr.Error, traceback in the log."""
+def _one_line(e: Exception) -> str:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return msg if len(msg) <= 300 else msg[:300] + "…"
+
+
+def guard(fn, *, keep: int | None = None):
+    """Bad input -> gr.Error with the message; anything unexpected -> a short gr.Error, traceback in the log.
+    keep=n: a bad input instead leaves the first n outputs as they were and puts the message in the last
+    output (an inline warning that stays, beside the last good result)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except (ValueError, CheckpointError, DataError, FileNotFoundError) as e:
-            raise gr.Error(str(e)) from None
+            if keep is not None:
+                return (*[gr.skip()] * keep, f"⚠️ {_one_line(e)}")
+            raise gr.Error(_one_line(e)) from None
         except gr.Error:
             raise
         except Cancelled:
@@ -39,22 +50,34 @@ def guard(fn):
 
 
 def build_app(state: AppState) -> gr.Blocks:
-    with gr.Blocks(title="LAFQ: Fisher-guided quantization of a diffusion model") as demo:
+    with gr.Blocks(title="LAFQ: Fisher-guided quantization of a diffusion model", delete_cache=DELETE_CACHE) as demo:
         gr.Markdown("# LAFQ — layer-adaptive, Fisher-guided quantization\nSee where precision matters in a "
                     "class-conditional MNIST diffusion U-Net, tune a quantization plan, and measure what it costs. "
-                    f"Computing on: {describe(state.device)}.")
-        current = gr.State({"policy": Policy().to_dict()})
+                    f"Computing on: {describe(state.device)}. **New here?** The Compare tab shows a 14%-size plan next to "
+                    "FP32 and uniform INT4; the Quantize tab has presets.")
+        current = gr.State(tab_quantize.preset_current(state))
+        user = gr.State(UserSession())
         with gr.Tab("Fisher", id="fisher"):
-            fisher_fn, fisher_in, fisher_out = tab_fisher.build(state, guard)
+            fisher_fn, fisher_in, fisher_out = tab_fisher.build(state, user, guard)
         with gr.Tab("Quantize", id="quantize"):
-            q_controls, q_fn, q_out = tab_quantize.build(state, current, guard)
+            q_in, q_fn, q_out = tab_quantize.build(state, current, user, guard)
         with gr.Tab("Compare", id="compare"):
-            tab_compare.build(state, current, guard)
+            example_fn, example_out = tab_compare.build(state, current, user, guard)
         with gr.Tab("Quality", id="quality"):
-            tab_quality.build(state, current, guard)
+            tab_quality.build(state, current, user, guard)
         with gr.Tab("Inside", id="inside"):
-            tab_inside.build(state, current, guard)
-        # First paint: figures and readouts are computed when a page opens, not at server start.
-        demo.load(guard(fisher_fn), fisher_in, fisher_out, api_visibility="undocumented")
-        demo.load(guard(q_fn), q_controls, q_out, api_visibility="undocumented")
+            inside_fn, inside_out = tab_inside.build(state, current, user, guard)
+        # First paint: figures and readouts when a page opens; the Compare and Inside examples are computed
+        # once per process and kept.
+        demo.load(guard(fisher_fn), fisher_in, fisher_out, api_visibility="private")
+        demo.load(guard(q_fn), q_in, q_out, api_visibility="private")
+        for fn, out in ((example_fn, example_out), (inside_fn, inside_out)):
+            demo.load(guard(fn), None, out, api_visibility="private", concurrency_id="sample", show_progress="minimal")
+
+        def forget(request: gr.Request):  # a closed page's export folder goes at once, not at shutdown
+            tab_quantize.EXPORTS.forget(request.session_hash)
+        demo.unload(forget)
     return demo
+
+
+__all__ = ["build_app", "guard", "LAUNCH_OPTIONS", "QUEUE_OPTIONS", "shown"]

@@ -8,9 +8,9 @@ Contract:
   (`host_device`), and each marked call runs through `spaces.GPU(duration=...)` in a worker process forked
   from the app, which moves its copy of the model to the GPU once and computes there.
 - The marked functions take the app's `AppState` first. It does not cross the process boundary (it holds
-  locks); the worker finds its forked copy by key, and the fields a call may read or change (`SYNCED`: the
-  Fisher map and its note, FID results) travel with the call both ways, so a recomputed Fisher map or a new
-  FID result is the app's after the call. Exceptions come back as themselves (a bad input keeps its
+  locks); the worker finds its forked copy by key, and the fields a call may change (`SYNCED`: the
+  process-wide FID results) travel with the call both ways. Per-user data (a recomputed Fisher map, the
+  user's evaluations) is an argument and a result of the call, so it crosses as the call's own values. Exceptions come back as themselves (a bad input keeps its
   one-line message). A `cancel` flag cannot cross processes: on ZeroGPU Cancel stops the page from waiting
   and the GPU call ends at its duration.
 """
@@ -21,7 +21,7 @@ import importlib.util
 import os
 import pickle
 
-SYNCED = ("fisher", "fisher_note", "fid_cache", "pareto")
+SYNCED = ("fid_cache",)  # the process-wide FID results; per-user data travels as arguments and results
 
 
 def on_zerogpu() -> bool:

@@ -6,6 +6,7 @@ Writes go to a temporary file in the target directory, then rename: never a half
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -16,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 FORMAT = 1
+KINDS = ("unet", "classifier", "quantized", "train_state", "fisher")
 
 
 class CheckpointError(ValueError):
@@ -23,9 +25,18 @@ class CheckpointError(ValueError):
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` via a temporary file in the same folder and a rename. OSErrors name `path`
+    (not the temporary file): "is a directory: out", "permission denied: out/x.png"."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except (FileExistsError, NotADirectoryError):  # mkdir met a file where a folder belongs
+        raise NotADirectoryError(errno.ENOTDIR, "A parent folder is a file", str(path)) from None
+    except OSError as e:
+        raise type(e)(e.errno, e.strerror, str(path)) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -49,8 +60,8 @@ def read_bytes_checked(data: bytes, name: str = "<bytes>", kind: str | None = No
     """Parse safetensors bytes; return (tensors, lafq metadata). Raises CheckpointError on anything odd."""
     try:
         tensors = load(data)
-    except (SafetensorError, ValueError, OSError) as e:
-        raise CheckpointError(f"{name} is not a valid .safetensors file ({e}); only .safetensors files made by "
+    except (SafetensorError, ValueError, OSError, TypeError, KeyError) as e:  # TypeError/KeyError: a dtype torch lacks
+        raise CheckpointError(f"{name} is not a valid .safetensors file ({str(e)[:100]}); only .safetensors files made by "
                               f"lafq are accepted (pickled .pt/.pth/.ckpt files are refused by design)") from None
     # safetensors.torch.load drops metadata; read the header for it (8-byte length, then JSON).
     n = int.from_bytes(data[:8], "little")
@@ -60,10 +71,15 @@ def read_bytes_checked(data: bytes, name: str = "<bytes>", kind: str | None = No
         raise CheckpointError(f"{name} has no 'lafq' metadata: it was not written by lafq")
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{name}: the 'lafq' metadata is not valid JSON ({e})") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{name}: the 'lafq' metadata is not valid JSON ({str(e)[:80]})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{name}: the 'lafq' metadata must be a JSON object, got a {type(meta).__name__}")
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{name}: format {meta.get('format')!r} is not supported (this lafq reads format {FORMAT})")
+        raise CheckpointError(f"{name}: format {str(meta.get('format'))[:20]!r} is not supported "
+                              f"(this lafq reads format {FORMAT})")
+    if meta.get("kind") not in KINDS:
+        raise CheckpointError(f"{name}: kind {str(meta.get('kind'))[:20]!r} is unknown; lafq writes {', '.join(KINDS)}")
     if kind is not None and meta.get("kind") != kind:
         raise CheckpointError(f"{name} holds a {meta.get('kind')!r}, expected a {kind!r}")
     return tensors, meta
@@ -72,8 +88,12 @@ def read_bytes_checked(data: bytes, name: str = "<bytes>", kind: str | None = No
 def load_file(path: str | os.PathLike, kind: str | None = None) -> tuple[dict, dict]:
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no such file: {path}")
-    return read_bytes_checked(path.read_bytes(), str(path), kind)
+        raise CheckpointError(f"no such file: {path}" if not path.exists() else f"{path} is not a file")
+    try:
+        data = path.read_bytes()
+    except OSError as e:  # permission denied, I/O error: one line, not a traceback
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    return read_bytes_checked(data, str(path), kind)
 
 
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], name: str) -> None:

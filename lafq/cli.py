@@ -1,12 +1,15 @@
 """`python -m lafq <command>`: train, sample, fid, fisher, quantize, report, bench, space.
 
 Every command takes --json to print one machine-readable result line on stdout (human
-messages go to stderr then). Errors print one line saying what was wrong and exit 2.
+messages go to stderr then). Errors print one line saying what was wrong and exit 2 (numbers that are
+NaN, infinite or out of range included); Ctrl-C prints "interrupted" and exits 130. No traceback for
+bad input, unreadable or unwritable paths, or interruption.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -17,6 +20,7 @@ from .data import DataError
 from .diffusion import DEFAULT_GUIDANCE
 
 DEFAULT_CKPT = "checkpoints/unet.safetensors"
+MAX_GUIDANCE = 50.0  # far beyond any useful scale (1.5 is the default); larger values only overflow
 
 
 class CLIError(ValueError):
@@ -59,12 +63,26 @@ def _positive(name):
     return parse
 
 
+def number(name: str, lo: float = -math.inf, hi: float = math.inf, integer: bool = False):
+    """argparse type: a finite number in [lo, hi] (NaN, inf and out-of-range values exit 2 with the range)."""
+    def parse(text):
+        try:
+            v = int(text) if integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be {'an integer' if integer else 'a number'}, "
+                                             f"got {text[:40]!r}") from None
+        if not math.isfinite(v) or not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{name} must be in [{lo:g}, {hi:g}], got {text[:40]!r}")
+        return v
+    return parse
+
+
 def _sampling_args(p):
     p.add_argument("--checkpoint", default=DEFAULT_CKPT, help="a U-Net or quantized model .safetensors")
     p.add_argument("--steps", type=_positive("--steps"), default=50, help="DDIM steps (DDPM always uses all T)")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 ancestral")
-    p.add_argument("--guidance", type=float, default=None,
+    p.add_argument("--eta", type=number("--eta", 0, 1), default=0.0, help="DDIM eta in [0, 1]: 0 deterministic, 1 ancestral")
+    p.add_argument("--guidance", type=number("--guidance", 0, MAX_GUIDANCE), default=None,
                    help=f"classifier-free guidance scale (default: {DEFAULT_GUIDANCE:g})")
     p.add_argument("--classes", default=None, help="'7', '0,1,2' or 'none' (unconditional); default: balanced 0-9")
     p.add_argument("--batch-size", type=_positive("--batch-size"), default=128)
@@ -167,9 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=_positive("--steps"), default=30000, help="total steps the schedule spans")
     t.add_argument("--until", type=_positive("--until"), default=None, help="stop this call at this step")
     t.add_argument("--batch-size", type=_positive("--batch-size"), default=64)
-    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--lr", type=number("--lr", 1e-8, 1.0), default=1e-3)
     t.add_argument("--base-channels", type=_positive("--base-channels"), default=32)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=number("--seed", 0, 2**63 - 1, integer=True), default=0)
     t.add_argument("--save-every", type=_positive("--save-every"), default=500)
     t.add_argument("--sample-every", type=_positive("--sample-every"), default=2000)
     t.add_argument("--log-every", type=_positive("--log-every"), default=100)
@@ -182,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="generate a grid of digits")
     _sampling_args(s)
     s.add_argument("--n", type=_positive("--n"), default=16)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=number("--seed", 0, 2**63 - 1, integer=True), default=0)
     s.add_argument("--nrow", type=_positive("--nrow"), default=None)
     s.add_argument("--out", type=Path, default=Path("grid.png"))
     s.set_defaults(func=cmd_sample)
@@ -191,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(f)
     f.add_argument("--n", type=_positive("--n"), default=1000, help="samples per seed")
     f.add_argument("--seeds", type=_positive("--seeds"), default=3, help="number of sampling seeds")
-    f.add_argument("--seed", type=int, default=0, help="first seed")
+    f.add_argument("--seed", type=number("--seed", 0, 2**63 - 1, integer=True), default=0, help="first seed")
     f.add_argument("--backend", choices=("auto", "classifier", "inception"), default="auto")
     f.add_argument("--real-floor", action="store_true", help="also print the real-vs-real FID at the same backend and N")
     f.add_argument("--floor-only", action="store_true", help="only the real-vs-real floor (no sampling)")
@@ -212,11 +230,23 @@ def _extra_commands():
     return cli_quant.REGISTER + cli_bench.REGISTER + space.REGISTER + cli_export.REGISTER
 
 
+def _os_error(e: OSError) -> str:
+    """'permission denied: out.png' rather than a traceback (PermissionError, IsADirectoryError, ...)."""
+    what = (e.strerror or type(e).__name__).lower()
+    return f"{what}: {e.filename}" if e.filename else what
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         args.func(args)
-    except (CLIError, CheckpointError, DataError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (CLIError, CheckpointError, DataError, ValueError) as e:
+        print(f"error: {' '.join(str(e).split())[:500]}", file=sys.stderr)
         return 2
+    except OSError as e:  # unreadable input, unwritable output, a directory where a file belongs
+        print(f"error: {_os_error(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -64,29 +65,57 @@ def policy_from_args(args):
     if args.k is not None:
         kw["k"] = args.k
     if args.group_thresholds:
-        try:
-            kw["group_thresholds"] = json.loads(args.group_thresholds)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--group-thresholds takes JSON like '{{\"encoder\": 0, \"decoder\": 1}}' ({e})") from None
+        kw["group_thresholds"] = group_thresholds(args.group_thresholds)
     return Policy(**kw)
+
+
+def group_thresholds(text: str) -> dict:
+    """--group-thresholds: a JSON object of group name -> number in [0, 1]."""
+    usage = "--group-thresholds takes a JSON object like '{\"encoder\": 0, \"decoder\": 1}'"
+    try:
+        d = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{usage} ({str(e)[:80]})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{usage}, got a {type(d).__name__}")
+    bad = {str(k)[:20]: v for k, v in d.items()
+           if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and 0 <= v <= 1)}
+    if bad:
+        raise ValueError(f"{usage}; thresholds must be numbers in [0, 1], got {str(bad)[:80]}")
+    return {k: float(v) for k, v in d.items()}
+
+
+def load_fisher(path):
+    """FisherMap.load with one-line errors for files that are safetensors but not a complete Fisher map."""
+    from .checkpoint import CheckpointError
+    from .fisher import FisherMap
+
+    try:
+        return FisherMap.load(path)
+    except (KeyError, TypeError, IndexError) as e:
+        raise CheckpointError(f"{path} is not a complete Fisher map (missing or malformed {str(e)[:60]})") from None
 
 
 def cmd_quantize(args):
     import copy
 
-    from .fisher import FisherMap
     from .pipeline import load_denoiser
-    from .policy import Plan, make_plan, param_shapes
+    from .policy import make_plan, param_shapes
     from .quantize import quantize_, save_quantized, size_report
 
+    from .planfile import read_plan
+
     model, _ = load_denoiser(args.checkpoint)
+    if getattr(model, "lafq_plan", None) is not None:
+        raise ValueError("quantize the FP32 checkpoint, not a quantized model")
+    shapes = param_shapes(model)
     if args.plan:
-        plan = Plan.from_json(Path(args.plan).read_text())
+        plan = read_plan(Path(args.plan).read_bytes(), str(args.plan))
+        plan.validate(shapes)  # also without --out: sizing an invalid plan would report nonsense
     else:
         policy = policy_from_args(args)
-        fisher = FisherMap.load(args.fisher)
+        fisher = load_fisher(args.fisher)
         plan = make_plan(policy, fisher, dict(model.named_parameters()))
-    shapes = param_shapes(model)
     report = size_report(plan, shapes)
     if args.out:
         q = quantize_(copy.deepcopy(model), plan)
@@ -99,18 +128,19 @@ def cmd_quantize(args):
 
 
 def register_fisher(sub):
-    from .cli import _device_arg
+    from .cli import _device_arg, number
     from .fisher import DEFAULT_P_NULL
 
     f = sub.add_parser("fisher", help="compute the Fisher map (tensor x timestep bin [x class])")
     f.add_argument("--checkpoint", default="checkpoints/unet.safetensors")
     f.add_argument("--dataset", default="mnist-test10k")
-    f.add_argument("--bins", type=int, default=50, help="timestep bins over [0, T), 1..1000")
-    f.add_argument("--samples", type=int, default=64, help="samples per bin (per class with --per-class)")
+    f.add_argument("--bins", type=number("--bins", 1, 1000, integer=True), default=50, help="timestep bins over [0, T), 1..1000")
+    f.add_argument("--samples", type=number("--samples", 1, 100_000, integer=True), default=64,
+                   help="samples per bin (per class with --per-class)")
     f.add_argument("--per-class", action="store_true", help="also one map per digit")
     f.add_argument("--method", choices=("hooks", "vmap", "naive"), default="hooks",
                    help="per-sample gradients: layer hooks (fastest on CPU), torch.func.vmap, or a naive loop; all exact")
-    f.add_argument("--p-null", type=float, default=DEFAULT_P_NULL,
+    f.add_argument("--p-null", type=number("--p-null", 0, 1), default=DEFAULT_P_NULL,
                    help="probability of scoring a draw with the null class, the branch guided sampling also runs "
                         "(default: the training label dropout); 0 scores conditional labels only")
     f.add_argument("--seed", type=int, default=0)
@@ -121,6 +151,7 @@ def register_fisher(sub):
 
 
 def register_quantize(sub):
+    from .cli import number
     from .fisher import STATISTICS
     from .policy import BUDGET_CHOICES, SIGNALS, STRATEGIES
     from .precision import PRECISIONS
@@ -132,12 +163,14 @@ def register_quantize(sub):
     q.add_argument("--target", choices=PRECISIONS, default="fp16", help="precision of the quantized tensors")
     q.add_argument("--high", choices=PRECISIONS, default="fp32", help="precision of the kept tensors")
     q.add_argument("--statistic", choices=STATISTICS, default="final", help="Fisher over timesteps: final step, mean, max")
-    q.add_argument("--threshold", type=float, default=None, help="global: fraction of the largest Fisher score, [0, 1]")
+    q.add_argument("--threshold", type=number("--threshold", 0, 1), default=None,
+                   help="global: fraction of the largest Fisher score, [0, 1]")
     q.add_argument("--group-thresholds", default=None, help='groups: JSON, e.g. \'{"encoder": 0, "mid": 1, "decoder": 1}\'')
-    q.add_argument("--p", type=float, default=None, help="layer-ratio: fraction of each layer's tensors, [0, 1]")
-    q.add_argument("--k", type=float, default=None, help="layer-std: quantize below mean + k*std of log Fisher")
-    q.add_argument("--avg-bits", type=float, default=None, help="budget/random: average bits per weight")
-    q.add_argument("--budget-bytes", type=int, default=None, help="budget/random: total bytes")
+    q.add_argument("--p", type=number("--p", 0, 1), default=None, help="layer-ratio: fraction of each layer's tensors, [0, 1]")
+    q.add_argument("--k", type=number("--k", -100, 100), default=None, help="layer-std: quantize below mean + k*std of log Fisher")
+    q.add_argument("--avg-bits", type=number("--avg-bits", 0.01, 32), default=None, help="budget/random: average bits per weight")
+    q.add_argument("--budget-bytes", type=number("--budget-bytes", 1, 2**62, integer=True), default=None,
+                   help="budget/random: total bytes")
     q.add_argument("--signal", choices=SIGNALS, default="fisher",
                    help="what weighs a tensor: Fisher, weight magnitude, or (budget) quantization error alone")
     q.add_argument("--choices", default=None,
@@ -158,7 +191,6 @@ def cmd_report(args):
     from .classifier import load_classifier
     from .device import resolve_device
     from .evaluate import Evaluator
-    from .fisher import FisherMap
     from .metrics import DEFAULT_CLASSIFIER, get_backend
     from .pipeline import load_denoiser, real_floor
     from .report import Settings, evaluate, grid, settings_with, write
@@ -168,7 +200,7 @@ def cmd_report(args):
     model, _ = load_denoiser(args.checkpoint)
     device = resolve_device(args.device)
     model.to(device)
-    fisher = FisherMap.load(args.fisher)
+    fisher = load_fisher(args.fisher)
     base = Settings.quick() if args.quick else Settings()
     s = settings_with(base, n=args.n, steps=args.steps, seeds=args.seeds, guidance=args.guidance,
                       random_seeds=args.random_seeds)
@@ -202,17 +234,21 @@ def cmd_report(args):
 
 
 def register_report(sub):
-    from .cli import _device_arg
+    from .cli import _device_arg, number
 
     r = sub.add_parser("report", help="the evidence: sensitivity validation and the plan grid -> docs/report.md, .csv, .svg")
     r.add_argument("--checkpoint", default="checkpoints/unet.safetensors")
     r.add_argument("--fisher", default=DEFAULT_FISHER)
     r.add_argument("--quick", action="store_true", help="small N, few steps and rows: minutes on 2 cores")
-    r.add_argument("--n", type=int, default=None, help="samples per seed (default 1000; quick 50)")
-    r.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50; quick 10)")
-    r.add_argument("--seeds", type=int, default=None, help="sampling seeds (default 3)")
-    r.add_argument("--random-seeds", type=int, default=None, help="random controls per plan (default 5; quick 2)")
-    r.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the library's)")
+    r.add_argument("--n", type=number("--n", 2, 10**7, integer=True), default=None,
+                   help="samples per seed (default 1000; quick 50)")
+    r.add_argument("--steps", type=number("--steps", 1, 1000, integer=True), default=None,
+                   help="DDIM steps (default 50; quick 10)")
+    r.add_argument("--seeds", type=number("--seeds", 1, 1000, integer=True), default=None, help="sampling seeds (default 3)")
+    r.add_argument("--random-seeds", type=number("--random-seeds", 1, 100, integer=True), default=None,
+                   help="random controls per plan (default 5; quick 2)")
+    r.add_argument("--guidance", type=number("--guidance", 0, 50), default=None,
+                   help="classifier-free guidance (default: the library's)")
     r.add_argument("--backend", choices=("auto", "classifier", "inception"), default="auto")
     r.add_argument("--skip-sensitivity", action="store_true", help="only the plan grid")
     r.add_argument("--render", action="store_true",

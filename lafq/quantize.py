@@ -23,8 +23,8 @@ from torch import nn
 
 from .checkpoint import CheckpointError, save_file
 from .policy import Plan, param_shapes
-from .precision import (FLOAT_DTYPES, PACKED, PRECISIONS, QMAX, Stored, data_bytes, load, numel, scale_bytes, scale_shape,
-                        store)
+from .precision import (FLOAT_DTYPES, GROUP, PACKED, PRECISIONS, QMAX, Stored, data_bytes, load, numel, scale_bytes,
+                        scale_shape, store)
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -242,40 +242,78 @@ def save_quantized(path: str | os.PathLike, model: nn.Module) -> int:
     return Path(path).stat().st_size
 
 
-def quantized_from_file(tensors: dict, meta: dict, name: str):
-    """Rebuild a quantized U-Net from file contents without re-quantizing (bit-identical reload)."""
+def _expected_tensors(plan: Plan, shapes: dict[str, tuple]) -> dict[str, tuple[tuple, tuple]]:
+    """File tensor name -> (shape, allowed dtypes) for a plan."""
+    out = {}
+    for n, shape in shapes.items():
+        p = plan.precisions.get(n, "fp32")
+        if p in QMAX:
+            out[f"{n}.qdata"] = ((data_bytes(shape, p),) if p in PACKED else shape,
+                                 (torch.uint8,) if p in PACKED else (torch.int8,))
+            out[f"{n}.scale"] = (scale_shape(shape, p), (torch.float16,) if p in GROUP else (torch.float32,))
+        else:
+            out[n] = (shape, (FLOAT_DTYPES[p],))
+    return out
+
+
+def _check_stored_tensors(tensors: dict, plan: Plan, shapes: dict[str, tuple], name: str) -> None:
+    want = _expected_tensors(plan, shapes)
+    missing = sorted(set(want) - set(tensors))
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise CheckpointError(f"{name}: missing tensor {missing[0]!r}{more} that its plan needs")
+    extra = sorted(set(tensors) - set(want))
+    if extra:
+        raise CheckpointError(f"{name}: {len(extra)} tensors its plan does not account for (e.g. {extra[:3]})")
+    for k, (shape, dtypes) in want.items():
+        t = tensors[k]
+        if t.dtype not in dtypes:
+            raise CheckpointError(f"{name}: {k} is {str(t.dtype).replace('torch.', '')}, expected "
+                                  f"{' or '.join(str(d).replace('torch.', '') for d in dtypes)}")
+        if tuple(t.shape) != tuple(shape):
+            raise CheckpointError(f"{name}: {k} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{name}: {k} holds NaN or infinite values")
+        if k.endswith(".scale") and bool((t <= 0).any()):
+            raise CheckpointError(f"{name}: {k} holds scales <= 0")
+
+
+def quantized_from_file(tensors: dict, meta: dict, name: str, expect_config=None):
+    """Rebuild a quantized U-Net from file contents without re-quantizing (bit-identical reload).
+
+    Every tensor is checked before use: the names the plan implies (no more, no fewer), shapes, dtypes
+    (fp32 / fp16 / bf16 data, int8 or packed uint8 codes, fp32 per-channel or fp16 per-group scales) and finite
+    values; `expect_config`
+    (a UNetConfig) rejects another network's file. Raises CheckpointError naming the first problem.
+    """
     from .model import UNet, UNetConfig, to_inference_layout
+    from .planfile import plan_from_dict
 
     try:
         cfg = UNetConfig.from_dict(meta["config"])
-        plan = Plan(dict(meta["plan"]["precisions"]), meta["plan"].get("policy", {}))
+        plan = plan_from_dict(meta["plan"], "quantized model's plan")
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{name}: invalid quantized-model metadata ({e})") from None
+        raise CheckpointError(f"{name}: invalid quantized-model metadata ({str(e)[:160]})") from None
+    if expect_config is not None and cfg != expect_config:
+        from .checkpoint import config_mismatch
+        diff = config_mismatch(expect_config.to_dict(), cfg.to_dict())
+        raise CheckpointError(f"{name} is another network: " + "; ".join(diff[:3]))
     model = to_inference_layout(UNet(cfg))  # the same layout as a freshly loaded FP32 model
     shapes = param_shapes(model)
     try:
         plan.validate(shapes)
     except ValueError as e:
         raise CheckpointError(f"{name}: {e}") from None
+    _check_stored_tensors(tensors, plan, shapes, name)
     stored, plain = {}, {}
     for n, shape in shapes.items():
         p = plan.precisions.get(n, "fp32")
-        try:
-            if p in QMAX:
-                s = Stored(p, shape, tensors[f"{n}.qdata"], tensors[f"{n}.scale"])
-                want = (data_bytes(shape, p),) if p in PACKED else shape
-                if tuple(s.data.shape) != want or tuple(s.scale.shape) != scale_shape(shape, p):
-                    raise CheckpointError(f"{name}: {n} has stored shape {tuple(s.data.shape)} with scales "
-                                          f"{tuple(s.scale.shape)}, expected {want} with {scale_shape(shape, p)}")
-                stored[n] = s
-            elif p == "fp32":
-                plain[n] = tensors[n]
-            else:
-                if tensors[n].dtype != FLOAT_DTYPES[p] or tuple(tensors[n].shape) != shape:
-                    raise CheckpointError(f"{name}: {n} should be {p} {shape}, is {tensors[n].dtype} {tuple(tensors[n].shape)}")
-                stored[n] = Stored(p, shape, tensors[n])
-        except KeyError as e:
-            raise CheckpointError(f"{name}: missing tensor {e} for {n} ({p})") from None
+        if p in QMAX:
+            stored[n] = Stored(p, shape, tensors[f"{n}.qdata"], tensors[f"{n}.scale"])
+        elif p == "fp32":
+            plain[n] = tensors[n]
+        else:
+            stored[n] = Stored(p, shape, tensors[n])
     model.load_state_dict(plain, strict=False)
     _install(model, stored)
     model.lafq_plan = plan

@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 # What the app reads at run time, relative to the repo (demo/state.py, lafq/metrics.py, lafq/data.py):
 # the model, its Fisher map, the FID classifier and its cached reference statistics, the MNIST files behind
-# Fisher recompute and saliency, and the report rows behind the Quality chart. Not the training state, the
-# evaluation logs or the tests.
+# Fisher recompute and saliency, the report and sensitivity rows behind the Quality charts. Not the training
+# state, the evaluation logs or the tests.
 APP_FILES = (
     "app.py",
     "checkpoints/unet.safetensors",
@@ -41,6 +41,7 @@ APP_FILES = (
     "data/mnist/t10k-labels-idx1-ubyte.gz",
     "data/mnist/mnist_train_subset_5k.npz",
     "docs/report.csv",
+    "docs/sensitivity.csv",
 )
 PACKAGES = ("demo", "lafq")  # copied as their *.py files
 

@@ -1,6 +1,10 @@
 """Screenshots of every tab of the real app (python app.py) in headless Chromium -> docs/screenshots/.
 
     python scripts/screenshots.py            # starts app.py on a free port, shoots, stops it
+    python scripts/screenshots.py quantize phone   # only these (desktop tab names, "phone")
+
+Desktop (1400 px wide): every tab, Compare as a first visit shows it (the example, no click). Phone
+(390 CSS px wide, emulated; 2400 px of the page): Quantize, Compare and Inside as `<tab>-phone.png`.
 """
 from __future__ import annotations
 
@@ -17,6 +21,12 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "docs" / "screenshots"
+DESKTOP = ("fisher", "quantize", "compare", "quality", "inside")
+
+
+def want(name: str) -> bool:
+    """Shots named on the command line (default: all)."""
+    return not sys.argv[1:] or name in sys.argv[1:]
 
 
 def main() -> None:
@@ -25,58 +35,115 @@ def main() -> None:
         port = s.getsockname()[1]
     env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(REPO)}
     app = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        OUT.mkdir(parents=True, exist_ok=True)
+        if any(want(n) for n in DESKTOP):
+            desktop(url)
+        if want("phone"):
+            phone(url)
+    finally:
+        app.terminate()
+        app.wait(timeout=30)
+
+
+def _driver(phone: bool = False):
     os.environ["SE_OFFLINE"] = "true"
     opts = webdriver.ChromeOptions()
     opts.binary_location = shutil.which("chromium")
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--window-size=1400,1800", "--hide-scrollbars"):
+                "--window-size=390,2400" if phone else "--window-size=1400,1800", "--hide-scrollbars"):
         opts.add_argument(arg)
-    driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=shutil.which("chromedriver")))
+    if phone:
+        opts.add_experimental_option("mobileEmulation", {"deviceMetrics": {"width": 390, "height": 2400, "pixelRatio": 1}})
+    return webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=shutil.which("chromedriver")))
+
+
+def _helpers(driver, wait):
+    def tab(name):
+        wait.until(lambda d: d.find_elements(By.XPATH, "//button[@role='tab']"))
+        shown = [t for t in driver.find_elements(By.XPATH, f"//button[@role='tab'][normalize-space()='{name}']")
+                 if t.is_displayed()]
+        if shown:
+            shown[0].click()
+            wait.until(lambda d: shown[0].get_attribute("aria-selected") == "true")
+            return
+        # Narrow screens put the other tabs under "More tabs".
+        driver.find_element(By.CSS_SELECTOR, "button[aria-label='More tabs']").click()
+        item = wait.until(lambda d: [b for b in d.find_elements(By.XPATH, f"//button[normalize-space()='{name}']")
+                                     if b.is_displayed()])
+        item[0].click()
+
+    def click(text):
+        b = driver.find_element(By.XPATH, f"//button[normalize-space()='{text}']")
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", b)
+        b.click()
+
+    def shoot(name):
+        driver.execute_script("window.scrollTo(0, 0);")
+        driver.save_screenshot(str(OUT / f"{name}.png"))
+        print("wrote", OUT / f"{name}.png")
+    return tab, click, shoot
+
+
+def phone(url) -> None:
+    driver = _driver(phone=True)
     wait = WebDriverWait(driver, 600)
+    tab, click, shoot = _helpers(driver, wait)
     try:
-        url = f"http://127.0.0.1:{port}/"
         wait.until(lambda d: _get(d, url))
-        OUT.mkdir(parents=True, exist_ok=True)
-
-        def tab(name):
-            t = wait.until(lambda d: d.find_element(By.XPATH, f"//button[@role='tab'][normalize-space()='{name}']"))
-            t.click()
-            wait.until(lambda d: t.get_attribute("aria-selected") == "true")
-
-        def click(text):
-            b = driver.find_element(By.XPATH, f"//button[normalize-space()='{text}']")
-            driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", b)
-            b.click()
-
-        def shoot(name):
-            driver.execute_script("window.scrollTo(0, 0);")
-            driver.save_screenshot(str(OUT / f"{name}.png"))
-            print("wrote", OUT / f"{name}.png")
-
-        tab("Fisher")
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")) >= 3)
-        shoot("fisher")
         tab("Quantize")
         wait.until(lambda d: "% of FP32" in d.find_element(By.ID, "size-readout").text)
-        shoot("quantize")
+        shoot("quantize-phone")
         tab("Compare")
-        click("Generate")
         wait.until(lambda d: "ms/image" in d.find_element(By.ID, "compare-timing").text)
-        shoot("compare")
-        tab("Quality")
-        click("Evaluate")
-        wait.until(lambda d: "backend=" in d.find_element(By.ID, "fid-result").text)
-        shoot("quality")
-        tab("Inside")
-        click("Activations along the trajectory")
-        click("Saliency map")
-        click("Quantization error along the trajectory (current plan)")
-        wait.until(lambda d: len([e for e in d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot") if e.is_displayed()]) >= 4)
-        shoot("inside")
+        shoot("compare-phone")
+        tab("Inside")  # the arrival example
+        wait.until(lambda d: len([e for e in d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot") if e.is_displayed()]) >= 2
+                   and idle(d))
+        shoot("inside-phone")
     finally:
         driver.quit()
-        app.terminate()
-        app.wait(timeout=30)
+
+
+def desktop(url) -> None:
+    driver = _driver()
+    wait = WebDriverWait(driver, 600)
+    tab, click, shoot = _helpers(driver, wait)
+    try:
+        wait.until(lambda d: _get(d, url))
+
+        if want("fisher"):
+            tab("Fisher")
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")) >= 3)
+            shoot("fisher")
+        if want("quantize"):
+            tab("Quantize")
+            wait.until(lambda d: "% of FP32" in d.find_element(By.ID, "size-readout").text)
+            shoot("quantize")
+        if want("compare"):
+            tab("Compare")  # the example a first visit sees
+            wait.until(lambda d: "ms/image" in d.find_element(By.ID, "compare-timing").text)
+            shoot("compare")
+        if want("quality"):
+            tab("Quality")
+            click("Evaluate")
+            wait.until(lambda d: "ΔFID" in d.find_element(By.ID, "fid-result").text)
+            shoot("quality")
+        if want("inside"):
+            tab("Inside")
+            click("Saliency map")
+            click("Quantization error along the trajectory (current plan)")
+            wait.until(lambda d: len([e for e in d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot") if e.is_displayed()]) >= 4
+                       and idle(d))
+            shoot("inside")
+    finally:
+        driver.quit()
+
+
+def idle(driver) -> bool:
+    """No component shows Gradio's "processing" overlay."""
+    return "processing" not in driver.find_element(By.TAG_NAME, "body").text
 
 
 def _get(driver, url) -> bool:

@@ -81,8 +81,7 @@ def test_train_cli_on_a_tiny_budget(tmp_path, capsys):
     (["--checkpoint", "nope.safetensors"], "no such file"),
     (["--classes", "x"], "--classes takes digits"),
     (["--classes", "12"], "class labels must be in [0, 9]"),
-    (["--guidance", "nan"], "guidance must be a number"),
-])
+])  # NaN and out-of-range numbers: tests/test_cli_errors.py
 def test_bad_input_is_one_clear_line(args, message, capsys, tiny_ckpt):
     assert main(["sample", "--checkpoint", str(tiny_ckpt), "--steps", "1", "--n", "2"] + args + ["--out", os.devnull]) == 2
     err = capsys.readouterr().err

@@ -16,3 +16,18 @@ def app_state():
     x, y = load_dataset("mnist-train5k").tensors()
     fm = compute_fisher(model, x[::10], y[::10], bins=4, samples_per_bin=4, per_class=True)
     return AppState(model=model, fisher=fm, fisher_note="test map")
+
+
+def launch(state):
+    """Serve the app for `state` on a free 127.0.0.1 port, the way app.py does; returns (demo, url)."""
+    import socket
+
+    from demo.ui import LAUNCH_OPTIONS, QUEUE_OPTIONS, build_app
+
+    demo = build_app(state)
+    demo.queue(**QUEUE_OPTIONS)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **LAUNCH_OPTIONS)
+    return demo, f"http://127.0.0.1:{port}/"

@@ -1,7 +1,7 @@
-"""End to end in Debian's headless Chromium: tabs, a slider that moves the size readout, Generate."""
+"""End to end in Debian's headless Chromium: the first visit (example, presets), a slider that moves the size
+readout, Generate, and a Fisher recompute whose progress bar moves and whose Cancel stops the server job."""
 import os
 import shutil
-import socket
 
 import pytest
 
@@ -18,15 +18,10 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="Debian's chro
 
 @pytest.fixture(scope="module")
 def url(app_state):
-    from demo.ui import LAUNCH_OPTIONS, QUEUE_OPTIONS, build_app
+    from tests.app.conftest import launch
 
-    demo = build_app(app_state)
-    demo.queue(**QUEUE_OPTIONS)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **LAUNCH_OPTIONS)
-    yield f"http://127.0.0.1:{port}/"
+    demo, url = launch(app_state)
+    yield url
     demo.close()
 
 
@@ -49,6 +44,37 @@ def open_tab(driver, wait, name):
     wait.until(lambda d: tab.get_attribute("aria-selected") == "true")
 
 
+def choose(driver, wait, label, option):
+    """Pick `option` in the Gradio dropdown labelled `label`, as a mouse user would."""
+    box = driver.find_element(By.CSS_SELECTOR, f"input[role='combobox'][aria-label='{label}']")
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", box)
+    box.click()
+    wait.until(EC.element_to_be_clickable((By.XPATH, f"//ul[@role='listbox']/li[contains(normalize-space(), '{option}')]"))).click()
+
+
+def test_a_first_visit_shows_the_example_presets_and_how_to_lines(url, browser):
+    from demo.presets import PRESETS, UNIFORM_INT4
+
+    wait = WebDriverWait(browser, 120)
+    browser.get(url)
+    open_tab(browser, wait, "Compare")  # the example is there without pressing Generate
+    for elem_id in ("img-fp32", "img-plan", "img-uniform"):
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"#{elem_id} img[src]"))
+    wait.until(lambda d: "ms/image" in d.find_element(By.ID, "compare-timing").text)
+    assert "How to" in browser.find_element(By.ID, "howto-compare").text
+    open_tab(browser, wait, "Inside")  # activations are drawn on arrival too
+    wait.until(lambda d: len([e for e in d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot") if e.is_displayed()]) >= 2)
+    open_tab(browser, wait, "Quantize")
+    readout = wait.until(EC.visibility_of_element_located((By.ID, "size-readout")))
+    wait.until(lambda d: "% of FP32" in readout.text and "budget" in readout.text)  # the default preset
+    box = browser.find_element(By.CSS_SELECTOR, "input[role='combobox'][aria-label='preset']")
+    box.click()
+    listed = [li.text for li in wait.until(lambda d: d.find_elements(By.XPATH, "//ul[@role='listbox']/li"))]
+    assert all(any(t.endswith(name) for t in listed) for name in PRESETS), listed  # the chosen one has a ✓
+    browser.find_element(By.XPATH, f"//ul[@role='listbox']/li[contains(normalize-space(), '{UNIFORM_INT4}')]").click()
+    wait.until(lambda d: UNIFORM_INT4 in readout.text)
+
+
 def test_tabs_slider_readout_and_generate(url, browser):
     wait = WebDriverWait(browser, 60)
     browser.get(url)
@@ -61,6 +87,8 @@ def test_tabs_slider_readout_and_generate(url, browser):
     open_tab(browser, wait, "Quantize")
     readout = wait.until(EC.visibility_of_element_located((By.ID, "size-readout")))
     wait.until(lambda d: "% of FP32" in readout.text)
+    choose(browser, wait, "preset", "source: layer-ratio p=0.25 → FP16")  # shows the p slider
+    wait.until(lambda d: "layer-ratio p=0.25" in readout.text)
     before = readout.text
     slider = browser.find_element(By.CSS_SELECTOR, "input[aria-label='range slider for layer-ratio: p']")
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'}); arguments[0].focus();", slider)
@@ -72,3 +100,26 @@ def test_tabs_slider_readout_and_generate(url, browser):
     for elem_id in ("img-fp32", "img-plan"):
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"#{elem_id} img[src]"))
     wait.until(lambda d: "ms/image" in d.find_element(By.ID, "compare-timing").text)
+
+
+def test_a_fisher_recompute_shows_a_moving_progress_bar_and_cancel_stops_it(url, browser, app_state):
+    wait = WebDriverWait(browser, 120)
+    browser.get(url)
+    open_tab(browser, wait, "Fisher")
+    browser.find_element(By.XPATH, "//button[contains(normalize-space(), 'Recompute the Fisher map')]").click()
+    for label, value in (("timestep bins", 100), ("samples per bin", 256)):  # long enough to watch
+        box = wait.until(EC.visibility_of_element_located((By.CSS_SELECTOR, f"input[aria-label='number input for {label}']")))
+        browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", box)
+        box.clear()
+        box.send_keys(str(value), Keys.ENTER)
+    browser.find_element(By.ID, "recompute").click()
+
+    def progress(d):
+        texts = [e.text for e in d.find_elements(By.CSS_SELECTOR, ".progress-level") if "bin " in e.text]
+        return texts[0] if texts else False
+    first = wait.until(progress)
+    wait.until(lambda d: progress(d) not in (False, first))  # it moves
+    browser.find_element(By.ID, "recompute-cancel").click()
+    wait.until(lambda d: "Cancelled" in d.find_element(By.ID, "fisher-status").text)
+    assert app_state.heavy.acquire(timeout=300)  # the server job stopped too
+    app_state.heavy.release()

@@ -41,17 +41,36 @@ def test_fisher_figures_reject_bad_input(app_state, args, message):
         tab_fisher.fisher_figures(app_state, *args)
 
 
-def test_recompute_replaces_the_map_and_reports_progress(app_state):
-    old = app_state.fisher
+def test_recompute_gives_the_user_a_map_of_their_own_and_reports_progress(app_state):
+    old, hooks = app_state.fisher, [m._forward_hooks.copy() for m in app_state.model.modules()]
     calls = []
-    msg = tab_fisher.recompute(app_state, 2, 2, False, lambda frac, desc: calls.append(frac))
-    try:
-        assert app_state.fisher.bins == 2 and "2 bins x 2 samples" in msg
-        assert calls[-1] == 1.0
-        with pytest.raises(InputError, match="bins must be in"):
-            tab_fisher.recompute(app_state, 10**6, 2, False)
-    finally:
-        app_state.fisher = old
+    user, msg = tab_fisher.recompute(app_state, 2, 2, False, lambda frac, desc: calls.append(frac))
+    assert user.fisher.bins == 2 and "2 bins x 2 samples" in msg and calls[-1] == 1.0
+    assert app_state.fisher is old  # the shared map is untouched
+    assert [m._forward_hooks for m in app_state.model.modules()] == hooks  # and so is the shared model
+    assert app_state.fisher_of(user) is user.fisher and app_state.fisher_of(None) is old
+    heat, _, _ = tab_fisher.fisher_figures(app_state, "log", "all", "layers", 1, "down1", user)
+    assert len(heat.data[0].x) == 2
+    back, note = tab_fisher.shipped(app_state, user)
+    assert back.fisher is None and "shipped" in note
+    with pytest.raises(InputError, match="bins must be in"):
+        tab_fisher.recompute(app_state, 10**6, 2, False)
+
+
+def test_gradio_progress_objects_are_not_dropped_for_being_falsy(app_state):
+    """gr.Progress() has len() 0 before it tracks anything, so `if progress:` used to skip it."""
+    class Falsy:
+        calls = []
+
+        def __len__(self):
+            return 0
+
+        def __call__(self, frac, desc=None):
+            self.calls.append(frac)
+    progress = Falsy()
+    assert not progress
+    tab_fisher.recompute(app_state, 2, 1, False, progress)
+    assert progress.calls and progress.calls[-1] == 1.0
 
 
 def test_readout_moves_with_the_threshold(app_state):
@@ -71,7 +90,7 @@ def test_readout_for_budget_and_every_strategy(app_state):
         md, rows, _ = tab_quantize.readout(app_state, cur)
         assert rows, strategy
     md, _, _ = tab_quantize.readout(app_state, tab_quantize.policy_from_controls(*controls(strategy="budget", avg_bits=8)))
-    assert "budget 8.00 bits" in md
+    assert "budget 8 bits" in md
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -87,6 +106,26 @@ def test_quantize_controls_reject_bad_input(kw, message):
         tab_quantize.policy_from_controls(*controls(**kw))
 
 
+def test_presets_give_valid_controls_and_name_their_plans(app_state):
+    from demo.presets import BUDGET_45, PRESETS, UNIFORM_INT4
+    for name in PRESETS:
+        values = tab_quantize.controls_for(app_state, name)
+        md, rows, _ = tab_quantize.readout(app_state, tab_quantize.policy_from_controls(*values))
+        assert "% of FP32" in md and rows
+    md, _, _ = tab_quantize.readout(app_state, tab_quantize.policy_from_controls(*tab_quantize.controls_for(app_state, UNIFORM_INT4)))
+    assert UNIFORM_INT4 in md
+    floor = tab_quantize.budget_floor_bits(app_state, False)
+    assert tab_quantize.controls_for(app_state, BUDGET_45)[9] == max(4.5, floor)  # raised to what is possible
+    assert tab_quantize.budget_floor_bits(app_state, True) > floor  # protecting mid raises the floor
+
+
+def test_only_the_chosen_strategys_controls_show():
+    assert tab_quantize.visibility("uniform") == [True, True] + [False] * 9
+    shown = dict(zip(tab_quantize.CONTROL_NAMES, tab_quantize.visibility("budget")))
+    assert shown["avg_bits"] and not shown["p"] and not shown["target"]
+    assert all(tab_quantize.visibility("some-future-strategy"))
+
+
 def test_budget_below_floor_is_a_clear_error(app_state):
     cur = tab_quantize.policy_from_controls(*controls(strategy="budget", avg_bits=4.0))
     with pytest.raises(ValueError, match="below the floor"):
@@ -100,6 +139,10 @@ def test_export_then_upload_round_trips_the_plan(app_state, tmp_path):
     for path in (model_path, plan_path):
         loaded = tab_quantize.load_upload(app_state, path)
         assert loaded["plan"] == app_state.plan(Policy("uniform", target="int4")).precisions
+        md, _, _ = tab_quantize.readout(app_state, loaded)
+        assert f"from {Path(path).name}" in md and "loaded plan is active" in md
+    again, _ = tab_quantize.export(app_state, cur)  # the same session's next export replaces its folder
+    assert not Path(model_path).exists() and Path(again).exists()
 
 
 @pytest.mark.parametrize("name, content, message", [
@@ -125,6 +168,7 @@ def test_compare_gives_two_grids_a_diff_and_timings(app_state):
     assert fp32.shape == plan.shape == uni.shape and fp32.dtype == np.uint8
     assert not np.array_equal(fp32, plan)
     assert "FP32" in md and "ms/image" in md and "uniform int4" in md
+    assert "Plan: **uniform INT4" in md and "dequantized" in md  # named, and why it is not faster
     again = tab_compare.compare(app_state, cur, "3", 2.0, 3, 0, 4, False)
     assert np.array_equal(again[0], fp32) and again[2] is None  # same seed, same images
 
@@ -143,15 +187,50 @@ def test_compare_rejects_bad_input(app_state, args, message):
 
 def test_quality_is_cached_and_names_backend_and_n(app_state, monkeypatch):
     cur = tab_quantize.policy_from_controls(*controls(strategy="uniform", target="fp16"))
-    md, fig = tab_quality.evaluate(app_state, cur, 20, 2, 2, True)
-    assert "backend=classifier" in md and "N=20" in md and "fp32" in md and md.count("accuracy") == 2  # once per row
-    assert {t.name for t in fig.data} >= {"you", "fp32"}
+    md, fig, user = tab_quality.evaluate(app_state, cur, 20, 2, 2, True)
+    assert md.startswith("### ΔFID to FP32 (paired, same noise)")  # the paired difference leads
+    assert "backend=classifier" in md and "N=20" in md and "FP32" in md and md.count("accuracy") == 2  # once per row
+    assert "Real-vs-real floor" in md
+    assert "**Fidelity to FP32** (64 images × 2 seeds, same noise): mean |Δ|" in md and "class agreement" in md
+    assert {t.name for t in fig.data} >= {"you"} and len(user.evaluations) == 2
     import lafq.pipeline as pipeline
     monkeypatch.setattr(pipeline, "generate", lambda *a, **k: pytest.fail("cache miss"))
-    md2, _ = tab_quality.evaluate(app_state, cur, 20, 2, 2, True)
-    assert md2 == md
+    monkeypatch.setattr(tab_quality, "generate", lambda *a, **k: pytest.fail("cache miss"))
+    md2, _, again = tab_quality.evaluate(app_state, cur, 20, 2, 2, True, user=user)
+    assert md2 == md and len(again.evaluations) == 2  # the same evaluation replaces, not repeats
+    _, other_fig, other = tab_quality.evaluate(app_state, cur, 20, 2, 2, True)  # another user: their own list
+    assert len(other.evaluations) == 2
+    monkeypatch.undo()
+    md1, _, _ = tab_quality.evaluate(app_state, cur, 20, 2, 1, True)
+    assert "one seed: no interval" in md1
     with pytest.raises(InputError, match="N must be in"):
         tab_quality.evaluate(app_state, cur, 10**7, 2, 2, True)
+
+
+def test_quality_shows_the_shipped_sensitivity_and_report_from_their_csv_files(tmp_path):
+    from lafq.report import CSV_FIELDS, SENS_FIELDS, _csv
+
+    sens = [{"unit": f"layer{i}.weight", "seed": s, "mad": 0.001 * (i + 1), "feature_distance": 0.01 * (i + 1),
+             "pred_fisher": float(i), "pred_fisher_x_error": float(i + 1), "pred_error": float(10 - i),
+             "pred_magnitude": 1.0 + (i % 3)} for i in range(6) for s in range(2)]
+    (tmp_path / "sensitivity.csv").write_bytes(_csv(sens, SENS_FIELDS))
+    data = tab_quality.sensitivity_data(tmp_path / "sensitivity.csv")
+    fig = tab_quality.sensitivity_figure("fisher_x_error", data)
+    assert "ρ = +1.000" in fig.layout.title.text and "6 tensors, 2 seeds" in fig.layout.title.text
+    assert len(fig.data[0].x) == 6
+    assert "ρ = -1.000" in tab_quality.sensitivity_figure("error", data).layout.title.text
+    with pytest.raises(InputError, match="predictor"):
+        tab_quality.sensitivity_figure("astrology", data)
+    assert "not measured yet" in tab_quality.sensitivity_figure("fisher", {}).layout.title.text
+    recs = [{"name": n, "seed": s, "bytes": b, "pct_of_fp32": p, "avg_bits": 32 * p / 100, "n": 100, "steps": 10,
+             "fid": f + s, "mad": 0.0, "psnr": 100.0, "feature_distance": 0.0, "agreement": 1.0, "seconds": 1.0}
+            for n, b, p, f in (("fp32", 400, 100.0, 20.0), ("uniform int4", 52, 13.0, 40.0)) for s in range(3)]
+    (tmp_path / "report.csv").write_bytes(_csv(recs, CSV_FIELDS))
+    pts = tab_quality.report_points(tmp_path / "report.csv")
+    assert [(p["source"], p["fid_mean"]) for p in pts] == [("fp32", 21.0), ("report", 41.0)]
+    assert pts[1]["fid_ci95"] > 0 and "N=100" in pts[1]["label"]
+    (tmp_path / "old.csv").write_text("name,fid_mean\nfp32,1\n")
+    assert tab_quality.report_points(tmp_path / "old.csv") == []  # an unreadable report is left out, not an error
 
 
 def test_inside_views(app_state):
@@ -185,6 +264,7 @@ def test_cancel_stops_the_worker_not_just_the_page(app_state):
     cur = tab_quantize.policy_from_controls(*controls(strategy="uniform", target="int8"))
     flag = app_state.jobs.start("session-a")
     other = app_state.jobs.start("session-b")
+    app_state.fid_cache.clear()
     calls = []
 
     def progress(frac, desc):
@@ -202,3 +282,64 @@ def test_cancel_stops_the_worker_not_just_the_page(app_state):
     with pytest.raises(Cancelled):
         tab_fisher.recompute(app_state, 3, 2, False, lambda f, desc: None, cancel=other.set() or other)
     assert app_state.fisher is old and not app_state.model.training
+
+
+@pytest.fixture(scope="module")
+def hostile(app_state):
+    from tests.app.hostile import hostile_files
+
+    cur = tab_quantize.policy_from_controls(*controls(strategy="layer-ratio", target="int8", p=0.5))  # fp32 and int8
+    model_path, _ = tab_quantize.export(app_state, cur, session="hostile-fixtures")
+    return hostile_files(Path(model_path).read_bytes())
+
+
+def test_every_hostile_file_is_refused_in_one_line_naming_the_problem(app_state, hostile, tmp_path):
+    for name, (data, message) in hostile.items():
+        p = tmp_path / name
+        p.write_bytes(data)
+        with pytest.raises(InputError) as e:
+            tab_quantize.load_upload(app_state, str(p))
+        text = str(e.value)
+        assert message in text and "\n" not in text and len(text) < 400, (name, text)
+
+
+def test_an_oversized_upload_is_refused_by_size(app_state, tmp_path):
+    big = tmp_path / "big.safetensors"
+    with open(big, "wb") as f:
+        f.truncate(200 * 2**20)  # sparse: 200 MiB that take no disk
+    with pytest.raises(InputError, match="200 MiB; the limit is 64 MiB"):
+        tab_quantize.load_upload(app_state, str(big))
+
+
+def test_log_axes_print_powers_of_ten_and_image_grids_wrap():
+    fig = plots.bars(["a", "b"], [1e-5, 1e-13], "t", "y", log=True)
+    assert fig.layout.yaxis.exponentformat == "power" and fig.layout.yaxis.dtick == 1  # 10⁻⁵, not "10μ"
+    pm = plots.precision_map(["x"], ["fp32"], [10])
+    assert pm.layout.yaxis.type == "log" and pm.layout.yaxis.exponentformat == "power"
+    six = plots.image_panels([np.zeros((2, 2))] * 6, list("abcdef"))
+    assert six.layout.height > plots.image_panels([np.zeros((2, 2))] * 3, list("abc")).layout.height  # two rows
+
+
+def test_a_refused_control_value_keeps_the_last_good_readout_and_warns_inline(app_state):
+    import gradio as gr
+
+    from demo.ui import guard
+
+    def below_floor(*_):
+        tab_quantize.readout(app_state, tab_quantize.policy_from_controls(*controls(strategy="budget", avg_bits=4.0)))
+    out = guard(below_floor, keep=4)()
+    assert len(out) == 5 and all(isinstance(o, type(gr.skip())) for o in out[:4])
+    assert out[4].startswith("⚠️") and "below the floor" in out[4] and "\n" not in out[4]
+    with pytest.raises(gr.Error, match="below the floor"):  # the API endpoint raises instead
+        guard(below_floor)()
+
+
+def test_two_responses_with_identical_images_get_files_of_their_own():
+    """Gradio writes image outputs in place at a content-hash path; identical images sent to two users at
+    once could be read half-written (seen as 'peer closed connection' under load). Each response is unique."""
+    from gradio.processing_utils import encode_pil_to_bytes
+
+    grid = np.zeros((28, 28), np.uint8)
+    first, second = tab_compare.served((grid, grid, None, "fig", "md")), tab_compare.served((grid, grid, None, "fig", "md"))
+    assert encode_pil_to_bytes(first[0]) != encode_pil_to_bytes(second[0]) and first[2] is None
+    assert np.array_equal(np.asarray(first[0]), grid)  # the pixels are unchanged

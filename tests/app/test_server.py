@@ -98,3 +98,88 @@ def test_header_names_the_device(app_state):
     from demo.ui import build_app
 
     assert "Computing on: cpu" in build_app(app_state).config["components"][0]["props"]["value"]
+
+
+def test_every_hostile_upload_gets_a_one_line_error_and_leaves_no_file(client, app_state, tmp_path):
+    from pathlib import Path
+
+    from gradio.utils import get_upload_folder
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    from demo import tab_quantize
+    from tests.app.hostile import hostile_files
+
+    cur = tab_quantize.policy_from_controls("layer-ratio", "int8", "final", -2, -10, 0, 0, 0.5, 0, 6, False)
+    model_path, _ = tab_quantize.export(app_state, cur, session="hostile-server")
+    for name, (data, message) in hostile_files(Path(model_path).read_bytes()).items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(AppError) as e:
+            client.predict(handle_file(str(tmp_path / name)), api_name="/load_plan")
+        assert message in str(e.value) and "internal error" not in str(e.value), (name, str(e.value))
+    md, _, _ = client.predict(*READOUT, api_name="/quantize_readout")  # still serving
+    assert "% of FP32" in md
+    left = {p.name for p in Path(get_upload_folder()).rglob("*") if p.is_file()}
+    assert not left & set(hostile_files(Path(model_path).read_bytes()))  # refused uploads are deleted
+
+
+def raw_post(server: str, path: str, headers: dict, body: bytes = b"") -> int:
+    """An HTTP POST with exactly these headers (a Content-Length may promise more than is sent); the status code."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    u = urlsplit(server)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    conn.putrequest("POST", path)
+    for k, v in headers.items():
+        conn.putheader(k, v)
+    conn.endheaders()
+    if body:
+        conn.send(body)
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
+def test_oversized_bodies_and_cross_origin_uploads_are_refused_before_reaching_disk(server):
+    big = {"Content-Type": "multipart/form-data; boundary=x", "Content-Length": str(200 * 2**20)}
+    assert raw_post(server, "/gradio_api/upload", big) == 413  # answered before a byte of the body is read
+    small = b'--x\r\nContent-Disposition: form-data; name="files"; filename="p.json"\r\n\r\n{}\r\n--x--\r\n'
+    cross = {"Content-Type": "multipart/form-data; boundary=x", "Content-Length": str(len(small)),
+             "Origin": "http://evil.example"}
+    assert raw_post(server, "/gradio_api/upload", cross, small) == 403
+    same = {**cross, "Origin": server.rstrip("/")}
+    assert raw_post(server, "/gradio_api/upload", same, small) == 200
+    huge_json = {"Content-Type": "application/json", "Content-Length": str(10 * 2**20)}
+    assert raw_post(server, "/gradio_api/queue/join", huge_json) == 413
+
+
+def test_gradio_defaults_that_leak_are_off(server, client):
+    import httpx
+
+    assert httpx.get(server + "gradio_api/monitoring/summary").status_code in (403, 404)
+    assert httpx.get(server + "monitoring/summary").status_code in (403, 404)
+    names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert names == {"/quantize_readout", "/compare", "/fid", "/export", "/load_plan", "/recompute_fisher",
+                     "/shipped_fisher", "/activations", "/saliency", "/quant_error"}
+
+
+def test_a_rejected_value_is_not_echoed_in_full(client):
+    from gradio_client.exceptions import AppError
+
+    for args, api in [(("7", 2.0, 2, 0, "9" * 5000, False), "/compare"),
+                      (("x" * 5000, *READOUT[1:]), "/quantize_readout")]:
+        with pytest.raises(AppError) as e:
+            client.predict(*args, api_name=api)
+        assert "9" * 300 not in str(e.value) and "x" * 300 not in str(e.value)
+
+
+def test_each_export_replaces_the_sessions_previous_one(client):
+    from pathlib import Path
+
+    from demo.tab_quantize import EXPORTS
+
+    before = {p for p in EXPORTS.root.iterdir()}
+    client.predict(api_name="/export")
+    client.predict(api_name="/export")
+    assert len({p for p in EXPORTS.root.iterdir()} - before) == 1 and Path(EXPORTS.root).is_dir()

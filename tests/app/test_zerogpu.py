@@ -76,12 +76,14 @@ def test_compare_runs_in_the_worker_and_returns_its_images(on_zerogpu, state):
     assert durations == [30]
 
 
-def test_a_fisher_map_recomputed_in_the_worker_becomes_the_apps(on_zerogpu, state):
+def test_a_fisher_map_recomputed_in_the_worker_comes_back_as_the_users_own(on_zerogpu, state):
     from demo.tab_fisher import recompute
 
     wrap, durations = on_zerogpu
-    msg = wrap(recompute, zerogpu.fisher_seconds)(state, 3, 2, False, None, cancel=object())
-    assert state.fisher.bins == 3 and state.fisher_note.startswith("recomputed: 3 bins") and "recomputed" in msg
+    shared = state.fisher
+    user, msg = wrap(recompute, zerogpu.fisher_seconds)(state, 3, 2, False, None, cancel=object())
+    assert user.fisher.bins == 3 and user.fisher_note.startswith("your recomputed map: 3 bins") and "recomputed" in msg
+    assert state.fisher is shared  # the shared map stays the app's, for every other user
     assert durations == [zerogpu.fisher_seconds(3, 2, False)]
 
 
@@ -89,8 +91,8 @@ def test_fid_results_from_the_worker_are_cached_in_the_app(on_zerogpu, state):
     from demo.tab_quality import evaluate
 
     wrap, durations = on_zerogpu
-    md, _chart = wrap(evaluate, zerogpu.fid_seconds)(state, None, 10, 1, 1, False, None)
-    assert "N=10" in md and len(state.fid_cache) == 1 and len(state.pareto) == 1
+    md, _chart, user = wrap(evaluate, zerogpu.fid_seconds)(state, None, 10, 1, 1, False, None)
+    assert "N=10" in md and len(state.fid_cache) == 1 and len(user.evaluations) == 1
     assert durations == [zerogpu.fid_seconds(None, 10, 1, 1, False)]
 
 

@@ -1,0 +1,29 @@
+"""Preset plans: a newcomer's first step. Each preset is the keyword arguments of a lafq Policy.
+
+Order is the order shown; append new strategies here (they need nothing else in the UI).
+The budget preset is the report's headline (FP32 quality at a seventh of the size); uniform INT4
+is its same-size baseline; the other four are the source's FP16 strategies with its settings.
+"""
+from __future__ import annotations
+
+from types import MappingProxyType
+
+from lafq.policy import Policy
+
+BUDGET_45 = "budget 4.5 bits (Fisher-guided INT4/INT8/FP16)"
+UNIFORM_INT4 = "uniform INT4 (same size, no Fisher)"
+
+PRESETS = MappingProxyType({
+    BUDGET_45: dict(strategy="budget", avg_bits=4.5, statistic="mean"),
+    UNIFORM_INT4: dict(strategy="uniform", target="int4"),
+    "source: global threshold 0.01 → FP16": dict(strategy="global", target="fp16", threshold=0.01, statistic="final"),
+    "source: groups (keep encoder) → FP16": dict(strategy="groups", target="fp16", statistic="final"),
+    "source: layer-ratio p=0.25 → FP16": dict(strategy="layer-ratio", target="fp16", p=0.25, statistic="final"),
+    "source: layer-std k=0 → FP16": dict(strategy="layer-std", target="fp16", k=0.0, statistic="final"),
+})
+DEFAULT_PRESET = BUDGET_45
+CUSTOM = "custom (the controls below)"
+
+
+def preset_policy(name: str) -> Policy:
+    return Policy(**PRESETS[name], label=name) if "label" in Policy.__dataclass_fields__ else Policy(**PRESETS[name])
