@@ -1,8 +1,9 @@
 """Preset plans: a newcomer's first step. Each preset is the keyword arguments of a lafq Policy.
 
 Order is the order shown; append new strategies here (they need nothing else in the UI).
-The budget preset is the report's headline (FP32 quality at a seventh of the size); uniform INT4
-is its same-size baseline; the other four are the source's FP16 strategies with its settings.
+The budget preset is the Fisher-guided plan; uniform INT4, INT4 with INT8 stem and head, and group-wise
+INT4-g32 are the simple baselines it is compared with at equal size (docs/report.md); the other four are
+the source's FP16 strategies with its settings.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ UNIFORM_INT4 = "uniform INT4 (same size, no Fisher)"
 PRESETS = MappingProxyType({
     BUDGET_45: dict(strategy="budget", avg_bits=4.5, statistic="mean"),
     UNIFORM_INT4: dict(strategy="uniform", target="int4"),
+    "INT4 with INT8 stem and head (the usual recipe)": dict(strategy="first-last", target="int4", edge="int8"),
+    "uniform INT4-g32 (group-wise, 4.5 bits)": dict(strategy="uniform", target="int4-g32"),
     "source: global threshold 0.01 → FP16": dict(strategy="global", target="fp16", threshold=0.01, statistic="final"),
     "source: groups (keep encoder) → FP16": dict(strategy="groups", target="fp16", statistic="final"),
     "source: layer-ratio p=0.25 → FP16": dict(strategy="layer-ratio", target="fp16", p=0.25, statistic="final"),

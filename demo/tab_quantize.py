@@ -39,6 +39,7 @@ USES = {
     "groups": {"target", "statistic", "log_encoder", "log_mid", "log_decoder", "protect_mid"},
     "layer-ratio": {"target", "statistic", "p", "protect_mid"},
     "layer-std": {"target", "statistic", "k", "protect_mid"},
+    "first-last": {"target", "protect_mid"},  # stem and head at INT8 (Policy.edge)
     "budget": {"statistic", "avg_bits", "protect_mid"},
     "random": {"avg_bits", "protect_mid"},
 }
