@@ -6,7 +6,7 @@ import torch
 from lafq.pipeline import SampleSpec, generate, load_denoiser
 
 # sha256 of the uint8 images of generate(shipped checkpoint, SampleSpec(n=16, steps=10, seed=0)), recorded
-# before the in-place inference path existed (2-core AMD EPYC, AVX2, torch 2.14.1; 1 and 2 threads agree).
+# before the in-place inference path existed (2-core Intel Xeon VM, AVX-512, torch 2.14.1; 1 and 2 threads agree).
 # oneDNN may pick other kernels on another CPU, so there a mismatch means "re-record", not a bug; the
 # test below, which compares the two code paths on any machine, is the portable check.
 SHIPPED_IMAGES_SHA256 = "0a4fceb47b2c8232221b5f2f18ce83490d1f62e09206c0332420bdfbe045c6ea"
