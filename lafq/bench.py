@@ -414,6 +414,10 @@ before = status("VmRSS")
 m, _ = load_denoiser()
 m = build_variant(m, plan, compute)
 resident = sum(v.nbytes for v in list(m.parameters()) + list(m.buffers()))
+for mod in m.modules():  # torch.ao's packed int8 weights are neither parameters nor buffers
+    if hasattr(mod, "_weight_bias"):
+        w, bias = mod._weight_bias()
+        resident += w.numel() * w.element_size() + w.q_per_channel_scales().nbytes + (0 if bias is None else bias.nbytes)
 with torch.inference_mode():
     guided_eps(m, x, t, y, 2.0, 10)
 print(json.dumps({"peak_rss_increase": status("VmHWM") - before, "model_tensor_bytes": resident}))
