@@ -23,6 +23,8 @@ Compute modes (`quantize_(model, plan, compute=...)`):
                     Outputs differ from FP32 math: fidelity is measured (docs/benchmarks.md).
                     Group-wise int4 and the class embedding keep the dequantize path. Such a model cannot
                     be saved: save the default one and call `use_int8_kernels` after loading.
+                    torch 2.14 warns that torch.ao's quantized tensors are deprecated (pytorch#184982):
+                    the mode is an experiment to measure, not a dependency of anything shipped.
 """
 from __future__ import annotations
 
