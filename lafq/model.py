@@ -112,7 +112,7 @@ class Embedding(nn.Module):
 def _inplace() -> bool:
     """In-place activations and adds are safe only without autograd: its saved tensors must not change.
     They skip one allocation and one memory pass per op: 8-10% of eager sampling time on 2 cores
-    (docs/benchmarks.md, per-op profile), where GroupNorm, SiLU, adds and cats are a third of a step."""
+    (interleaved A/B runs, docs/benchmarks.md "Speed work"), where GroupNorm, SiLU, adds and cats are a third of a step."""
     return not torch.is_grad_enabled()
 
 
