@@ -2,11 +2,16 @@
 
 Each comparison runs its variants interleaved (A, B, A, B, ...) in this process and reports
 medians, so a background load slows every variant alike. Sections:
-    sampling    our DDIM sampler vs diffusers (UNet2DModel + DDIMScheduler) on the same job;
-                achieved FLOP/s as a fraction of a matmul peak measured in the same run
+    sampling    our DDIM sampler vs diffusers (UNet2DModel + DDIMScheduler) on the same job; the ratio is
+                the median of per-repeat ratios (each repeat runs both back to back) with its min..max;
+                achieved FLOP/s as a fraction of a matmul peak measured in the same run; a torch.profiler
+                breakdown by op kind (convolution, GroupNorm, SiLU, ...) for both, in ms per step
+    compile     torch.compile's first-call overhead in a process with an empty compile cache and in a
+                second process that finds the first one's cache (lafq/compile_cache.py)
     fisher      a bins x samples Fisher map: layer hooks vs torch.func.vmap vs a naive loop
     fid         feature extraction + statistics + distance for N images, per backend
-    quantized   latency per image and peak resident memory per precision plan
+    quantized   latency per image, peak resident memory and fidelity to FP32 per precision plan and
+                compute mode (dequantize, int8-dynamic kernels, bf16 compute)
     app         cold start and the Compare tab's default job (bench/app_bench.py)
 """
 from __future__ import annotations
@@ -26,7 +31,9 @@ import torch
 from .diffusion import ddim_sample, linear_schedule
 
 REPO = Path(__file__).resolve().parent.parent
-SECTIONS = ("sampling", "fisher", "fid", "quantized", "app")
+SECTIONS = ("sampling", "compile", "fisher", "fid", "quantized", "app")
+# --quick leaves out "compile": an empty cache costs a 46-100 s compile on 2 cores (ask for it with --only).
+QUICK_SECTIONS = tuple(x for x in SECTIONS if x != "compile")
 
 # Guidance != 1 runs both branches in one batched forward: the cost the recorded numbers and FLOP counts assume.
 GUIDANCE = 2.0
@@ -36,18 +43,20 @@ GUIDANCE = 2.0
 class BenchSettings:
     batch: int = 64  # images per sampling job (guidance doubles the forward batch)
     steps: int = 50  # DDIM steps
-    reps: int = 3
+    reps: int = 5  # interleaved repeats of each sampling variant (the ratio is their median)
     fisher_bins: int = 50
     fisher_samples: int = 64
     fid_ns: tuple[int, ...] = (1000, 5000)
     latency_reps: int = 5
     compile: bool = True  # also time torch.compile'd sampling (its compile time is reported apart)
     app_runs: int = 3
+    fidelity_n: int = 100  # images per plan compared with FP32's from the same noise
+    fidelity_steps: int = 20
 
     @classmethod
     def quick(cls) -> "BenchSettings":
-        return cls(steps=5, reps=3, fisher_bins=3, fisher_samples=16, fid_ns=(1000,), latency_reps=3, compile=False,
-                   app_runs=2)
+        return cls(steps=5, reps=5, fisher_bins=3, fisher_samples=16, fid_ns=(1000,), latency_reps=3, compile=False,
+                   app_runs=2, fidelity_n=40, fidelity_steps=10)
 
 
 def machine() -> dict:
@@ -64,8 +73,8 @@ def machine() -> dict:
             "python": platform.python_version(), "gpu": gpu}
 
 
-def interleaved(variants: dict, reps: int) -> dict[str, float]:
-    """Median seconds per variant, running them A, B, C, A, B, C, ... after one warm-up each."""
+def interleaved_times(variants: dict, reps: int) -> dict[str, list[float]]:
+    """Seconds of every repeat per variant, running them A, B, C, A, B, C, ... after one warm-up each."""
     for fn in variants.values():
         fn()
     times = {k: [] for k in variants}
@@ -74,7 +83,47 @@ def interleaved(variants: dict, reps: int) -> dict[str, float]:
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def interleaved(variants: dict, reps: int) -> dict[str, float]:
+    """Median seconds per variant, running them A, B, C, A, B, C, ... after one warm-up each."""
+    return {k: statistics.median(v) for k, v in interleaved_times(variants, reps).items()}
+
+
+def paired_ratios(slow: list[float], fast: list[float]) -> list[float]:
+    """slow[i] / fast[i]: each repeat ran both back to back, so a load spike hits a pair, not one side."""
+    return [a / b for a, b in zip(slow, fast)]
+
+
+# Op kinds of the profile breakdown: the first pattern an op's name contains decides (aten names).
+OP_KINDS = (("convolution", ("convolution", "conv2d")), ("group norm", ("group_norm",)), ("silu", ("silu",)),
+            ("attention", ("attention", "bmm", "softmax")), ("linear", ("addmm", "aten::mm", "linear")),
+            ("concatenation", ("aten::cat",)), ("upsample", ("upsample",)),
+            ("copies / layout", ("copy_", "clone", "contiguous")),
+            ("elementwise (adds, guidance, scheduler)", ("add", "sub", "mul", "div", "clamp", "sqrt", "where")))
+
+
+def op_breakdown(fn, steps: int) -> dict[str, float]:
+    """Self CPU ms per denoising step of one call of fn, grouped into OP_KINDS (rest: 'other');
+    'python + dispatch' is wall time not spent in any aten op."""
+    from torch.profiler import ProfilerActivity, profile
+
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    wall_us = (time.perf_counter() - t0) * 1e6
+    out = {k: 0.0 for k, _ in OP_KINDS}
+    out["other ops"] = 0.0
+    total = 0.0
+    for e in prof.key_averages():
+        if not e.key.startswith("aten::"):
+            continue
+        total += e.self_cpu_time_total
+        kind = next((k for k, pats in OP_KINDS if any(p in e.key for p in pats)), "other ops")
+        out[kind] += e.self_cpu_time_total
+    out["python + dispatch"] = max(wall_us - total, 0.0)
+    return {k: v / 1000 / steps for k, v in out.items()}
 
 
 def matmul_peak(size: int = 2048, reps: int = 5) -> float:
@@ -137,7 +186,9 @@ def bench_sampling(model, s: BenchSettings) -> dict:
     variants = {"lafq": ours(model), "lafq, NCHW layout": ours(nchw)}
     compile_s = None
     if s.compile:
-        compiled = torch.compile(model)
+        from .compile_cache import compile_model
+
+        compiled = compile_model(model)
         t0 = time.perf_counter()
         ours(compiled)()
         compile_s = time.perf_counter() - t0  # first call: compilation plus one job
@@ -150,7 +201,17 @@ def bench_sampling(model, s: BenchSettings) -> dict:
         diffusers_params = sum(p.numel() for p in dunet.parameters())
     except ImportError:
         diffusers_params = None
-    sec = interleaved(variants, s.reps)
+    cpu = {k: [] for k in variants}
+
+    def cpu_timed(k, fn):  # process CPU seconds: what a variant costs even when other jobs take turns on the cores
+        def run():
+            c0 = time.process_time()
+            fn()
+            cpu[k].append(time.process_time() - c0)
+        return run
+    times = interleaved_times({k: cpu_timed(k, fn) for k, fn in variants.items()}, s.reps)
+    cpu = {k: v[1:] for k, v in cpu.items()}  # drop the warm-up call
+    sec = {k: statistics.median(v) for k, v in times.items()}
     peak = matmul_peak()
     flops = forward_flops(model, 2 * s.batch) * s.steps
     ips = {k: s.batch / v for k, v in sec.items()}
@@ -160,8 +221,68 @@ def bench_sampling(model, s: BenchSettings) -> dict:
            "matmul_peak_gflops": peak / 1e9, "sampler_gflops": flops / sec["lafq"] / 1e9,
            "fraction_of_peak": flops / sec["lafq"] / peak,
            "channels_last_speedup": sec["lafq, NCHW layout"] / sec["lafq"], "compile_first_call_s": compile_s}
+    out["seconds_per_repeat"] = times
     if "diffusers" in ips:
-        out["ratio_vs_diffusers"] = ips["lafq"] / ips["diffusers"]
+        ratios = paired_ratios(times["diffusers"], times["lafq"])
+        out["ratio_vs_diffusers"] = statistics.median(ratios)
+        out["ratio_vs_diffusers_repeats"] = ratios
+        out["ratio_vs_diffusers_spread"] = [min(ratios), max(ratios)]
+        out["ratio_of_median_times"] = ips["lafq"] / ips["diffusers"]
+        cpu_ratios = paired_ratios(cpu["diffusers"], cpu["lafq"])
+        out["cpu_seconds_per_repeat"] = cpu
+        out["ratio_vs_diffusers_cpu_time"] = statistics.median(cpu_ratios)
+        out["ratio_vs_diffusers_cpu_time_spread"] = [min(cpu_ratios), max(cpu_ratios)]
+        out["profile_ms_per_step"] = {"lafq": op_breakdown(variants["lafq"], s.steps),
+                                      "diffusers": op_breakdown(variants["diffusers"], s.steps)}
+    return out
+
+
+# -- compile ----------------------------------------------------------------------------------
+
+_COMPILE_PROBE = """
+import json, statistics, sys, time
+import torch
+torch.set_num_threads(int(sys.argv[3]))
+from lafq.compile_cache import compile_model
+from lafq.diffusion import ddim_sample, linear_schedule
+from lafq.pipeline import load_denoiser
+
+batch, steps = int(sys.argv[1]), int(sys.argv[2])
+model, _ = load_denoiser()
+schedule, labels = linear_schedule(), torch.arange(batch) % 10
+job = lambda m: ddim_sample(m, schedule, batch, labels=labels, steps=steps, guidance=2.0,
+                            generator=torch.Generator().manual_seed(0))
+compiled = compile_model(model)
+t0 = time.perf_counter()
+job(compiled)
+first = time.perf_counter() - t0
+times = {"compiled": [], "eager": []}
+for _ in range(3):
+    for k, m in (("compiled", compiled), ("eager", model)):
+        t0 = time.perf_counter()
+        job(m)
+        times[k].append(time.perf_counter() - t0)
+c, e = statistics.median(times["compiled"]), statistics.median(times["eager"])
+print(json.dumps({"first_call_s": first, "compiled_s": c, "eager_s": e, "overhead_s": first - c}))
+"""
+
+
+def bench_compile(s: BenchSettings) -> dict:
+    """Two fresh processes sharing one empty compile cache: the first compiles, the second should find it.
+    Overhead = first compiled call minus the median later call of the same job (DDIM-steps, batch)."""
+    import tempfile
+
+    out = {"job": f"DDIM-{s.steps}, batch {s.batch}, guidance {GUIDANCE}, torch.compile (inductor, CPU)"}
+    with tempfile.TemporaryDirectory(prefix="lafq-compile-cache-") as cache:
+        env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+        env.update(PYTHONPATH=str(REPO), LAFQ_CACHE_DIR=cache)
+        for name in ("first process (empty cache)", "second process (cache from the first)"):
+            t0 = time.perf_counter()
+            r = subprocess.run([sys.executable, "-c", _COMPILE_PROBE, str(s.batch), str(s.steps),
+                                str(torch.get_num_threads())], capture_output=True, text=True, env=env, cwd=REPO)
+            row = {"error": r.stderr.strip()[-300:]} if r.returncode else json.loads(r.stdout.strip().splitlines()[-1])
+            row["process_s"] = time.perf_counter() - t0
+            out[name] = row
     return out
 
 
@@ -223,7 +344,8 @@ def bench_fid(s: BenchSettings, sampling_images_per_s: float | None) -> dict:
 # -- quantized inference ----------------------------------------------------------------------
 
 def bench_plans(model, fisher) -> dict:
-    """The plans the issue names: FP32, FP16-mixed (layer-ratio p=0.25), uniform INT8 / INT4, budget 4.5 bits."""
+    """The plans the issue names: FP32, FP16-mixed (layer-ratio p=0.25), uniform INT8 / INT4, budget 4.5 bits,
+    and uniform BF16 (for BF16 compute)."""
     from .policy import Plan, Policy, make_plan, param_shapes
     from .precision import fallback
 
@@ -231,40 +353,82 @@ def bench_plans(model, fisher) -> dict:
     uniform = lambda p: Plan({n: fallback(sh, p) for n, sh in shapes.items()}, {"strategy": "uniform", "target": p})
     return {"fp32": uniform("fp32"), "fp16 layer-ratio p=0.25": make_plan(Policy("layer-ratio", p=0.25), fisher, w),
             "int8 uniform": uniform("int8"), "int4 uniform": uniform("int4"),
-            "budget 4.5 bits": make_plan(Policy("budget", avg_bits=4.5, statistic="mean"), fisher, w)}
+            "budget 4.5 bits": make_plan(Policy("budget", avg_bits=4.5, statistic="mean"), fisher, w),
+            "bf16 uniform": uniform("bf16")}
+
+
+# Rows of the quantized section: (plan, compute). "dequantize" is the default path; "int8-dynamic" the
+# opt-in torch.ao kernels (lafq.quantize); "bf16" runs every op in bfloat16 (set_compute_dtype).
+QUANTIZED_ROWS = {"fp32": ("fp32", "dequantize"),
+                  "fp16 layer-ratio p=0.25": ("fp16 layer-ratio p=0.25", "dequantize"),
+                  "int8 uniform": ("int8 uniform", "dequantize"),
+                  "int4 uniform": ("int4 uniform", "dequantize"),
+                  "budget 4.5 bits": ("budget 4.5 bits", "dequantize"),
+                  "int8 uniform, int8-dynamic kernels": ("int8 uniform", "int8-dynamic"),
+                  "int4 uniform, int8-dynamic kernels": ("int4 uniform", "int8-dynamic"),
+                  "budget 4.5 bits, int8-dynamic kernels": ("budget 4.5 bits", "int8-dynamic"),
+                  "bf16 uniform, bf16 compute": ("bf16 uniform", "bf16")}
+
+
+class CastInput(torch.nn.Module):
+    """A denoiser computing in `dtype` behind the sampler's float32 interface."""
+
+    def __init__(self, model, dtype):
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, x, t, y=None):
+        return self.model(x.to(self.dtype), t, y).float()
+
+
+def build_variant(model, plan, compute: str):
+    """The runnable denoiser for one QUANTIZED_ROWS entry (a copy; `model` is left as it is)."""
+    import copy
+
+    from .quantize import quantize_, set_compute_dtype
+
+    if compute == "bf16":
+        return CastInput(set_compute_dtype(quantize_(copy.deepcopy(model), plan), torch.bfloat16), torch.bfloat16)
+    if all(p == "fp32" for p in plan.precisions.values()):
+        return model
+    return quantize_(copy.deepcopy(model), plan, compute=compute)
 
 
 _MEMORY_PROBE = """
 import json, sys, torch
 from pathlib import Path
+from lafq.bench import build_variant
 from lafq.diffusion import guided_eps
 from lafq.pipeline import load_denoiser
 from lafq.policy import Plan
-from lafq.quantize import quantize_
 
 def status(key):
     line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key))
     return int(line.split()[1]) * 1024
 
 plan = Plan(**json.loads(sys.stdin.read()))
-b = int(sys.argv[1])
+b, compute = int(sys.argv[1]), sys.argv[2]
 x, t, y = torch.randn(b, 1, 28, 28), torch.full((b,), 500), torch.arange(b) % 10
 Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) after imports
 before = status("VmRSS")
 m, _ = load_denoiser()
-m = m if all(p == "fp32" for p in plan.precisions.values()) else quantize_(m, plan)
+m = build_variant(m, plan, compute)
 resident = sum(v.nbytes for v in list(m.parameters()) + list(m.buffers()))
+for mod in m.modules():  # torch.ao's packed int8 weights are neither parameters nor buffers
+    if hasattr(mod, "_weight_bias"):
+        w, bias = mod._weight_bias()
+        resident += w.numel() * w.element_size() + w.q_per_channel_scales().nbytes + (0 if bias is None else bias.nbytes)
 with torch.inference_mode():
     guided_eps(m, x, t, y, 2.0, 10)
 print(json.dumps({"peak_rss_increase": status("VmHWM") - before, "model_tensor_bytes": resident}))
 """
 
 
-def _memory_child(plan_json: str, batch: int) -> dict:
+def _memory_child(plan_json: str, batch: int, compute: str = "dequantize") -> dict:
     """In a fresh process: bytes the model's tensors hold, and how far the peak RSS rose from loading
     the checkpoint to the end of one guided step (Linux: the peak is reset through /proc/self/clear_refs)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(batch)], input=plan_json, capture_output=True,
+    r = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(batch), compute], input=plan_json, capture_output=True,
                        text=True, env=env, cwd=REPO)
     if r.returncode:
         return {"error": r.stderr.strip()[-300:]}
@@ -274,12 +438,15 @@ def _memory_child(plan_json: str, batch: int) -> dict:
 def bench_quantized(model, fisher, s: BenchSettings) -> dict:
     import copy
 
+    from .classifier import load_classifier
     from .diffusion import guided_eps
-    from .quantize import hold_dequantized, quantize_, set_compute_dtype, size_report, to_device
+    from .metrics import DEFAULT_CLASSIFIER, fidelity
+    from .pipeline import SampleSpec, generate
+    from .quantize import hold_dequantized, set_compute_dtype, size_report, to_device
 
     plans = bench_plans(model, fisher)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    models = {k: (model if k == "fp32" else quantize_(copy.deepcopy(model), p)) for k, p in plans.items()}
+    models = {k: build_variant(model, plans[pk], c) for k, (pk, c) in QUANTIZED_ROWS.items()}
     b = s.batch
     x, t, y = torch.randn(b, 1, 28, 28), torch.full((b,), 500), torch.arange(b) % 10
     step = lambda m: (lambda: torch.inference_mode()(guided_eps)(m, x, t, y, GUIDANCE, 10))
@@ -291,20 +458,32 @@ def bench_quantized(model, fisher, s: BenchSettings) -> dict:
                     step(m)()
         return run
     variants = {f"{k} | held": held_step(m) for k, m in models.items()}
-    variants.update({f"{k} | every forward": step(m) for k, m in models.items()})
+    variants.update({f"{k} | every forward": step(m) for k, m in models.items() if QUANTIZED_ROWS[k][1] == "dequantize"})
     sec = interleaved(variants, s.latency_reps)
-    out = {"job": f"guided denoising steps, batch {b} (2x{b} forward), CPU FP32 compute", "plans": {}}
-    for k, plan in plans.items():
-        held, every = sec[f"{k} | held"] / 4, sec[f"{k} | every forward"]
-        out["plans"][k] = {"ms_per_image_step": 1000 * held / b, "slowdown_vs_fp32": held / (sec["fp32 | held"] / 4),
-                           "ms_per_image_step_dequantizing_every_forward": 1000 * every / b,
+    clf = load_classifier(DEFAULT_CLASSIFIER)[0]
+    spec = SampleSpec(n=s.fidelity_n, steps=s.fidelity_steps, seed=0)
+    ref = generate(model, spec)[0]
+    out = {"job": f"guided denoising steps, batch {b} (2x{b} forward), CPU", "plans": {},
+           "fidelity_job": f"{spec.n} images, DDIM-{spec.steps}, guidance {spec.guidance}, seed 0, vs FP32's"}
+    for k, (pk, compute) in QUANTIZED_ROWS.items():
+        plan = plans[pk]
+        held = sec[f"{k} | held"] / 4
+        every = sec.get(f"{k} | every forward")
+        f = fidelity(ref, generate(models[k], spec)[0], clf)
+        out["plans"][k] = {"compute": compute, "ms_per_image_step": 1000 * held / b,
+                           "slowdown_vs_fp32": held / (sec["fp32 | held"] / 4),
+                           "ms_per_image_step_dequantizing_every_forward": None if every is None else 1000 * every / b,
                            "weight_bytes": size_report(plan, shapes).total_bytes,
-                           **_memory_child(json.dumps({"precisions": plan.precisions}), b)}
+                           "fidelity": f.to_dict(),
+                           **_memory_child(json.dumps({"precisions": plan.precisions}), b, compute)}
     if torch.cuda.is_available():
         gpu = {}
         xs = [v.cuda() for v in (x, t, y)]
-        for k, m in models.items():
-            for dtype in (torch.float32, torch.float16):
+        for k, (pk, compute) in QUANTIZED_ROWS.items():
+            m = models[k]
+            if compute != "dequantize":
+                continue
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
                 g = set_compute_dtype(to_device(copy.deepcopy(m), "cuda"), dtype) if k != "fp32" else \
                     copy.deepcopy(m).cuda().to(dtype)
                 fn = lambda g=g, dtype=dtype: (torch.inference_mode()(guided_eps)(g, xs[0].to(dtype), xs[1], xs[2], GUIDANCE, 10),
@@ -342,6 +521,12 @@ def run(s: BenchSettings, sections=SECTIONS, log=print) -> dict:
         if name == "sampling":
             r = bench_sampling(model, s)
             ips = r["images_per_s"]["lafq"]
+            if "ratio_vs_diffusers" in r:
+                lo, hi = r["ratio_vs_diffusers_spread"]
+                log(f"sampling: lafq / diffusers = {r['ratio_vs_diffusers']:.2f}x, median of {len(r['ratio_vs_diffusers_repeats'])} "
+                    f"interleaved repeats (spread {lo:.2f}..{hi:.2f}); by CPU time {r['ratio_vs_diffusers_cpu_time']:.2f}x")
+        elif name == "compile":
+            r = bench_compile(s)
         elif name == "fisher":
             r = bench_fisher(model, s)
         elif name == "fid":
@@ -359,6 +544,8 @@ def run(s: BenchSettings, sections=SECTIONS, log=print) -> dict:
 
 
 def _f(v, spec=".2f"):
+    if v is None:
+        return "n/a"
     return format(v, spec) if isinstance(v, (int, float)) else str(v)
 
 
@@ -370,16 +557,42 @@ def markdown(res: dict, command: str) -> str:
     sec = res["sections"]
     if "sampling" in sec:
         r = sec["sampling"]
-        L += [f"### Sampling: {r['job']}", "", "| sampler | params | images/s | ratio vs diffusers |", "|---|---:|---:|---:|"]
+        L += [f"### Sampling: {r['job']}", "", "| sampler | params | images/s | ratio vs diffusers | seconds per repeat |",
+              "|---|---:|---:|---:|---|"]
         base = r["images_per_s"].get("diffusers")
         for k, v in r["images_per_s"].items():
             p = r["params"]["diffusers" if k.startswith("diffusers") else "lafq"]
-            L.append(f"| {k} | {p:,} | {v:.1f} | {_f(v / base) if base else 'n/a'} |")
+            reps = ", ".join(f"{x:.2f}" for x in r.get("seconds_per_repeat", {}).get(k, []))
+            L.append(f"| {k} | {p:,} | {v:.1f} | {_f(v / base) if base else 'n/a'} | {reps} |")
+        if "ratio_vs_diffusers_repeats" in r:
+            lo, hi = r["ratio_vs_diffusers_spread"]
+            L += ["", f"lafq / diffusers, per interleaved repeat: **{r['ratio_vs_diffusers']:.2f}x** median of "
+                      f"{len(r['ratio_vs_diffusers_repeats'])} (spread {lo:.2f}..{hi:.2f}: "
+                      + ", ".join(f"{x:.2f}" for x in r["ratio_vs_diffusers_repeats"]) + ")."]
+        if "ratio_vs_diffusers_cpu_time" in r:
+            lo, hi = r["ratio_vs_diffusers_cpu_time_spread"]
+            L += ["", f"By process CPU time (less sensitive to other jobs taking turns on the cores): "
+                      f"{r['ratio_vs_diffusers_cpu_time']:.2f}x median (spread {lo:.2f}..{hi:.2f})."]
+        if "profile_ms_per_step" in r:
+            pl, pd = r["profile_ms_per_step"]["lafq"], r["profile_ms_per_step"]["diffusers"]
+            L += ["", "Profile (torch.profiler, self CPU time of one job, ms per denoising step):", "",
+                  "| op kind | lafq | diffusers |", "|---|---:|---:|"]
+            L += [f"| {k} | {pl[k]:.1f} | {pd.get(k, 0):.1f} |" for k in pl]
+            L += [f"| total | {sum(pl.values()):.1f} | {sum(pd.values()):.1f} |"]
         L += ["", f"Achieved {r['sampler_gflops']:.1f} GFLOP/s = **{100 * r['fraction_of_peak']:.0f}%** of a "
                   f"{r['matmul_peak_gflops']:.1f} GFLOP/s fp32 matmul peak measured in the same run "
                   f"(FLOPs by torch.utils.flop_counter). Channels-last weights: {r['channels_last_speedup']:.2f}x."
               + (f" torch.compile's first call (compilation + one job): {r['compile_first_call_s']:.0f} s."
                  if r.get("compile_first_call_s") else ""), ""]
+    if "compile" in sec:
+        r = sec["compile"]
+        L += [f"### torch.compile across processes: {r['job']}", "", "| process | first call (s) | compiled job (s) | "
+              "overhead (s) | eager job (s) | process wall (s) |", "|---|---:|---:|---:|---:|---:|"]
+        for k, v in r.items():
+            if isinstance(v, dict):
+                L.append(f"| {k} | {_f(v.get('first_call_s'), '.1f')} | {_f(v.get('compiled_s'))} | "
+                         f"{_f(v.get('overhead_s'), '.1f')} | {_f(v.get('eager_s'))} | {_f(v.get('process_s'), '.1f')} |")
+        L.append("")
     if "fisher" in sec:
         r = sec["fisher"]
         L += [f"### Fisher map ({r['map']})", "", "| method | seconds | speed-up vs naive |", "|---|---:|---:|"]
@@ -400,13 +613,18 @@ def markdown(res: dict, command: str) -> str:
     if "quantized" in sec:
         r = sec["quantized"]
         L += [f"### Quantized inference: {r['job']}", "", "ms/image/step: weights dequantized once per sampling call, as "
-              "`generate` does; the next column dequantizes before every forward (a lone step).", "",
-              "| plan | size (bytes) | model tensors in memory (bytes) | ms/image/step | vs FP32 | dequantizing every "
-              "forward | peak RSS rise, load + 1 step (MiB) |", "|---|---:|---:|---:|---:|---:|---:|"]
+              "`generate` does; 'every forward' dequantizes before each forward (a lone step). Fidelity to FP32 "
+              f"(lafq.metrics.fidelity): {r.get('fidelity_job', '')}.", "",
+              "| plan | compute | size (bytes) | model tensors in memory (bytes) | ms/image/step | vs FP32 | every "
+              "forward | peak RSS rise, load + 1 step (MiB) | mean abs diff /255 | PSNR (dB) | feature dist. | class agreement |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for k, v in r["plans"].items():
-            L.append(f"| {k} | {v['weight_bytes']:,} | {_f(v.get('model_tensor_bytes'), ',')} | {v['ms_per_image_step']:.2f} | "
-                     f"{v['slowdown_vs_fp32']:.2f}x | {_f(v.get('ms_per_image_step_dequantizing_every_forward'))} | "
-                     f"{_f(v.get('peak_rss_increase', 0) / 2 ** 20, '.1f')} |")
+            fd = v.get("fidelity", {})
+            L.append(f"| {k} | {v.get('compute', 'dequantize')} | {v['weight_bytes']:,} | {_f(v.get('model_tensor_bytes'), ',')} | "
+                     f"{v['ms_per_image_step']:.2f} | {v['slowdown_vs_fp32']:.2f}x | "
+                     f"{_f(v.get('ms_per_image_step_dequantizing_every_forward'))} | "
+                     f"{_f(v.get('peak_rss_increase', 0) / 2 ** 20, '.1f')} | {_f(fd.get('mad'), '.4f')} | "
+                     f"{_f(fd.get('psnr'), '.1f')} | {_f(fd.get('feature_distance'), '.3f')} | {_f(fd.get('agreement'), '.3f')} |")
         for k, v in r.get("gpu_ms_per_image_step", {}).items():
             L.append(f"| GPU: {k} | | {v:.3f} | | |")
         L.append("")

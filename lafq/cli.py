@@ -159,9 +159,9 @@ def cmd_fid(args):
         spec = _spec(args, args.n, seeds[0])
         model, device = _model_on(load_denoiser(args.checkpoint)[0], args)
         num_classes = model.cfg.num_classes
-        if args.compile:  # ~46 s of compilation for ~1.3x faster sampling on CPU (docs/benchmarks.md)
-            import torch
-            model = torch.compile(model)
+        if args.compile:  # 46-100 s of compilation in a first process, seconds in later ones (lafq/compile_cache.py)
+            from .compile_cache import compile_model
+            model = compile_model(model)
         log(f"FID: {args.n} samples x {len(seeds)} seeds, {spec.sampler}-{spec.steps}, guidance {spec.guidance}, "
             f"backend {backend.name}, sampling on {device}")
         clf = load_classifier(DEFAULT_CLASSIFIER)[0]
@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--backend", choices=("auto", "classifier", "inception"), default="auto")
     f.add_argument("--real-floor", action="store_true", help="also print the real-vs-real FID at the same backend and N")
     f.add_argument("--floor-only", action="store_true", help="only the real-vs-real floor (no sampling)")
-    f.add_argument("--compile", action="store_true", help="torch.compile the model first: pays off for long runs")
+    f.add_argument("--compile", action="store_true", help="torch.compile the model first (cached in $LAFQ_CACHE_DIR or ~/.cache/lafq: "
+                   "only the first process waits for the compiler)")
     f.add_argument("--cache-dir", type=Path, default=None,
                    help="keep each finished seed's result here and reuse it: a long run can be split over sessions")
     f.set_defaults(func=cmd_fid)

@@ -9,12 +9,12 @@ from pathlib import Path
 def cmd_bench(args):
     import torch
 
-    from .bench import SECTIONS, BenchSettings, markdown, run
+    from .bench import QUICK_SECTIONS, SECTIONS, BenchSettings, markdown, run
     from .checkpoint import atomic_write_bytes
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    sections = tuple(args.only.split(",")) if args.only else SECTIONS
+    sections = tuple(args.only.split(",")) if args.only else (QUICK_SECTIONS if args.quick else SECTIONS)
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         raise ValueError(f"unknown bench section(s) {unknown}; choose from {list(SECTIONS)}")
@@ -34,7 +34,8 @@ def cmd_bench(args):
 def register_bench(sub):
     b = sub.add_parser("bench", help="speed: sampling vs diffusers, Fisher methods, FID, quantized latency, app")
     b.add_argument("--quick", action="store_true", help="short jobs (a few minutes on 2 cores); ratios stay meaningful")
-    b.add_argument("--only", default=None, help="comma-separated sections: sampling,fisher,fid,quantized,app")
+    b.add_argument("--only", default=None, help="comma-separated sections: sampling,compile,fisher,fid,quantized,app "
+                   "(--quick runs all but compile)")
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     b.add_argument("--md", type=Path, default=None, help="also write the markdown tables to this file")
     b.add_argument("--json", action="store_true")

@@ -9,6 +9,22 @@ File: `.safetensors`, kind "quantized", metadata {"config", "plan", "format"}; t
 fp32 parameters under their names, float-cast ones under their names in their dtype, and integer
 ones as `<name>.qdata` (int8, or uint8 with two int4 per byte) plus `<name>.scale` (fp32 per output
 channel, or fp16 per group for int4-g32 / int4-g64).
+
+Compute modes (`quantize_(model, plan, compute=...)`):
+    "dequantize"    (default) the pre-hook above: FP32 (or `set_compute_dtype`) math on the dequantized
+                    weights. Outputs never change with speed work; every shipped number uses this mode.
+    "int8-dynamic"  CPU only, opt-in: each Linear and each 1x1 Conv2d (the attention projections) whose
+                    weight is stored int8 or per-channel int4 runs torch.ao's dynamically quantized int8
+                    Linear (fbgemm via the `x86` engine): the stored integer codes and scales are the weight
+                    (int4 codes are valid int8 codes), activations are quantized per tensor on the fly.
+                    3x3 convolutions keep the dequantize path: torch.ao's dynamic Conv2d returns wrong
+                    values in torch 2.14.1 (max |error| 2.6-4.7 on one conv of non-negative inputs, e.g.
+                    after SiLU, where the FP32 conv of its own dequantized weight is off by 0.02).
+                    Outputs differ from FP32 math: fidelity is measured (docs/benchmarks.md).
+                    Group-wise int4 and the class embedding keep the dequantize path. Such a model cannot
+                    be saved: save the default one and call `use_int8_kernels` after loading.
+                    torch 2.14 warns that torch.ao's quantized tensors are deprecated (pytorch#184982):
+                    the mode is an experiment to measure, not a dependency of anything shipped.
 """
 from __future__ import annotations
 
@@ -125,8 +141,14 @@ def _sync_buffers(model: nn.Module) -> None:
                 s.scale = getattr(mod, f"{attr}_scale")
 
 
-def quantize_(model: nn.Module, plan: Plan) -> nn.Module:
-    """Quantize `model` in place following `plan` (names not in the plan stay fp32); returns it, in eval mode."""
+COMPUTE_MODES = ("dequantize", "int8-dynamic")
+
+
+def quantize_(model: nn.Module, plan: Plan, compute: str = "dequantize") -> nn.Module:
+    """Quantize `model` in place following `plan` (names not in the plan stay fp32); returns it, in eval mode.
+    `compute`: one of COMPUTE_MODES (module docstring)."""
+    if compute not in COMPUTE_MODES:
+        raise ValueError(f"unknown compute mode {compute!r}; choose one of {COMPUTE_MODES}")
     if getattr(model, "lafq_plan", None) is not None:
         raise ValueError("model is already quantized; quantize a fresh copy of the FP32 model")
     from .model import to_inference_layout
@@ -139,7 +161,54 @@ def quantize_(model: nn.Module, plan: Plan) -> nn.Module:
     _install(model, stored)
     model.lafq_plan = plan
     model.lafq_stored = stored
-    return model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    return use_int8_kernels(model) if compute == "int8-dynamic" else model
+
+
+class _PointwiseInt8(nn.Module):
+    """A 1x1, stride-1 Conv2d as a dynamically quantized int8 Linear over pixels (channels-last views are free)."""
+
+    def __init__(self, linear: nn.Module):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        out = self.linear(x.permute(0, 2, 3, 1).reshape(b * h * w, -1))
+        return out.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+
+
+def use_int8_kernels(model: nn.Module) -> nn.Module:
+    """Switch a quantized model (in place) to the "int8-dynamic" compute mode; returns it."""
+    from torch.ao.nn.quantized import dynamic as nnqd
+
+    from .precision import unpack_int4
+
+    if getattr(model, "lafq_plan", None) is None:
+        raise ValueError("int8 kernels need a quantized model: quantize_ it first")
+    if getattr(model, "lafq_compute", "dequantize") == "int8-dynamic":
+        return model
+    if any(b.device.type != "cpu" for b in model.buffers()):
+        raise ValueError("the int8-dynamic compute mode runs torch.ao CPU kernels; keep the model on the CPU")
+    for name, mod in list(model.named_modules()):
+        s = getattr(mod, "_lafq_stored", {}).get("weight")
+        if s is None or s.precision not in ("int8", "int4"):
+            continue
+        pointwise = isinstance(mod, nn.Conv2d) and mod.kernel_size == (1, 1) and mod.stride == (1, 1) \
+            and mod.groups == 1 and mod.padding in ((0, 0), 0)
+        if not (isinstance(mod, nn.Linear) or pointwise):
+            continue
+        codes = unpack_int4(s.data, s.shape) if s.precision in PACKED else s.data
+        qweight = torch._make_per_channel_quantized_tensor(
+            codes.reshape(s.shape[0], -1).contiguous(), s.scale.double(), torch.zeros(len(s.scale), dtype=torch.long), 0)
+        bias = mod.bias  # already dequantized to fp32 when stored small
+        bias = None if bias is None else bias.detach().float().contiguous()
+        fast = nnqd.Linear(qweight.shape[1], qweight.shape[0], bias_=bias is not None, dtype=torch.qint8)
+        fast.set_weight_bias(qweight, bias)
+        parent, attr = _owner(model, name)
+        setattr(parent, attr, _PointwiseInt8(fast) if pointwise else fast)
+    model.lafq_compute = "int8-dynamic"
+    return model
 
 
 def set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -236,6 +305,8 @@ def quantized_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_quantized(path: str | os.PathLike, model: nn.Module) -> int:
     """Write the quantized model atomically; returns the file size in bytes."""
+    if getattr(model, "lafq_compute", "dequantize") != "dequantize":
+        raise ValueError("save a model quantized with the default compute mode; call use_int8_kernels after loading")
     plan: Plan = model.lafq_plan
     save_file(path, quantized_tensors(model), {"kind": "quantized", "config": model.cfg.to_dict(),
                                                "plan": {"precisions": plan.precisions, "policy": plan.policy}})

@@ -27,3 +27,56 @@ def test_markdown_names_machine_command_and_ratios():
     assert "`python -m lafq bench --quick`" in md and "GPU: none" in md
     assert "| lafq | 10 | 30.0 | 1.50 |" in md and "| naive | 3.0 | 1.00x |" in md and "| hooks | 1.0 | 3.00x |" in md
     assert "50%" in md and "cold_start_median_s: 7.50" in md
+
+
+def test_ratios_pair_each_repeat_so_a_load_spike_hits_both_sides():
+    from lafq.bench import paired_ratios
+
+    assert paired_ratios([3.0, 6.0, 3.3], [2.0, 4.0, 2.0]) == [1.5, 1.5, 1.65]
+
+
+def test_quick_runs_skip_the_compile_section_which_needs_an_empty_cache():
+    from lafq.bench import QUICK_SECTIONS, SECTIONS
+
+    assert "compile" in SECTIONS and "compile" not in QUICK_SECTIONS
+    assert set(QUICK_SECTIONS) == set(SECTIONS) - {"compile"}
+
+
+def test_op_breakdown_sorts_profiled_ops_into_kinds_per_step():
+    import torch
+
+    from lafq.bench import op_breakdown
+
+    x = torch.randn(2, 4, 8, 8)
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+    gn = torch.nn.GroupNorm(2, 4)
+
+    def job():
+        with torch.inference_mode():
+            for _ in range(2):
+                torch.nn.functional.silu(gn(conv(x)))
+    ms = op_breakdown(job, steps=2)
+    assert ms["convolution"] > 0 and ms["group norm"] > 0 and ms["silu"] > 0
+    assert ms["concatenation"] == 0 and all(v >= 0 for v in ms.values())
+
+
+def test_markdown_prints_the_ratio_spread_the_profile_and_the_compile_rows():
+    res = {"machine": {"cpu": "X", "cores": 2, "threads": 2, "torch": "t", "python": "3.11", "gpu": None},
+           "sections": {
+               "sampling": {"job": "DDIM-5", "images_per_s": {"lafq": 30.0, "diffusers": 20.0},
+                            "seconds_per_repeat": {"lafq": [2.0, 2.2], "diffusers": [3.0, 3.1]},
+                            "ratio_vs_diffusers": 1.48, "ratio_vs_diffusers_repeats": [1.5, 1.41],
+                            "ratio_vs_diffusers_spread": [1.41, 1.5],
+                            "profile_ms_per_step": {"lafq": {"convolution": 10.0, "silu": 1.0},
+                                                    "diffusers": {"convolution": 20.0, "silu": 2.0}},
+                            "params": {"lafq": 10, "diffusers": 11}, "sampler_gflops": 50.0, "fraction_of_peak": 0.5,
+                            "matmul_peak_gflops": 100.0, "channels_last_speedup": 1.4, "compile_first_call_s": None},
+               "compile": {"job": "DDIM-5", "first process (empty cache)": {"first_call_s": 60.0, "compiled_s": 1.0,
+                                                                            "overhead_s": 59.0, "eager_s": 1.5,
+                                                                            "process_s": 70.0},
+                           "second process (cache from the first)": {"first_call_s": 4.0, "compiled_s": 1.0,
+                                                                     "overhead_s": 3.0, "eager_s": 1.5, "process_s": 12.0}}}}
+    md = markdown(res, "python -m lafq bench")
+    assert "**1.48x** median of 2 (spread 1.41..1.50: 1.50, 1.41)" in md
+    assert "| convolution | 10.0 | 20.0 |" in md and "| total | 11.0 | 22.0 |" in md
+    assert "| second process (cache from the first) | 4.0 | 1.00 | 3.0 | 1.50 | 12.0 |" in md

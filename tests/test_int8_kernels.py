@@ -1,0 +1,56 @@
+import copy
+
+import pytest
+import torch
+
+from lafq.policy import Plan
+from lafq.precision import fallback
+from lafq.quantize import COMPUTE_MODES, quantize_, save_quantized, use_int8_kernels
+
+
+def _plan(model, precision):
+    return Plan({n: fallback(tuple(p.shape), precision) for n, p in model.named_parameters()})
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(3, 1, 28, 28, generator=g), torch.tensor([5, 500, 999]), torch.tensor([1, 7, 10])
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_int8_kernels_replace_linears_and_attention_projections_and_stay_close(tiny_model, precision):
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    plan = _plan(tiny_model, precision)
+    ref = quantize_(copy.deepcopy(tiny_model), plan)
+    fast = quantize_(copy.deepcopy(tiny_model), plan, compute="int8-dynamic")
+    assert isinstance(fast.embed.time_mlp[0], DynamicLinear)
+    assert isinstance(fast.down1.res[0].emb_proj, DynamicLinear)
+    assert isinstance(fast.down3.attn.qkv.linear, DynamicLinear)  # a 1x1 conv run as a Linear over pixels
+    assert isinstance(fast.down1.res[0].conv1, torch.nn.Conv2d)  # 3x3 convs keep the dequantize path
+    with torch.inference_mode():
+        a, b = ref(*_inputs()), fast(*_inputs())
+    assert a.shape == b.shape and not torch.equal(a, b)  # activations are quantized too
+    assert (a - b).abs().max() < 0.1 * a.abs().max()
+
+
+def test_default_compute_mode_is_untouched_and_unknown_modes_are_refused(tiny_model):
+    assert COMPUTE_MODES[0] == "dequantize"
+    q = quantize_(copy.deepcopy(tiny_model), _plan(tiny_model, "int8"))
+    assert isinstance(q.embed.time_mlp[0], torch.nn.Linear) and not hasattr(q, "lafq_compute")
+    with pytest.raises(ValueError, match="compute mode"):
+        quantize_(copy.deepcopy(tiny_model), _plan(tiny_model, "int8"), compute="int3")
+
+
+def test_a_model_on_int8_kernels_cannot_be_saved_but_a_loaded_one_can_switch(tiny_model, tmp_path):
+    from lafq.pipeline import load_denoiser
+
+    fast = quantize_(copy.deepcopy(tiny_model), _plan(tiny_model, "int8"), compute="int8-dynamic")
+    with pytest.raises(ValueError, match="default compute mode"):
+        save_quantized(tmp_path / "q.safetensors", fast)
+    save_quantized(tmp_path / "q.safetensors", quantize_(copy.deepcopy(tiny_model), _plan(tiny_model, "int8")))
+    loaded = use_int8_kernels(load_denoiser(tmp_path / "q.safetensors")[0])
+    with torch.inference_mode():
+        assert torch.equal(loaded(*_inputs()), fast(*_inputs()))
+    with pytest.raises(ValueError, match="quantize_ it first"):
+        use_int8_kernels(copy.deepcopy(tiny_model))
