@@ -460,8 +460,8 @@ def source_section(records: list[dict]) -> list[str]:
 # -- figures (dependency-free SVG) ---------------------------------------------------------------
 
 def scatter_svg(points: list[tuple[float, float, str, str]], xlabel: str, ylabel: str, *, logx=False, logy=False,
-                errors: list[float] | None = None, legend: list[tuple[str, str]] = (), width: int = 720,
-                height: int = 440) -> str:
+                errors: list[float] | None = None, legend: list[tuple[str, str]] = (), title: str = "",
+                width: int = 720, height: int = 440) -> str:
     """(x, y, color, title) points, optional y error bars, linear or log axes, as an SVG string."""
     pad = 64
     tx = (lambda v: math.log10(max(v, 1e-30))) if logx else (lambda v: v)
@@ -488,7 +488,8 @@ def scatter_svg(points: list[tuple[float, float, str, str]], xlabel: str, ylabel
              f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="black"/>',
              f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="black"/>',
              f'<text x="{width / 2}" y="{height - 18}" text-anchor="middle">{xlabel}</text>',
-             f'<text x="16" y="{height / 2}" transform="rotate(-90 16 {height / 2})" text-anchor="middle">{ylabel}</text>']
+             f'<text x="16" y="{height / 2}" transform="rotate(-90 16 {height / 2})" text-anchor="middle">{ylabel}</text>',
+             f'<text x="{width / 2}" y="24" text-anchor="middle" font-size="13">{title}</text>']
     for k in range(5):
         vx, vy = x0 + k * (x1 - x0) / 4, y0 + k * (y1 - y0) / 4
         if logx:
@@ -528,8 +529,10 @@ def sensitivity_svg(sens: dict) -> str:
     preds = sens["predicted"]["fisher_x_error"]
     pts = [(preds.get(u, 0.0), v, "#d62728", f"{u}: {1000 * v:.3f} ‰") for u, v in m["measured"].items()
            if preds.get(u, 0) > 0 and v > 0]
+    rho, p = m["rho"]["fisher_x_error"]
     return scatter_svg(pts, "predicted damage Σ F·‖Q(w) − w‖² (log)", "measured mean |Δ| to FP32 (log)",
-                       logx=True, logy=True)
+                       logx=True, logy=True, title=f"each of {sens['units']} tensors alone at INT4: Spearman ρ = "
+                                                   f"{rho:+.2f} (p = {p:.1g})")
 
 
 def settings_with(s: Settings, **kw) -> Settings:
