@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 FORMAT = 1
-KINDS = ("unet", "classifier", "quantized", "train_state", "fisher")
+KINDS = ("unet", "classifier", "quantized", "train_state", "fisher", "conditioning")
 
 
 class CheckpointError(ValueError):

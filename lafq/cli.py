@@ -233,7 +233,9 @@ def _extra_commands():
 
 def _os_error(e: OSError) -> str:
     """'permission denied: out.png' rather than a traceback (PermissionError, IsADirectoryError, ...)."""
-    what = (e.strerror or type(e).__name__).lower()
+    if e.strerror is None:  # raised with a message of our own ("no such plan file: ...")
+        return " ".join(str(e).split())[:500] or type(e).__name__
+    what = e.strerror.lower()
     return f"{what}: {e.filename}" if e.filename else what
 
 
