@@ -5,6 +5,10 @@ same starting noise on every device; the images agree to float rounding, not to 
 """
 from __future__ import annotations
 
+import os
+import platform
+from pathlib import Path
+
 import torch
 
 CHOICES = ("auto", "cpu", "cuda")
@@ -37,3 +41,18 @@ def model_device(model: torch.nn.Module) -> torch.device:
     for t in model.buffers():
         return t.device
     return torch.device("cpu")
+
+
+def machine_info() -> dict:
+    """The machine a number was measured on: CPU model, cores, torch threads and release, Python, GPU."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "gpu": gpu}

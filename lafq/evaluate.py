@@ -13,8 +13,6 @@ import copy
 import hashlib
 import io
 import json
-import os
-import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,17 +28,12 @@ from .quantize import quantize_
 
 
 def machine() -> str:
-    """This machine in one line: CPU model (or GPU), threads, torch: recorded with every number."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} threads){gpu}, torch {torch.__version__}"
+    """This machine in one line (CPU model or GPU, cores, threads, torch): recorded with every number."""
+    from .device import machine_info
+
+    m = machine_info()
+    gpu = f", {m['gpu']}" if m["gpu"] else ""
+    return f"{m['cpu']} ({m['cores']} cores, {m['threads']} threads){gpu}, torch {m['torch']}"
 
 
 def plan_digest(plan: Plan) -> str:
