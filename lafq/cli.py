@@ -1,4 +1,4 @@
-"""`python -m lafq <command>`: train, sample, fid, fisher, quantize, report, bench, space.
+"""`python -m lafq <command>`: train, train-classifier, sample, fid, fisher, quantize, report, bench, space, ...
 
 Every command takes --json to print one machine-readable result line on stdout (human
 messages go to stderr then). Errors print one line saying what was wrong and exit 2 (numbers that are
@@ -127,6 +127,26 @@ def cmd_train(args):
     _emit(args, res, f"trained to step {rec['step']} (loss {rec.get('loss', float('nan')):.4f}); wrote {args.out}/unet.safetensors")
 
 
+def cmd_train_classifier(args):
+    """The FID backend's classifier: trained on one split, its accuracy measured on a disjoint one."""
+    from .classifier import predict, save_classifier, train_classifier
+    from .data import load_dataset
+
+    x, y = load_dataset(args.dataset).tensors()
+    if args.limit:
+        x, y = x[:args.limit], y[:args.limit]
+    t0 = time.perf_counter()
+    model = train_classifier(x, y, epochs=args.epochs, lr=args.lr, seed=args.seed, log=_log(args))
+    seconds = time.perf_counter() - t0
+    hx, hy = load_dataset(args.heldout).tensors()
+    acc = float((predict(model, hx) == hy).float().mean())
+    train = {"dataset": args.dataset, "images": len(x), "epochs": args.epochs, "lr": args.lr, "seed": args.seed,
+             "heldout": args.heldout, "heldout_accuracy": round(acc, 4), "wall_seconds": round(seconds, 1)}
+    save_classifier(args.out, model, train)
+    _emit(args, {"command": "train-classifier", "out": str(args.out), **train},
+          f"wrote {args.out}: held-out accuracy {100 * acc:.2f}% on {args.heldout} ({seconds:.0f} s)")
+
+
 def cmd_sample(args):
     from .pipeline import generate, load_denoiser
     from .train import save_grid
@@ -218,6 +238,18 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--cache-dir", type=Path, default=None,
                    help="keep each finished seed's result here and reuse it: a long run can be split over sessions")
     f.set_defaults(func=cmd_fid)
+
+    c = sub.add_parser("train-classifier", help="train the MNIST classifier behind the offline FID backend and accuracy")
+    c.add_argument("--out", type=Path, required=True, help="where to write it (the shipped one: checkpoints/classifier.safetensors)")
+    c.add_argument("--dataset", default="mnist-test10k", help="training split")
+    c.add_argument("--heldout", default="mnist-train5k", help="disjoint split its accuracy is measured on")
+    c.add_argument("--epochs", type=number("--epochs", 1, 1000, integer=True), default=12)
+    c.add_argument("--lr", type=number("--lr", 1e-6, 1), default=3e-3, help="one-cycle peak learning rate")
+    c.add_argument("--limit", type=number("--limit", 1, 10**7, integer=True), default=None,
+                   help="train on the first N images only (a quick check)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_train_classifier)
 
     for register in _extra_commands():
         register(sub)

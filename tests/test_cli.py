@@ -91,3 +91,17 @@ def test_bad_input_is_one_clear_line(args, message, capsys, tiny_ckpt):
 def test_argparse_rejects_nonpositive_counts():
     r = run_cli("sample", "--n", "0")
     assert r.returncode == 2 and "--n must be at least 1" in r.stderr
+
+
+def test_train_classifier_writes_a_loadable_classifier_with_its_held_out_accuracy(tmp_path, capsys):
+    from lafq.classifier import load_classifier
+
+    out = tmp_path / "clf.safetensors"
+    assert main(["train-classifier", "--out", str(out), "--limit", "256", "--epochs", "1", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["images"] == 256 and res["heldout"] == "mnist-train5k" and 0 <= res["heldout_accuracy"] <= 1
+    model, meta = load_classifier(out)
+    assert meta["train"]["epochs"] == 1 and meta["train"]["heldout_accuracy"] == res["heldout_accuracy"]
+    with pytest.raises(SystemExit) as e:  # argparse: out of range is one line and exit 2
+        main(["train-classifier", "--out", str(out), "--epochs", "0"])
+    assert e.value.code == 2 and "--epochs must be in [1, 1000]" in capsys.readouterr().err
