@@ -32,6 +32,7 @@ from typing import Callable
 
 import torch
 
+from lafq import paths
 from lafq.checkpoint import CheckpointError
 from lafq.diffusion import linear_schedule
 from lafq.fisher import FisherMap, compute_fisher, state_digest
@@ -42,10 +43,10 @@ from lafq.quantize import quantize_, size_report, to_device
 log = logging.getLogger("lafq.app")
 
 REPO = Path(__file__).resolve().parent.parent
-CHECKPOINT = REPO / "checkpoints" / "unet.safetensors"
-FISHER = REPO / "checkpoints" / "fisher.safetensors"
-REPORT_CSV = REPO / "docs" / "report.csv"
-SENSITIVITY_CSV = REPO / "docs" / "sensitivity.csv"
+CHECKPOINT = paths.UNET
+FISHER = paths.FISHER
+REPORT_CSV = paths.DOCS / "report.csv"
+SENSITIVITY_CSV = paths.DOCS / "sensitivity.csv"
 
 # Caps that keep one request from holding a 2-core host for long.
 MAX_FID_N = 2000

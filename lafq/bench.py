@@ -23,13 +23,13 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from . import paths
 from .diffusion import ddim_sample, linear_schedule
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = paths.REPO
 SECTIONS = ("sampling", "compile", "fisher", "fid", "quantized", "app")
 # --quick leaves out "compile": an empty cache costs a 46-100 s compile on 2 cores (ask for it with --only).
 QUICK_SECTIONS = tuple(x for x in SECTIONS if x != "compile")
@@ -523,7 +523,7 @@ def run(s: BenchSettings, sections=SECTIONS, log=print) -> dict:
         elif name == "fid":
             r = bench_fid(s, ips)
         elif name == "quantized":
-            r = bench_quantized(model, FisherMap.load(REPO / "checkpoints" / "fisher.safetensors"), s)
+            r = bench_quantized(model, FisherMap.load(paths.FISHER), s)
         elif name == "app":
             r = bench_app(s.app_runs)
         else:

@@ -15,11 +15,12 @@ import time
 from pathlib import Path
 
 
+from . import paths
 from .checkpoint import CheckpointError
 from .data import DataError
 from .diffusion import DEFAULT_GUIDANCE
 
-DEFAULT_CKPT = "checkpoints/unet.safetensors"
+DEFAULT_CKPT = str(paths.UNET)
 MAX_GUIDANCE = 50.0  # far beyond any useful scale (1.5 is the default); larger values only overflow
 
 
@@ -200,17 +201,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lafq", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from .train import TrainConfig  # the training defaults live there; the CLI repeats none of them
+
     t = sub.add_parser("train", help="train the diffusion U-Net (resumes from OUT if a train state is there)")
     t.add_argument("--dataset", default="mnist-test10k", help="mnist-test10k (offline), mnist-train, fashion-train, ...")
-    t.add_argument("--steps", type=_positive("--steps"), default=30000, help="total steps the schedule spans")
+    t.add_argument("--steps", type=_positive("--steps"), default=TrainConfig.steps, help="total steps the schedule spans")
     t.add_argument("--until", type=_positive("--until"), default=None, help="stop this call at this step")
-    t.add_argument("--batch-size", type=_positive("--batch-size"), default=64)
-    t.add_argument("--lr", type=number("--lr", 1e-8, 1.0), default=1e-3)
+    t.add_argument("--batch-size", type=_positive("--batch-size"), default=TrainConfig.batch_size)
+    t.add_argument("--lr", type=number("--lr", 1e-8, 1.0), default=TrainConfig.lr)
     t.add_argument("--base-channels", type=_positive("--base-channels"), default=32)
     t.add_argument("--seed", type=number("--seed", 0, 2**63 - 1, integer=True), default=0)
-    t.add_argument("--save-every", type=_positive("--save-every"), default=500)
-    t.add_argument("--sample-every", type=_positive("--sample-every"), default=2000)
-    t.add_argument("--log-every", type=_positive("--log-every"), default=100)
+    t.add_argument("--save-every", type=_positive("--save-every"), default=TrainConfig.save_every)
+    t.add_argument("--sample-every", type=_positive("--sample-every"), default=TrainConfig.sample_every)
+    t.add_argument("--log-every", type=_positive("--log-every"), default=TrainConfig.log_every)
     t.add_argument("--no-resume", action="store_true", help="start over even if OUT has a train state")
     _device_arg(t)
     t.add_argument("--out", type=Path, default=Path("checkpoints"))

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DEFAULT_MODEL = "checkpoints/unet.safetensors"
+from . import paths
+
+DEFAULT_MODEL = str(paths.UNET)
 
 
 def _load_model(path: str):

@@ -6,9 +6,10 @@ import math
 import time
 from pathlib import Path
 
+from . import paths
 from .checkpoint import atomic_write_bytes
 
-DEFAULT_FISHER = "checkpoints/fisher.safetensors"
+DEFAULT_FISHER = str(paths.FISHER)
 
 
 def _emit(args, result, human):
@@ -132,7 +133,7 @@ def register_fisher(sub):
     from .fisher import DEFAULT_P_NULL
 
     f = sub.add_parser("fisher", help="compute the Fisher map (tensor x timestep bin [x class])")
-    f.add_argument("--checkpoint", default="checkpoints/unet.safetensors")
+    f.add_argument("--checkpoint", default=str(paths.UNET))
     f.add_argument("--dataset", default="mnist-test10k")
     f.add_argument("--bins", type=number("--bins", 1, 1000, integer=True), default=50, help="timestep bins over [0, T), 1..1000")
     f.add_argument("--samples", type=number("--samples", 1, 100_000, integer=True), default=64,
@@ -157,7 +158,7 @@ def register_quantize(sub):
     from .precision import PRECISIONS
 
     q = sub.add_parser("quantize", help="policy -> plan -> quantized model, with its size table")
-    q.add_argument("--checkpoint", default="checkpoints/unet.safetensors")
+    q.add_argument("--checkpoint", default=str(paths.UNET))
     q.add_argument("--fisher", default=DEFAULT_FISHER)
     q.add_argument("--strategy", choices=STRATEGIES, default="layer-ratio")
     q.add_argument("--target", choices=PRECISIONS, default="fp16", help="precision of the quantized tensors")
@@ -237,7 +238,7 @@ def register_report(sub):
     from .cli import _device_arg, number
 
     r = sub.add_parser("report", help="the evidence: sensitivity validation and the plan grid -> docs/report.md, .csv, .svg")
-    r.add_argument("--checkpoint", default="checkpoints/unet.safetensors")
+    r.add_argument("--checkpoint", default=str(paths.UNET))
     r.add_argument("--fisher", default=DEFAULT_FISHER)
     r.add_argument("--quick", action="store_true", help="small N, few steps and rows: minutes on 2 cores")
     r.add_argument("--n", type=number("--n", 2, 10**7, integer=True), default=None,
@@ -253,10 +254,10 @@ def register_report(sub):
     r.add_argument("--skip-sensitivity", action="store_true", help="only the plan grid")
     r.add_argument("--render", action="store_true",
                    help="write the report from the records already in --cache-dir, sampling nothing")
-    r.add_argument("--cache-dir", default="checkpoints/eval/report",
+    r.add_argument("--cache-dir", default=str(paths.REPORT_CACHE),
                    help="finished (plan, seed) records; a rerun resumes from them")
     _device_arg(r)
-    r.add_argument("--out-dir", default="docs")
+    r.add_argument("--out-dir", default=str(paths.DOCS))
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_report)
 

@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import paths
 from .checkpoint import atomic_write_bytes
 from .classifier import MnistClassifier, load_classifier, uint8_to_input
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_CLASSIFIER = REPO / "checkpoints" / "classifier.safetensors"
-STATS_DIR = REPO / "checkpoints" / "stats"
+REPO = paths.REPO
+DEFAULT_CLASSIFIER = paths.CLASSIFIER
+STATS_DIR = paths.STATS
 BACKENDS = ("auto", "classifier", "inception")
 
 

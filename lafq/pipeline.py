@@ -14,14 +14,15 @@ from typing import Callable
 
 import torch
 
+from . import paths
 from .checkpoint import atomic_write_bytes
 from .diffusion import DEFAULT_GUIDANCE, Schedule, ddim_sample, ddpm_sample, linear_schedule, to_uint8
 from .quantize import hold_dequantized
 from .metrics import (FIDResult, balanced_labels, classifier_accuracy, frechet_distance, get_backend,
                       reference_statistics, statistics)
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_CHECKPOINT = REPO / "checkpoints" / "unet.safetensors"
+REPO = paths.REPO
+DEFAULT_CHECKPOINT = paths.UNET
 MAX_BATCH = 256
 
 
