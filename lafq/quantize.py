@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, save_file
-from .policy import Plan, param_shapes
+from .plan import Plan, param_shapes
 from .precision import (FLOAT_DTYPES, GROUP, PACKED, PRECISIONS, QMAX, Stored, data_bytes, load, numel, scale_bytes,
                         scale_shape, store)
 

@@ -105,3 +105,13 @@ def test_low_precision_compute_runs_a_quantized_model(tiny_model):
         out = q(x.to(torch.bfloat16), t, y)
         ref = tiny_model(x, t, y)
     assert out.dtype == torch.bfloat16 and torch.allclose(out.float(), ref, atol=0.1)
+
+
+def test_quantizing_does_not_import_the_fisher_machinery():
+    import subprocess
+    import sys
+
+    code = "import sys, lafq.quantize; print(sorted(m for m in sys.modules if m.startswith('lafq')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=__file__.rsplit("/tests/", 1)[0]).stdout
+    assert "lafq.fisher" not in out and "lafq.policy" not in out and "lafq.plan" in out
