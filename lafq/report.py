@@ -37,7 +37,7 @@ SOURCE_STRATEGIES = [("global", dict(threshold=0.01)), ("groups", {}), ("layer-r
 # The source system's own table (LAQFI: DDPM U-Net on MNIST, single runs, Inception FID): row -> (FID, % smaller).
 SOURCE_TABLE = {"fp32": (22.75, 0.0), "uniform fp16": (24.13, 49.6), "groups fp16": (23.84, 49.4),
                 "layer-ratio fp16": (22.42, 23.8), "layer-std fp16": (23.16, 39.2)}
-SOURCE_LABELS = {"fp32": "FP32", "uniform fp16": "uniform FP16", "groups fp16": "layer groups 12|3456",
+SOURCE_LABELS = {"fp32": "FP32", "uniform fp16": "uniform FP16", "groups fp16": "layer groups 12\\|3456",
                  "layer-ratio fp16": "per-layer ratio p = 0.25", "layer-std fp16": "per-layer mean/std"}
 EDGE = "int4, int8 stem+head"
 G32 = "uniform int4-g32"
