@@ -338,7 +338,9 @@ def findings(records: list[dict], s: Settings) -> list[str]:
     by = {r["name"]: r for r in summarize(records)}
     out = ["Does the Fisher budget plan beat the strong simple baselines at equal size? Each line is the paired "
            "difference budget − baseline (same noise, per seed); negative is better for FID, mean |Δ| and feature "
-           "distance, positive for agreement."]
+           "distance, positive for agreement. FID and fidelity answer different questions: a plan can score a lower "
+           "FID than FP32 itself while its images are further from FP32's, so 'better' in FID means a lower FID "
+           "against the real data, not closer to FP32; the fidelity terms measure closeness to FP32."]
     pairs = [(f"budget @ {EDGE} size", EDGE), ("budget @ int4-g32 size", G32),
              ("budget @ int4-g32 size", "error-only budget @ int4-g32 size"),
              ("budget @ int4-g32 size", "magnitude budget @ int4-g32 size"),
