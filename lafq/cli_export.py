@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import paths
-from .cliutil import emit as _emit
 
 DEFAULT_MODEL = str(paths.UNET)
 
@@ -33,6 +32,7 @@ def _load_model(path: str):
 
 
 def cmd_export(args):
+    from .cli import _emit
     from .export import export_plan
     from .policy import Plan
 
@@ -77,6 +77,7 @@ def _images(path: str, key: str | None):
 def cmd_fisher_model(args):
     import time
 
+    from .cli import _emit
     from .device import resolve_device
     from .fisher_any import fisher_map
     from .models import load_conditioning, load_diffusers
@@ -123,6 +124,7 @@ def register_fisher_model(sub) -> None:
 
 
 def cmd_quantize_model(args):
+    from .cli import _emit
     from .cli_quant import policy_from_args
     from .fisher import FisherMap
     from .models.diffusers_models import load_diffusers_model
