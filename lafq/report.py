@@ -46,7 +46,7 @@ LOWER_IS_BETTER = {"fid": True, "mad": True, "psnr": False, "feature_distance": 
 
 @dataclass(frozen=True)
 class Settings:
-    # N = 1,000 per seed at DDIM-50: ~6 min per (plan, seed) on 2 CPU cores; a GPU affords N = 5,000, DDIM-100.
+    # N = 1,000 per seed at DDIM-50: 3.7-8 min per (plan, seed) on 2 CPU cores (measured, idle to loaded); a GPU affords N = 5,000, DDIM-100.
     n: int = 1000
     steps: int = 50
     seeds: int = 3

@@ -34,7 +34,7 @@ RANDOM_DRAWS = 100
 @dataclass(frozen=True)
 class SensitivitySettings:
     # Fidelity from the same noise resolves single-tensor damage at small N (per-seed spread well under
-    # the spread between tensors): 43 tensors x 3 seeds x 64 images at DDIM-20 take ~15 min on 2 cores.
+    # the spread between tensors): 43 tensors x 3 seeds x 64 images at DDIM-20 took 59 min on 2 cores shared with other jobs.
     n: int = 64
     steps: int = 20
     seeds: int = 3
