@@ -71,6 +71,7 @@ class Row:
     plan: Plan
     kind: str  # reference, uniform, baseline, budget, signal, source, random
     control_of: str | None = None  # random rows: the plan they control for
+    seeds: tuple[int, ...] | None = None  # noise seeds to sample; None: all of Settings.seeds
 
 
 def grid(model, fisher: FisherMap, s: Settings) -> list[Row]:
@@ -90,10 +91,18 @@ def grid(model, fisher: FisherMap, s: Settings) -> list[Row]:
         return size_report(p, shapes).total_bytes
 
     def controls(of: Row, label: str) -> list[Row]:
+        """Random controls of `of`: seed k samples at noise seed k mod `seeds`, so the controls cover plan and
+        noise variation at one sampling run each (5 controls cost 5 runs, not 15); a seed that yields a plan
+        an earlier seed already gave is dropped (near the INT4 floor there is little room to differ)."""
         lower = tuple(sorted({p for p in of.plan.precisions.values() if p != "fp32"}))
-        return [Row(f"random {k} @ {label}", plan(strategy="random", budget_bytes=size(of.plan), seed=k,
-                                                  lower_to=lower or ("fp16",)), "random", of.name)
-                for k in range(s.random_seeds)]
+        out, seen = [], set()
+        for k in range(s.random_seeds):
+            p = plan(strategy="random", budget_bytes=size(of.plan), seed=k, lower_to=lower or ("fp16",))
+            key = tuple(sorted(p.precisions.items()))
+            if key not in seen:
+                seen.add(key)
+                out.append(Row(f"random {k} @ {label}", p, "random", of.name, seeds=(k % s.seeds,)))
+        return out
 
     fp32 = Row("fp32", Plan({n: "fp32" for n in shapes}, {"strategy": "none"}), "reference")
     u4 = uniform("int4")
@@ -107,13 +116,14 @@ def grid(model, fisher: FisherMap, s: Settings) -> list[Row]:
                                                            statistic="mean", signal=sig), "signal")
                for sig, label in (("error", "error-only"), ("magnitude", "magnitude"))]
     rows = [fp32, edge, at_edge, g32, at_g32, u4, *signals, *controls(at_g32, "int4-g32 size"),
+            *controls(at_edge, f"{EDGE} size"),
             Row("uniform int4-g64", uniform("int4-g64").plan, "baseline"), uniform("int8"), uniform("fp16")]
     for strategy, kw in SOURCE_STRATEGIES:
         rows.append(Row(f"{strategy} fp16", plan(strategy=strategy, target="fp16", statistic=s.statistic, **kw),
                         "source"))
     budget_rows = [Row(f"budget {b:g} bits", plan(strategy="budget", avg_bits=b, statistic="mean"), "budget")
                    for b in s.budgets]
-    rows += budget_rows + controls(at_edge, f"{EDGE} size")
+    rows += budget_rows
     for r in budget_rows:
         rows += controls(r, r.name)
     return rows
@@ -128,8 +138,9 @@ def evaluate(rows: list[Row], evaluator, s: Settings, log=print, on_record=None)
         rep = size_report(row.plan, shapes)
         extra = {"kind": row.kind, "control_of": row.control_of, "bytes": rep.total_bytes,
                  "pct_of_fp32": round(rep.pct_of_fp32, 3), "avg_bits": round(rep.avg_bits, 4),
-                 "counts": {k: v for k, v in row.plan.counts().items() if v}}
-        for seed in range(s.seeds):
+                 "counts": {k: v for k, v in row.plan.counts().items() if v},
+                 "planned_seeds": len(row.seeds) if row.seeds is not None else s.seeds}
+        for seed in (row.seeds if row.seeds is not None else range(s.seeds)):
             rec = evaluator.record(row.name, None if row.kind == "reference" else row.plan, s.spec(seed), extra)
             if rec is None:  # cached_only and not measured yet
                 continue
@@ -178,7 +189,7 @@ def summarize(records: list[dict]) -> list[dict]:
     for name, seeds in by.items():
         first = next(iter(seeds.values()))
         row = {k: first[k] for k in ("name", "kind", "control_of", "bytes", "pct_of_fp32", "avg_bits", "n", "steps",
-                                     "guidance", "backend", "counts") if k in first}
+                                     "guidance", "backend", "counts", "planned_seeds") if k in first}
         row["seeds"] = len(seeds)
         for metric in ("fid", "accuracy", *FIDELITY):
             vals = [r[metric] for r in seeds.values() if r.get(metric) is not None]
@@ -191,29 +202,28 @@ def summarize(records: list[dict]) -> list[dict]:
 
 
 def compare(records: list[dict], a: str, b: str | list[str]) -> dict[str, tuple[float, float, int]] | None:
-    """Paired a − b per metric; `b` a list: the mean over those rows per seed (random controls)."""
+    """Paired a − b per metric (mean, 95% CI, number of pairs). `b` a list (random controls): every
+    (control, seed) record paired with `a` at that seed, so the interval spans both the controls' plans
+    and the noise."""
     by = _by_name(records)
     if a not in by:
         return None
     if isinstance(b, str):
         if b not in by:
             return None
-        other = by[b]
-    else:
-        present = [by[x] for x in b if x in by]
-        seeds = set.intersection(*(set(p) for p in present)) if present else set()
-        if not seeds:
-            return None
-        other = {k: {m: sum(p[k][m] for p in present) / len(present) for m in LOWER_IS_BETTER} for k in seeds}
-    out = {m: paired(by[a], other, m) for m in LOWER_IS_BETTER}
-    return out if all(v is not None for v in out.values()) else None
+        out = {m: paired(by[a], by[b], m) for m in LOWER_IS_BETTER}
+        return out if all(v is not None for v in out.values()) else None
+    pairs = [(by[a][k], by[x][k]) for x in b if x in by for k in sorted(by[x]) if k in by[a]]
+    if not pairs:
+        return None
+    return {m: (*mean_ci95([pa[m] - pb[m] for pa, pb in pairs]), len(pairs)) for m in LOWER_IS_BETTER}
 
 
-def verdict(metric: str, d: tuple[float, float, int], n: int) -> str:
+def verdict(metric: str, d: tuple[float, float, int], n: int, unit: str = "seeds") -> str:
     """'better' / 'worse' when the paired 95% interval excludes 0, else no difference detectable."""
     mean, ci, k = d
     if k < 2 or abs(mean) <= ci:
-        return f"no difference detectable at N = {n:,} × {k} seeds"
+        return f"no difference detectable at N = {n:,} × {k} {unit}"
     good = (mean < 0) == LOWER_IS_BETTER[metric]
     return "better" if good else "worse"
 
@@ -235,8 +245,8 @@ DELTA_LABELS = {"fid": "ΔFID", "mad": "Δ mean abs Δ", "psnr": "Δ PSNR", "fea
                 "agreement": "Δ class agreement"}
 
 
-def describe_compare(c: dict, n: int) -> str:
-    return "; ".join(f"{DELTA_LABELS[m]} {_sign(m, c[m][0])} ± {_fmt(m, c[m][1])}{UNITS[m]} ({verdict(m, c[m], n)})"
+def describe_compare(c: dict, n: int, unit: str = "seeds") -> str:
+    return "; ".join(f"{DELTA_LABELS[m]} {_sign(m, c[m][0])} ± {_fmt(m, c[m][1])}{UNITS[m]} ({verdict(m, c[m], n, unit)})"
                      for m in ("fid", "mad", "feature_distance", "agreement"))
 
 
@@ -246,7 +256,7 @@ def _sign(metric: str, v: float) -> str:
 
 # -- files ---------------------------------------------------------------------------------------
 
-CSV_FIELDS = ["name", "kind", "control_of", "seed", "bytes", "pct_of_fp32", "avg_bits", "n", "steps", "sampler",
+CSV_FIELDS = ["name", "kind", "control_of", "seed", "planned_seeds", "bytes", "pct_of_fp32", "avg_bits", "n", "steps", "sampler",
               "guidance", "backend", "fid", "accuracy", "mad", "psnr", "feature_distance", "agreement", "seconds",
               "device", "machine", "plan_digest"]
 SENS_FIELDS = ["unit", "unit_kind", "precision", "seed", "n", "steps", "sampler", "guidance", "mad", "psnr",
@@ -287,7 +297,7 @@ def write(records: list[dict], s: Settings, command: str, out_dir: Path, *, tota
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_dir / "report.csv", _csv(records, CSV_FIELDS))
     rows = summarize(records)
-    complete = [r for r in rows if r["seeds"] >= s.seeds]
+    complete = [r for r in rows if r["seeds"] >= r.get("planned_seeds", s.seeds)]
     partial = total_rows is not None and len(complete) < total_rows
     if rows:
         atomic_write_bytes(out_dir / "report_pareto.svg", pareto_svg(rows).encode())
@@ -347,7 +357,7 @@ def findings(records: list[dict], s: Settings) -> list[str]:
              ("budget @ int4-g32 size", [n for n in by if by[n].get("control_of") == "budget @ int4-g32 size"]),
              ("budget 4.25 bits", "uniform int4")]
     for a, b in pairs:
-        label = b if isinstance(b, str) else f"the mean of {len(b)} random controls at its size"
+        label = b if isinstance(b, str) else f"{len(b)} random controls at its size, each paired at its own seed"
         c = compare(records, a, b)
         if c is None or (a in by and by[a]["seeds"] < s.seeds):
             out.append(f"- {a} vs {label}: not yet measured.")
@@ -356,7 +366,8 @@ def findings(records: list[dict], s: Settings) -> list[str]:
         if isinstance(b, str) and b in by:
             rel = 100 * (by[a]["bytes"] / by[b]["bytes"] - 1)
             size_note = f" (sizes {by[a]['bytes']:,} vs {by[b]['bytes']:,} bytes, {rel:+.2f}%)"
-        out.append(f"- **{a}** vs {label}{size_note}: {describe_compare(c, s.n)}.")
+        out.append(f"- **{a}** vs {label}{size_note}: "
+                   f"{describe_compare(c, s.n, 'seeds' if isinstance(b, str) else 'control runs')}.")
     out += ["", "Closeness to FP32: for each plan below, the paired ΔFID and the fidelity to FP32's images."]
     for name in ("uniform fp16", "uniform int8", "uniform int4", EDGE, G32, "budget @ int4-g32 size"):
         r = by.get(name)
@@ -381,9 +392,11 @@ def random_section(records: list[dict], s: Settings) -> list[str]:
     out = ["## Random controls", "",
            "Each control is built up from the smallest allocation (INT4 matrices) with random tensors raised to "
            "random precisions from the plan's own set, to within 1% of the plan's size without passing it; "
-           f"{s.random_seeds} seeds per plan. Spread: the lowest and highest control.", "",
-           "| plan | controls | control size (% of plan) | control FID, min–max | control mean abs Δ ‰, min–max | "
-           "plan − mean of controls: ΔFID (paired) | Δ mean abs Δ ‰ (paired) |", "|---|---:|---:|---:|---:|---:|---:|"]
+           f"{s.random_seeds} seeds per plan, of which a seed that repeats an earlier seed's plan is dropped. Control "
+           f"k samples once, from noise seed k mod {s.seeds}, and is paired with the plan at that seed: the interval "
+           "spans both which tensors the controls raise and the noise. Spread: the lowest and highest control.", "",
+           "| plan | distinct controls | control size (% of plan) | control FID, min–max | control mean abs Δ ‰, "
+           "min–max | plan − control: ΔFID (paired) | Δ mean abs Δ ‰ (paired) |", "|---|---:|---:|---:|---:|---:|---:|"]
     by = {r["name"]: r for r in rows}
     for plan, ctrls in groups.items():
         if plan not in by:

@@ -42,6 +42,12 @@ def test_grid_holds_the_baselines_exact_budgets_and_equal_size_controls(tiny_fis
             assert 0.99 * size[r.control_of] <= size[r.name] <= size[r.control_of], r.name
     controls = [r for r in rows.values() if r.control_of == "budget 8 bits"]
     assert len(controls) == SMALL.random_seeds and len({tuple(sorted(c.plan.precisions.items())) for c in controls}) == 2
+    # Each control samples once, control k at noise seed k mod seeds; the plans they control sample every seed.
+    assert [c.seeds for c in controls] == [(0,), (1,)] and rows["budget 8 bits"].seeds is None
+    # No two controls of one plan are the same plan (a repeated draw would count one plan twice).
+    for of in {r.control_of for r in rows.values() if r.control_of}:
+        plans = [tuple(sorted(r.plan.precisions.items())) for r in rows.values() if r.control_of == of]
+        assert len(plans) == len(set(plans)), of
 
 
 def test_report_records_every_seed_resumes_from_disk_and_writes_its_sections(tiny_fisher, tmp_path, monkeypatch):
@@ -96,6 +102,20 @@ def test_paired_comparisons_and_verdicts():
     assert verdict("fid", c["fid"], 10) == "better" and verdict("mad", c["mad"], 10) == "better"
     assert verdict("agreement", c["agreement"], 10).startswith("no difference detectable at N = 10 × 3 seeds")
     assert verdict("fid", (1.0, 0.5, 3), 10) == "worse"
+
+
+def test_random_controls_are_paired_with_the_plan_at_each_controls_own_seed():
+    def rec(name, seed, fid):
+        return {"name": name, "seed": seed, "fid": fid, "mad": fid / 100, "psnr": 20.0, "feature_distance": 0.1,
+                "agreement": 1.0}
+    recs = [rec("plan", k, 10.0 + k) for k in range(3)] + [rec("r0", 0, 12.0), rec("r1", 1, 14.0), rec("r2", 2, 13.0),
+                                                          rec("r3", 0, 11.0)]
+    c = compare(recs, "plan", ["r0", "r1", "r2", "r3", "missing"])
+    # plan − control at the control's seed: 10−12, 11−14, 12−13, 10−11.
+    assert c["fid"][2] == 4 and c["fid"][0] == pytest.approx(mean_ci95([-2.0, -3.0, -1.0, -1.0])[0])
+    assert c["fid"][1] == pytest.approx(mean_ci95([-2.0, -3.0, -1.0, -1.0])[1])
+    assert compare(recs, "plan", ["missing"]) is None
+    assert verdict("fid", c["fid"], 10, "control runs") == "better"
 
 
 def test_spearman_sees_a_monotone_predictor_and_random_sees_nothing():
