@@ -90,11 +90,17 @@ def cmd_fisher_model(args):
         raise ValueError("fisher-model needs diffusers: pip install -r requirements-export.txt") from None
     except OSError as e:
         raise ValueError(f"cannot load {args.model}: {str(e).splitlines()[0]}") from None
-    device = resolve_device(args.device)
+    from . import distributed
+
+    device = distributed.init_from_env(resolve_device(args.device))  # under torchrun: this process's share
     den.module.to(device)
     t0 = time.perf_counter()
     fm = fisher_map(den, images, bins=args.bins, samples_per_bin=args.samples, seed=args.seed, method=args.method)
     fm.meta["images"] = str(args.images)
+    main = distributed.is_main()
+    distributed.finish()
+    if not main:  # rank 0 writes and reports; the map is the same on every process
+        return
     fm.save(args.out)
     res = {"command": "fisher-model", "out": str(args.out), "model": str(args.model), "class": den.source["class"],
            "prediction_type": den.prediction_type, "tensors": len(fm.names), "bins": args.bins,

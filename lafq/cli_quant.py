@@ -26,11 +26,13 @@ def cmd_fisher(args):
     model, _ = load_denoiser(args.checkpoint)
     if getattr(model, "lafq_plan", None) is not None:
         raise ValueError("compute Fisher maps on the FP32 checkpoint, not a quantized model")
-    device = resolve_device(args.device)
+    from . import distributed
+
+    device = distributed.init_from_env(resolve_device(args.device))  # under torchrun: this process's share
     model.to(device)
     x, y = load_dataset(args.dataset).tensors()
     bar = None
-    if not args.json:
+    if not args.json and distributed.is_main():
         from tqdm import tqdm
         bar = tqdm(total=args.bins * (10 if args.per_class else 1), desc="fisher", dynamic_ncols=True)
     t0 = time.perf_counter()
@@ -40,13 +42,20 @@ def cmd_fisher(args):
     if bar:
         bar.close()
     fm.meta["dataset"] = args.dataset
+    processes = distributed.world()
+    main = distributed.is_main()
+    distributed.finish()
+    if not main:  # rank 0 writes and reports; the map is the same on every process
+        return
     fm.save(args.out)
     layers, per_layer = fm.layer_names(), fm.per_layer()
     res = {"command": "fisher", "out": str(args.out), "bins": args.bins, "samples_per_bin": args.samples, "device": str(device),
            "groups": fm.groups, "tensors": len(fm.names), "seconds": round(time.perf_counter() - t0, 2),
            "layer_fisher_mean": {layer: float(v) for layer, v in zip(layers, per_layer.mean(1))}}
+    res["processes"] = processes
     human = [f"wrote {args.out}: {len(fm.names)} tensors x {args.bins} bins ({args.samples} samples each), "
-             f"groups {fm.groups}, {res['seconds']}s", "mean Fisher per layer (per element):"]
+             f"groups {fm.groups}, {res['seconds']}s" + (f" on {processes} processes" if processes > 1 else ""),
+             "mean Fisher per layer (per element):"]
     human += [f"  {layer:6} {float(v):.3e}" for layer, v in zip(layers, per_layer.mean(1))]
     _emit(args, res, "\n".join(human))
 

@@ -22,6 +22,7 @@ from torch.func import functional_call, grad, vmap
 
 from .checkpoint import load_file, save_file
 from .device import model_device
+from .distributed import all_reduce_sum_, shard, world
 from .diffusion import Schedule, linear_schedule, q_sample
 from .model import LAYERS, layer_of
 from .persample import hook_sq_grads
@@ -249,22 +250,26 @@ def compute_fisher(model, images: torch.Tensor, labels: torch.Tensor, *, bins: i
                 noise = torch.randn(x0.shape, generator=gen)
                 if p_null > 0 and model.cfg.num_classes:  # drawn after the rest: p_null=0 keeps earlier maps' draws
                     y = torch.where(torch.rand(samples_per_bin, generator=gen) < p_null, model.cfg.num_classes, y)
-                acc = sq(model, schedule, *(v.to(dev) for v in (x0, y, t, noise)), chunk=chunk)
-                for k, name in enumerate(names):
-                    g2 = acc[name].double().cpu() / samples_per_bin
-                    fisher[gi, k, b] = g2.mean()
-                    if name in channel:
-                        channel[name][gi, b] = g2.flatten(1).mean(1)
+                part = shard(samples_per_bin)  # every process drew the whole batch; this one scores its share
+                if len(t[part]):
+                    acc = sq(model, schedule, *(v[part].to(dev) for v in (x0, y, t, noise)), chunk=chunk)
+                    for k, name in enumerate(names):
+                        g2 = acc[name].double().cpu() / samples_per_bin
+                        fisher[gi, k, b] = g2.mean()
+                        if name in channel:
+                            channel[name][gi, b] = g2.flatten(1).mean(1)
                 done += 1
                 if progress:
                     progress(done, total)
     finally:  # a cancelled run (progress raising) leaves the model as it found it
         model.train(was_training)
+    all_reduce_sum_(fisher, *channel.values())  # the shards' partial sums: one process's map, to float64 rounding
     if per_class:  # "all" = the class-balanced mean, first
         fisher = torch.cat([fisher.mean(0, keepdim=True), fisher])
         channel = {k: torch.cat([v.mean(0, keepdim=True), v]) for k, v in channel.items()}
     group_names = ["all"] + ([str(c) for c in classes] if per_class else [])
     magnitude = torch.stack([p.detach().abs().mean().double().cpu() for p in params.values()])
     info = {"samples_per_bin": samples_per_bin, "seed": seed, "method": method, "checkpoint_digest": state_digest(model),
-            "seconds": round(time.perf_counter() - t0, 2), "loss": f"eps-MSE, unweighted; null class with probability {p_null:g}", "p_null": p_null}
+            "seconds": round(time.perf_counter() - t0, 2), "loss": f"eps-MSE, unweighted; null class with probability {p_null:g}", "p_null": p_null,
+            "processes": world()}
     return FisherMap(names, [p.numel() for p in params.values()], edges, group_names, fisher, magnitude, channel, info)

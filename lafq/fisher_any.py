@@ -26,6 +26,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .distributed import all_reduce_sum_, shard, world
 from .fisher import FisherMap, bin_edges, state_digest
 from .models.base import Denoiser
 from .persample import hook_sq_grads, hookable
@@ -209,24 +210,30 @@ def fisher_map(den: Denoiser, images: torch.Tensor, *, bins: int = 50, samples_p
             noise = torch.randn((samples_per_bin, *den.sample_shape), generator=gen, dtype=dtype)
             rows = (torch.randint(den.conditioning.rows, (samples_per_bin,), generator=gen)
                     if den.conditioning is not None else None)
-            x0 = images[idx].to(device=dev, dtype=dtype)
-            acc, methods = sq_grads(den, x0, noise.to(dev), t.to(dev), rows, method=method, chunk=chunk, methods=methods)
-            for k, name in enumerate(names):
-                g2 = acc[name].double().cpu() / samples_per_bin
-                fisher[0, k, b] = g2.mean()
-                if name in channel:
-                    channel[name][0, b] = g2.flatten(1).mean(1)
+            part = shard(samples_per_bin)  # every process drew the whole batch; this one scores its share
+            if len(t[part]):
+                x0 = images[idx[part]].to(device=dev, dtype=dtype)
+                acc, methods = sq_grads(den, x0, noise[part].to(dev), t[part].to(dev),
+                                        rows[part] if rows is not None else None, method=method, chunk=chunk,
+                                        methods=methods)
+                for k, name in enumerate(names):
+                    g2 = acc[name].double().cpu() / samples_per_bin
+                    fisher[0, k, b] = g2.mean()
+                    if name in channel:
+                        channel[name][0, b] = g2.flatten(1).mean(1)
             if progress:
                 progress(b + 1, bins)
     finally:
         module.train(was_training)
+    all_reduce_sum_(fisher, *channel.values())  # the shards' partial sums: one process's map, to float64 rounding
+    methods = methods or {}
     magnitude = torch.stack([p.detach().abs().mean().double().cpu() for p in params.values()])
     by_method = {m: sorted(n for n, v in methods.items() if v == m) for m in METHODS}
     info = {"samples_per_bin": samples_per_bin, "seed": seed, "method": method,
             "methods": {m: len(v) for m, v in by_method.items()},
             "fallback": {m: v for m, v in by_method.items() if m != method and v},
             "checkpoint_digest": state_digest(module), "seconds": round(time.perf_counter() - t0, 2),
-            "prediction_type": den.prediction_type,
+            "prediction_type": den.prediction_type, "processes": world(),
             "loss": f"MSE to the {den.prediction_type} target, unweighted; conditioning rows uniform",
             "model": {k: v for k, v in den.source.items() if k != "config"}}
     return FisherMap(names, [p.numel() for p in params.values()], edges, ["all"], fisher, magnitude, channel, info)

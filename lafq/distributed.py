@@ -1,0 +1,73 @@
+"""Data-parallel scoring on torch.distributed: `torchrun --nproc_per_node K -m lafq fisher ...`.
+
+Contract: every process draws the same random samples (one generator, one seed), scores only its
+shard of them (sample i goes to process i mod K), and the partial float64 sums are all-reduced at
+the end, so the result equals the one-process result up to the order of float64 additions. Rank 0
+writes the output; the others write nothing. gloo on the CPU, NCCL on GPUs (one per process,
+`LOCAL_RANK`). Without torchrun (no WORLD_SIZE, or WORLD_SIZE 1) everything here is a no-op: one
+process, shard = everything.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def active() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if active() else 0
+
+
+def world() -> int:
+    return torch.distributed.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_from_env(device: torch.device | str = "cpu") -> torch.device:
+    """Join the process group torchrun describes (if any) and return this process's device:
+    `cuda:LOCAL_RANK` when `device` is a GPU, else `device` unchanged."""
+    device = torch.device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or active():
+        return device
+    if not torch.distributed.is_available():
+        raise RuntimeError("this torch build has no torch.distributed; run one process")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl", device_id=device)
+    else:
+        torch.distributed.init_process_group("gloo")
+    return device
+
+
+def shard(n: int) -> slice:
+    """This process's samples out of n drawn by every process."""
+    return slice(rank(), n, world())
+
+
+def all_reduce_sum_(*tensors: torch.Tensor) -> None:
+    """In place: every process ends with the sum over processes (no-op in one process). NCCL
+    reduces on the GPU, so CPU tensors go there and back."""
+    if not active():
+        return
+    gpu = torch.distributed.get_backend() == "nccl"
+    for t in tensors:
+        if gpu:
+            d = t.cuda()
+            torch.distributed.all_reduce(d)
+            t.copy_(d.cpu())
+        else:
+            torch.distributed.all_reduce(t)
+
+
+def finish() -> None:
+    if active():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
