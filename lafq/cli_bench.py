@@ -1,4 +1,5 @@
-"""`python -m lafq bench`: see lafq/bench.py for what each section measures."""
+"""`python -m lafq bench`: the command; the harness (bench/harness.py, what each section measures)
+lives in the repository beside the library, so an installed lafq without a checkout says so in one line."""
 from __future__ import annotations
 
 import json
@@ -6,11 +7,26 @@ import sys
 from pathlib import Path
 
 
+def _harness():
+    try:
+        from bench import harness
+    except ImportError:
+        from . import paths
+
+        if not (paths.REPO / "bench" / "harness.py").is_file():
+            raise ValueError("the benchmark harness is in the repository's bench/ folder: run `python -m lafq bench` "
+                             "from a checkout of the repository") from None
+        sys.path.insert(0, str(paths.REPO))  # the checkout this lafq was imported from
+        from bench import harness
+    return harness.QUICK_SECTIONS, harness.SECTIONS, harness.BenchSettings, harness.markdown, harness.run
+
+
 def cmd_bench(args):
     import torch
 
-    from .bench import QUICK_SECTIONS, SECTIONS, BenchSettings, markdown, run
     from .checkpoint import atomic_write_bytes
+
+    QUICK_SECTIONS, SECTIONS, BenchSettings, markdown, run = _harness()
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -34,7 +50,7 @@ def cmd_bench(args):
 def register_bench(sub):
     b = sub.add_parser("bench", help="speed: sampling vs diffusers, Fisher methods, FID, quantized latency, app")
     b.add_argument("--quick", action="store_true", help="short jobs (a few minutes on 2 cores); ratios stay meaningful")
-    b.add_argument("--only", default=None, help="comma-separated sections: sampling,compile,fisher,fid,quantized,app "
+    b.add_argument("--only", default=None, help="comma-separated sections: sampling,compile,fisher,fisher-diffusers,fid,quantized,app "
                    "(--quick runs all but compile)")
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     b.add_argument("--md", type=Path, default=None, help="also write the markdown tables to this file")

@@ -1,5 +1,5 @@
 """The bench's own logic (its numbers belong in docs/benchmarks.md, not in tests)."""
-from lafq.bench import BenchSettings, interleaved, markdown
+from bench.harness import BenchSettings, interleaved, markdown
 
 
 def test_variants_run_interleaved_after_a_warm_up_each():
@@ -30,13 +30,13 @@ def test_markdown_names_machine_command_and_ratios():
 
 
 def test_ratios_pair_each_repeat_so_a_load_spike_hits_both_sides():
-    from lafq.bench import paired_ratios
+    from bench.harness import paired_ratios
 
     assert paired_ratios([3.0, 6.0, 3.3], [2.0, 4.0, 2.0]) == [1.5, 1.5, 1.65]
 
 
 def test_quick_runs_skip_the_compile_section_which_needs_an_empty_cache():
-    from lafq.bench import QUICK_SECTIONS, SECTIONS
+    from bench.harness import QUICK_SECTIONS, SECTIONS
 
     assert "compile" in SECTIONS and "compile" not in QUICK_SECTIONS
     assert set(QUICK_SECTIONS) == set(SECTIONS) - {"compile"}
@@ -45,7 +45,7 @@ def test_quick_runs_skip_the_compile_section_which_needs_an_empty_cache():
 def test_op_breakdown_sorts_profiled_ops_into_kinds_per_step():
     import torch
 
-    from lafq.bench import op_breakdown
+    from bench.harness import op_breakdown
 
     x = torch.randn(2, 4, 8, 8)
     conv = torch.nn.Conv2d(4, 4, 3, padding=1)
@@ -80,3 +80,16 @@ def test_markdown_prints_the_ratio_spread_the_profile_and_the_compile_rows():
     assert "**1.48x** median of 2 (spread 1.41..1.50: 1.50, 1.41)" in md
     assert "| convolution | 10.0 | 20.0 |" in md and "| total | 11.0 | 22.0 |" in md
     assert "| second process (cache from the first) | 4.0 | 1.00 | 3.0 | 1.50 | 12.0 |" in md
+
+
+def test_the_diffusers_fisher_row_times_hooks_and_the_naive_loop_on_the_same_draws_and_reports_peak_share():
+    import pytest
+    pytest.importorskip("diffusers", reason="diffusers is in requirements-bench.txt")
+    from bench.harness import BenchSettings, bench_fisher_diffusers, machine, markdown
+
+    r = bench_fisher_diffusers(BenchSettings(fisher_bins=1, fisher_samples=2))
+    assert set(r["seconds"]) == {"hooks", "naive"} and r["params"] == 818_745
+    assert r["useful_gflops"] > 0 and r["fraction_of_peak"] == pytest.approx(r["useful_gflops"] / r["matmul_peak_gflops"])
+    md = markdown({"machine": machine(), "sections": {"fisher-diffusers": r}}, "python -m lafq bench")
+    assert "### Fisher map of a diffusers UNet2DModel (818,745 parameters, 1 bins x 2 samples)" in md
+    assert "of a" in md and "GFLOP/s fp32 matmul peak measured in the same run" in md

@@ -1,5 +1,8 @@
 """`python -m lafq bench`: speed measured side by side, with the machine it ran on.
 
+The harness lives beside the library, not in it (an installed `lafq` does not carry it): run it
+from a checkout, where `python -m lafq bench` finds it.
+
 Each comparison runs its variants interleaved (A, B, A, B, ...) in this process and reports
 medians, so a background load slows every variant alike. Sections:
     sampling    our DDIM sampler vs diffusers (UNet2DModel + DDIMScheduler) on the same job; the ratio is
@@ -26,11 +29,11 @@ from dataclasses import dataclass
 
 import torch
 
-from . import paths
-from .diffusion import ddim_sample, linear_schedule
+from lafq import paths
+from lafq.diffusion import ddim_sample, linear_schedule
 
 REPO = paths.REPO
-SECTIONS = ("sampling", "compile", "fisher", "fid", "quantized", "app")
+SECTIONS = ("sampling", "compile", "fisher", "fisher-diffusers", "fid", "quantized", "app")
 # --quick leaves out "compile": an empty cache costs a 46-100 s compile on 2 cores (ask for it with --only).
 QUICK_SECTIONS = tuple(x for x in SECTIONS if x != "compile")
 
@@ -59,7 +62,7 @@ class BenchSettings:
 
 
 def machine() -> dict:
-    from .device import machine_info
+    from lafq.device import machine_info
 
     return machine_info()
 
@@ -177,7 +180,7 @@ def bench_sampling(model, s: BenchSettings) -> dict:
     variants = {"lafq": ours(model), "lafq, NCHW layout": ours(nchw)}
     compile_s = None
     if s.compile:
-        from .compile_cache import compile_model
+        from lafq.compile_cache import compile_model
 
         compiled = compile_model(model)
         t0 = time.perf_counter()
@@ -281,8 +284,8 @@ def bench_compile(s: BenchSettings) -> dict:
 
 def bench_fisher(model, s: BenchSettings) -> dict:
     """The whole bins x samples map per method, interleaved bin by bin (same draws for every method)."""
-    from .data import load_dataset
-    from .fisher import bin_edges, hooked_sq_grads, naive_sq_grads, per_sample_sq_grads
+    from lafq.data import load_dataset
+    from lafq.fisher import bin_edges, hooked_sq_grads, naive_sq_grads, per_sample_sq_grads
 
     x_all, y_all = load_dataset("mnist-train5k").tensors()
     schedule = linear_schedule()
@@ -305,14 +308,56 @@ def bench_fisher(model, s: BenchSettings) -> dict:
             "hooks_vs_naive": total["naive"] / total["hooks"], "vmap_vs_naive": total["naive"] / total["vmap"]}
 
 
+def bench_fisher_diffusers(s: BenchSettings) -> dict:
+    """Fisher map throughput on a diffusers UNet2DModel (the parameter-matched one the sampling section
+    uses, class-conditional with a null class): lafq.fisher_any's layer hooks vs its naive per-sample
+    loop on the same draws, and the hooks' useful FLOP/s (forward + backward ≈ 3 × forward FLOPs per
+    sample) against the machine's fp32 matmul peak measured in the same run."""
+    from diffusers import DDPMScheduler
+
+    from lafq.data import load_dataset
+    from lafq.fisher import bin_edges
+    from lafq.fisher_any import sq_grads
+    from lafq.models import Conditioning, from_diffusers
+
+    unet = diffusers_unet()
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+    den = from_diffusers(unet, sched, conditioning=Conditioning({"class_labels": torch.arange(11)}, 11), null_row=10)
+    x_all, _ = load_dataset("mnist-train5k").tensors()
+    edges = bin_edges(s.fisher_bins)
+    gen = torch.Generator().manual_seed(0)
+    total, methods = {"hooks": 0.0, "naive": 0.0}, {}
+    for b in range(s.fisher_bins):
+        n = s.fisher_samples
+        args = (x_all[torch.randint(len(x_all), (n,), generator=gen)], torch.randn(n, 1, 28, 28, generator=gen),
+                torch.randint(edges[b], edges[b + 1], (n,), generator=gen), torch.randint(11, (n,), generator=gen))
+        for k in total:
+            t0 = time.perf_counter()
+            _, used = sq_grads(den, *args, method=k, methods=methods.get(k))
+            total[k] += time.perf_counter() - t0
+            methods.setdefault(k, used)
+    samples = s.fisher_bins * s.fisher_samples
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+        unet(torch.randn(1, 1, 28, 28), torch.tensor([500]), class_labels=torch.tensor([3]))
+    useful = 3 * fc.get_total_flops() * samples
+    peak = matmul_peak()
+    return {"map": f"{s.fisher_bins} bins x {s.fisher_samples} samples", "model": "diffusers UNet2DModel",
+            "params": sum(p.numel() for p in unet.parameters()), "seconds": total,
+            "samples_per_s": {k: samples / v for k, v in total.items()}, "hooks_vs_naive": total["naive"] / total["hooks"],
+            "hooks_fallback": sorted({v for v in methods["hooks"].values()}), "useful_gflops": useful / total["hooks"] / 1e9,
+            "matmul_peak_gflops": peak / 1e9, "fraction_of_peak": useful / total["hooks"] / peak}
+
+
 # -- fid --------------------------------------------------------------------------------------
 
 def bench_fid(s: BenchSettings, sampling_images_per_s: float | None) -> dict:
     """Seconds from N uint8 images to an FID against cached reference statistics (sampling excluded);
     'included' adds N / (the sampler's measured images per second at the sampling section's job)."""
-    from .data import load_dataset
-    from .metrics import frechet_distance, get_backend, inception_weights_path, reference_statistics
-    from .metrics import statistics as stats
+    from lafq.data import load_dataset
+    from lafq.metrics import frechet_distance, get_backend, inception_weights_path, reference_statistics
+    from lafq.metrics import statistics as stats
 
     images = torch.from_numpy(load_dataset("mnist-test10k").images)
     out = {}
@@ -337,8 +382,8 @@ def bench_fid(s: BenchSettings, sampling_images_per_s: float | None) -> dict:
 def bench_plans(model, fisher) -> dict:
     """The plans the issue names: FP32, FP16-mixed (layer-ratio p=0.25), uniform INT8 / INT4, budget 4.5 bits,
     and uniform BF16 (for BF16 compute)."""
-    from .policy import Plan, Policy, make_plan, param_shapes
-    from .precision import fallback
+    from lafq.policy import Plan, Policy, make_plan, param_shapes
+    from lafq.precision import fallback
 
     shapes, w = param_shapes(model), dict(model.named_parameters())
     uniform = lambda p: Plan({n: fallback(sh, p) for n, sh in shapes.items()}, {"strategy": "uniform", "target": p})
@@ -376,7 +421,7 @@ def build_variant(model, plan, compute: str):
     """The runnable denoiser for one QUANTIZED_ROWS entry (a copy; `model` is left as it is)."""
     import copy
 
-    from .quantize import quantize_, set_compute_dtype
+    from lafq.quantize import quantize_, set_compute_dtype
 
     if compute == "bf16":
         return CastInput(set_compute_dtype(quantize_(copy.deepcopy(model), plan), torch.bfloat16), torch.bfloat16)
@@ -388,7 +433,7 @@ def build_variant(model, plan, compute: str):
 _MEMORY_PROBE = """
 import json, sys, torch
 from pathlib import Path
-from lafq.bench import build_variant
+from bench.harness import build_variant
 from lafq.diffusion import guided_eps
 from lafq.pipeline import load_denoiser
 from lafq.policy import Plan
@@ -429,11 +474,11 @@ def _memory_child(plan_json: str, batch: int, compute: str = "dequantize") -> di
 def bench_quantized(model, fisher, s: BenchSettings) -> dict:
     import copy
 
-    from .classifier import load_classifier
-    from .diffusion import guided_eps
-    from .metrics import DEFAULT_CLASSIFIER, fidelity
-    from .pipeline import SampleSpec, generate
-    from .quantize import hold_dequantized, set_compute_dtype, size_report, to_device
+    from lafq.classifier import load_classifier
+    from lafq.diffusion import guided_eps
+    from lafq.metrics import DEFAULT_CLASSIFIER, fidelity
+    from lafq.pipeline import SampleSpec, generate
+    from lafq.quantize import hold_dequantized, set_compute_dtype, size_report, to_device
 
     plans = bench_plans(model, fisher)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
@@ -500,8 +545,8 @@ def bench_app(runs: int = 3) -> dict:
 # -- all --------------------------------------------------------------------------------------
 
 def run(s: BenchSettings, sections=SECTIONS, log=print) -> dict:
-    from .fisher import FisherMap
-    from .pipeline import load_denoiser
+    from lafq.fisher import FisherMap
+    from lafq.pipeline import load_denoiser
 
     model, _ = load_denoiser()
     res = {"machine": machine(), "settings": s.__dict__, "sections": {}}
@@ -520,6 +565,8 @@ def run(s: BenchSettings, sections=SECTIONS, log=print) -> dict:
             r = bench_compile(s)
         elif name == "fisher":
             r = bench_fisher(model, s)
+        elif name == "fisher-diffusers":
+            r = bench_fisher_diffusers(s)
         elif name == "fid":
             r = bench_fid(s, ips)
         elif name == "quantized":
@@ -590,6 +637,15 @@ def markdown(res: dict, command: str) -> str:
         for k, v in r["seconds"].items():
             L.append(f"| {k} | {v:.1f} | {r['seconds']['naive'] / v:.2f}x |")
         L.append("")
+    if "fisher-diffusers" in sec:
+        r = sec["fisher-diffusers"]
+        L += [f"### Fisher map of a {r['model']} ({r['params']:,} parameters, {r['map']})", "",
+              "| method | seconds | samples/s | speed-up vs naive |", "|---|---:|---:|---:|"]
+        for k, v in r["seconds"].items():
+            L.append(f"| {k} | {v:.1f} | {r['samples_per_s'][k]:.1f} | {r['seconds']['naive'] / v:.2f}x |")
+        L += ["", f"Hooks (with per-parameter fallbacks: {', '.join(r['hooks_fallback'])}): {r['useful_gflops']:.1f} "
+                  f"useful GFLOP/s (forward + backward = 3 × forward FLOPs per sample) = **{100 * r['fraction_of_peak']:.0f}%** "
+                  f"of a {r['matmul_peak_gflops']:.1f} GFLOP/s fp32 matmul peak measured in the same run.", ""]
     if "fid" in sec:
         job = sec.get("sampling", {}).get("job", "the sampling section's job")
         L += ["### FID (features + statistics + Fréchet distance)", "", "Sampling included = excluded + N / the "
