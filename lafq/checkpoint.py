@@ -7,6 +7,7 @@ Writes go to a temporary file in the target directory, then rename: never a half
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import tempfile
@@ -18,6 +19,16 @@ from safetensors.torch import load, save
 
 FORMAT = 1
 KINDS = ("unet", "classifier", "quantized", "train_state", "fisher", "conditioning")
+
+
+def state_digest(model: torch.nn.Module) -> str:
+    """Short hash of a model's weights: ties a Fisher map, cached statistics and evaluation records to the
+    checkpoint they were computed on."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 class CheckpointError(ValueError):

@@ -53,7 +53,7 @@ class Evaluator:
     cached_only: bool = False  # record() returns None instead of sampling what is not on disk yet
 
     def __post_init__(self):
-        from .fisher import state_digest
+        from .checkpoint import state_digest
 
         self.cache_dir = Path(self.cache_dir)
         self._model_digest = state_digest(self.model)

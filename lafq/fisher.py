@@ -10,7 +10,6 @@ together), and the mean |w| of every tensor (the weight-magnitude map).
 """
 from __future__ import annotations
 
-import hashlib
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from .checkpoint import load_file, save_file
+from .checkpoint import load_file, save_file, state_digest  # noqa: F401 (state_digest: re-exported)
 from .device import model_device
 from .distributed import all_reduce_sum_, shard, world
 from .diffusion import Schedule, linear_schedule, q_sample
@@ -127,15 +126,6 @@ class FisherMap:
         channel = {k[8:]: v for k, v in tensors.items() if k.startswith("channel.")}
         return cls(meta["names"], meta["numels"], meta["bin_edges"], meta["groups"], tensors["fisher"],
                    tensors["magnitude"], channel, meta.get("info", {}))
-
-
-def state_digest(model: torch.nn.Module) -> str:
-    """Short hash of a model's weights: ties a Fisher map to the checkpoint it was computed on."""
-    h = hashlib.sha256()
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def bin_edges(bins: int, T: int = 1000) -> list[int]:

@@ -31,7 +31,7 @@ class ClassifierBackend:
     name = "classifier"
 
     def __init__(self, model: MnistClassifier | None = None, path=DEFAULT_CLASSIFIER):
-        from .fisher import state_digest
+        from .checkpoint import state_digest
 
         self.model = model if model is not None else load_classifier(path)[0]
         self.digest = state_digest(self.model)  # reference statistics are cached per weights

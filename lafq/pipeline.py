@@ -105,7 +105,7 @@ def generate(denoiser, spec: SampleSpec, *, num_classes: int = 10, schedule: Sch
 
 def seed_result_key(denoiser, spec: SampleSpec, backend, classifier, reference: str) -> str:
     """What one seed's FID depends on: weights (and plan), everything in the spec, backend and reference."""
-    from .fisher import state_digest
+    from .checkpoint import state_digest
 
     denoiser = getattr(denoiser, "_orig_mod", denoiser)  # torch.compile'd: the weights are the original's
     plan = getattr(denoiser, "lafq_plan", None)
