@@ -18,13 +18,14 @@ def app_state():
     return AppState(model=model, fisher=fm, fisher_note="test map")
 
 
-def launch(state):
-    """Serve the app for `state` on a free 127.0.0.1 port, the way app.py does; returns (demo, url)."""
+def launch(state, models=None):
+    """Serve the app for `state` (and a demo.models.Registry) on a free 127.0.0.1 port, the way app.py
+    does; returns (demo, url)."""
     import socket
 
     from demo.ui import LAUNCH_OPTIONS, QUEUE_OPTIONS, build_app
 
-    demo = build_app(state)
+    demo = build_app(state, models)
     demo.queue(**QUEUE_OPTIONS)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
