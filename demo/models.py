@@ -289,7 +289,7 @@ def load_model_state(entry: ModelEntry, *, device: str = "cpu", heavy=None, jobs
 
     folder = Path(entry.path)
     info = check_folder(folder)
-    den = load_diffusers(folder)
+    den = load_diffusers(folder, subfolder=_component(folder))  # no model_index.json needed
     cond, null_row = _conditioning(den.module, info)
     k = cond.rows if cond is not None else 0
     if info.null_class is not None and info.null_class >= k:

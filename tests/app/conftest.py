@@ -49,8 +49,9 @@ def tiny_diffusers_dir(root):
     from tests.diffusers_tiny import save_pipeline_dir, tiny_unet2d
 
     save_pipeline_dir(root, tiny_unet2d())
+    (root / "model_index.json").unlink()  # the shipped folder's contract: unet/ and scheduler/ only
     (root / "lafq.json").write_text(json.dumps(TINY_INFO))
-    den = load_diffusers(root)
+    den = load_diffusers(root, subfolder="unet")
     den = den.with_conditioning(*_conditioning(den.module, ModelInfo(**TINY_INFO)))
     images = torch.rand(16, *den.sample_shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
     fisher_map(den, images, bins=3, samples_per_bin=2).save(root / "fisher.safetensors")
