@@ -270,3 +270,35 @@ def test_an_unknown_model_id_is_refused_in_one_line_and_the_session_keeps_its_mo
         c.predict("x" * 10_000, api_name="/select_model")
     assert fp32_bytes(c.predict(*UNIFORM_INT8, api_name="/quantize_readout")[0]) == \
         4 * sum(p.numel() for p in app_state.model.parameters())
+
+
+def test_a_model_with_a_dataset_and_classifier_gets_a_quick_map_on_load_and_a_paired_fid(app_state, tmp_path):
+    """A stand-in for checkpoints/fashion at 28x28 (MNIST files stand in for Fashion-MNIST: both are offline here)."""
+    from diffusers import UNet2DModel
+
+    from lafq.classifier import ClassifierConfig, MnistClassifier, save_classifier
+    from tests.diffusers_tiny import save_pipeline_dir
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=28, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(4, 8),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=2, num_class_embeds=11).eval()
+    folder = save_pipeline_dir(tmp_path / "fashion-like", unet)
+    (folder / "model_index.json").unlink()
+    info = {"name": "Fashion stand-in", "dataset": "mnist-train5k", "reference": "mnist-train5k",
+            "classes": [f"c{i}" for i in range(10)], "null_class": 10, "guidance": 1.5}
+    (folder / "lafq.json").write_text(json.dumps(info))
+    save_classifier(folder / "classifier.safetensors", MnistClassifier(ClassifierConfig(width=4, feature_dim=8)))
+    reg = Registry(app_state, discover({}, fashion=folder))
+    user = reg.select(UserSession(), "fashion")
+    state = reg.state_for(user)
+    assert state.fisher is not None and "rough 4-bin x 4-sample map from mnist-train5k" in state.fisher_note
+    md, fig, mine = tab_quality.evaluate(state, uniform("int8"), 20, 2, 2, True, user=user)
+    assert md.startswith("### ΔFID to FP32 (paired, same noise)") and "reference=mnist-train5k" in md
+    assert "Real-vs-real floor at this backend and N" in md and "class agreement" in md
+    assert {p.model for p in mine.evaluations} == {"fashion"} and len(fig.data) == 1  # no MNIST report points
+    assert list((folder / "stats").glob("mnist-train5k-classifier-*.npz"))  # reference statistics cached in the folder
+    mnist_fig = tab_quality.pareto_figure(app_state, mine, 20, 2)
+    assert "you" not in {t.name for t in mnist_fig.data}  # the MNIST chart shows no Fashion evaluations
+    new, msg = tab_fisher.recompute(state, 2, 2, False, user=user)
+    assert new.fisher.bins == 2 and new.model == "fashion" and "2 bins x 2 samples" in msg
