@@ -294,10 +294,10 @@ def load_model_state(entry: ModelEntry, *, device: str = "cpu", heavy=None, jobs
     k = cond.rows if cond is not None else 0
     if info.null_class is not None and info.null_class >= k:
         raise ValueError(f"null_class {info.null_class} is not a class embedding of this model ({k} embeddings)")
-    if len(info.classes) > k or (not info.classes and k):
-        info = replace(info, classes=info.classes or tuple(str(i) for i in range(k)))
-        if len(info.classes) > k:
-            raise ValueError(f"{INFO_FILE} names {len(info.classes)} classes; the model has {k} class embeddings")
+    if len(info.classes) > k:
+        raise ValueError(f"{INFO_FILE} names {len(info.classes)} classes; the model has {k} class embeddings")
+    if not info.classes and k:  # no names: every embedding before the null class is a numbered class
+        info = replace(info, classes=tuple(str(i) for i in range(info.null_class if info.null_class is not None else k)))
     den = den.with_conditioning(cond, null_row)
     model = den.module.to(device)
     fm, note = _fisher_for(den, folder, info, quick_bins, quick_samples)

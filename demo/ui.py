@@ -17,6 +17,7 @@ from lafq.checkpoint import CheckpointError
 from lafq.data import DataError
 
 from . import tab_compare, tab_fisher, tab_inside, tab_quality, tab_quantize
+from .components import Choice
 from .models import Registry
 from .serving import DELETE_CACHE, LAUNCH_OPTIONS, QUEUE_OPTIONS  # noqa: F401  (app.py and tests import them here)
 from .state import AppState, Cancelled, UserSession, as_user, shown
@@ -63,7 +64,6 @@ def build_app(state: AppState, models: Registry | None = None) -> gr.Blocks:
                     "FP32 and uniform INT4; the Quantize tab has presets.")
         current = gr.State(tab_quantize.preset_current(state))
         user = gr.State(UserSession())
-        from .components import Choice
         with gr.Row():
             model = Choice(models.choices(), value=models.default.model_id, label="model", elem_id="model",
                            interactive=len(models.entries) > 1, scale=3)
@@ -90,13 +90,14 @@ def build_app(state: AppState, models: Registry | None = None) -> gr.Blocks:
             new = models.select(usr, model_id)
             st = models.state_for(new)
             plan = cur if new.model == as_user(usr).model else tab_quantize.preset_current(st)
-            return new, plan, f"{st.fisher_note}" if st.kind != "lafq" else ""
+            return new, plan, "" if st.kind == "lafq" else f"{st.title}: {st.fisher_note}"
         ev = model.input(guard(select), [model, user, current], [user, current, model_status], api_name="select_model",
                          concurrency_id="readout")
+        # `.success`: a model that fails to load leaves the session and every tab as they were (the error says why).
         for fn, inputs, outputs in (fisher_refresh, q_refresh, compare_refresh, quality_refresh, inside_refresh):
-            ev = ev.then(guard(fn), inputs, outputs, api_visibility="private")
-        ev = ev.then(guard(fisher_fn), fisher_in, fisher_out, api_visibility="private")
-        ev.then(guard(q_fn), q_in, q_out, api_visibility="private")
+            ev = ev.success(guard(fn), inputs, outputs, api_visibility="private")
+        ev = ev.success(guard(fisher_fn), fisher_in, fisher_out, api_visibility="private")
+        ev.success(guard(q_fn), q_in, q_out, api_visibility="private")
 
         def forget(request: gr.Request):  # a closed page's export folder goes at once, not at shutdown
             tab_quantize.EXPORTS.forget(request.session_hash)
