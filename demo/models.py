@@ -21,7 +21,6 @@ Contracts:
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -168,8 +167,6 @@ def _structural_map(model: torch.nn.Module) -> FisherMap:
                      {"structural": True})
 
 
-
-
 @dataclass
 class DiffusersState(AppState):
     """A diffusers denoiser with what the tabs need (see AppState). `fisher` may be None (no map)."""
@@ -266,9 +263,6 @@ class DiffusersState(AppState):
             from lafq.metrics import ClassifierBackend
             self._backend = ClassifierBackend(model=self.classifier())
         return self._backend
-
-    def private_model(self) -> torch.nn.Module:
-        return copy.deepcopy(self.model)
 
 
 def _conditioning(model, info: ModelInfo):
