@@ -107,3 +107,10 @@ def diff_map(z, title: str) -> go.Figure:
     fig.update_yaxes(autorange="reversed", scaleanchor="x", showticklabels=False)
     fig.update_xaxes(showticklabels=False)
     return fig
+
+
+def note(text: str, height: int = 240) -> go.Figure:
+    """An empty figure whose title says why there is nothing to draw (a model without a Fisher map)."""
+    fig = go.Figure()
+    fig.update_layout(title=text, height=height, xaxis=dict(visible=False), yaxis=dict(visible=False), **LAYOUT)
+    return fig

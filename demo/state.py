@@ -4,8 +4,12 @@ Contracts:
 - `AppState` is shared by every user and is read-only after `load_state`: the FP32 model is never
   hooked, moved or replaced (work that needs hooks runs on a private deep copy), and the shipped
   Fisher map is never replaced. Caches in it hold only results that depend on nothing but their key.
-- `UserSession` is one browser tab's or API client's own state (a gr.State): the Fisher map they
-  recomputed, their evaluations. Handlers return a new one; another user's never changes.
+- `UserSession` is one browser tab's or API client's own state (a gr.State): the model they selected
+  (`model`, an id of demo.models' registry), the Fisher map they recomputed, their evaluations.
+  Handlers return a new one; another user's never changes.
+- The model-facing part of `AppState` (`kind`, `title`, `classes`, `layer_key`, `images`,
+  `save_quantized`, `has_classifier`) is what every tab uses; a model loaded by the registry
+  (demo.models.DiffusersState) provides the same for a diffusers denoiser.
 - Long jobs run inside `AppState.job`: a cancel flag per session, the request's liveness (a client
   that cancels or disconnects stops the worker at its next step), one heavy job computing at a time
   even while a cancelled one winds down, and memory handed back to the OS afterwards.
@@ -99,9 +103,16 @@ def as_choice(value, name: str, choices):
 
 def digit_or_none(value) -> int | None:
     """'any' / None -> unconditional; '0'..'9' -> that digit."""
+    return class_or_none(value, 10, "digit")
+
+
+def class_or_none(value, classes: int, word: str = "class") -> int | None:
+    """'any' / None -> unconditional; '0'..str(classes - 1) -> that class index."""
     if value in (None, "", "any", "unconditional"):
         return None
-    return as_number(value, "digit", 0, 9, integer=True)
+    if classes < 1:
+        raise InputError(f"this model is unconditional: the {word} must be 'any', got {shown(value)}")
+    return as_number(value, word, 0, classes - 1, integer=True)
 
 
 # -- jobs --------------------------------------------------------------------------------------
@@ -192,6 +203,9 @@ def _malloc_trim():
 
 # -- per-user state ----------------------------------------------------------------------------
 
+DEFAULT_MODEL = "mnist"  # the registry id of the shipped U-Net
+
+
 @dataclass(frozen=True)
 class FIDPoint:
     label: str
@@ -206,18 +220,23 @@ class FIDPoint:
     accuracy: float | None = None
     dfid_mean: float | None = None  # paired difference to FP32 (same seeds, same noise)
     dfid_ci95: float | None = None
+    model: str = DEFAULT_MODEL  # which model it measured (the chart shows the selected model's)
 
 
 @dataclass(frozen=True)
 class UserSession:
-    """One user's own state (kept in a gr.State). `fisher` None means the shipped map."""
+    """One user's own state (kept in a gr.State). `fisher` None means the selected model's shipped map;
+    a recomputed map belongs to the model it was computed on (a model switch drops it)."""
     fisher: FisherMap | None = None
     fisher_note: str = ""
     evaluations: tuple[FIDPoint, ...] = ()
+    model: str = DEFAULT_MODEL
 
     def __post_init__(self):
         if self.fisher is not None and not isinstance(self.fisher, FisherMap):
             raise TypeError("UserSession.fisher must be a FisherMap or None")
+        if not isinstance(self.model, str) or not self.model:
+            raise TypeError("UserSession.model must be a model id (a non-empty str)")
         object.__setattr__(self, "evaluations", tuple(self.evaluations)[-MAX_EVALUATIONS:])
 
     def with_evaluations(self, points) -> "UserSession":
@@ -249,6 +268,50 @@ class AppState:
     _backend: object = None
     _memo: dict = field(default_factory=dict)
     _memo_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # -- what every tab asks of a model (class attributes: demo.models.DiffusersState answers for diffusers) --
+    kind = "lafq"
+    model_id = DEFAULT_MODEL
+    title = "MNIST U-Net (lafq)"
+    class_word = "digit"
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """Class names in index order (the MNIST U-Net's are its digits)."""
+        return tuple(str(d) for d in range(self.model.cfg.num_classes))
+
+    @property
+    def default_guidance(self) -> float:
+        from lafq.diffusion import DEFAULT_GUIDANCE
+        return DEFAULT_GUIDANCE
+
+    @property
+    def has_classifier(self) -> bool:
+        return True
+
+    def layer_key(self, name: str) -> str:
+        """The layer a parameter belongs to, as the Fisher tab groups rows (the U-Net's top-level modules)."""
+        from lafq.model import layer_of
+        return layer_of(name)
+
+    def label(self, value) -> int | None:
+        """A class control's value -> a class index, or None for 'any' (unconditional)."""
+        return class_or_none(value, len(self.classes), self.class_word)
+
+    def images(self, model: torch.nn.Module, spec) -> torch.Tensor:
+        """uint8 (n, C, H, W) images from `model` (the FP32 model or a quantized copy) for a
+        lafq.pipeline.SampleSpec: the same spec and seed give the same noise for every model."""
+        from lafq.pipeline import generate
+        return generate(model, spec, num_classes=self.model.cfg.num_classes, schedule=self.schedule,
+                        device=self.device)[0]
+
+    def save_quantized(self, path, model: torch.nn.Module) -> None:
+        """Write a quantized model as lafq's CLI and library read it back (atomic)."""
+        from lafq.quantize import save_quantized
+        save_quantized(path, model)
+
+    def _quantize(self, model: torch.nn.Module, plan: Plan) -> torch.nn.Module:
+        return quantize_(model, plan)
 
     @property
     def shapes(self) -> dict:
@@ -285,7 +348,7 @@ class AppState:
                 return self._quantized[key]
         base = copy.deepcopy(self.model).cpu()
         hooked = _hooked(base)  # never expected (the shared model is never hooked); a hooked copy must not be shared
-        q = to_device(quantize_(base, plan), self.device)  # quantized on the CPU, then moved
+        q = to_device(self._quantize(base, plan), self.device)  # quantized on the CPU, then moved
         if hooked:
             log.warning("the FP32 model carries hooks; not caching the quantized model for plan %s", key)
             return q

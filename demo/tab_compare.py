@@ -11,12 +11,12 @@ import numpy as np
 import torch
 
 from lafq.diffusion import DEFAULT_GUIDANCE
-from lafq.pipeline import SampleSpec, generate
+from lafq.pipeline import SampleSpec
 from lafq.policy import Plan
 from lafq.precision import fallback
 
 from . import plots
-from .state import MAX_SAMPLES, MAX_STEPS, AppState, InputError, as_number, digit_or_none, shown
+from .state import MAX_SAMPLES, MAX_STEPS, AppState, InputError, as_number, shown
 from .tab_quantize import current_label, preset_current, resolve_plan
 from .zerogpu import gpu
 
@@ -29,11 +29,15 @@ SPEED_NOTE = ("Quantized models are not faster per image here: their weights are
 
 
 def grid(images: torch.Tensor, nrow: int, scale: int = 3, pad_value: int = 255) -> np.ndarray:
-    """uint8 (n, 1, 28, 28) -> one uint8 (H, W) image, upscaled for the browser."""
+    """uint8 (n, 1, H, W) -> one uint8 (H', W') image; (n, 3, H, W) -> (H', W', 3); upscaled for the browser
+    (small samples to at least 84 pixels a side)."""
     from torchvision.utils import make_grid
 
-    g = make_grid(images, nrow=nrow, padding=2, pad_value=pad_value)[0].numpy()
-    return np.kron(g, np.ones((scale, scale), dtype=np.uint8))
+    scale = max(scale, -(-84 // max(1, images.shape[-1]))) if scale > 1 else scale
+    g = make_grid(images, nrow=nrow, padding=2, pad_value=pad_value)
+    if images.shape[1] == 1:
+        return np.kron(g[0].numpy(), np.ones((scale, scale), dtype=np.uint8))
+    return np.kron(g.permute(1, 2, 0).numpy(), np.ones((scale, scale, 1), dtype=np.uint8))
 
 
 def uniform_plan(state: AppState, plan: Plan) -> Plan:
@@ -46,7 +50,7 @@ def uniform_plan(state: AppState, plan: Plan) -> Plan:
 @gpu(duration=30)
 def compare(state: AppState, current: dict, digit, guidance, steps, seed, n, with_uniform: bool, user=None):
     """Images from each model with the same seed; the |difference| map; seconds per image for each."""
-    label = digit_or_none(digit)
+    label = state.label(digit)
     spec = SampleSpec(n=as_number(n, "images", 1, MAX_SAMPLES, integer=True),
                       labels=() if label is None else (label,), steps=as_number(steps, "DDIM steps", 1, MAX_STEPS, integer=True),
                       guidance=as_number(guidance, "guidance", 0.0, 10.0),
@@ -61,15 +65,17 @@ def compare(state: AppState, current: dict, digit, guidance, steps, seed, n, wit
     out, timing = {}, {}
     for name, m in models.items():
         t0 = time.perf_counter()
-        out[name], _ = generate(m, spec, num_classes=state.model.cfg.num_classes, schedule=state.schedule,
-                                device=state.device)
+        out[name] = state.images(m, spec)
         timing[name] = (time.perf_counter() - t0) / spec.n
     nrow = max(1, int(round(spec.n ** 0.5)))
     diff = (out["plan"].float() - out["FP32"].float()).abs()
-    diff_fig = plots.diff_map(grid(diff.to(torch.uint8), nrow, scale=1, pad_value=0), "|plan − FP32| per pixel (0-255)")
+    per_pixel = diff.amax(1, keepdim=True)  # colour images: the largest channel difference
+    diff_fig = plots.diff_map(grid(per_pixel.to(torch.uint8), nrow, scale=1, pad_value=0), "|plan − FP32| per pixel (0-255)")
     md = f"Plan: **{current_label(current, plan)}**. "
     md += " · ".join(f"**{k}** {1000 * v:.0f} ms/image" for k, v in timing.items())
-    md += f" — DDIM-{spec.steps}, guidance {spec.guidance}, seed {spec.seed}; mean |Δ| plan vs FP32: {diff.mean():.2f}/255."
+    guided = getattr(state, "guided", True)
+    md += (f" — {state.title}, DDIM-{spec.steps}, guidance {spec.guidance if guided else '1 (no null class)'}, "
+           f"seed {spec.seed}; mean |Δ| plan vs FP32: {diff.mean():.2f}/255.")
     md += f"\n\n{SPEED_NOTE}"
     images = [grid(out["FP32"], nrow), grid(out["plan"], nrow)]
     images.append(grid(out[next(k for k in out if k.startswith("uniform"))], nrow) if with_uniform else None)
@@ -81,6 +87,15 @@ def example(state: AppState):
     return state.memo("compare-example", lambda: compare(
         state, preset_current(state), DEFAULTS["digit"], DEFAULTS["guidance"], DEFAULTS["steps"], DEFAULTS["seed"],
         DEFAULTS["n"], True))
+
+
+def class_choices(state: AppState) -> list[tuple[str, str]]:
+    """The class control's (shown name, value) pairs: 'any' then each class by name."""
+    return [("any", "any")] + [(name, str(i)) for i, name in enumerate(state.classes)]
+
+
+def default_class(state: AppState) -> str:
+    return DEFAULTS["digit"] if state.kind == "lafq" else ("0" if state.classes else "any")
 
 
 def served(outputs):
@@ -102,14 +117,17 @@ def served(outputs):
     return (*[tagged(a) for a in images], diff_fig, md)
 
 
-def build(state: AppState, current, user, guard):
+def build(models, current, user, guard):
+    """The tab for a demo.models.Registry. Returns (arrival example, outputs, (refresh, its inputs, its outputs)):
+    `refresh(user)` sets the class control to the selected model's classes and clears the images."""
     import gradio as gr
 
     from .components import Choice
 
+    state = models.default
     gr.Markdown(HOW_TO, elem_id="howto-compare")
     with gr.Row():
-        digit = Choice(["any"] + [str(d) for d in range(10)], value=DEFAULTS["digit"], label="digit")
+        digit = Choice(class_choices(state), value=default_class(state), label=state.class_word, elem_id="compare-class")
         guidance = gr.Slider(0, 6, value=DEFAULTS["guidance"], step=0.1, label="guidance scale")
         steps = gr.Slider(1, MAX_STEPS, value=DEFAULTS["steps"], step=1, label="DDIM steps")
         seed = gr.Number(DEFAULTS["seed"], precision=0, label="seed")
@@ -123,7 +141,14 @@ def build(state: AppState, current, user, guard):
     diff = gr.Plot()
     timing = gr.Markdown(elem_id="compare-timing")
     outputs = [a, b, c, diff, timing]
-    go_btn.click(guard(lambda cur, *v: served(compare(state, cur, *v))), [current, digit, guidance, steps, seed, n, with_uniform,
-                                                                   user],
+    go_btn.click(guard(lambda cur, *v: served(compare(models.state_for(v[-1]), cur, *v))),
+                 [current, digit, guidance, steps, seed, n, with_uniform, user],
                  outputs, api_name="compare", concurrency_id="sample", concurrency_limit=2)
-    return (lambda: served(example(state))), outputs
+
+    def refresh(usr):
+        st = models.state_for(usr)
+        guided = getattr(st, "guided", True)
+        return (gr.Dropdown(choices=class_choices(st), value=default_class(st), label=st.class_word),
+                gr.Slider(value=st.default_guidance if guided else 1.0, interactive=guided),
+                None, None, None, None, f"**{st.title}** selected: press Generate.")
+    return (lambda: served(example(state))), outputs, (refresh, [user], [digit, guidance, *outputs])

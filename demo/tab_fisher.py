@@ -6,8 +6,11 @@ and plans do not change, and "Back to the shipped map" undoes it. A failed or ca
 changes nothing.
 """
 
-from lafq.fisher import VIEWS, compute_fisher
-from lafq.model import layer_of
+from dataclasses import replace
+
+import torch
+
+from lafq.fisher import VIEWS, FisherMap, compute_fisher
 
 from . import plots
 from .state import (MAX_BINS, MAX_FISHER_SAMPLES, AppState, InputError, UserSession, as_choice, as_number, as_user,
@@ -21,24 +24,73 @@ HOW_TO = ("**Start here:** the heatmap shows where the denoising loss is most se
           "the result.")
 
 
+def group_choices(state: AppState) -> list[str]:
+    """'all', then one per class (the MNIST U-Net: GROUPS)."""
+    return ["all"] + [str(i) for i in range(len(state.classes))]
+
+
+def layer_rows(state: AppState, fm: FisherMap) -> list[tuple[str, list[int]]]:
+    """(layer, indices of its tensors in the map) in network order: the U-Net's layers as lafq orders
+    them; another model's grouped by `state.layer_key` in parameter order."""
+    names = fm.layer_names() if state.kind == "lafq" else _down_mid_up(dict.fromkeys(state.layer_key(n) for n in fm.names))
+    by = {}
+    for i, n in enumerate(fm.names):
+        by.setdefault(state.layer_key(n), []).append(i)
+    return [(layer, by[layer]) for layer in names]
+
+
+def _down_mid_up(layers) -> list[str]:
+    """Parameter order, with a diffusers U-Net's middle block moved before its up blocks (it registers
+    mid_block after up_blocks; the heatmap reads in the order the sample flows)."""
+    layers = list(layers)
+    mid = [x for x in layers if x.startswith("mid_block")]
+    rest = [x for x in layers if x not in mid]
+    at = next((i for i, x in enumerate(rest) if x.startswith("up_blocks")), len(rest))
+    return rest[:at] + mid + rest[at:]
+
+
+def _weighted(values: torch.Tensor, numel: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    """Element-weighted mean over tensors idx (trace / numel of the layer), along the first axis."""
+    w = numel[idx].to(values.dtype)
+    return (values[idx] * w.reshape(-1, *[1] * (values.dim() - 1))).sum(0) / w.sum()
+
+
+def _scaled(m: torch.Tensor, view: str) -> torch.Tensor:
+    if view == "raw":
+        return m
+    norm = m / m.max().clamp_min(1e-300)
+    return norm if view == "normalized" else torch.log10(norm.clamp_min(1e-12))
+
+
 def fisher_figures(state: AppState, view: str, group: str, level: str, t_bin, layer: str, user=None):
-    """Heatmap (layers or tensors × timestep), weight-magnitude bars, per-tensor bars inside one layer at one bin."""
+    """Heatmap (layers or tensors × timestep), weight-magnitude bars, per-tensor bars inside one layer at one bin.
+    A model without a Fisher map gets three figures that say so."""
     fm = state.fisher_of(user)
     view = as_choice(view, "view", VIEWS)
     level = as_choice(level, "level", ("layers", "tensors"))
-    group = as_choice(str(group) if isinstance(group, (str, int)) else group, "class", GROUPS)
+    group = as_choice(str(group) if isinstance(group, (str, int)) else group, "class", group_choices(state))
+    if fm is None:
+        empty = plots.note(f"No Fisher map for {state.title}")
+        return empty, empty, empty
     if group not in fm.groups:
-        raise InputError(f"this Fisher map has no per-digit maps (groups: {fm.groups}); recompute with 'per digit' on")
+        raise InputError(f"this Fisher map has no per-{state.class_word} maps (groups: {fm.groups}); "
+                         f"recompute with 'per {state.class_word}' on")
     b = as_number(t_bin, "timestep bin", 0, fm.bins - 1, integer=True)
-    layer = as_choice(layer, "layer", fm.layer_names())
-    rows, m = fm.view(view, group, per_layer=(level == "layers"))
+    rows_of = layer_rows(state, fm)
+    layer = as_choice(layer, "layer", [name for name, _ in rows_of])
+    g = fm.group_index(group)
+    numel = torch.tensor(fm.numels, dtype=torch.float64)
+    if level == "layers":
+        rows, m = [name for name, _ in rows_of], torch.stack([_weighted(fm.fisher[g], numel, i) for _, i in rows_of])
+    else:
+        rows, m = fm.names, fm.fisher[g]
     cols = [int(c) for c in fm.bin_centers()]
-    title = f"Fisher by {level[:-1]} and timestep ({view}; class {group})"
-    heat = plots.heatmap(rows, cols, m.numpy(), title, COLORBAR[view])
-    layers, mag = fm.layer_magnitude()
-    mag_fig = plots.bars(layers, mag.numpy(), "mean |w| per layer (weight magnitude)", "mean |w|")
-    idx = [i for i, n in enumerate(fm.names) if layer_of(n) == layer]
-    _, raw = fm.view("raw", group)
+    title = f"Fisher by {level[:-1]} and timestep ({view}; {state.class_word} {group})"
+    heat = plots.heatmap(rows, cols, _scaled(m, view).numpy(), title, COLORBAR[view])
+    mag = torch.stack([_weighted(fm.magnitude.double(), numel, i) for _, i in rows_of])
+    mag_fig = plots.bars([name for name, _ in rows_of], mag.numpy(), "mean |w| per layer (weight magnitude)", "mean |w|")
+    idx = dict(rows_of)[layer]
+    raw = fm.fisher[g]
     lo, hi = fm.bin_edges[b], fm.bin_edges[b + 1] - 1
     bar = plots.bars([fm.names[i][len(layer) + 1:] for i in idx], raw[idx, b].numpy(),
                      f"Fisher per weight tensor in {layer}, t in [{lo}, {hi}]", "E[(dL/dθ)²]", log=True)
@@ -57,11 +109,13 @@ def recompute(state: AppState, bins, samples, per_class: bool, progress=None, ca
     """Recompute the map for the loaded model; returns the user's new session (their own map) and a status line.
     The shared model and map are untouched; `cancel` (a Job or Event) stops it at its next bin."""
     bins, samples = fisher_settings(bins, samples)
+    # `is not None`: gr.Progress() is falsy (its __len__ is 0 before any tracking), so `if progress` dropped it.
+    report = (lambda d, t: progress(d / t, desc=f"bin {d}/{t}")) if progress is not None else None
+    if state.kind != "lafq":
+        return _recompute_any(state, bins, samples, per_class, cancellable(report, cancel), user)
     from lafq.data import load_dataset
 
     x, y = load_dataset("mnist-test10k").tensors()
-    # `is not None`: gr.Progress() is falsy (its __len__ is 0 before any tracking), so `if progress` dropped it.
-    report = (lambda d, t: progress(d / t, desc=f"bin {d}/{t}")) if progress is not None else None
     model = state.private_model()  # the hooks go on a copy: the shared model keeps serving Compare, FID, Inside
     try:
         fm = compute_fisher(model, x, y, bins=bins, samples_per_bin=samples, per_class=bool(per_class),
@@ -69,46 +123,85 @@ def recompute(state: AppState, bins, samples, per_class: bool, progress=None, ca
     finally:
         del model
     note = f"your recomputed map: {bins} bins x {samples} samples{' per digit' if per_class else ''}"
-    new = UserSession(fisher=fm, fisher_note=note, evaluations=as_user(user).evaluations)
+    new = replace(as_user(user), fisher=fm, fisher_note=note)
+    return new, f"{note}, in {fm.meta['seconds']:.1f}s. Only your plans use it; other users keep theirs."
+
+
+def _recompute_any(state, bins: int, samples: int, per_class, progress, user) -> tuple[UserSession, str]:
+    """A diffusers model's map (lafq.fisher_any) on its dataset's real images, on a private copy."""
+    from .models import quick_fisher
+
+    if per_class:
+        raise InputError("per-class Fisher maps are computed for the MNIST U-Net only; untick 'per class'")
+    if state.info.dataset is None:
+        raise InputError(f"{state.title} names no dataset (lafq.json \"dataset\"): its Fisher map cannot be "
+                         "computed here")
+    den = replace(state.den, module=state.private_model())
+    try:
+        fm = quick_fisher(den, state.info.dataset, bins, samples, progress=progress)
+    finally:
+        del den
+    note = f"your recomputed map: {bins} bins x {samples} samples"
+    new = replace(as_user(user), fisher=fm, fisher_note=note)
     return new, f"{note}, in {fm.meta['seconds']:.1f}s. Only your plans use it; other users keep theirs."
 
 
 def shipped(state: AppState, user: UserSession | None) -> tuple[UserSession, str]:
     """Drop the user's recomputed map: their plans follow the shipped map again."""
-    return (UserSession(evaluations=as_user(user).evaluations),
+    return (replace(as_user(user), fisher=None, fisher_note=""),
             f"back to the shipped map ({state.fisher_note})")
 
 
 def bin_slider_update(state: AppState, user):
     """Range of the timestep-bin slider for the user's map (a 1-bin map has a fixed slider: Gradio needs max > min)."""
-    nb = state.fisher_of(user).bins - 1
+    fm = state.fisher_of(user)
+    nb = fm.bins - 1 if fm is not None else 0
     return dict(minimum=0, maximum=max(nb, 1), value=0, interactive=nb > 0)
 
 
-def build(state: AppState, user, guard):
+def model_note(state: AppState, user=None) -> str:
+    """The line under the how-to: what the map is and where it came from."""
+    return (f"Empirical Fisher of the denoising loss (mean of squared per-sample gradients) of **{state.title}**. "
+            f"{state.note_of(user)}.")
+
+
+def model_controls(state: AppState, user=None) -> dict:
+    """Settings of the controls that depend on the selected model (its classes, layers, bins)."""
+    fm = state.fisher_of(user)
+    layers = [name for name, _ in layer_rows(state, fm)] if fm is not None else []
+    return dict(groups=group_choices(state), layers=layers,
+                layer="down1" if "down1" in layers else (layers[0] if layers else None),
+                bins=fm.bins if fm is not None else 10, per_class=state.kind == "lafq")
+
+
+def build(models, user, guard):
+    """The tab for a demo.models.Registry; every handler works on the model the user's session selected.
+    Returns (figures, inputs, outputs, (refresh, its inputs, its outputs)): `refresh(user)` re-labels the
+    model-dependent controls after a model switch."""
     import gradio as gr
 
     from .components import Choice, RadioChoice
 
     from . import serving
 
-    fm = state.fisher
+    state = models.default
+    start = model_controls(state)
     gr.Markdown(HOW_TO, elem_id="howto-fisher")
-    gr.Markdown(f"Empirical Fisher of the denoising loss (mean of squared per-sample gradients). {state.fisher_note}.")
+    note = gr.Markdown(model_note(state), elem_id="fisher-note")
     with gr.Row():
         view = RadioChoice(list(VIEWS), value="log", label="view")
         level = RadioChoice(["layers", "tensors"], value="layers", label="rows")
-        group = Choice(GROUPS, value="all", label="class")
-    heat = gr.Plot()
+        group = Choice(start["groups"], value="all", label="class")
+    heat = gr.Plot(elem_id="fisher-heatmap")
     with gr.Row():
-        layer = Choice(fm.layer_names(), value="down1", label="layer (bar chart)")
-        t_bin = gr.Slider(0, fm.bins - 1, value=0, step=1, label="timestep bin (0 = the final denoising steps)")
+        layer = Choice(start["layers"], value=start["layer"], label="layer (bar chart)")
+        t_bin = gr.Slider(0, start["bins"] - 1, value=0, step=1, label="timestep bin (0 = the final denoising steps)")
     with gr.Row():
         bar = gr.Plot()
         mag = gr.Plot()
     with gr.Accordion("Recompute the Fisher map (yours only)", open=False):
         with gr.Row():
-            bins = gr.Slider(1, MAX_BINS, value=fm.bins, step=1, label="timestep bins")
+            bins = gr.Slider(1, MAX_BINS, value=start["bins"], step=1, label="timestep bins")
             samples = gr.Slider(1, MAX_FISHER_SAMPLES, value=16, step=1, label="samples per bin")
             per_class = gr.Checkbox(False, label="per digit (10x the work)")
         with gr.Row():
@@ -120,7 +213,7 @@ def build(state: AppState, user, guard):
     outputs = [heat, mag, bar]
 
     def figures(*vals):
-        return fisher_figures(state, *vals)
+        return fisher_figures(models.state_for(vals[-1]), *vals)
     for c in inputs[:-1]:
         c.change(guard(figures), inputs, outputs, trigger_mode="always_last", concurrency_id="readout",
                  show_progress="hidden", api_visibility="undocumented")
@@ -129,23 +222,35 @@ def build(state: AppState, user, guard):
     # gradio recognises gr.Request and passes the session.
     def run(b, s, pc, usr, request: gr.Request, progress=gr.Progress()):
         fisher_settings(b, s)  # bad settings fail at once, not after waiting for the heavy slot
+        st = models.state_for(usr)
         progress(0, desc="waiting for other jobs")
-        with state.job(request.session_hash, serving.event_alive(), heavy=True) as job:
-            new, msg = recompute(state, b, s, pc, progress, cancel=job, user=usr)
-        return new, msg, gr.Slider(**bin_slider_update(state, new))
-    ev = go_btn.click(guard(run), [bins, samples, per_class, user], [user, status, t_bin], api_name="recompute_fisher",
-                      concurrency_id="heavy", concurrency_limit=1)
+        with st.job(request.session_hash, serving.event_alive(), heavy=True) as job:
+            new, msg = recompute(st, b, s, pc, progress, cancel=job, user=usr)
+        return new, msg, gr.Slider(**bin_slider_update(st, new)), model_note(st, new)
+    ev = go_btn.click(guard(run), [bins, samples, per_class, user], [user, status, t_bin, note],
+                      api_name="recompute_fisher", concurrency_id="heavy", concurrency_limit=1)
     ev.then(guard(figures), inputs, outputs, api_visibility="private")
 
     def stop(request: gr.Request):
-        if state.jobs.cancel(request.session_hash):
+        if state.jobs.cancel(request.session_hash):  # one job table for every model (demo.models)
             return "Cancelled: the recompute stops at its next bin; your map is unchanged."
         return "Nothing to cancel."
     cancel.click(stop, None, status, cancels=[ev], api_visibility="private")
 
     def back_to_shipped(usr):
-        new, msg = shipped(state, usr)
-        return new, msg, gr.Slider(**bin_slider_update(state, new))
-    back.click(guard(back_to_shipped), user, [user, status, t_bin], api_name="shipped_fisher").then(
+        st = models.state_for(usr)
+        new, msg = shipped(st, usr)
+        return new, msg, gr.Slider(**bin_slider_update(st, new)), model_note(st, new)
+    back.click(guard(back_to_shipped), user, [user, status, t_bin, note], api_name="shipped_fisher").then(
         guard(figures), inputs, outputs, api_visibility="private")
-    return figures, inputs, outputs
+
+    def refresh(usr):
+        st = models.state_for(usr)
+        c = model_controls(st, usr)
+        word = st.class_word
+        return (model_note(st, usr), gr.Dropdown(choices=c["groups"], value="all"),
+                gr.Dropdown(choices=c["layers"], value=c["layer"]), gr.Slider(**bin_slider_update(st, usr)),
+                gr.Slider(value=c["bins"]), gr.Checkbox(value=False, interactive=c["per_class"],
+                                                        label=f"per {word} (10x the work)" if c["per_class"] else
+                                                        "per class (MNIST U-Net only)"), "")
+    return figures, inputs, outputs, (refresh, [user], [note, group, layer, t_bin, bins, per_class, status])

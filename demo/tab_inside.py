@@ -1,4 +1,7 @@
-"""Inside tab: activations over the trajectory, saliency at a timestep, where quantization error grows."""
+"""Inside tab: activations over the trajectory, saliency at a timestep, where quantization error grows.
+
+The MNIST U-Net only (lafq.inside observes its named layers and uses MNIST images): for another selected
+model the tab says so and its buttons answer with that one line (an InputError)."""
 from __future__ import annotations
 
 import torch
@@ -6,9 +9,21 @@ import torch
 from lafq.inside import OBSERVED, activation_trace, quantization_error_trace, saliency
 
 from . import plots
-from .state import MAX_STEPS, AppState, as_choice, as_number, digit_or_none
+from .state import MAX_STEPS, AppState, InputError, as_choice, as_number, digit_or_none
 from .tab_quantize import current_label, resolve_plan
 from .zerogpu import gpu
+
+
+ONLY = "the Inside tab works on the MNIST U-Net only: choose it in the model selector at the top"
+
+
+def mnist_only(state: AppState) -> None:
+    if state.kind != "lafq":
+        raise InputError(ONLY)
+
+
+def model_note(state: AppState) -> str:
+    return "" if state.kind == "lafq" else f"**MNIST U-Net only.** {state.title} is selected; {ONLY}."
 
 
 def _common(digit, steps, seed):
@@ -18,6 +33,7 @@ def _common(digit, steps, seed):
 
 @gpu(duration=30)
 def activations(state: AppState, digit, steps, seed, layer):
+    mnist_only(state)
     label, steps, seed = _common(digit, steps, seed)
     layer = as_choice(layer, "layer", OBSERVED)
     tr = activation_trace(state.model, label, steps=steps, seed=seed, schedule=state.schedule)
@@ -31,6 +47,7 @@ def activations(state: AppState, digit, steps, seed, layer):
 
 @gpu(duration=30)
 def saliency_panels(state: AppState, digit, t, seed):
+    mnist_only(state)
     label = digit_or_none(digit)
     t = as_number(t, "timestep", 0, state.schedule.T - 1, integer=True)
     seed = as_number(seed, "seed", 0, 2**31 - 1, integer=True)
@@ -46,6 +63,7 @@ def saliency_panels(state: AppState, digit, t, seed):
 
 @gpu(duration=30)
 def quant_error(state: AppState, current: dict, digit, steps, seed, user=None):
+    mnist_only(state)
     label, steps, seed = _common(digit, steps, seed)
     plan = resolve_plan(state, current, user)
     tr = quantization_error_trace(state.model, state.quantized(plan), label, steps=steps, seed=seed,
@@ -59,12 +77,15 @@ HOW_TO = ("**How to:** press a button to look inside the network along one denoi
           "active when, what the model attends to (saliency), and where your plan's quantization error grows.")
 
 
-def build(state: AppState, current, user, guard):
+def build(models, current, user, guard):
+    """The tab for a demo.models.Registry. Returns (arrival, (refresh, its inputs, its outputs))."""
     import gradio as gr
 
     from .components import Choice
 
+    state = models.default
     gr.Markdown(HOW_TO, elem_id="howto-inside")
+    note = gr.Markdown(model_note(state), elem_id="inside-note")
     with gr.Row():
         digit = Choice(["any"] + [str(d) for d in range(10)], value="3", label="digit")
         steps = gr.Slider(2, 100, value=25, step=1, label="DDIM steps")
@@ -79,12 +100,19 @@ def build(state: AppState, current, user, guard):
     sal = gr.Plot()
     qerr_btn = gr.Button("Quantization error along the trajectory (current plan)")
     qerr = gr.Plot()
-    # On arrival: the activations for the default controls, computed once per process and kept.
-    arrival = (lambda: state.memo("inside-example", lambda: activations(state, "3", 25, 0, "down1"))), [heat, maps]
-    act_btn.click(guard(lambda *v: activations(state, *v)), [digit, steps, seed, layer], [heat, maps],
-                  api_name="activations", concurrency_id="sample", concurrency_limit=2)
-    sal_btn.click(guard(lambda *v: saliency_panels(state, *v)), [digit, t, seed], sal, api_name="saliency",
-                  concurrency_id="sample")
-    qerr_btn.click(guard(lambda cur, *v: quant_error(state, cur, *v)), [current, digit, steps, seed, user], qerr,
-                   api_name="quant_error", concurrency_id="sample")
-    return arrival
+
+    def example():  # on arrival: the activations for the default controls, computed once per process and kept
+        return state.memo("inside-example", lambda: activations(state, "3", 25, 0, "down1"))
+    arrival = example, [heat, maps]
+    act_btn.click(guard(lambda *v: activations(models.state_for(v[-1]), *v[:-1])), [digit, steps, seed, layer, user],
+                  [heat, maps], api_name="activations", concurrency_id="sample", concurrency_limit=2)
+    sal_btn.click(guard(lambda *v: saliency_panels(models.state_for(v[-1]), *v[:-1])), [digit, t, seed, user], sal,
+                  api_name="saliency", concurrency_id="sample")
+    qerr_btn.click(guard(lambda cur, *v: quant_error(models.state_for(v[-1]), cur, *v)),
+                   [current, digit, steps, seed, user], qerr, api_name="quant_error", concurrency_id="sample")
+
+    def refresh(usr):
+        st = models.state_for(usr)
+        figs = example() if st.kind == "lafq" else (None, None)
+        return (model_note(st), *figs, None, None)
+    return arrival, (refresh, [user], [note, heat, maps, sal, qerr])

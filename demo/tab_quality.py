@@ -13,8 +13,9 @@ measured damage against each predictor.
 
 import math
 
+from lafq.data import DataError
 from lafq.metrics import fidelity, mean_ci95
-from lafq.pipeline import SampleSpec, evaluate_fid, generate, real_floor
+from lafq.pipeline import SampleSpec, evaluate_fid, real_floor
 from lafq.report import paired_delta, read_csv, summarize
 from lafq.sensitivity import summarize as sensitivity_summary
 
@@ -69,6 +70,9 @@ def settings(n, steps, seeds) -> tuple[int, int, int]:
             as_number(seeds, "seeds", 1, MAX_FID_SEEDS, integer=True))
 
 
+NO_CLASSIFIER = "not available for this model: no classifier shipped"
+
+
 def _fid(state: AppState, model_plan, n, steps, seeds, progress, i, of):
     """One model's FIDResult at these settings (cached process-wide: same plan and settings, same numbers)."""
     key = (plan_key(model_plan) if model_plan else "fp32", n, steps, seeds)
@@ -77,15 +81,65 @@ def _fid(state: AppState, model_plan, n, steps, seeds, progress, i, of):
         return cached
     model = state.quantized(model_plan) if model_plan else state.model
     prog = (lambda d, t: progress((i + d / t) / of)) if progress is not None else None
-    r = evaluate_fid(model, SampleSpec(n=n, steps=steps, batch_size=100), list(range(seeds)),
-                     backend=state.backend(), classifier=state.classifier(),
-                     num_classes=state.model.cfg.num_classes, progress=prog, device=state.device)
+    if state.kind == "lafq":
+        r = evaluate_fid(model, SampleSpec(n=n, steps=steps, batch_size=100), list(range(seeds)),
+                         backend=state.backend(), classifier=state.classifier(),
+                         num_classes=state.model.cfg.num_classes, progress=prog, device=state.device)
+    else:
+        r = _fid_any(state, model, n, steps, seeds, prog)
     state.keep_fid_result(key, r)
+    return r
+
+
+def _reference(state):
+    """A diffusers model's FID reference statistics (cached in its folder's stats/)."""
+    from lafq.metrics import reference_statistics
+
+    name = state.info.reference or state.info.dataset
+    if name is None:
+        raise InputError(f"{state.title} names no reference dataset (lafq.json \"reference\"): no FID")
+    return name, reference_statistics(state.backend(), name, cache_dir=state.folder / "stats")
+
+
+def _fid_any(state, model, n: int, steps: int, seeds: int, progress):
+    """FID and accuracy of class-balanced samples of a diffusers model, against its reference dataset."""
+    from lafq.metrics import FIDResult, classifier_accuracy, frechet_distance, statistics
+
+    name, ref = _reference(state)
+    r = FIDResult(backend=state.backend().name, n=n, values=[], reference=name)
+    k = len(state.classes)
+    for seed in range(seeds):
+        spec = SampleSpec(n=n, steps=steps, seed=seed, guidance=state.default_guidance, batch_size=100)
+        images = state.images(model, spec)
+        r.values.append(frechet_distance(statistics(state.backend().features(images)), ref))
+        if k:
+            import torch
+            r.accuracy.append(classifier_accuracy(state.classifier(), images, torch.arange(n) % k))
+        if progress is not None:
+            progress(seed + 1, seeds)
+    return r
+
+
+def _floor_any(state, n: int, seeds: list[int]):
+    from lafq.data import load_dataset
+    from lafq.metrics import FIDResult, frechet_distance, statistics
+
+    import torch
+
+    name, ref = _reference(state)
+    images = torch.from_numpy(load_dataset(state.info.dataset or name).images)
+    feats = state.backend().features(images)
+    r = FIDResult(backend=state.backend().name, n=n, values=[], reference=name)
+    for seed in seeds:
+        idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+        r.values.append(frechet_distance(statistics(feats[idx.numpy()]), ref))
     return r
 
 
 def floor(state: AppState, n: int, seeds: int):
     """Real-vs-real FID at this backend and N: what small-N bias alone scores."""
+    if state.kind != "lafq":
+        return state.memo(("floor", n, seeds), lambda: _floor_any(state, n, list(range(seeds))))
     return state.memo(("floor", n, seeds), lambda: real_floor(state.backend(), n, list(range(seeds))))
 
 
@@ -94,8 +148,8 @@ def _images(state: AppState, plan, steps: int, seed: int):
     cached = state.fid_result(key)
     if cached is None:
         model = state.quantized(plan) if plan else state.model
-        cached, _ = generate(model, SampleSpec(n=FIDELITY_N, steps=steps, seed=seed, batch_size=FIDELITY_N),
-                             num_classes=state.model.cfg.num_classes, device=state.device)
+        cached = state.images(model, SampleSpec(n=FIDELITY_N, steps=steps, seed=seed, batch_size=FIDELITY_N,
+                                                guidance=state.default_guidance))
         state.keep_fid_result(key, cached)
     return cached
 
@@ -132,6 +186,8 @@ def evaluate(state: AppState, current: dict, n, steps, seeds, include_fp32: bool
     if not isinstance(include_fp32, bool):
         raise InputError(f"'compare with FP32' must be true or false, got {shown(include_fp32)}")
     user = as_user(user)
+    if not state.has_classifier:
+        return NO_CLASSIFIER, pareto_figure(state, user, n, steps), user
     plan = resolve_plan(state, current, user)
     label = current_label(current, plan)
     progress_of = cancellable((lambda f: progress(f, desc="sampling and scoring")) if progress is not None else None,
@@ -150,35 +206,57 @@ def evaluate(state: AppState, current: dict, n, steps, seeds, include_fp32: bool
                      f"an interval covering 0 means no measurable difference.")
     lines += fidelity_lines(state, plan, n, steps, seeds, fidelity_progress)
     lines.append(f"Unpaired: plan {r.describe()}" + (f"; FP32 {base.describe()}" if base is not None else ""))
-    f = floor(state, n, seeds)
-    lines.append(f"Real-vs-real floor at this backend and N: {f.mean:.3f} {_interval(f.ci95, seeds)}: "
-                 "absolute FIDs near it are mostly small-N bias; the paired difference carries the comparison.")
-    point = FIDPoint(label, size.total_bytes, size.pct_of_fp32, r.mean, r.ci95, r.backend, r.n, steps, seeds, acc, d, dci)
+    try:
+        f = floor(state, n, seeds)
+    except DataError as e:  # a diffusers model's dataset may be absent where its reference statistics are cached
+        lines.append(f"Real-vs-real floor: not available here ({shown(str(e))}).")
+    else:
+        lines.append(f"Real-vs-real floor at this backend and N: {f.mean:.3f} {_interval(f.ci95, seeds)}: "
+                     "absolute FIDs near it are mostly small-N bias; the paired difference carries the comparison.")
+    point = FIDPoint(label, size.total_bytes, size.pct_of_fp32, r.mean, r.ci95, r.backend, r.n, steps, seeds, acc, d, dci,
+                     model=state.model_id)
     points = [point]
     if base is not None:
         points.append(FIDPoint("fp32", size.fp32_bytes, 100.0, base.mean, base.ci95, base.backend, base.n, steps, seeds,
-                               (100 * sum(base.accuracy) / len(base.accuracy)) if base.accuracy else None, 0.0, 0.0))
+                               (100 * sum(base.accuracy) / len(base.accuracy)) if base.accuracy else None, 0.0, 0.0,
+                               model=state.model_id))
     user = user.with_evaluations(points)
     return "\n\n".join(lines), pareto_figure(state, user, n, steps), user
 
 
 def pareto_figure(state: AppState, user: UserSession | None = None, n: int = QUICK_N, steps: int = 20):
-    pts = report_points()
-    mine = [p for p in as_user(user).evaluations if p.n == n and p.steps == steps]
+    """The user's evaluations of the state's model at this N and steps, with the committed report's plans
+    (the MNIST U-Net's) for context."""
+    pts = report_points() if state.kind == "lafq" else []
+    mine = [p for p in as_user(user).evaluations if p.n == n and p.steps == steps and p.model == state.model_id]
     for p in mine:
         pts.append({"label": f"{p.label} ({p.backend}, N={p.n}, {p.seeds} seeds)", "pct_of_fp32": p.pct_of_fp32,
                     "fid_mean": p.fid_mean, "fid_ci95": p.fid_ci95, "source": "you"})
     return plots.pareto(pts, f"size vs FID: your evaluations at N={n}, DDIM-{steps} (red); the report's plans (grey)")
 
 
-def build(state: AppState, current, user, guard):
+def model_note(state: AppState) -> str:
+    """What the tab measures for the selected model, or the one line saying it cannot."""
+    if not state.has_classifier:
+        return f"**{state.title}**: FID and fidelity are {NO_CLASSIFIER}."
+    if state.kind == "lafq":
+        return ("FID of class-balanced samples against the held-out MNIST reference, with the feature backend "
+                "named (offline: the project's classifier; Inception when its weights are present).")
+    ref = state.info.reference or state.info.dataset or "its reference set"
+    return (f"FID of class-balanced samples of **{state.title}** against {ref}, with the features of its shipped "
+            "classifier. The sensitivity chart below is the MNIST U-Net's.")
+
+
+def build(models, current, user, guard):
+    """The tab for a demo.models.Registry. Returns (refresh, its inputs, its outputs): `refresh(user, n, steps)` re-describes
+    the tab for the selected model and shows that model's evaluations."""
     import gradio as gr
 
     from . import serving
 
+    state = models.default
     gr.Markdown(HOW_TO, elem_id="howto-quality")
-    gr.Markdown("FID of class-balanced samples against the held-out MNIST reference, with the feature backend "
-                "named (offline: the project's classifier; Inception when its weights are present).")
+    note = gr.Markdown(model_note(state), elem_id="quality-note")
     with gr.Row():
         n = gr.Slider(10, MAX_FID_N, value=QUICK_N, step=10, label="N per seed")
         steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="DDIM steps")
@@ -194,9 +272,12 @@ def build(state: AppState, current, user, guard):
     # gradio recognises gr.Request and passes the session.
     def run(cur, n_, s_, k_, f_, usr, request: gr.Request, progress=gr.Progress()):
         settings(n_, s_, k_)  # bad settings fail at once, not after waiting for the heavy slot
+        st = models.state_for(usr)
+        if not st.has_classifier:  # a line, not an error, and no wait for the heavy slot
+            return evaluate(st, cur, n_, s_, k_, f_, user=usr)
         progress(0, desc="waiting for other jobs")
-        with state.job(request.session_hash, serving.event_alive(), heavy=True) as job:
-            return evaluate(state, cur, n_, s_, k_, f_, progress, cancel=job, user=usr)
+        with st.job(request.session_hash, serving.event_alive(), heavy=True) as job:
+            return evaluate(st, cur, n_, s_, k_, f_, progress, cancel=job, user=usr)
 
     def stop(request: gr.Request):
         if state.jobs.cancel(request.session_hash):
@@ -217,5 +298,10 @@ def build(state: AppState, current, user, guard):
     predictor.change(guard(sensitivity_figure), predictor, sens_chart, api_visibility="private",
                      show_progress="hidden")
     for c in (n, steps):  # the chart follows the chosen N and steps
-        c.change(guard(lambda usr, n_, s_: pareto_figure(state, usr, *settings(n_, s_, 1)[:2])), [user, n, steps], chart,
-                 api_visibility="private", show_progress="hidden", trigger_mode="always_last")
+        c.change(guard(lambda usr, n_, s_: pareto_figure(models.state_for(usr), usr, *settings(n_, s_, 1)[:2])),
+                 [user, n, steps], chart, api_visibility="private", show_progress="hidden", trigger_mode="always_last")
+
+    def refresh(usr, n_, s_):
+        st = models.state_for(usr)
+        return model_note(st), "", pareto_figure(st, usr, *settings(n_, s_, 1)[:2])
+    return refresh, [user, n, steps], [note, result, chart]

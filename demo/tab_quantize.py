@@ -19,10 +19,10 @@ from lafq.fisher import STATISTICS
 from lafq.planfile import read_plan
 from lafq.policy import STRATEGIES, Plan, Policy, floor_bytes, param_shapes
 from lafq.precision import PRECISIONS, numel
-from lafq.quantize import quantized_from_file, save_quantized
+from lafq.quantize import quantized_from_file
 
 from . import plots
-from .presets import CUSTOM, DEFAULT_PRESET, PRESETS
+from .presets import CUSTOM, DEFAULT_PRESET, MNIST_ONLY_STRATEGIES, PRESETS, default_preset, presets_for
 from .serving import MAX_UPLOAD
 from .state import AppState, InputError, as_choice, as_number, plan_key, plan_label, shown
 
@@ -83,9 +83,14 @@ def policy_from_controls(strategy, target, statistic, log_threshold, log_encoder
     return {"policy": policy.to_dict()}
 
 
+def shown_presets(state: AppState) -> list[str]:
+    """The presets offered for the state's model (demo.presets.presets_for)."""
+    return presets_for(state.kind, state.fisher is not None)
+
+
 def controls_for(state: AppState, name: str) -> list:
     """Control values for a preset (a budget below the model's floor is raised to it)."""
-    kw = PRESETS[as_choice(name, "preset", list(PRESETS))]
+    kw = PRESETS[as_choice(name, "preset", shown_presets(state))]
     pol = Policy(**kw)
     bits = pol.avg_bits if pol.avg_bits is not None else 6.0
     bits = max(bits, budget_floor_bits(state, pol.protect_mid))
@@ -94,9 +99,20 @@ def controls_for(state: AppState, name: str) -> list:
             pol.protect_mid]
 
 
-def preset_current(state: AppState, name: str = DEFAULT_PRESET) -> dict:
-    """The shared-state value a preset gives (the app's starting plan)."""
-    return policy_from_controls(*controls_for(state, name))
+def preset_current(state: AppState, name: str | None = None) -> dict:
+    """The shared-state value a preset gives (the app's starting plan; by default the model's default preset)."""
+    return policy_from_controls(*controls_for(state, name or default_preset(state.kind, state.fisher is not None)))
+
+
+def model_note(state: AppState) -> str:
+    """What is not offered for the selected model, and why (empty for the MNIST U-Net)."""
+    if state.kind == "lafq":
+        return ""
+    lines = [f"**{state.title}**: presets and strategies that name the MNIST U-Net's layers (stem and head; "
+             "encoder, mid and decoder groups; 'protect the middle block') are not offered for this model."]
+    if state.fisher is None:
+        lines.append("It has no Fisher map: only uniform and random plans.")
+    return " ".join(lines)
 
 
 def preset_of(policy: dict) -> str | None:
@@ -116,7 +132,11 @@ def resolve_plan(state: AppState, current: dict | None, user=None) -> Plan:
             plan = Plan(dict(current["plan"]), current.get("plan_policy", {}))
             plan.validate(state.shapes)
             return plan
-        return state.plan(Policy(**current["policy"]), state.fisher_of(user))
+        policy = Policy(**current["policy"])
+        if state.kind != "lafq" and (policy.strategy in MNIST_ONLY_STRATEGIES or policy.protect_mid):
+            what = "'protect the middle block'" if policy.protect_mid else f"strategy {policy.strategy!r}"
+            raise InputError(f"{what} names the MNIST U-Net's layers; not available for {state.title}")
+        return state.plan(policy, state.fisher_of(user))
     except (TypeError, KeyError, AttributeError) as e:
         raise InputError(f"the current plan is malformed ({shown(str(e))}); pick a preset again") from None
 
@@ -191,7 +211,7 @@ def export(state: AppState, current: dict, user=None, session: str = "local") ->
     out = EXPORTS.folder(session)
     key = plan_key(plan)
     model_path, plan_path = out / f"lafq-quantized-{key}.safetensors", out / f"lafq-plan-{key}.json"
-    save_quantized(model_path, state.quantized(plan))
+    state.save_quantized(model_path, state.quantized(plan))
     from lafq.checkpoint import atomic_write_bytes
     atomic_write_bytes(plan_path, plan.to_json().encode())
     return [str(model_path), str(plan_path)]
@@ -219,6 +239,9 @@ def load_upload(state: AppState, path: str | None) -> dict:
     try:
         if suffix == ".json":
             plan = read_plan(data, name)
+        elif state.kind != "lafq":
+            raise InputError(f"{name}: for {state.title}, upload a plan .json (quantized model files are read "
+                             "for the MNIST U-Net)")
         else:
             tensors, meta = read_bytes_checked(data, name)
             if meta.get("kind") != "quantized":
@@ -249,14 +272,19 @@ def discard_upload(path) -> None:
             pass
 
 
-def build(state: AppState, current, user, guard):
+def build(models, current, user, guard):
+    """The tab for a demo.models.Registry; every handler works on the model the user's session selected.
+    Returns (readout inputs, readout handler, its outputs, (refresh, its inputs, its outputs)): `refresh(user)`
+    sets the presets and controls to the selected model's default after a model switch."""
     import gradio as gr
 
     from .components import Choice, RadioChoice
 
+    state = models.default
     start = controls_for(state, DEFAULT_PRESET)
     floor = budget_floor_bits(state, False)
     gr.Markdown(HOW_TO, elem_id="howto-quantize")
+    note = gr.Markdown(model_note(state), elem_id="quantize-note")
     with gr.Row():
         with gr.Column(scale=1, min_width=300):
             # The size readout heads the controls' column: on a phone it stays next to the sliders.
@@ -296,7 +324,7 @@ def build(state: AppState, current, user, guard):
     def on_change(*vals):
         *vals, usr = vals
         cur = policy_from_controls(*vals)
-        return (cur, *readout(state, cur, usr))
+        return (cur, *readout(models.state_for(usr), cur, usr))
 
     def on_change_inline(*vals):
         return (*on_change(*vals), "")  # clears an earlier inline warning
@@ -308,28 +336,39 @@ def build(state: AppState, current, user, guard):
     strategy.change(lambda s: [gr.update(visible=v) for v in visibility(s)[1:]], strategy, controls[1:],
                     api_visibility="private", queue=False)
 
-    def floor_for(protect_mid, value):
-        lo = budget_floor_bits(state, bool(protect_mid))
+    def floor_for(protect_mid, value, usr):
+        lo = budget_floor_bits(models.state_for(usr), bool(protect_mid))
         return gr.Slider(minimum=lo, value=max(lo, float(value)),
                          label=f"budget / random: average bits per weight (≥ {lo:.1f}: int4 everywhere possible)")
-    protect.change(guard(floor_for), [protect, bits], bits, api_visibility="private")
-    preset.input(guard(lambda name: controls_for(state, name) if name != CUSTOM else [gr.skip()] * len(controls)),
-                 preset, controls, api_visibility="private")
+    protect.change(guard(floor_for), [protect, bits, user], bits, api_visibility="private")
+    preset.input(guard(lambda name, usr: controls_for(models.state_for(usr), name) if name != CUSTOM
+                       else [gr.skip()] * len(controls)), [preset, user], controls, api_visibility="private")
     # One named endpoint for the API: the same computation as the live readout.
     readout_btn = gr.Button("refresh readout", visible=False)
     readout_btn.click(guard(on_change), [*controls, user], outputs, api_name="quantize_readout",
                       concurrency_id="readout", concurrency_limit=4)
 
     def run_export(cur, usr, request: gr.Request):
-        return export(state, cur, usr, session=request.session_hash)
+        return export(models.state_for(usr), cur, usr, session=request.session_hash)
     export_btn.click(guard(run_export), [current, user], files, api_name="export", concurrency_id="heavy",
                      concurrency_limit=1)
 
     def on_upload(f, usr):
         try:
-            cur = load_upload(state, f)
+            st = models.state_for(usr)
+            cur = load_upload(st, f)
         finally:
             discard_upload(f)
-        return (cur, *readout(state, cur, usr))
+        return (cur, *readout(st, cur, usr))
     upload.upload(guard(on_upload), [upload, user], outputs, api_name="load_plan", concurrency_id="readout")
-    return [*controls, user], on_change, outputs
+
+    def refresh(usr):
+        st = models.state_for(usr)
+        name = default_preset(st.kind, st.fisher is not None)
+        vals = controls_for(st, name)
+        lo = budget_floor_bits(st, False)
+        bits_update = gr.Slider(minimum=lo, value=vals[9],
+                                label=f"budget / random: average bits per weight (≥ {lo:.1f}: int4 everywhere possible)")
+        return (model_note(st), gr.Dropdown(choices=[*shown_presets(st), CUSTOM], value=name),
+                *vals[:9], bits_update, vals[10], "")
+    return [*controls, user], on_change, outputs, (refresh, [user], [note, preset, *controls, warning])

@@ -1,7 +1,9 @@
 """Assemble the tabs into one gr.Blocks; every handler runs behind `guard`, the one place errors become messages.
 
-Per-user state: `current` (the plan every tab uses) and `user` (the user's own Fisher map and evaluations)
-are gr.State, so one user's actions never change another's. Internal events are private (not callable
+Per-user state: `current` (the plan every tab uses) and `user` (the selected model, the user's own Fisher
+map and evaluations) are gr.State, so one user's actions never change another's. The model selector at the
+top changes only its user's session; every tab then re-labels its model-dependent controls (each tab's
+`refresh`) and works on that model (demo.models.Registry). Internal events are private (not callable
 from the API); the named endpoints are the ones README and tests list.
 """
 from __future__ import annotations
@@ -15,8 +17,10 @@ from lafq.checkpoint import CheckpointError
 from lafq.data import DataError
 
 from . import tab_compare, tab_fisher, tab_inside, tab_quality, tab_quantize
+from .components import Choice
+from .models import Registry
 from .serving import DELETE_CACHE, LAUNCH_OPTIONS, QUEUE_OPTIONS  # noqa: F401  (app.py and tests import them here)
-from .state import AppState, Cancelled, UserSession, shown
+from .state import AppState, Cancelled, UserSession, as_user, shown
 from .zerogpu import describe
 
 log = logging.getLogger("lafq.app")
@@ -49,7 +53,10 @@ def guard(fn, *, keep: int | None = None):
     return wrapper
 
 
-def build_app(state: AppState) -> gr.Blocks:
+def build_app(state: AppState, models: Registry | None = None) -> gr.Blocks:
+    """The app for the MNIST U-Net's `state` and the registry's other models (by default those
+    demo.models.discover finds: checkpoints/fashion, LAFQ_MODELS)."""
+    models = models if models is not None else Registry(state)
     with gr.Blocks(title="LAFQ: Fisher-guided quantization of a diffusion model", delete_cache=DELETE_CACHE) as demo:
         gr.Markdown("# LAFQ — layer-adaptive, Fisher-guided quantization\nSee where precision matters in a "
                     "class-conditional MNIST diffusion U-Net, tune a quantization plan, and measure what it costs. "
@@ -57,22 +64,40 @@ def build_app(state: AppState) -> gr.Blocks:
                     "FP32 and uniform INT4; the Quantize tab has presets.")
         current = gr.State(tab_quantize.preset_current(state))
         user = gr.State(UserSession())
+        with gr.Row():
+            model = Choice(models.choices(), value=models.default.model_id, label="model", elem_id="model",
+                           interactive=len(models.entries) > 1, scale=3)
+            model_status = gr.Markdown(elem_id="model-status")
         with gr.Tab("Fisher", id="fisher"):
-            fisher_fn, fisher_in, fisher_out = tab_fisher.build(state, user, guard)
+            fisher_fn, fisher_in, fisher_out, fisher_refresh = tab_fisher.build(models, user, guard)
         with gr.Tab("Quantize", id="quantize"):
-            q_in, q_fn, q_out = tab_quantize.build(state, current, user, guard)
+            q_in, q_fn, q_out, q_refresh = tab_quantize.build(models, current, user, guard)
         with gr.Tab("Compare", id="compare"):
-            example_fn, example_out = tab_compare.build(state, current, user, guard)
+            example_fn, example_out, compare_refresh = tab_compare.build(models, current, user, guard)
         with gr.Tab("Quality", id="quality"):
-            tab_quality.build(state, current, user, guard)
+            quality_refresh = tab_quality.build(models, current, user, guard)
         with gr.Tab("Inside", id="inside"):
-            inside_fn, inside_out = tab_inside.build(state, current, user, guard)
+            (inside_fn, inside_out), inside_refresh = tab_inside.build(models, current, user, guard)
         # First paint: figures and readouts when a page opens; the Compare and Inside examples are computed
         # once per process and kept.
         demo.load(guard(fisher_fn), fisher_in, fisher_out, api_visibility="private")
         demo.load(guard(q_fn), q_in, q_out, api_visibility="private")
         for fn, out in ((example_fn, example_out), (inside_fn, inside_out)):
             demo.load(guard(fn), None, out, api_visibility="private", concurrency_id="sample", show_progress="minimal")
+
+        # A model switch: this user's session only, then each tab follows (its controls, then its figures).
+        def select(model_id, usr, cur):
+            new = models.select(usr, model_id)
+            st = models.state_for(new)
+            plan = cur if new.model == as_user(usr).model else tab_quantize.preset_current(st)
+            return new, plan, "" if st.kind == "lafq" else f"{st.title}: {st.fisher_note}"
+        ev = model.input(guard(select), [model, user, current], [user, current, model_status], api_name="select_model",
+                         concurrency_id="readout")
+        # `.success`: a model that fails to load leaves the session and every tab as they were (the error says why).
+        for fn, inputs, outputs in (fisher_refresh, q_refresh, compare_refresh, quality_refresh, inside_refresh):
+            ev = ev.success(guard(fn), inputs, outputs, api_visibility="private")
+        ev = ev.success(guard(fisher_fn), fisher_in, fisher_out, api_visibility="private")
+        ev.success(guard(q_fn), q_in, q_out, api_visibility="private")
 
         def forget(request: gr.Request):  # a closed page's export folder goes at once, not at shutdown
             tab_quantize.EXPORTS.forget(request.session_hash)

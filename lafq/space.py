@@ -3,7 +3,7 @@
 Contracts:
 - `build(out, hardware)` writes a folder that boots with `python app.py` and nothing else from this repo:
   `app.py`, `demo/*.py`, `lafq/*.py`, exactly the checkpoints, reference statistics and data the app reads
-  (`APP_FILES`), a `requirements.txt` for that hardware, a `README.md` whose front matter the Hub reads, and a
+  (`APP_FILES`, and the Fashion-MNIST model's folder where the project has it: `OPTIONAL_APP_FILES`), a `requirements.txt` for that hardware, a `README.md` whose front matter the Hub reads, and a
   `.gitattributes` that stores every binary file (and anything over 10 MB) through LFS/Xet. It is assembled
   in a temporary sibling folder and renamed into place, so OUT is either the old folder or the complete new
   one; an existing non-empty OUT is replaced only with `force=True`.
@@ -43,7 +43,17 @@ APP_FILES = (
     "docs/report.csv",
     "docs/sensitivity.csv",
 )
+# The shipped Fashion-MNIST diffusers model (demo/models.py lists it in the app's model selector), copied
+# when the project has it: its weights and scheduler, lafq.json, Fisher map, classifier and FID statistics.
+OPTIONAL_APP_FILES = ("checkpoints/fashion/unet/*", "checkpoints/fashion/scheduler/*", "checkpoints/fashion/lafq.json",
+                      "checkpoints/fashion/fisher.safetensors", "checkpoints/fashion/classifier.safetensors",
+                      "checkpoints/fashion/stats/*")
 PACKAGES = ("demo", "lafq")  # copied as their *.py files
+
+
+def optional_app_files(repo: Path = REPO) -> list[str]:
+    """The OPTIONAL_APP_FILES patterns' files that exist in `repo`, relative to it."""
+    return sorted({p.relative_to(repo).as_posix() for g in OPTIONAL_APP_FILES for p in repo.glob(g) if p.is_file()})
 
 # ZeroGPU runs a few PyTorch/Python pairs only (its docs list PyTorch 2.8-2.11 with Python 3.10.13 or
 # 3.12.12); the library uses nothing newer than torch 2.9 (torch.func, torch.compile, flop_counter).
@@ -196,7 +206,7 @@ def build(out, hardware: str = "cpu-basic", *, license: str = "other", force: bo
     except OSError as e:
         raise SpaceError(f"cannot write beside {out}: {e.strerror}; choose a folder you can write to") from None
     try:
-        sources = [repo / f for f in APP_FILES]
+        sources = [repo / f for f in (*APP_FILES, *optional_app_files(repo))]
         for pkg in PACKAGES:
             sources += sorted((repo / pkg).glob("*.py"))
         for src in sources:

@@ -53,7 +53,27 @@ def test_a_built_space_holds_what_the_app_reads_and_not_the_training_state(built
     assert (out / "demo" / "ui.py").is_file() and (out / "lafq" / "space.py").is_file()
     assert not (out / "checkpoints" / "train_state.safetensors").exists() and not (out / "tests").exists()
     assert r.bytes == sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and ".git" not in p.parts)
-    assert r.bytes < 25e6  # the model, its Fisher map (13 MB), the classifier, MNIST and code
+    fashion = sum((out / f).stat().st_size for f in space.optional_app_files(space.REPO))
+    assert r.bytes - fashion < 25e6  # the model, its Fisher map (13 MB), the classifier, MNIST and code
+
+
+def test_the_fashion_model_folder_is_copied_when_the_project_has_it(tmp_path):
+    repo = tmp_path / "repo"
+    for f in space.APP_FILES:  # a stand-in project: the app's files (empty) and a fashion folder
+        (repo / f).parent.mkdir(parents=True, exist_ok=True)
+        (repo / f).write_bytes(b"")
+    (repo / "requirements.txt").write_text((space.REPO / "requirements.txt").read_text())
+    fashion = repo / "checkpoints" / "fashion"
+    for f in ("unet/config.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
+              "lafq.json", "fisher.safetensors", "stats/fashion-test-classifier-0.npz", "notes/train_log.jsonl"):
+        (fashion / f).parent.mkdir(parents=True, exist_ok=True)
+        (fashion / f).write_text("{}")
+    listed = space.optional_app_files(repo)
+    assert "checkpoints/fashion/notes/train_log.jsonl" not in listed and len(listed) == 6
+    space.build(tmp_path / "out", "cpu-basic", repo=repo)
+    for f in listed:
+        assert (tmp_path / "out" / f).is_file(), f
+    assert space.optional_app_files(tmp_path / "nothing") == []
 
 
 def test_the_front_matter_parses_and_names_existing_files(built):

@@ -18,16 +18,54 @@ def app_state():
     return AppState(model=model, fisher=fm, fisher_note="test map")
 
 
-def launch(state):
-    """Serve the app for `state` on a free 127.0.0.1 port, the way app.py does; returns (demo, url)."""
+def launch(state, models=None):
+    """Serve the app for `state` (and a demo.models.Registry) on a free 127.0.0.1 port, the way app.py
+    does; returns (demo, url)."""
     import socket
 
     from demo.ui import LAUNCH_OPTIONS, QUEUE_OPTIONS, build_app
 
-    demo = build_app(state)
+    demo = build_app(state, models)
     demo.queue(**QUEUE_OPTIONS)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **LAUNCH_OPTIONS)
     return demo, f"http://127.0.0.1:{port}/"
+
+
+TINY_INFO = {"name": "Tiny UNet2DModel (test)", "dataset": None, "classes": ["circle", "square"], "null_class": 2,
+             "guidance": 1.5}
+
+
+def tiny_diffusers_dir(root):
+    """A class-conditional diffusers pipeline folder like checkpoints/fashion, at 8x8: the tiny UNet2DModel
+    (3 class embeddings: two classes and the null class), its lafq.json and a small Fisher map of its weights."""
+    import json
+
+    from demo.models import _conditioning, ModelInfo
+    from lafq.fisher_any import fisher_map
+    from lafq.models.diffusers_models import load_diffusers
+    from tests.diffusers_tiny import save_pipeline_dir, tiny_unet2d
+
+    save_pipeline_dir(root, tiny_unet2d())
+    (root / "model_index.json").unlink()  # the shipped folder's contract: unet/ and scheduler/ only
+    (root / "lafq.json").write_text(json.dumps(TINY_INFO))
+    den = load_diffusers(root, subfolder="unet")
+    den = den.with_conditioning(*_conditioning(den.module, ModelInfo(**TINY_INFO)))
+    images = torch.rand(16, *den.sample_shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    fisher_map(den, images, bins=3, samples_per_bin=2).save(root / "fisher.safetensors")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return tiny_diffusers_dir(tmp_path_factory.mktemp("tiny-diffusers"))
+
+
+@pytest.fixture(scope="session")
+def models(app_state, tiny_dir):
+    """The registry the app builds from LAFQ_MODELS naming the tiny diffusers folder (no Fashion-MNIST folder)."""
+    from demo.models import Registry, discover
+
+    return Registry(app_state, discover({"LAFQ_MODELS": str(tiny_dir)}, fashion=None))

@@ -123,3 +123,56 @@ def test_a_fisher_recompute_shows_a_moving_progress_bar_and_cancel_stops_it(url,
     wait.until(lambda d: "Cancelled" in d.find_element(By.ID, "fisher-status").text)
     assert app_state.heavy.acquire(timeout=300)  # the server job stopped too
     app_state.heavy.release()
+
+
+@pytest.fixture(scope="module")
+def models_url(app_state, tiny_dir):
+    """The app with LAFQ_MODELS naming the tiny diffusers folder (a second model in the selector)."""
+    from tests.app.conftest import launch
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LAFQ_MODELS", str(tiny_dir))
+        demo, url = launch(app_state)
+    yield url
+    demo.close()
+
+
+def heatmap_rows(driver) -> list:
+    """The Fisher heatmap's row names as Plotly holds them (empty until it is drawn)."""
+    return driver.execute_script(
+        "const p = document.querySelector('#fisher-heatmap .js-plotly-plot');"
+        "return p && p.data && p.data.length ? Array.from(p.data[0].y || []) : [];")
+
+
+def test_switching_the_model_switches_every_tab_and_back(models_url, browser, app_state, models):
+    tiny = models.get(models.ids[1])
+    mnist_bytes, tiny_bytes = (f"FP32 is {4 * sum(p.numel() for p in s.model.parameters()):,} bytes"
+                               for s in (app_state, tiny))
+    wait = WebDriverWait(browser, 120)
+    browser.get(models_url)
+    wait.until(lambda d: "embed" in heatmap_rows(d))  # the MNIST U-Net's layers
+    choose(browser, wait, "model", tiny.title)
+    wait.until(lambda d: "down_blocks.0" in heatmap_rows(d) and "embed" not in heatmap_rows(d))
+    assert tiny.title in browser.find_element(By.ID, "fisher-note").text
+    open_tab(browser, wait, "Quantize")
+    readout = wait.until(EC.visibility_of_element_located((By.ID, "size-readout")))
+    wait.until(lambda d: tiny_bytes in readout.text)
+    assert "MNIST U-Net's layers" in browser.find_element(By.ID, "quantize-note").text
+
+    open_tab(browser, wait, "Compare")
+    timing = browser.find_element(By.ID, "compare-timing")
+    wait.until(lambda d: "press Generate" in timing.text)  # the previous model's images are cleared
+    browser.find_element(By.ID, "generate").click()
+    wait.until(lambda d: "ms/image" in timing.text and tiny.title in timing.text)
+    for elem_id in ("img-fp32", "img-plan", "img-uniform"):
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"#{elem_id} img[src]"))
+    open_tab(browser, wait, "Quality")
+    assert "no classifier shipped" in browser.find_element(By.ID, "quality-note").text
+    open_tab(browser, wait, "Inside")
+    assert "MNIST U-Net only" in browser.find_element(By.ID, "inside-note").text
+
+    choose(browser, wait, "model", app_state.title)  # and back
+    open_tab(browser, wait, "Quantize")
+    wait.until(lambda d: mnist_bytes in readout.text and "budget" in readout.text)
+    open_tab(browser, wait, "Fisher")
+    wait.until(lambda d: "embed" in heatmap_rows(d))

@@ -195,7 +195,6 @@ def test_quality_is_cached_and_names_backend_and_n(app_state, monkeypatch):
     assert {t.name for t in fig.data} >= {"you"} and len(user.evaluations) == 2
     import lafq.pipeline as pipeline
     monkeypatch.setattr(pipeline, "generate", lambda *a, **k: pytest.fail("cache miss"))
-    monkeypatch.setattr(tab_quality, "generate", lambda *a, **k: pytest.fail("cache miss"))
     md2, _, again = tab_quality.evaluate(app_state, cur, 20, 2, 2, True, user=user)
     assert md2 == md and len(again.evaluations) == 2  # the same evaluation replaces, not repeats
     _, other_fig, other = tab_quality.evaluate(app_state, cur, 20, 2, 2, True)  # another user: their own list

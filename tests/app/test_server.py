@@ -161,7 +161,7 @@ def test_gradio_defaults_that_leak_are_off(server, client):
     assert httpx.get(server + "monitoring/summary").status_code in (403, 404)
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
     assert names == {"/quantize_readout", "/compare", "/fid", "/export", "/load_plan", "/recompute_fisher",
-                     "/shipped_fisher", "/activations", "/saliency", "/quant_error"}
+                     "/shipped_fisher", "/activations", "/saliency", "/quant_error", "/select_model"}
 
 
 def test_a_rejected_value_is_not_echoed_in_full(client):

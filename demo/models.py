@@ -1,0 +1,391 @@
+"""The models the app serves: the shipped MNIST U-Net, the shipped Fashion-MNIST diffusers model, and any
+diffusers folder listed in LAFQ_MODELS. No gradio here: the registry is tested without a server.
+
+Contracts:
+- `discover()` lists, in this order: the MNIST U-Net ("mnist", always first and the default), the
+  Fashion-MNIST folder `checkpoints/fashion` when it holds a model, then every directory in
+  `LAFQ_MODELS` (`os.pathsep`-separated). An entry that is not a diffusers pipeline-style folder
+  (`unet/` or `transformer/` with `config.json`, and `scheduler/scheduler_config.json`) or whose
+  `lafq.json` is invalid is skipped with one logged warning line; discovery never raises.
+- A model folder may hold `lafq.json` (`ModelInfo`: name, dataset, reference, classes, null_class,
+  guidance), `fisher.safetensors` (a lafq.fisher.FisherMap of these weights), `classifier.safetensors`
+  (a lafq.classifier model: FID features, accuracy) and `stats/` (cached FID reference statistics).
+- `Registry.get(id)` loads a model once, lazily, into its own read-only state (`DiffusersState`, an
+  AppState whose model is the diffusers module): the same contracts as AppState (never hooked or
+  replaced; Fisher recomputes and quantization work on copies). All states share the MNIST state's
+  heavy-job slot and job table: one heavy job computes at a time whichever model it is for, and Cancel
+  finds a session's job whichever model the session selected since. A folder without a Fisher map
+  gets a quick one on load (a few bins and samples) when it names a dataset; otherwise it has none
+  (`fisher is None`): the Fisher tab says so, and only plans that need no Fisher map (uniform, random) work.
+- A failure to load is an `InputError` with one line naming the model; the registry stays usable.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import threading
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from lafq import paths
+from lafq.checkpoint import CheckpointError
+from lafq.data import DataError
+from lafq.fisher import FisherMap, state_digest
+from lafq.plan import Plan
+
+from .presets import NO_FISHER_STRATEGIES
+from .state import DEFAULT_MODEL, AppState, InputError, UserSession, as_user, shown
+
+log = logging.getLogger("lafq.app")
+
+FASHION = paths.CHECKPOINTS / "fashion"
+ENV = "LAFQ_MODELS"
+INFO_FILE = "lafq.json"
+QUICK_BINS, QUICK_SAMPLES = 4, 4  # a Fisher map computed on load: seconds, rough
+NO_FISHER = ("no Fisher map for this model: its folder has no fisher.safetensors and its lafq.json names no "
+             "dataset to compute one from")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model folder's `lafq.json` (every key optional). `classes` are the class names in index order;
+    `null_class` the unconditional (classifier-free guidance) index, if trained with one."""
+    name: str = ""
+    dataset: str | None = None
+    reference: str | None = None
+    classes: tuple[str, ...] = ()
+    null_class: int | None = None
+    guidance: float = 1.0
+
+    def __post_init__(self):
+        if not isinstance(self.name, str):
+            raise ValueError(f"name must be a string, got {shown(self.name)}")
+        for key in ("dataset", "reference"):
+            v = getattr(self, key)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise ValueError(f"{key} must be a dataset name, got {shown(v)}")
+        if isinstance(self.classes, str) or not all(isinstance(c, str) and c for c in self.classes):
+            raise ValueError(f"classes must be a list of names, got {shown(self.classes)}")
+        object.__setattr__(self, "classes", tuple(self.classes))
+        if self.null_class is not None and (isinstance(self.null_class, bool) or not isinstance(self.null_class, int)
+                                            or self.null_class < len(self.classes)):
+            raise ValueError(f"null_class must be an index after the {len(self.classes)} classes, got {shown(self.null_class)}")
+        g = self.guidance
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or not 0 <= g <= 10:
+            raise ValueError(f"guidance must be a number in [0, 10], got {shown(g)}")
+        object.__setattr__(self, "guidance", float(g))
+        if self.guidance != 1.0 and self.null_class is None:
+            raise ValueError("guidance other than 1 needs null_class (the unconditional class index)")
+
+    @classmethod
+    def read(cls, folder: Path) -> "ModelInfo":
+        """The folder's lafq.json, or defaults when it has none; ValueError (one line) when it is invalid."""
+        path = Path(folder) / INFO_FILE
+        if not path.is_file():
+            return cls()
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{INFO_FILE} is not readable JSON ({type(e).__name__})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{INFO_FILE} must hold an object, got {type(data).__name__}")
+        known = set(cls.__dataclass_fields__)
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except ValueError as e:
+            raise ValueError(f"{INFO_FILE}: {e}") from None
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One selectable model: `path` None is the shipped MNIST U-Net."""
+    id: str
+    name: str
+    path: Path | None = None
+    info: ModelInfo = field(default_factory=ModelInfo)
+
+
+def _component(folder: Path) -> str | None:
+    return next((c for c in ("unet", "transformer") if (folder / c / "config.json").is_file()), None)
+
+
+def check_folder(folder: Path) -> ModelInfo:
+    """A diffusers pipeline-style folder's ModelInfo; ValueError (one line) if it is not one."""
+    if not folder.is_dir():
+        raise ValueError("not a directory")
+    if _component(folder) is None:
+        raise ValueError("no unet/config.json or transformer/config.json: not a diffusers pipeline folder")
+    if not (folder / "scheduler" / "scheduler_config.json").is_file():
+        raise ValueError("no scheduler/scheduler_config.json")
+    return ModelInfo.read(folder)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "model"
+
+
+def discover(environ=None, fashion: Path = FASHION) -> tuple[ModelEntry, ...]:
+    """The selectable models (see the module docstring); a bad entry is a warning line, never an error."""
+    environ = os.environ if environ is None else environ
+    entries = [ModelEntry(DEFAULT_MODEL, AppState.title)]
+    seen: set[Path] = set()
+    candidates = [("fashion", Path(fashion), False)] if fashion is not None else []
+    candidates += [(None, Path(p), True) for p in environ.get(ENV, "").split(os.pathsep) if p.strip()]
+    for wanted_id, folder, listed in candidates:
+        if not listed and _component(folder) is None:
+            continue  # the shipped Fashion-MNIST model is optional
+        try:
+            resolved = folder.resolve()
+            info = check_folder(folder)
+        except (OSError, ValueError) as e:
+            log.warning("%s entry %s skipped: %s", ENV if listed else "model folder", str(folder)[:200], e)
+            continue
+        if resolved in seen:
+            continue
+        seen.add(resolved)
+        base = wanted_id or _slug(info.name or folder.name)
+        ids = {e.id for e in entries}
+        mid = base if base not in ids else next(f"{base}-{i}" for i in range(2, 10**6) if f"{base}-{i}" not in ids)
+        entries.append(ModelEntry(mid, info.name or folder.name, folder, info))
+    return tuple(entries)
+
+
+# -- a diffusers model as the tabs see it --------------------------------------------------------
+
+def _structural_map(model: torch.nn.Module) -> FisherMap:
+    """Names and sizes of the model's tensors with zero scores: lets plans that need no Fisher map
+    (uniform, random) be built; never shown as a Fisher map."""
+    params = dict(model.named_parameters())
+    return FisherMap(list(params), [p.numel() for p in params.values()], [0, 1000], ["all"],
+                     torch.zeros(1, len(params), 1, dtype=torch.float64),
+                     torch.stack([p.detach().abs().mean().double().cpu() for p in params.values()]), {},
+                     {"structural": True})
+
+
+@dataclass
+class DiffusersState(AppState):
+    """A diffusers denoiser with what the tabs need (see AppState). `fisher` may be None (no map)."""
+    den: object = None  # lafq.models.Denoiser around `model`, with class conditioning where the model has it
+    info: ModelInfo = field(default_factory=ModelInfo)
+    folder: Path | None = None
+    model_id: str = "diffusers"
+    title: str = "diffusers model"
+    _structure: FisherMap | None = None
+
+    kind = "diffusers"
+    class_word = "class"
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.info.classes
+
+    @property
+    def default_guidance(self) -> float:
+        return self.info.guidance
+
+    @property
+    def guided(self) -> bool:
+        return self.den.null_row is not None
+
+    @property
+    def has_classifier(self) -> bool:
+        return self.folder is not None and (self.folder / "classifier.safetensors").is_file()
+
+    def layer_key(self, name: str) -> str:
+        """The first two dotted components of the module path: `down_blocks.0`, `mid_block.attentions`, `conv_in`."""
+        return ".".join(name.split(".")[:-1][:2]) or name
+
+    def plan(self, policy, fisher: FisherMap | None = None) -> Plan:
+        from lafq.policy import make_plan
+        fm = fisher if fisher is not None else self.fisher
+        if fm is None:
+            if policy.strategy not in NO_FISHER_STRATEGIES:
+                raise InputError(f"{NO_FISHER}; strategies {list(NO_FISHER_STRATEGIES)} work without one")
+            if self._structure is None:
+                self._structure = _structural_map(self.model)
+            fm = self._structure
+        return make_plan(policy, fm, self.weights)
+
+    def _quantize(self, model, plan: Plan):
+        from lafq.qmodel import quantize
+        return quantize(model, plan)
+
+    def save_quantized(self, path, model) -> None:
+        from lafq.qmodel import save_quantized_model
+        save_quantized_model(path, model)
+
+    def rows(self, spec) -> list[int] | None:
+        """Conditioning rows for a SampleSpec: labels () -> unconditional (the null row where there is one),
+        None -> classes in turn, (k,) -> class k."""
+        k = len(self.classes)
+        if self.den.conditioning is None or k == 0:
+            return None
+        if spec.labels == ():
+            return [self.den.null_row] * spec.n if self.guided else [i % k for i in range(spec.n)]
+        if spec.labels is None:
+            return [i % k for i in range(spec.n)]
+        return [int(spec.labels[i % len(spec.labels)]) for i in range(spec.n)]
+
+    def images(self, model, spec) -> torch.Tensor:
+        """uint8 images; batch b of the spec draws its noise from seed + b * 2**31, so every model
+        sampled with the same spec starts from the same noise."""
+        from lafq.diffusion import to_uint8
+        from lafq.quantize import hold_dequantized
+
+        rows = self.rows(spec)
+        unconditional = rows is not None and spec.labels == () and self.guided
+        guidance = 1.0 if (not self.guided or unconditional) else float(spec.guidance)
+        den = self.den if model is self.model else replace(self.den, module=model)
+        out = []
+        with hold_dequantized(model):
+            for b, start in enumerate(range(0, spec.n, spec.batch_size)):
+                n = min(spec.batch_size, spec.n - start)
+                x = den.sample(n, steps=spec.steps, seed=spec.seed + b * 2**31, guidance=guidance, clip=True,
+                               rows=None if rows is None else rows[start:start + n])
+                out.append(to_uint8(x).cpu())
+        return torch.cat(out)
+
+    def classifier(self):
+        if self._classifier is None:
+            if not self.has_classifier:
+                raise InputError("not available for this model: no classifier shipped")
+            from lafq.classifier import load_classifier
+            self._classifier = load_classifier(self.folder / "classifier.safetensors")[0]
+        return self._classifier
+
+    def backend(self):
+        if self._backend is None:
+            from lafq.metrics import ClassifierBackend
+            self._backend = ClassifierBackend(model=self.classifier())
+        return self._backend
+
+
+def _conditioning(model, info: ModelInfo):
+    """Class conditioning for a class-conditional UNet2DModel (`num_class_embeds`): one row per class
+    embedding; None for any other model (sampled unconditionally)."""
+    from lafq.models.base import Conditioning
+
+    k = model.config.get("num_class_embeds") if hasattr(model, "config") else None
+    if not k:
+        return None, None
+    return Conditioning({"class_labels": torch.arange(int(k))}, int(k)), info.null_class
+
+
+def load_model_state(entry: ModelEntry, *, device: str = "cpu", heavy=None, jobs=None,
+                     quick_bins: int = QUICK_BINS, quick_samples: int = QUICK_SAMPLES) -> DiffusersState:
+    """Load a diffusers folder into its own DiffusersState (see the module docstring)."""
+    from lafq.models.diffusers_models import load_diffusers
+
+    folder = Path(entry.path)
+    info = check_folder(folder)
+    den = load_diffusers(folder, subfolder=_component(folder))  # no model_index.json needed
+    cond, null_row = _conditioning(den.module, info)
+    k = cond.rows if cond is not None else 0
+    if info.null_class is not None and info.null_class >= k:
+        raise ValueError(f"null_class {info.null_class} is not a class embedding of this model ({k} embeddings)")
+    if len(info.classes) > k:
+        raise ValueError(f"{INFO_FILE} names {len(info.classes)} classes; the model has {k} class embeddings")
+    if not info.classes and k:  # no names: every embedding before the null class is a numbered class
+        info = replace(info, classes=tuple(str(i) for i in range(info.null_class if info.null_class is not None else k)))
+    den = den.with_conditioning(cond, null_row)
+    model = den.module.to(device)
+    fm, note = _fisher_for(den, folder, info, quick_bins, quick_samples)
+    extra = {k: v for k, v in (("heavy", heavy), ("jobs", jobs)) if v is not None}
+    return DiffusersState(model=model, fisher=fm, fisher_note=note, device=str(device), schedule=den.schedule,
+                          den=den, info=info, folder=folder, model_id=entry.id, title=entry.name, **extra)
+
+
+def quick_fisher(den, dataset: str, bins: int, samples: int, progress=None) -> FisherMap:
+    """A Fisher map of `den` on real images of `dataset` (lafq.data), resized to the model's sample shape."""
+    from lafq.data import load_dataset
+    from lafq.fisher_any import fisher_map
+
+    x, _ = load_dataset(dataset).tensors()
+    if tuple(x.shape[1:]) != den.sample_shape:
+        raise ValueError(f"{dataset} images are {tuple(x.shape[1:])}; the model samples {den.sample_shape}")
+    return fisher_map(den, x, bins=bins, samples_per_bin=samples, method="hooks", progress=progress)
+
+
+def _fisher_for(den, folder: Path, info: ModelInfo, bins: int, samples: int) -> tuple[FisherMap | None, str]:
+    path = folder / "fisher.safetensors"
+    why = "no shipped Fisher map"
+    if path.is_file():
+        try:
+            fm = FisherMap.load(path)
+        except (CheckpointError, KeyError, TypeError, ValueError, IndexError) as e:
+            why = f"the shipped Fisher map is unreadable ({shown(str(e))})"
+        else:
+            if fm.meta.get("checkpoint_digest") not in (None, state_digest(den.module)):
+                why = "the shipped Fisher map was computed on other weights"
+            elif set(fm.names) - {n for n, _ in den.module.named_parameters()}:
+                why = "the shipped Fisher map names tensors this model lacks"
+            else:
+                return fm, f"shipped map: {fm.bins} bins x {fm.meta.get('samples_per_bin')} samples"
+    if info.dataset is None:
+        return None, f"{why}; {NO_FISHER}"
+    try:
+        fm = quick_fisher(den, info.dataset, bins, samples)
+    except (DataError, ValueError, OSError) as e:
+        log.warning("no quick Fisher map for %s: %s", folder, e)
+        return None, f"{why}, and none could be computed from {info.dataset} ({shown(str(e))})"
+    return fm, f"{why}; using a rough {bins}-bin x {samples}-sample map from {info.dataset} until you recompute"
+
+
+class Registry:
+    """The selectable models and their states, each loaded once on first use (thread-safe)."""
+
+    def __init__(self, default: AppState, entries: tuple[ModelEntry, ...] | None = None):
+        self.default = default
+        self.entries = tuple(entries) if entries is not None else discover()
+        if not self.entries or self.entries[0].id != DEFAULT_MODEL:
+            self.entries = (ModelEntry(DEFAULT_MODEL, AppState.title), *[e for e in self.entries if e.id != DEFAULT_MODEL])
+        self._states: dict[str, AppState] = {DEFAULT_MODEL: default}
+        self._locks = {e.id: threading.Lock() for e in self.entries}
+
+    def choices(self) -> list[tuple[str, str]]:
+        """(shown name, id) pairs in order, for a dropdown."""
+        return [(e.name, e.id) for e in self.entries]
+
+    @property
+    def ids(self) -> list[str]:
+        return [e.id for e in self.entries]
+
+    def entry(self, model_id) -> ModelEntry:
+        for e in self.entries:
+            if e.id == model_id:
+                return e
+        raise InputError(f"model must be one of {self.ids}, got {shown(model_id)}")
+
+    def get(self, model_id) -> AppState:
+        entry = self.entry(model_id)
+        state = self._states.get(entry.id)
+        if state is not None:
+            return state
+        with self._locks[entry.id]:
+            if entry.id not in self._states:
+                try:
+                    self._states[entry.id] = load_model_state(entry, device=self.default.device,
+                                                              heavy=self.default.heavy, jobs=self.default.jobs)
+                except (OSError, ValueError, RuntimeError, CheckpointError, DataError) as e:
+                    line = " ".join(str(e).split())[:200] or type(e).__name__
+                    log.warning("model %s (%s) could not be loaded: %s", entry.id, entry.path, line)
+                    raise InputError(f"model {entry.name!r} could not be loaded: {line}") from None
+            return self._states[entry.id]
+
+    def state_for(self, user) -> AppState:
+        """The state of the model a session selected (the default for a session without one)."""
+        return self.get(as_user(user).model)
+
+    def select(self, user, model_id) -> UserSession:
+        """The session with another model selected: its recomputed Fisher map is dropped (it belongs to
+        the other model's weights); its evaluations stay (each names its model)."""
+        self.get(model_id)  # a model that cannot load is refused before the session changes
+        user = as_user(user)
+        if user.model == model_id:
+            return user
+        return replace(user, model=model_id, fisher=None, fisher_note="")

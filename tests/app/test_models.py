@@ -1,0 +1,304 @@
+"""The model selector: the registry (shipped models, LAFQ_MODELS), every tab's handlers on a tiny diffusers
+folder given through LAFQ_MODELS, and per-session selections behind a real server."""
+import json
+import logging
+import os
+import shutil
+
+import plotly.graph_objects as go
+import pytest
+import torch
+
+from demo import tab_compare, tab_fisher, tab_inside, tab_quality, tab_quantize
+from demo.models import ModelInfo, Registry, discover
+from demo.presets import BUDGET_45, PRESETS, UNIFORM_INT4
+from demo.state import DEFAULT_MODEL, InputError, UserSession
+
+
+@pytest.fixture(scope="module")
+def tiny(models):
+    """(the tiny model's state, a session that selected it)."""
+    user = models.select(UserSession(), models.ids[1])
+    return models.state_for(user), user
+
+
+def uniform(target="int8"):
+    return tab_quantize.policy_from_controls("uniform", target, "final", -2, -10, 0, 0, 0.25, 0, 6, False)
+
+
+# -- the registry ----------------------------------------------------------------------------------
+
+def test_the_registry_lists_the_mnist_unet_first_then_the_lafq_models_folders(models, tiny_dir):
+    assert models.ids[0] == DEFAULT_MODEL and models.entries[0].path is None
+    assert models.choices()[1] == ("Tiny UNet2DModel (test)", "tiny-unet2dmodel-test")
+    assert models.entries[1].path == tiny_dir and models.entries[1].info.classes == ("circle", "square")
+
+
+def test_a_fashion_folder_is_listed_after_the_mnist_unet_when_it_holds_a_model(tiny_dir, tmp_path):
+    assert [e.id for e in discover({}, fashion=tmp_path / "absent")] == [DEFAULT_MODEL]
+    entries = discover({"LAFQ_MODELS": str(tiny_dir)}, fashion=tiny_dir)
+    assert [e.id for e in entries] == [DEFAULT_MODEL, "fashion"]  # the same folder twice is listed once
+
+
+def test_malformed_lafq_models_entries_are_skipped_with_one_warning_line_each(tiny_dir, tmp_path, caplog):
+    bad_json = tmp_path / "bad-json"
+    shutil.copytree(tiny_dir, bad_json)
+    (bad_json / "lafq.json").write_text("{not json")
+    bad_guidance = tmp_path / "bad-guidance"
+    shutil.copytree(tiny_dir, bad_guidance)
+    (bad_guidance / "lafq.json").write_text(json.dumps({"guidance": 2.0}))  # guidance without a null class
+    no_scheduler = tmp_path / "no-scheduler"
+    shutil.copytree(tiny_dir / "unet", no_scheduler / "unet")
+    listed = os.pathsep.join(str(p) for p in (tmp_path / "missing", bad_json, tiny_dir, bad_guidance, no_scheduler, ""))
+    with caplog.at_level(logging.WARNING, logger="lafq.app"):
+        entries = discover({"LAFQ_MODELS": listed}, fashion=None)
+    assert [e.path for e in entries[1:]] == [tiny_dir]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 4 and all("\n" not in w and "LAFQ_MODELS entry" in w for w in warnings)
+    assert "not a directory" in warnings[0] and "not readable JSON" in warnings[1]
+    assert "needs null_class" in warnings[2] and "scheduler_config.json" in warnings[3]
+
+
+def test_a_model_that_fails_to_load_is_a_one_line_input_error_and_the_registry_keeps_serving(app_state, tiny_dir,
+                                                                                              tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
+    reg = Registry(app_state, discover({"LAFQ_MODELS": str(broken)}, fashion=None))
+    with pytest.raises(InputError, match="could not be loaded") as e:
+        reg.get(reg.ids[1])
+    assert "\n" not in str(e.value)
+    assert reg.get(DEFAULT_MODEL) is app_state
+    with pytest.raises(InputError, match="model must be one of"):
+        reg.select(UserSession(), "no-such-model")
+
+
+def test_model_info_refuses_bad_values_in_one_line():
+    for bad, message in [({"classes": "abc"}, "classes must be a list"), ({"null_class": 0, "classes": ["a"]}, "null_class"),
+                         ({"guidance": float("nan"), "null_class": 1}, "guidance must be"), ({"name": 3}, "name must be")]:
+        with pytest.raises(ValueError, match=message):
+            ModelInfo(**bad)
+
+
+def test_each_model_loads_once_into_its_own_state_sharing_the_heavy_slot(models, app_state, tiny):
+    state, user = tiny
+    assert models.get(user.model) is state and state is not app_state
+    assert state.heavy is app_state.heavy and state.jobs is app_state.jobs  # one heavy job at a time, any model
+    assert state.kind == "diffusers" and state.classes == ("circle", "square") and state.guided
+
+
+def test_selecting_a_model_changes_only_that_session_and_drops_its_recomputed_map(models, app_state):
+    mine = UserSession(fisher=app_state.fisher, fisher_note="mine")
+    other = UserSession()
+    switched = models.select(mine, models.ids[1])
+    assert switched.model == models.ids[1] and switched.fisher is None
+    assert mine.model == DEFAULT_MODEL and other.model == DEFAULT_MODEL  # frozen: nothing else changed
+    assert models.state_for(other) is app_state and models.state_for(None) is app_state
+
+
+# -- every tab on the tiny diffusers model -----------------------------------------------------------
+
+def test_the_fisher_tab_groups_diffusers_tensors_by_their_first_two_names(tiny):
+    state, user = tiny
+    c = tab_fisher.model_controls(state, user)
+    assert c["groups"] == ["all", "0", "1"] and c["layers"][0] == "conv_in" and "down_blocks.0" in c["layers"]
+    assert c["layers"].index("mid_block.resnets") < c["layers"].index("up_blocks.0")  # the order the sample flows
+    heat, mag, bar = tab_fisher.fisher_figures(state, "log", "all", "layers", 2, "down_blocks.0", user)
+    assert list(heat.data[0].y) == c["layers"] and len(mag.data[0].x) == len(c["layers"])
+    assert "resnets.0.conv1.weight" in bar.data[0].x and "down_blocks.0" in bar.layout.title.text
+    heat_t, _, _ = tab_fisher.fisher_figures(state, "raw", "all", "tensors", 0, "conv_in", user)
+    assert len(heat_t.data[0].y) == len(state.shapes)
+    with pytest.raises(InputError, match="no per-class maps"):
+        tab_fisher.fisher_figures(state, "log", "1", "layers", 0, "conv_in", user)
+    with pytest.raises(InputError, match="layer must be one of"):
+        tab_fisher.fisher_figures(state, "log", "all", "layers", 0, "down1", user)
+
+
+def test_a_fisher_recompute_on_a_model_without_a_dataset_is_refused_in_one_line(tiny):
+    state, user = tiny
+    with pytest.raises(InputError, match="names no dataset"):
+        tab_fisher.recompute(state, 2, 2, False, user=user)
+    with pytest.raises(InputError, match="MNIST U-Net only"):
+        tab_fisher.recompute(state, 2, 2, True, user=user)
+
+
+def test_the_quantize_tab_reads_out_the_diffusers_model_and_hides_mnist_presets(tiny, app_state):
+    state, user = tiny
+    shown = tab_quantize.shown_presets(state)
+    assert BUDGET_45 in shown and "INT4 with INT8 stem and head (the usual recipe)" not in shown
+    assert not any("groups" in name for name in shown) and len(shown) == len(PRESETS) - 2
+    assert "MNIST U-Net's layers" in tab_quantize.model_note(state) and tab_quantize.model_note(app_state) == ""
+    cur = tab_quantize.preset_current(state)
+    md, rows, fig = tab_quantize.readout(state, cur, user)
+    fp32 = 4 * sum(p.numel() for p in state.model.parameters())
+    assert f"FP32 is {fp32:,} bytes" in md and "budget" in md and isinstance(fig, go.Figure)
+    assert any(n.startswith("down_blocks.0.") for t in fig.data for n in t.x)
+    with pytest.raises(InputError, match="preset must be one of"):
+        tab_quantize.controls_for(state, "source: groups (keep encoder) → FP16")
+    groups = tab_quantize.policy_from_controls("groups", "fp16", "final", -2, -10, 0, 0, 0.25, 0, 6, False)
+    with pytest.raises(InputError, match="names the MNIST U-Net's layers"):
+        tab_quantize.readout(state, groups, user)
+
+
+def test_an_export_of_a_diffusers_plan_loads_back_as_that_model(tiny, tmp_path):
+    from lafq.qmodel import load_quantized
+
+    state, user = tiny
+    model_path, plan_path = tab_quantize.export(state, uniform(), user, session="models-test")
+    q, _ = load_quantized(model_path)
+    assert type(q).__name__ == "QuantizedUNet2DModel"
+    cur = tab_quantize.load_upload(state, plan_path)
+    assert set(cur["plan"]) == set(state.shapes)
+    with pytest.raises(InputError, match="upload a plan .json"):
+        tab_quantize.load_upload(state, model_path)
+
+
+def test_compare_samples_the_diffusers_model_by_class_with_guidance_from_the_same_noise(tiny):
+    state, user = tiny
+    fp32, plan, uni, diff, md = tab_compare.compare(state, uniform("fp16"), "1", 1.5, 2, 0, 2, True, user)
+    assert fp32.shape == plan.shape == uni.shape and fp32.dtype.name == "uint8"
+    assert "Tiny UNet2DModel (test)" in md and "guidance 1.5" in md and isinstance(diff, go.Figure)
+    again = tab_compare.compare(state, uniform("fp16"), "1", 1.5, 2, 0, 2, False, user)
+    assert (again[0] == fp32).all() and again[2] is None  # same seed, same images
+    assert tab_compare.class_choices(state) == [("any", "any"), ("circle", "0"), ("square", "1")]
+    with pytest.raises(InputError, match="class must be in"):
+        tab_compare.compare(state, uniform(), "2", 1.5, 2, 0, 2, False, user)  # 2 is the null class, not a choice
+
+
+def test_quality_says_in_one_line_that_it_needs_a_classifier(tiny):
+    state, user = tiny
+    md, fig, same = tab_quality.evaluate(state, uniform(), 20, 2, 1, True, user=user)
+    assert md == "not available for this model: no classifier shipped" and same.evaluations == ()
+    assert isinstance(fig, go.Figure) and "no classifier" in tab_quality.model_note(state)
+
+
+def test_the_inside_tab_says_it_is_for_the_mnist_unet_only(tiny, app_state):
+    state, user = tiny
+    assert "MNIST U-Net only" in tab_inside.model_note(state) and tab_inside.model_note(app_state) == ""
+    with pytest.raises(InputError, match="MNIST U-Net only"):
+        tab_inside.activations(state, "1", 5, 0, "down1")
+
+
+def test_a_folder_without_a_fisher_map_or_dataset_offers_fisher_free_plans_only(app_state, tiny_dir, tmp_path):
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_dir, bare, ignore=shutil.ignore_patterns("fisher.safetensors", "lafq.json"))
+    reg = Registry(app_state, discover({"LAFQ_MODELS": str(bare)}, fashion=None))
+    user = reg.select(UserSession(), reg.ids[1])
+    state = reg.state_for(user)
+    assert state.fisher is None and "no Fisher map" in state.fisher_note
+    assert state.classes == ("0", "1", "2") and not state.guided  # no lafq.json: every class embedding, no guidance
+    heat, _, _ = tab_fisher.fisher_figures(state, "log", "all", "layers", 0, None, user)
+    assert "No Fisher map" in heat.layout.title.text
+    assert set(tab_quantize.shown_presets(state)) == {UNIFORM_INT4, "uniform INT4-g32 (group-wise, 4.5 bits)"}
+    md, _, _ = tab_quantize.readout(state, tab_quantize.preset_current(state), user)
+    assert UNIFORM_INT4 in md
+    budget = tab_quantize.policy_from_controls("budget", "int4", "mean", -2, -10, 0, 0, 0.25, 0, 8, False)
+    with pytest.raises(InputError, match="no Fisher map for this model"):
+        tab_quantize.readout(state, budget, user)
+    *_, md = tab_compare.compare(state, uniform(), "any", 3.0, 2, 0, 1, False, user)
+    assert "guidance 1 (no null class)" in md
+
+
+def test_a_named_dataset_that_does_not_fit_the_model_leaves_it_without_a_map_not_broken(app_state, tiny_dir, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_dir, other, ignore=shutil.ignore_patterns("fisher.safetensors"))
+    (other / "lafq.json").write_text(json.dumps({"name": "odd", "dataset": "mnist-train5k"}))  # 28x28 for an 8x8 model
+    reg = Registry(app_state, discover({"LAFQ_MODELS": str(other)}, fashion=None))
+    state = reg.get(reg.ids[1])
+    assert state.fisher is None and "none could be computed from mnist-train5k" in state.fisher_note
+
+
+def test_the_mnist_session_is_unchanged_by_the_registry(models, app_state):
+    state = models.state_for(UserSession())
+    assert state is app_state and state.kind == "lafq" and tab_compare.default_class(state) == "7"
+    assert tab_fisher.model_controls(state)["groups"] == tab_fisher.GROUPS
+    assert len(tab_quantize.shown_presets(state)) == len(PRESETS)
+    assert torch.equal(state.images(state.model, tab_compare.SampleSpec(n=1, steps=1, seed=3)),
+                       state.images(state.model, tab_compare.SampleSpec(n=1, steps=1, seed=3)))
+
+
+# -- behind a real server ----------------------------------------------------------------------------
+
+UNIFORM_INT8 = ["uniform", "int8", "final", -2, -10, 0, 0, 0.25, 0, 6, False]
+
+
+@pytest.fixture(scope="module")
+def url(app_state, tiny_dir):
+    """The app as app.py builds it (the registry from the environment), with LAFQ_MODELS naming the tiny folder."""
+    from tests.app.conftest import launch
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LAFQ_MODELS", str(tiny_dir))
+        demo, url = launch(app_state)
+    yield url
+    demo.close()
+
+
+def fp32_bytes(md: str) -> int:
+    return int(md.split("FP32 is ")[1].split(" bytes")[0].replace(",", ""))
+
+
+def test_two_sessions_keep_their_own_model_selection(url, app_state, tiny):
+    pytest.importorskip("gradio_client")
+    from gradio_client import Client
+    from PIL import Image
+
+    state, _ = tiny
+    mnist, small = 4 * sum(p.numel() for p in app_state.model.parameters()), 4 * sum(p.numel() for p in state.model.parameters())
+    a, b = Client(url, verbose=False), Client(url, verbose=False)
+    assert "select_model" in str(a.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    a.predict(state.model_id, api_name="/select_model")
+    assert fp32_bytes(a.predict(*UNIFORM_INT8, api_name="/quantize_readout")[0]) == small
+    assert fp32_bytes(b.predict(*UNIFORM_INT8, api_name="/quantize_readout")[0]) == mnist  # the other user's view
+    a_img, *_, a_md = a.predict("1", 1.5, 2, 0, 1, False, api_name="/compare")
+    b_img, *_, b_md = b.predict("7", 2.0, 2, 0, 1, False, api_name="/compare")
+    assert state.title in a_md and state.title not in b_md
+    assert Image.open(a_img).size != Image.open(b_img).size  # 8x8 samples vs 28x28 digits
+    b.predict(state.model_id, api_name="/select_model")  # b follows later; a switches back: each its own
+    a.predict(DEFAULT_MODEL, api_name="/select_model")
+    assert fp32_bytes(a.predict(*UNIFORM_INT8, api_name="/quantize_readout")[0]) == mnist
+    assert fp32_bytes(b.predict(*UNIFORM_INT8, api_name="/quantize_readout")[0]) == small
+
+
+def test_an_unknown_model_id_is_refused_in_one_line_and_the_session_keeps_its_model(url, app_state):
+    pytest.importorskip("gradio_client")
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    c = Client(url, verbose=False)
+    with pytest.raises(AppError, match="model must be one of"):
+        c.predict("x" * 10_000, api_name="/select_model")
+    assert fp32_bytes(c.predict(*UNIFORM_INT8, api_name="/quantize_readout")[0]) == \
+        4 * sum(p.numel() for p in app_state.model.parameters())
+
+
+def test_a_model_with_a_dataset_and_classifier_gets_a_quick_map_on_load_and_a_paired_fid(app_state, tmp_path):
+    """A stand-in for checkpoints/fashion at 28x28 (MNIST files stand in for Fashion-MNIST: both are offline here)."""
+    from diffusers import UNet2DModel
+
+    from lafq.classifier import ClassifierConfig, MnistClassifier, save_classifier
+    from tests.diffusers_tiny import save_pipeline_dir
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=28, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(4, 8),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=2, num_class_embeds=11).eval()
+    folder = save_pipeline_dir(tmp_path / "fashion-like", unet)
+    (folder / "model_index.json").unlink()
+    info = {"name": "Fashion stand-in", "dataset": "mnist-train5k", "reference": "mnist-train5k",
+            "classes": [f"c{i}" for i in range(10)], "null_class": 10, "guidance": 1.5}
+    (folder / "lafq.json").write_text(json.dumps(info))
+    save_classifier(folder / "classifier.safetensors", MnistClassifier(ClassifierConfig(width=4, feature_dim=8)))
+    reg = Registry(app_state, discover({}, fashion=folder))
+    user = reg.select(UserSession(), "fashion")
+    state = reg.state_for(user)
+    assert state.fisher is not None and "rough 4-bin x 4-sample map from mnist-train5k" in state.fisher_note
+    md, fig, mine = tab_quality.evaluate(state, uniform("int8"), 20, 2, 2, True, user=user)
+    assert md.startswith("### ΔFID to FP32 (paired, same noise)") and "reference=mnist-train5k" in md
+    assert "Real-vs-real floor at this backend and N" in md and "class agreement" in md
+    assert {p.model for p in mine.evaluations} == {"fashion"} and len(fig.data) == 1  # no MNIST report points
+    assert list((folder / "stats").glob("mnist-train5k-classifier-*.npz"))  # reference statistics cached in the folder
+    mnist_fig = tab_quality.pareto_figure(app_state, mine, 20, 2)
+    assert "you" not in {t.name for t in mnist_fig.data}  # the MNIST chart shows no Fashion evaluations
+    new, msg = tab_fisher.recompute(state, 2, 2, False, user=user)
+    assert new.fisher.bins == 2 and new.model == "fashion" and "2 bins x 2 samples" in msg
