@@ -59,7 +59,8 @@ def build_app(state: AppState, models: Registry | None = None) -> gr.Blocks:
     models = models if models is not None else Registry(state)
     with gr.Blocks(title="LAFQ: Fisher-guided quantization of a diffusion model", delete_cache=DELETE_CACHE) as demo:
         gr.Markdown("# LAFQ — layer-adaptive, Fisher-guided quantization\nSee where precision matters in a "
-                    "class-conditional MNIST diffusion U-Net, tune a quantization plan, and measure what it costs. "
+                    "class-conditional diffusion model (the MNIST U-Net first; pick another above the tabs), tune a "
+                    "quantization plan, and measure what it costs. "
                     f"Computing on: {describe(state.device)}. **New here?** The Compare tab shows a 14%-size plan next to "
                     "FP32 and uniform INT4; the Quantize tab has presets.")
         current = gr.State(tab_quantize.preset_current(state))
