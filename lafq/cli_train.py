@@ -1,0 +1,58 @@
+"""CLI command `train-diffusers`: a class-conditional diffusers UNet2DModel on a 28x28 dataset
+(lafq.train_diffusers), written as a pipeline folder that `fisher-model`, `quantize-model` and
+lafq.models.load_diffusers read. Resumes from OUT/train_state.safetensors when one is there.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+
+def cmd_train_diffusers(args):
+    import torch
+
+    from .cli import _emit
+    from .device import resolve_device
+    from .train import TrainConfig
+    from .train_diffusers import UNet2DConfig, train_diffusers
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.until is not None and args.until > args.steps:
+        raise ValueError(f"--until {args.until} is past --steps {args.steps}")
+    cfg = TrainConfig(dataset=args.dataset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                      warmup=min(TrainConfig.warmup, max(1, args.steps // 10)), seed=args.seed,
+                      save_every=args.save_every, sample_every=args.sample_every, log_every=args.log_every)
+    device = resolve_device(args.device)
+    t0 = time.perf_counter()
+    rec = train_diffusers(args.out, cfg, UNet2DConfig(), resume=not args.no_resume, progress=not args.json,
+                          until=args.until, device=device)
+    res = {"command": "train-diffusers", "out": str(args.out), **rec, "device": str(device),
+           "seconds_this_call": round(time.perf_counter() - t0, 1)}
+    _emit(args, res, f"trained to step {rec['step']} (loss {rec.get('loss', float('nan')):.4f}); "
+                     f"wrote {args.out}/unet, {args.out}/scheduler, {args.out}/lafq.json")
+
+
+def register(sub) -> None:
+    from .cli import _device_arg, _positive, number
+    from .train import TrainConfig
+
+    t = sub.add_parser("train-diffusers", help="train a class-conditional diffusers UNet2DModel (pipeline folder; resumes)")
+    t.add_argument("--dataset", default="fashion-train", help="fashion-train, mnist-test10k, ...")
+    t.add_argument("--out", type=Path, required=True, help="the pipeline folder to write (e.g. checkpoints/fashion)")
+    t.add_argument("--steps", type=_positive("--steps"), required=True, help="total steps the schedule spans")
+    t.add_argument("--until", type=_positive("--until"), default=None, help="stop this call at this step")
+    t.add_argument("--threads", type=_positive("--threads"), default=None, help="CPU threads (torch.set_num_threads)")
+    t.add_argument("--batch-size", type=_positive("--batch-size"), default=TrainConfig.batch_size)
+    t.add_argument("--lr", type=number("--lr", 1e-8, 1.0), default=TrainConfig.lr)
+    t.add_argument("--seed", type=number("--seed", 0, 2**63 - 1, integer=True), default=0)
+    t.add_argument("--save-every", type=_positive("--save-every"), default=250)
+    t.add_argument("--sample-every", type=_positive("--sample-every"), default=1000)
+    t.add_argument("--log-every", type=_positive("--log-every"), default=50)
+    t.add_argument("--no-resume", action="store_true", help="start over even if OUT has a train state")
+    _device_arg(t)
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=cmd_train_diffusers)
+
+
+REGISTER = [register]
