@@ -261,9 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands():
     """Commands whose modules register themselves (kept out of this file so it stays short)."""
-    from . import cli_bench, cli_export, cli_quant, space
+    from . import cli_bench, cli_export, cli_quant, cli_diffusers, space
 
-    return cli_quant.REGISTER + cli_bench.REGISTER + space.REGISTER + cli_export.REGISTER
+    return cli_quant.REGISTER + cli_bench.REGISTER + space.REGISTER + cli_export.REGISTER + cli_diffusers.REGISTER
 
 
 def _os_error(e: OSError) -> str:

@@ -74,6 +74,26 @@ def _images(path: str, key: str | None):
     return tensors[name]
 
 
+def _dataset_draws(args):
+    """--dataset: its images, their class labels as conditioning rows, and the null class of the model's
+    lafq.json (`class_labels` rows 0..null_class; row null_class is the unconditional branch)."""
+    import json
+
+    import torch
+
+    from .data import load_dataset
+    from .models import Conditioning
+
+    if args.conditioning:
+        raise ValueError("--dataset conditions on the images' class labels: leave out --conditioning")
+    card_path = Path(args.model) / "lafq.json"
+    if not card_path.is_file():
+        raise ValueError(f"--dataset needs the model's null class from {card_path} (written by train-diffusers)")
+    null = int(json.loads(card_path.read_text(encoding="utf-8"))["null_class"])
+    images, labels = load_dataset(args.dataset).tensors()
+    return images, labels, Conditioning({"class_labels": torch.arange(null + 1)}, null + 1), null
+
+
 def cmd_fisher_model(args):
     import time
 
@@ -82,21 +102,29 @@ def cmd_fisher_model(args):
     from .fisher_any import fisher_map
     from .models import load_conditioning, load_diffusers
 
-    images = _images(args.images, args.key)
-    cond = load_conditioning(args.conditioning) if args.conditioning else None
+    if (args.images is None) == (args.dataset is None):
+        raise ValueError("give --images (a .safetensors of clean samples) or --dataset (a 28x28 dataset name), not both")
+    image_rows, null_row = None, None
+    if args.dataset:
+        images, image_rows, cond, null_row = _dataset_draws(args)
+    else:
+        images = _images(args.images, args.key)
+        cond = load_conditioning(args.conditioning) if args.conditioning else None
     try:
         den = load_diffusers(args.model, subfolder=args.subfolder, conditioning=cond)
     except ImportError:
         raise ValueError("fisher-model needs diffusers: pip install -r requirements-export.txt") from None
     except OSError as e:
         raise ValueError(f"cannot load {args.model}: {str(e).splitlines()[0]}") from None
+    den = den.with_conditioning(den.conditioning, null_row)
     from . import distributed
 
     device = distributed.init_from_env(resolve_device(args.device))  # under torchrun: this process's share
     den.module.to(device)
     t0 = time.perf_counter()
-    fm = fisher_map(den, images, bins=args.bins, samples_per_bin=args.samples, seed=args.seed, method=args.method)
-    fm.meta["images"] = str(args.images)
+    fm = fisher_map(den, images, bins=args.bins, samples_per_bin=args.samples, seed=args.seed, method=args.method,
+                    image_rows=image_rows, p_null=args.p_null if args.dataset else 0.0)
+    fm.meta["images"] = str(args.images or args.dataset)
     main = distributed.is_main()
     distributed.finish()
     if not main:  # rank 0 writes and reports; the map is the same on every process
@@ -111,12 +139,18 @@ def cmd_fisher_model(args):
 
 
 def register_fisher_model(sub) -> None:
+    from .cli import number
     from .fisher_any import METHODS
 
     f = sub.add_parser("fisher-model", help="Fisher map of a diffusers model (UNet2D, UNet2DCondition, DiT, ...)")
     f.add_argument("--model", required=True, help="a diffusers pipeline or model folder (or Hub repo id) with its scheduler")
     f.add_argument("--subfolder", default=None, help="the denoiser's subfolder (default: transformer or unet)")
-    f.add_argument("--images", required=True, help=".safetensors with clean samples (N, C, H, W), e.g. VAE latents")
+    f.add_argument("--images", default=None, help=".safetensors with clean samples (N, C, H, W), e.g. VAE latents")
+    f.add_argument("--dataset", default=None,
+                   help="instead of --images: a 28x28 dataset (fashion-test, ...), each image with its class label "
+                        "as conditioning; needs the model folder's lafq.json (train-diffusers)")
+    f.add_argument("--p-null", type=number("--p-null", 0, 1), default=0.1,
+                   help="with --dataset: how often the null class replaces the label (training's label dropout)")
     f.add_argument("--key", default=None, help="tensor name in --images (default: 'images', else the first)")
     f.add_argument("--conditioning", default=None, help="captured conditioning (lafq.models.save_conditioning)")
     f.add_argument("--bins", type=int, default=20)

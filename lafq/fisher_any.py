@@ -11,7 +11,8 @@ Per-sample gradients, all exact, chosen per parameter:
     naive   one backward per sample: where vmap fails on an operation, and the reference
 `method="hooks"` uses hooks where it can and falls back parameter by parameter (vmap, else naive);
 the map's metadata names each parameter's method. Draws: x0 uniform from the images given,
-t uniform in the bin, fresh Gaussian noise, one conditioning row uniform from the captured ones.
+t uniform in the bin, fresh Gaussian noise, one conditioning row uniform from the captured ones
+(or, given `image_rows`, the image's own row, e.g. its class label, with label dropout `p_null`).
 
 `lafq.fisher.compute_fisher` stays the path for the project's U-Net (class-balanced draws, the
 null-label rate of training): its shipped map is unchanged.
@@ -183,11 +184,33 @@ def _sq_grads(den, x0, noise, t, rows, method, chunk, methods) -> dict[str, torc
     return acc
 
 
+def _check_image_rows(den: Denoiser, images: torch.Tensor, image_rows: torch.Tensor, p_null: float) -> None:
+    if den.conditioning is None:
+        raise ValueError("image_rows pick conditioning rows: the denoiser has no conditioning")
+    if tuple(image_rows.shape) != (len(images),):
+        raise ValueError(f"image_rows needs one row per image: {len(images)}, got shape {tuple(image_rows.shape)}")
+    if len(image_rows) and (int(image_rows.min()) < 0 or int(image_rows.max()) >= den.conditioning.rows):
+        raise ValueError(f"image_rows must be in [0, {den.conditioning.rows}), got {int(image_rows.min())}.."
+                         f"{int(image_rows.max())}")
+    if not 0.0 <= p_null <= 1.0:
+        raise ValueError(f"p_null must be in [0, 1], got {p_null}")
+    if p_null > 0 and den.null_row is None:
+        raise ValueError("p_null > 0 needs the unconditional conditioning row (null_row); this denoiser has none")
+
+
 def fisher_map(den: Denoiser, images: torch.Tensor, *, bins: int = 50, samples_per_bin: int = 64, seed: int = 0,
-               chunk: int = 64, method: str = "hooks", progress: Callable[[int, int], None] | None = None) -> FisherMap:
-    """Fisher map of any denoiser on clean samples `images` (N, *den.sample_shape), e.g. VAE latents."""
+               chunk: int = 64, method: str = "hooks", progress: Callable[[int, int], None] | None = None,
+               image_rows: torch.Tensor | None = None, p_null: float = 0.0) -> FisherMap:
+    """Fisher map of any denoiser on clean samples `images` (N, *den.sample_shape), e.g. VAE latents.
+
+    `image_rows` (N,), optional: the conditioning row of each image (its class label for a class-conditional
+    model), replaced by the unconditional row `den.null_row` with probability `p_null` (the label dropout
+    of training); without it, rows are drawn uniformly and independently of the images.
+    """
     if samples_per_bin < 1:
         raise ValueError(f"samples_per_bin must be at least 1, got {samples_per_bin}")
+    if image_rows is not None:
+        _check_image_rows(den, images, image_rows, p_null)
     if tuple(images.shape[1:]) != den.sample_shape:
         raise ValueError(f"images have shape {tuple(images.shape[1:])} per sample; the model takes {den.sample_shape}")
     module = den.module
@@ -208,8 +231,14 @@ def fisher_map(den: Denoiser, images: torch.Tensor, *, bins: int = 50, samples_p
             idx = torch.randint(len(images), (samples_per_bin,), generator=gen)
             t = torch.randint(edges[b], edges[b + 1], (samples_per_bin,), generator=gen)
             noise = torch.randn((samples_per_bin, *den.sample_shape), generator=gen, dtype=dtype)
-            rows = (torch.randint(den.conditioning.rows, (samples_per_bin,), generator=gen)
-                    if den.conditioning is not None else None)
+            if image_rows is not None:  # each image's own row; the null row at the label-dropout rate
+                rows = image_rows[idx].long()
+                drop = torch.rand(samples_per_bin, generator=gen) < p_null
+                if drop.any():
+                    rows[drop] = den.null_row
+            else:
+                rows = (torch.randint(den.conditioning.rows, (samples_per_bin,), generator=gen)
+                        if den.conditioning is not None else None)
             part = shard(samples_per_bin)  # every process drew the whole batch; this one scores its share
             if len(t[part]):
                 x0 = images[idx[part]].to(device=dev, dtype=dtype)
@@ -234,6 +263,8 @@ def fisher_map(den: Denoiser, images: torch.Tensor, *, bins: int = 50, samples_p
             "fallback": {m: v for m, v in by_method.items() if m != method and v},
             "checkpoint_digest": state_digest(module), "seconds": round(time.perf_counter() - t0, 2),
             "prediction_type": den.prediction_type, "processes": world(),
-            "loss": f"MSE to the {den.prediction_type} target, unweighted; conditioning rows uniform",
+            "loss": f"MSE to the {den.prediction_type} target, unweighted; " + (
+                f"each image's conditioning row, the null row with p={p_null:g}" if image_rows is not None
+                else "conditioning rows uniform"),
             "model": {k: v for k, v in den.source.items() if k != "config"}}
     return FisherMap(names, [p.numel() for p in params.values()], edges, ["all"], fisher, magnitude, channel, info)

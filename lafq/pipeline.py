@@ -117,14 +117,17 @@ def seed_result_key(denoiser, spec: SampleSpec, backend, classifier, reference: 
 
 def evaluate_fid(denoiser, spec: SampleSpec, seeds: list[int], *, backend=None, classifier=None, num_classes: int = 10,
                  reference: str = "mnist-train5k", device="cpu", progress=None, log=None,
-                 cache_dir: str | Path | None = None) -> FIDResult:
+                 cache_dir: str | Path | None = None, schedule: Schedule | None = None,
+                 stats_dir: str | Path | None = None) -> FIDResult:
     """FID (and classifier accuracy for conditional samples) of spec.n samples, once per seed.
 
     With `cache_dir`, each finished seed is written there as JSON (keyed by `seed_result_key`) and
     found again by a later call, so an hours-long evaluation can be split over several runs.
+    `schedule`: the model's noise schedule (default: the project's linear one); `stats_dir`: where the
+    reference statistics are cached (default: checkpoints/stats).
     """
     backend = backend or get_backend("auto")
-    ref = reference_statistics(backend, reference)
+    ref = reference_statistics(backend, reference, **_stats_kw(stats_dir))
     result = FIDResult(backend=backend.name, n=spec.n, values=[], reference=reference)
     for k, seed in enumerate(seeds):
         s = SampleSpec(**{**spec.__dict__, "seed": seed})
@@ -140,7 +143,7 @@ def evaluate_fid(denoiser, spec: SampleSpec, seeds: list[int], *, backend=None, 
             continue
         t0 = time.perf_counter()
         prog = (lambda d, t, k=k: progress(k * t + d, len(seeds) * t)) if progress else None
-        images, labels = generate(denoiser, s, num_classes=num_classes, device=device, progress=prog)
+        images, labels = generate(denoiser, s, num_classes=num_classes, schedule=schedule, device=device, progress=prog)
         result.values.append(frechet_distance(statistics(backend.features(images)), ref))
         if classifier is not None and labels is not None:
             result.accuracy.append(classifier_accuracy(classifier, images, labels))
@@ -157,12 +160,17 @@ def evaluate_fid(denoiser, spec: SampleSpec, seeds: list[int], *, backend=None, 
     return result
 
 
-def real_floor(backend, n: int, seeds: list[int], *, train: str = "mnist-test10k", reference: str = "mnist-train5k") -> FIDResult:
+def _stats_kw(stats_dir) -> dict:
+    return {} if stats_dir is None else {"cache_dir": stats_dir}
+
+
+def real_floor(backend, n: int, seeds: list[int], *, train: str = "mnist-test10k", reference: str = "mnist-train5k",
+               stats_dir: str | Path | None = None) -> FIDResult:
     """FID of n real training images against the held-out reference: the best a model could score."""
     from .data import load_dataset
 
     images = torch.from_numpy(load_dataset(train).images)
-    ref = reference_statistics(backend, reference)
+    ref = reference_statistics(backend, reference, **_stats_kw(stats_dir))
     feats = backend.features(images)
     result = FIDResult(backend=backend.name, n=n, values=[], reference=reference)
     for seed in seeds:

@@ -122,57 +122,25 @@ def _restore_train_state(tensors, model, ema, opt, gen, step: int) -> None:
         torch.cuda.set_rng_state(tensors["rng.cuda"])
 
 
-def train(out: str | Path, cfg: TrainConfig = TrainConfig(), model_cfg: UNetConfig = UNetConfig(),
-          resume: bool = True, progress: bool = True, channels_last: bool = True, data_root=None,
-          until: int | None = None, device="cpu") -> dict:
-    """Train (or resume from out/train_state.safetensors) up to cfg.steps; returns the last log record.
+def check_same_run(state_path: Path, meta: dict, cfg: TrainConfig) -> None:
+    """A train state resumes only the run it came from: same dataset, same seed."""
+    old = TrainConfig.from_dict(meta["train_config"])
+    if old.dataset != cfg.dataset or old.seed != cfg.seed:
+        raise CheckpointError(f"{state_path} was trained on {old.dataset!r} seed {old.seed}; asked for "
+                              f"{cfg.dataset!r} seed {cfg.seed}: use a new output directory")
 
-    `until` stops this call early at that step (a checkpoint is written there); the learning-rate
-    schedule still spans cfg.steps, so a run split over several calls equals one uninterrupted run.
-    Batches, timesteps and noise are drawn on the CPU whatever `device` is, so a run can move between
-    a CPU and a GPU and go on with the same data (a resumed run on another device is not bit-identical).
+
+def run_steps(out: Path, model, ema, opt, gen, data: tuple[torch.Tensor, torch.Tensor], schedule, cfg: TrainConfig, *,
+              null_class: int, step: int, stop: int, wall: float, checkpoint, sample_grid, channels_last: bool,
+              device, progress: bool) -> dict:
+    """The training loop shared by every architecture trained here: `model(x_t, t, y)` predicts the noise.
+
+    Steps `step` -> `stop`: batches, label dropout to `null_class`, timesteps and noise drawn from `gen` on
+    the CPU; AdamW at lr_at(step), gradient clipping, EMA update. Appends to out/train_log.jsonl every
+    cfg.log_every steps, calls sample_grid() every cfg.sample_every steps and checkpoint(step, wall)
+    every cfg.save_every steps and at `stop`. Returns the last log record.
     """
-    device = torch.device(device)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    state_path = out / "train_state.safetensors"
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    model = UNet(model_cfg).to(device)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step, wall = 0, 0.0
-    if resume and state_path.exists():
-        tensors, meta = load_file(state_path, kind="train_state")
-        diff = config_mismatch(model_cfg.to_dict(), UNetConfig.from_dict(meta["config"]).to_dict())
-        if diff:
-            raise CheckpointError(f"{state_path}: model config differs from the one asked for: " + "; ".join(diff))
-        old = TrainConfig.from_dict(meta["train_config"])
-        if old.dataset != cfg.dataset or old.seed != cfg.seed:
-            raise CheckpointError(f"{state_path} was trained on {old.dataset!r} seed {old.seed}; asked for "
-                                  f"{cfg.dataset!r} seed {cfg.seed}: use a new output directory")
-        step, wall = meta["step"], meta["wall_seconds"]
-        _restore_train_state(tensors, model, ema, opt, gen, step)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-
-    data = load_dataset(cfg.dataset, data_root)
-    x_all, y_all = data.tensors()
-    schedule = linear_schedule()
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{platform.machine()} {torch.get_num_threads()} threads"
-    info = {"dataset": cfg.dataset, "dataset_size": len(data), "params": count_parameters(model),
-            "torch": torch.__version__, "machine": machine,
-            "seed": cfg.seed}
-
-    def checkpoint(step_now: int, wall_now: float) -> None:
-        facts = {**info, "steps": step_now, "wall_seconds": round(wall_now, 1),
-                 "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "train_config": asdict(cfg)}
-        save_unet(out / "unet.safetensors", ema, train=facts)
-        save_file(state_path, _train_state_tensors(model, ema, opt, gen),
-                  {"kind": "train_state", "config": model_cfg.to_dict(), "train_config": asdict(cfg),
-                   "step": step_now, "wall_seconds": wall_now})
-
+    x_all, y_all = data
     bar = None
     if progress:
         from tqdm import tqdm
@@ -181,11 +149,10 @@ def train(out: str | Path, cfg: TrainConfig = TrainConfig(), model_cfg: UNetConf
     losses: list[float] = []
     record: dict = {"step": step}
     t_last = time.perf_counter()
-    stop = min(cfg.steps, until) if until else cfg.steps
     while step < stop:
         idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=gen)
         x0, y = x_all[idx], y_all[idx].clone()
-        y[torch.rand(cfg.batch_size, generator=gen) < cfg.p_uncond] = model_cfg.num_classes
+        y[torch.rand(cfg.batch_size, generator=gen) < cfg.p_uncond] = null_class
         t = torch.randint(0, schedule.T, (cfg.batch_size,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         x0, y, t, noise = (v.to(device) for v in (x0, y, t, noise))
@@ -216,12 +183,69 @@ def train(out: str | Path, cfg: TrainConfig = TrainConfig(), model_cfg: UNetConf
             if bar:
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
         if step % cfg.sample_every == 0 or step == cfg.steps:
-            labels = torch.arange(10).repeat_interleave(8) if model_cfg.num_classes else None
-            imgs = sample(ema, schedule, 80, steps=25, seed=0, labels=labels, null_class=model_cfg.num_classes,
-                          device=device).cpu()
-            save_grid(imgs, out / "samples.png", nrow=8)
+            sample_grid()
         if step % cfg.save_every == 0 or step == stop:
             checkpoint(step, wall + time.perf_counter() - t_last)
     if bar:
         bar.close()
     return record
+
+
+def train(out: str | Path, cfg: TrainConfig = TrainConfig(), model_cfg: UNetConfig = UNetConfig(),
+          resume: bool = True, progress: bool = True, channels_last: bool = True, data_root=None,
+          until: int | None = None, device="cpu") -> dict:
+    """Train (or resume from out/train_state.safetensors) up to cfg.steps; returns the last log record.
+
+    `until` stops this call early at that step (a checkpoint is written there); the learning-rate
+    schedule still spans cfg.steps, so a run split over several calls equals one uninterrupted run.
+    Batches, timesteps and noise are drawn on the CPU whatever `device` is, so a run can move between
+    a CPU and a GPU and go on with the same data (a resumed run on another device is not bit-identical).
+    """
+    device = torch.device(device)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "train_state.safetensors"
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model = UNet(model_cfg).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step, wall = 0, 0.0
+    if resume and state_path.exists():
+        tensors, meta = load_file(state_path, kind="train_state")
+        diff = config_mismatch(model_cfg.to_dict(), UNetConfig.from_dict(meta["config"]).to_dict())
+        if diff:
+            raise CheckpointError(f"{state_path}: model config differs from the one asked for: " + "; ".join(diff))
+        check_same_run(state_path, meta, cfg)
+        step, wall = meta["step"], meta["wall_seconds"]
+        _restore_train_state(tensors, model, ema, opt, gen, step)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    data = load_dataset(cfg.dataset, data_root)
+    x_all, y_all = data.tensors()
+    schedule = linear_schedule()
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.machine()} {torch.get_num_threads()} threads"
+    info = {"dataset": cfg.dataset, "dataset_size": len(data), "params": count_parameters(model),
+            "torch": torch.__version__, "machine": machine,
+            "seed": cfg.seed}
+
+    def checkpoint(step_now: int, wall_now: float) -> None:
+        facts = {**info, "steps": step_now, "wall_seconds": round(wall_now, 1),
+                 "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "train_config": asdict(cfg)}
+        save_unet(out / "unet.safetensors", ema, train=facts)
+        save_file(state_path, _train_state_tensors(model, ema, opt, gen),
+                  {"kind": "train_state", "config": model_cfg.to_dict(), "train_config": asdict(cfg),
+                   "step": step_now, "wall_seconds": wall_now})
+
+    def sample_grid() -> None:
+        labels = torch.arange(10).repeat_interleave(8) if model_cfg.num_classes else None
+        imgs = sample(ema, schedule, 80, steps=25, seed=0, labels=labels, null_class=model_cfg.num_classes,
+                      device=device).cpu()
+        save_grid(imgs, out / "samples.png", nrow=8)
+
+    stop = min(cfg.steps, until) if until else cfg.steps
+    return run_steps(out, model, ema, opt, gen, (x_all, y_all), schedule, cfg, null_class=model_cfg.num_classes,
+                     step=step, stop=stop, wall=wall, checkpoint=checkpoint, sample_grid=sample_grid,
+                     channels_last=channels_last, device=device, progress=progress)

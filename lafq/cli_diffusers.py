@@ -1,0 +1,141 @@
+"""CLI commands for the class-conditional diffusers UNet2DModel folders that lafq trains:
+
+    train-diffusers  train on a 28x28 dataset (lafq.train_diffusers) into a pipeline folder that
+                     `fisher-model`, `quantize-model` and lafq.models.load_diffusers read; resumes from
+                     OUT/train_state.safetensors when one is there
+    fid-model        FID (classifier backend) and class accuracy of such a folder, mean and 95% CI over
+                     seeds, against the reference split its lafq.json names; per-seed results cached as
+                     JSON in --out-dir, reference statistics in --stats-dir; optionally the real-vs-real floor
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+
+def cmd_train_diffusers(args):
+    import torch
+
+    from .cli import _emit
+    from .device import resolve_device
+    from .train import TrainConfig
+    from .train_diffusers import UNet2DConfig, train_diffusers
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.until is not None and args.until > args.steps:
+        raise ValueError(f"--until {args.until} is past --steps {args.steps}")
+    cfg = TrainConfig(dataset=args.dataset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                      warmup=min(TrainConfig.warmup, max(1, args.steps // 10)), seed=args.seed,
+                      save_every=args.save_every, sample_every=args.sample_every, log_every=args.log_every)
+    device = resolve_device(args.device)
+    t0 = time.perf_counter()
+    rec = train_diffusers(args.out, cfg, UNet2DConfig(), resume=not args.no_resume, progress=not args.json,
+                          until=args.until, device=device)
+    res = {"command": "train-diffusers", "out": str(args.out), **rec, "device": str(device),
+           "seconds_this_call": round(time.perf_counter() - t0, 1)}
+    _emit(args, res, f"trained to step {rec['step']} (loss {rec.get('loss', float('nan')):.4f}); "
+                     f"wrote {args.out}/unet, {args.out}/scheduler, {args.out}/lafq.json")
+
+
+def register(sub) -> None:
+    from .cli import _device_arg, _positive, number
+    from .train import TrainConfig
+
+    t = sub.add_parser("train-diffusers", help="train a class-conditional diffusers UNet2DModel (pipeline folder; resumes)")
+    t.add_argument("--dataset", default="fashion-train", help="fashion-train, mnist-test10k, ...")
+    t.add_argument("--out", type=Path, required=True, help="the pipeline folder to write (e.g. checkpoints/fashion)")
+    t.add_argument("--steps", type=_positive("--steps"), required=True, help="total steps the schedule spans")
+    t.add_argument("--until", type=_positive("--until"), default=None, help="stop this call at this step")
+    t.add_argument("--threads", type=_positive("--threads"), default=None, help="CPU threads (torch.set_num_threads)")
+    t.add_argument("--batch-size", type=_positive("--batch-size"), default=TrainConfig.batch_size)
+    t.add_argument("--lr", type=number("--lr", 1e-8, 1.0), default=TrainConfig.lr)
+    t.add_argument("--seed", type=number("--seed", 0, 2**63 - 1, integer=True), default=0)
+    t.add_argument("--save-every", type=_positive("--save-every"), default=250)
+    t.add_argument("--sample-every", type=_positive("--sample-every"), default=1000)
+    t.add_argument("--log-every", type=_positive("--log-every"), default=50)
+    t.add_argument("--no-resume", action="store_true", help="start over even if OUT has a train state")
+    _device_arg(t)
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=cmd_train_diffusers)
+
+
+def _card(model: Path) -> dict:
+    import json
+
+    path = model / "lafq.json"
+    if not path.is_file():
+        raise ValueError(f"{model} has no lafq.json: not a folder written by train-diffusers")
+    card = json.loads(path.read_text(encoding="utf-8"))
+    missing = [k for k in ("dataset", "reference", "null_class") if card.get(k) is None]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}")
+    return card
+
+
+def cmd_fid_model(args):
+    import json
+
+    import torch
+
+    from .checkpoint import atomic_write_bytes
+    from .cli import _emit, _log
+    from .metrics import ClassifierBackend
+    from .models import load_diffusers
+    from .pipeline import SampleSpec, evaluate_fid, real_floor
+    from .train_diffusers import ClassUNet
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log = _log(args)
+    card = _card(args.model)
+    classifier = args.classifier or args.model / "classifier.safetensors"
+    stats_dir = args.stats_dir or args.model / "stats"
+    out_dir = args.out_dir or args.model / "eval"
+    backend = ClassifierBackend(path=classifier)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    res = {"command": "fid-model", "model": str(args.model), "classifier": str(classifier), "backend": backend.name,
+           "n": args.n, "seeds": seeds, "reference": card["reference"]}
+    lines = []
+    if not args.floor_only:
+        den = load_diffusers(args.model)
+        spec = SampleSpec(n=args.n, steps=args.steps, guidance=args.guidance, seed=seeds[0], batch_size=args.batch_size)
+        log(f"FID: {args.n} class-balanced samples x {len(seeds)} seeds, ddim-{spec.steps}, guidance {spec.guidance}, "
+            f"classifier {classifier}, reference {card['reference']}")
+        r = evaluate_fid(ClassUNet(den.module), spec, seeds, backend=backend, classifier=backend.model,
+                         num_classes=int(card["null_class"]), reference=card["reference"], log=log,
+                         cache_dir=out_dir, schedule=den.schedule, stats_dir=stats_dir)
+        res.update(r.to_dict(), steps=spec.steps, sampler=spec.sampler, guidance=spec.guidance)
+        lines.append(r.describe())
+    if args.real_floor or args.floor_only:
+        f = real_floor(backend, args.n, seeds, train=card["dataset"], reference=card["reference"], stats_dir=stats_dir)
+        res["real_floor"] = {**f.to_dict(), "train": card["dataset"]}
+        lines.append(f"real-vs-real floor ({card['dataset']} draws vs {card['reference']}): " + f.describe())
+    name = "floor" if args.floor_only else f"fid-n{args.n}-ddim{args.steps}-w{args.guidance:g}"
+    atomic_write_bytes(out_dir / f"{name}.json", (json.dumps(res, indent=2, sort_keys=True) + "\n").encode())
+    _emit(args, res, "\n".join(lines) + f"\nwrote {out_dir / (name + '.json')}")
+
+
+def register_fid_model(sub) -> None:
+    from .cli import MAX_GUIDANCE, _positive, number
+    from .diffusion import DEFAULT_GUIDANCE
+
+    f = sub.add_parser("fid-model", help="FID and class accuracy of a train-diffusers folder (mean, 95%% CI over seeds)")
+    f.add_argument("--model", type=Path, required=True, help="a folder written by train-diffusers (with lafq.json)")
+    f.add_argument("--classifier", type=Path, default=None, help="FID features and accuracy (default: MODEL/classifier.safetensors)")
+    f.add_argument("--stats-dir", type=Path, default=None, help="reference statistics cache (default: MODEL/stats)")
+    f.add_argument("--out-dir", type=Path, default=None, help="per-seed results and the summary (default: MODEL/eval)")
+    f.add_argument("--n", type=_positive("--n"), default=1000, help="class-balanced samples per seed")
+    f.add_argument("--seeds", type=_positive("--seeds"), default=3)
+    f.add_argument("--seed", type=number("--seed", 0, 2**63 - 1, integer=True), default=0, help="first seed")
+    f.add_argument("--steps", type=_positive("--steps"), default=50, help="DDIM steps")
+    f.add_argument("--guidance", type=number("--guidance", 0, MAX_GUIDANCE), default=DEFAULT_GUIDANCE)
+    f.add_argument("--batch-size", type=_positive("--batch-size"), default=250)
+    f.add_argument("--real-floor", action="store_true", help="also the real-vs-real FID at the same N and seeds")
+    f.add_argument("--floor-only", action="store_true", help="only the real-vs-real floor (no sampling)")
+    f.add_argument("--threads", type=_positive("--threads"), default=None, help="CPU threads (torch.set_num_threads)")
+    f.add_argument("--json", action="store_true")
+    f.set_defaults(func=cmd_fid_model)
+
+
+REGISTER = [register, register_fid_model]

@@ -1,0 +1,75 @@
+"""`fisher-model --dataset` and `fid-model` on a tiny train-diffusers folder: labels become conditioning rows
+(with the null class at the label-dropout rate), FID and accuracy per seed land in JSON, reference
+statistics in the folder's stats cache."""
+import json
+
+import pytest
+import torch
+
+from lafq.train_diffusers import make_scheduler, model_card, save_pipeline
+from tests.test_train_diffusers import TINY2D
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """An untrained tiny folder whose lafq.json names MNIST (small vendored splits) and a random classifier."""
+    from lafq.classifier import ClassifierConfig, MnistClassifier, save_classifier
+
+    torch.manual_seed(0)
+    root = tmp_path / "model"
+    save_pipeline(root, TINY2D.build().eval(), make_scheduler(), model_card("mnist-test10k", TINY2D.null_class))
+    save_classifier(root / "classifier.safetensors", MnistClassifier(ClassifierConfig(width=4, feature_dim=8)).eval())
+    return root
+
+
+def _seen_labels(den, images, **kw):
+    from lafq.fisher_any import fisher_map
+
+    seen = []
+    h = den.module.register_forward_pre_hook(lambda m, a, k: seen.append(k["class_labels"].clone()), with_kwargs=True)
+    try:
+        fisher_map(den, images, bins=2, samples_per_bin=4, **kw)
+    finally:
+        h.remove()
+    return torch.cat(seen[1:])  # the first call counts module calls on one sample
+
+
+def test_image_rows_condition_each_draw_on_its_image_label_and_p_null_one_on_the_null_class(folder):
+    from lafq.models import Conditioning, load_diffusers
+
+    den = load_diffusers(folder).with_conditioning(Conditioning({"class_labels": torch.arange(11)}, 11), null_row=10)
+    images = torch.zeros(5, 1, 28, 28)
+    assert set(_seen_labels(den, images, image_rows=torch.full((5,), 3)).tolist()) == {3}
+    assert set(_seen_labels(den, images, image_rows=torch.full((5,), 3), p_null=1.0).tolist()) == {10}
+    with pytest.raises(ValueError, match="one row per image"):
+        _seen_labels(den, images, image_rows=torch.zeros(4, dtype=torch.long))
+
+
+def test_fisher_model_takes_a_dataset_and_records_the_label_dropout(folder, tmp_path, capsys):
+    from lafq.cli import main
+    from lafq.fisher import FisherMap
+
+    out = tmp_path / "f.safetensors"
+    assert main(["fisher-model", "--model", str(folder), "--dataset", "mnist-train5k", "--bins", "2", "--samples", "4",
+                 "--device", "cpu", "--out", str(out), "--json"]) == 0
+    fm = FisherMap.load(out)
+    assert "p=0.1" in fm.meta["loss"] and fm.meta["images"] == "mnist-train5k"
+    assert "unet.conv_in.weight" not in fm.names and "conv_in.weight" in fm.names
+    assert main(["fisher-model", "--model", str(folder), "--out", str(out)]) == 2
+    assert "give --images" in capsys.readouterr().err
+
+
+def test_fid_model_writes_per_seed_results_the_floor_and_cached_reference_statistics(folder, capsys):
+    from lafq.cli import main
+
+    assert main(["fid-model", "--model", str(folder), "--n", "20", "--seeds", "2", "--steps", "2", "--real-floor",
+                 "--threads", "1", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(res["fid_values"]) == 2 and len(res["accuracy_values"]) == 2 and res["reference"] == "mnist-train5k"
+    assert len(res["real_floor"]["fid_values"]) == 2 and res["real_floor"]["train"] == "mnist-test10k"
+    per_seed = sorted((folder / "eval").glob("fid-*.json"))
+    assert len([p for p in per_seed if "-n20-" not in p.name]) == 2
+    assert (folder / "eval" / "fid-n20-ddim2-w1.5.json").is_file()
+    assert [p.name.split("-")[0] for p in (folder / "stats").glob("*.npz")] == ["mnist"]
+    assert main(["fid-model", "--model", str(folder / "unet")]) == 2
+    assert "no lafq.json" in capsys.readouterr().err
