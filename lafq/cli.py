@@ -8,36 +8,23 @@ bad input, unreadable or unwritable paths, or interruption.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 import time
 from pathlib import Path
 
 
 from . import paths
+from .cliutil import CLIError, number
+from .cliutil import device_arg as _device_arg
+from .cliutil import emit as _emit
+from .cliutil import log_to as _log
+from .cliutil import positive as _positive
 from .checkpoint import CheckpointError
 from .data import DataError
 from .diffusion import DEFAULT_GUIDANCE
 
 DEFAULT_CKPT = str(paths.UNET)
 MAX_GUIDANCE = 50.0  # far beyond any useful scale (1.5 is the default); larger values only overflow
-
-
-class CLIError(ValueError):
-    """A bad argument value, reported as one line."""
-
-
-def _log(args):
-    stream = sys.stderr if getattr(args, "json", False) else sys.stdout
-    return lambda msg: print(msg, file=stream, flush=True)
-
-
-def _emit(args, result: dict, human: str) -> None:
-    if args.json:
-        print(json.dumps(result, sort_keys=True), flush=True)
-    else:
-        print(human, flush=True)
 
 
 def _classes(text: str | None) -> tuple[int, ...] | None:
@@ -52,32 +39,6 @@ def _classes(text: str | None) -> tuple[int, ...] | None:
         raise CLIError(f"--classes takes digits like '7' or '0,1,2', or 'none' for unconditional; got {text!r}") from None
 
 
-def _positive(name):
-    def parse(text):
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {v}")
-        return v
-    return parse
-
-
-def number(name: str, lo: float = -math.inf, hi: float = math.inf, integer: bool = False):
-    """argparse type: a finite number in [lo, hi] (NaN, inf and out-of-range values exit 2 with the range)."""
-    def parse(text):
-        try:
-            v = int(text) if integer else float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be {'an integer' if integer else 'a number'}, "
-                                             f"got {text[:40]!r}") from None
-        if not math.isfinite(v) or not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"{name} must be in [{lo:g}, {hi:g}], got {text[:40]!r}")
-        return v
-    return parse
-
-
 def _sampling_args(p):
     p.add_argument("--checkpoint", default=DEFAULT_CKPT, help="a U-Net or quantized model .safetensors")
     p.add_argument("--steps", type=_positive("--steps"), default=50, help="DDIM steps (DDPM always uses all T)")
@@ -89,10 +50,6 @@ def _sampling_args(p):
     p.add_argument("--batch-size", type=_positive("--batch-size"), default=128)
     _device_arg(p)
     p.add_argument("--json", action="store_true", help="print one JSON result line")
-
-
-def _device_arg(p):
-    p.add_argument("--device", default="auto", help="auto (the GPU where there is one), cpu, cuda or cuda:N")
 
 
 def _model_on(model, args):

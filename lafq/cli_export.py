@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import paths
+from .cliutil import emit as _emit
 
 DEFAULT_MODEL = str(paths.UNET)
 
@@ -32,7 +33,6 @@ def _load_model(path: str):
 
 
 def cmd_export(args):
-    from .cli import _emit
     from .export import export_plan
     from .policy import Plan
 
@@ -97,7 +97,6 @@ def _dataset_draws(args):
 def cmd_fisher_model(args):
     import time
 
-    from .cli import _emit
     from .device import resolve_device
     from .fisher_any import fisher_map
     from .models import load_conditioning, load_diffusers
@@ -164,7 +163,6 @@ def register_fisher_model(sub) -> None:
 
 
 def cmd_quantize_model(args):
-    from .cli import _emit
     from .cli_quant import policy_from_args
     from .fisher import FisherMap
     from .models.diffusers_models import load_diffusers_model

@@ -7,14 +7,12 @@ import time
 from pathlib import Path
 
 from . import paths
+from .cliutil import device_arg as _device_arg
+from .cliutil import emit as _emit
+from .cliutil import number
 from .checkpoint import atomic_write_bytes
 
 DEFAULT_FISHER = str(paths.FISHER)
-
-
-def _emit(args, result, human):
-    from .cli import _emit as emit
-    emit(args, result, human)
 
 
 def cmd_fisher(args):
@@ -138,7 +136,6 @@ def cmd_quantize(args):
 
 
 def register_fisher(sub):
-    from .cli import _device_arg, number
     from .fisher import DEFAULT_P_NULL
 
     f = sub.add_parser("fisher", help="compute the Fisher map (tensor x timestep bin [x class])")
@@ -161,7 +158,6 @@ def register_fisher(sub):
 
 
 def register_quantize(sub):
-    from .cli import number
     from .fisher import STATISTICS
     from .policy import BUDGET_CHOICES, SIGNALS, STRATEGIES
     from .precision import PRECISIONS
@@ -244,8 +240,6 @@ def cmd_report(args):
 
 
 def register_report(sub):
-    from .cli import _device_arg, number
-
     r = sub.add_parser("report", help="the evidence: sensitivity validation and the plan grid -> docs/report.md, .csv, .svg")
     r.add_argument("--checkpoint", default=str(paths.UNET))
     r.add_argument("--fisher", default=DEFAULT_FISHER)

@@ -24,6 +24,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cliutil import emit as _emit
+
 REPO = Path(__file__).resolve().parent.parent
 
 # What the app reads at run time, relative to the repo (demo/state.py, lafq/metrics.py, lafq/data.py):
@@ -293,15 +295,11 @@ def _endpoint() -> str:
 
 
 def cmd_build(args):
-    from .cli import _emit
-
     r = build(args.out, args.hardware, license=args.license, force=args.force)
     _emit(args, {"command": "space build", **r.to_dict()}, r.describe())
 
 
 def cmd_push(args):
-    from .cli import _emit
-
     url = push(args.out, args.repo, private=args.private)
     _emit(args, {"command": "space push", "repo": args.repo, "url": url}, f"pushed {args.out} to {url}")
 

@@ -1,0 +1,55 @@
+"""What every CLI command shares: one-line errors, argument types that refuse NaN and out-of-range
+numbers, the --device option, and the --json / human output. Command modules import this, never lafq.cli,
+so lafq.cli can import them without a cycle."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+
+class CLIError(ValueError):
+    """A bad argument value, reported as one line."""
+
+
+def log_to(args):
+    stream = sys.stderr if getattr(args, "json", False) else sys.stdout
+    return lambda msg: print(msg, file=stream, flush=True)
+
+
+def emit(args, result: dict, human: str) -> None:
+    if args.json:
+        print(json.dumps(result, sort_keys=True), flush=True)
+    else:
+        print(human, flush=True)
+
+
+def positive(name):
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {v}")
+        return v
+    return parse
+
+
+def number(name: str, lo: float = -math.inf, hi: float = math.inf, integer: bool = False):
+    """argparse type: a finite number in [lo, hi] (NaN, inf and out-of-range values exit 2 with the range)."""
+    def parse(text):
+        try:
+            v = int(text) if integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be {'an integer' if integer else 'a number'}, "
+                                             f"got {text[:40]!r}") from None
+        if not math.isfinite(v) or not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{name} must be in [{lo:g}, {hi:g}], got {text[:40]!r}")
+        return v
+    return parse
+
+
+def device_arg(p):
+    p.add_argument("--device", default="auto", help="auto (the GPU where there is one), cpu, cuda or cuda:N")
