@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 from . import paths
-from .cliutil import CLIError, number
+from .cliutil import MAX_GUIDANCE, CLIError, number
 from .cliutil import device_arg as _device_arg
 from .cliutil import emit as _emit
 from .cliutil import log_to as _log
@@ -24,7 +24,6 @@ from .data import DataError
 from .diffusion import DEFAULT_GUIDANCE
 
 DEFAULT_CKPT = str(paths.UNET)
-MAX_GUIDANCE = 50.0  # far beyond any useful scale (1.5 is the default); larger values only overflow
 
 
 def _classes(text: str | None) -> tuple[int, ...] | None:

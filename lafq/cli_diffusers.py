@@ -16,7 +16,7 @@ from pathlib import Path
 def cmd_train_diffusers(args):
     import torch
 
-    from .cli import _emit
+    from .cliutil import emit as _emit
     from .device import resolve_device
     from .train import TrainConfig
     from .train_diffusers import UNet2DConfig, train_diffusers
@@ -39,7 +39,7 @@ def cmd_train_diffusers(args):
 
 
 def register(sub) -> None:
-    from .cli import _device_arg, _positive, number
+    from .cliutil import device_arg as _device_arg, number, positive as _positive
     from .train import TrainConfig
 
     t = sub.add_parser("train-diffusers", help="train a class-conditional diffusers UNet2DModel (pipeline folder; resumes)")
@@ -79,7 +79,7 @@ def cmd_fid_model(args):
     import torch
 
     from .checkpoint import atomic_write_bytes
-    from .cli import _emit, _log
+    from .cliutil import emit as _emit, log_to as _log
     from .metrics import ClassifierBackend
     from .models import load_diffusers
     from .pipeline import SampleSpec, evaluate_fid, real_floor
@@ -117,7 +117,7 @@ def cmd_fid_model(args):
 
 
 def register_fid_model(sub) -> None:
-    from .cli import MAX_GUIDANCE, _positive, number
+    from .cliutil import MAX_GUIDANCE, number, positive as _positive
     from .diffusion import DEFAULT_GUIDANCE
 
     f = sub.add_parser("fid-model", help="FID and class accuracy of a train-diffusers folder (mean, 95%% CI over seeds)")

@@ -138,7 +138,7 @@ def cmd_fisher_model(args):
 
 
 def register_fisher_model(sub) -> None:
-    from .cli import number
+    from .cliutil import number
     from .fisher_any import METHODS
 
     f = sub.add_parser("fisher-model", help="Fisher map of a diffusers model (UNet2D, UNet2DCondition, DiT, ...)")

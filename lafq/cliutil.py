@@ -9,6 +9,9 @@ import math
 import sys
 
 
+MAX_GUIDANCE = 50.0  # far beyond any useful scale (1.5 is the default); larger values only overflow
+
+
 class CLIError(ValueError):
     """A bad argument value, reported as one line."""
 
