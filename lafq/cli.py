@@ -109,9 +109,21 @@ def cmd_sample(args):
     from .train import save_grid
 
     spec = _spec(args, args.n, args.seed)
-    model, device = _model_on(load_denoiser(args.checkpoint)[0], args)
+    schedule = None
+    if args.model:  # a train-diffusers folder: its UNet2DModel, scheduler and classes (lafq.json)
+        from .cli_diffusers import _card
+        from .models import load_diffusers
+        from .train_diffusers import ClassUNet
+
+        classes = int(_card(args.model)["null_class"])
+        den = load_diffusers(args.model)
+        model, device = _model_on(ClassUNet(den.module).eval(), args)
+        schedule = den.schedule
+    else:
+        model, device = _model_on(load_denoiser(args.checkpoint)[0], args)
+        classes = model.cfg.num_classes
     t0 = time.perf_counter()
-    images, labels = generate(model, spec, num_classes=model.cfg.num_classes, device=device)
+    images, labels = generate(model, spec, num_classes=classes, schedule=schedule, device=device)
     dt = time.perf_counter() - t0
     nrow = args.nrow or max(1, int(round(args.n ** 0.5)))
     save_grid(images.float() / 127.5 - 1, args.out, nrow=nrow)
@@ -176,15 +188,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("sample", help="generate a grid of digits")
+    s = sub.add_parser("sample", help="generate a grid of digits (or of a train-diffusers model's classes)")
     _sampling_args(s)
+    s.add_argument("--model", type=Path, default=None,
+                   help="a folder written by train-diffusers (e.g. checkpoints/fashion) instead of --checkpoint")
     s.add_argument("--n", type=_positive("--n"), default=16)
     s.add_argument("--seed", type=number("--seed", 0, 2**63 - 1, integer=True), default=0)
     s.add_argument("--nrow", type=_positive("--nrow"), default=None)
     s.add_argument("--out", type=Path, default=Path("grid.png"))
     s.set_defaults(func=cmd_sample)
 
-    f = sub.add_parser("fid", help="FID (mean and 95%% CI over seeds) and classifier accuracy")
+    f = sub.add_parser("fid", help="FID (mean and 95%% CI over seeds) and classifier accuracy; with --model DIR: fid-model")
     _sampling_args(f)
     f.add_argument("--n", type=_positive("--n"), default=1000, help="samples per seed")
     f.add_argument("--seeds", type=_positive("--seeds"), default=3, help="number of sampling seeds")
@@ -230,9 +244,21 @@ def _os_error(e: OSError) -> str:
     return f"{what}: {e.filename}" if e.filename else what
 
 
+# `fisher|quantize|fid --model DIR` run the commands for diffusers folders (fisher-model, quantize-model,
+# fid-model) with the same arguments; `sample`, `export` take --model themselves.
+MODEL_COMMANDS = {"fisher": "fisher-model", "quantize": "quantize-model", "fid": "fid-model"}
+
+
+def with_model_command(argv: list[str]) -> list[str]:
+    """argv with `fisher --model DIR ...` rewritten to `fisher-model --model DIR ...` (and quantize, fid)."""
+    if argv and argv[0] in MODEL_COMMANDS and any(a == "--model" or a.startswith("--model=") for a in argv[1:]):
+        return [MODEL_COMMANDS[argv[0]], *argv[1:]]
+    return argv
+
+
 def main(argv=None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(with_model_command(list(sys.argv[1:] if argv is None else argv)))
         args.func(args)
     except (CLIError, CheckpointError, DataError, ValueError) as e:
         print(f"error: {' '.join(str(e).split())[:500]}", file=sys.stderr)

@@ -138,7 +138,7 @@ def cmd_quantize(args):
 def register_fisher(sub):
     from .fisher import DEFAULT_P_NULL
 
-    f = sub.add_parser("fisher", help="compute the Fisher map (tensor x timestep bin [x class])")
+    f = sub.add_parser("fisher", help="compute the Fisher map (tensor x timestep bin [x class]); with --model DIR: fisher-model")
     f.add_argument("--checkpoint", default=str(paths.UNET))
     f.add_argument("--dataset", default="mnist-test10k")
     f.add_argument("--bins", type=number("--bins", 1, 1000, integer=True), default=50, help="timestep bins over [0, T), 1..1000")
@@ -162,7 +162,7 @@ def register_quantize(sub):
     from .policy import BUDGET_CHOICES, SIGNALS, STRATEGIES
     from .precision import PRECISIONS
 
-    q = sub.add_parser("quantize", help="policy -> plan -> quantized model, with its size table")
+    q = sub.add_parser("quantize", help="policy -> plan -> quantized model, with its size table; with --model DIR: quantize-model")
     q.add_argument("--checkpoint", default=str(paths.UNET))
     q.add_argument("--fisher", default=DEFAULT_FISHER)
     q.add_argument("--strategy", choices=STRATEGIES, default="layer-ratio")

@@ -73,3 +73,27 @@ def test_fid_model_writes_per_seed_results_the_floor_and_cached_reference_statis
     assert [p.name.split("-")[0] for p in (folder / "stats").glob("*.npz")] == ["mnist"]
     assert main(["fid-model", "--model", str(folder / "unet")]) == 2
     assert "no lafq.json" in capsys.readouterr().err
+
+
+def test_fisher_and_quantize_with_model_run_the_diffusers_folder_commands_and_sample_draws_its_classes(folder, tmp_path,
+                                                                                                      capsys):
+    from PIL import Image
+
+    from lafq.cli import main, with_model_command
+    from lafq.fisher import FisherMap
+
+    assert with_model_command(["fid", "--n", "10", "--model", "m"])[0] == "fid-model"
+    assert with_model_command(["fisher", "--bins", "2"]) == ["fisher", "--bins", "2"]  # the MNIST U-Net as before
+    out = tmp_path / "f.safetensors"
+    assert main(["fisher", "--model", str(folder), "--dataset", "mnist-train5k", "--bins", "2", "--samples", "2",
+                 "--device", "cpu", "--out", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["command"] == "fisher-model" and FisherMap.load(out).names
+    assert main(["quantize", f"--model={folder}", "--fisher", str(out), "--avg-bits", "6", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["size"]["avg_bits"] <= 6
+    grid = tmp_path / "grid.png"
+    assert main(["sample", "--model", str(folder), "--n", "4", "--steps", "2", "--device", "cpu", "--out", str(grid),
+                 "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["labels"] == [0, 1, 2, 3] and Image.open(grid).size[0] > 28
+    assert main(["sample", "--model", str(tmp_path / "nowhere"), "--out", str(grid)]) == 2
+    assert "lafq.json" in capsys.readouterr().err
