@@ -302,3 +302,18 @@ def test_a_model_with_a_dataset_and_classifier_gets_a_quick_map_on_load_and_a_pa
     assert "you" not in {t.name for t in mnist_fig.data}  # the MNIST chart shows no Fashion evaluations
     new, msg = tab_fisher.recompute(state, 2, 2, False, user=user)
     assert new.fisher.bins == 2 and new.model == "fashion" and "2 bins x 2 samples" in msg
+
+
+def test_the_shipped_fashion_model_is_listed_second_and_compares_with_its_own_classes_and_fisher_map(app_state):
+    from demo.models import FASHION
+
+    if not (FASHION / "lafq.json").is_file():
+        pytest.skip("checkpoints/fashion is not in this checkout")
+    models = Registry(app_state, discover({}))
+    assert models.ids[:2] == [DEFAULT_MODEL, "fashion"]
+    user = models.select(UserSession(), "fashion")
+    state = models.state_for(user)
+    assert state.fisher is not None and state.has_classifier and state.classifier() is not None
+    assert tab_compare.class_choices(state)[1] == ("T-shirt/top", "0")
+    fp32, plan, _, _, md = tab_compare.compare(state, uniform("int8"), "9", 1.5, 2, 0, 1, False, user)
+    assert fp32.shape == plan.shape and "Fashion-MNIST" in md
