@@ -454,6 +454,8 @@ for mod in m.modules():  # torch.ao's packed int8 weights are neither parameters
     if hasattr(mod, "_weight_bias"):
         w, bias = mod._weight_bias()
         resident += w.numel() * w.element_size() + w.q_per_channel_scales().nbytes + (0 if bias is None else bias.nbytes)
+    if hasattr(mod, "int8_bytes"):  # lafq's oneDNN int8 convolutions hold an opaque packed weight
+        resident += mod.int8_bytes + mod.w_scale.nbytes + (0 if mod.bias is None else mod.bias.nbytes)
 with torch.inference_mode():
     guided_eps(m, x, t, y, 2.0, 10)
 print(json.dumps({"peak_rss_increase": status("VmHWM") - before, "model_tensor_bytes": resident}))

@@ -54,3 +54,24 @@ def test_a_model_on_int8_kernels_cannot_be_saved_but_a_loaded_one_can_switch(tin
         assert torch.equal(loaded(*_inputs()), fast(*_inputs()))
     with pytest.raises(ValueError, match="quantize_ it first"):
         use_int8_kernels(copy.deepcopy(tiny_model))
+
+
+@pytest.mark.skipif(not __import__("lafq.quantize").quantize.ONEDNN_CONV, reason="this torch has no oneDNN int8 conv")
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_wide_3x3_convs_run_onednn_int8_with_their_stored_codes_and_stay_close_to_the_dequantized_math(precision):
+    from lafq.quantize import INT8_CONV_MIN_CHANNELS, _Int8Conv2d
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(INT8_CONV_MIN_CHANNELS, 64, 3, padding=1), torch.nn.SiLU(),
+                                torch.nn.Conv2d(64, 8, 3, padding=1, stride=2), torch.nn.SiLU(),
+                                torch.nn.Conv2d(8, 8, 3, padding=1)).eval()
+    plan = Plan({n: fallback(tuple(p.shape), precision) for n, p in model.named_parameters() if p.dim() > 1})
+    ref = quantize_(copy.deepcopy(model), plan)
+    fast = quantize_(copy.deepcopy(model), plan, compute="int8-dynamic")
+    assert isinstance(fast[0], _Int8Conv2d) and isinstance(fast[2], _Int8Conv2d)
+    assert isinstance(fast[4], torch.nn.Conv2d)  # narrower than the rule: the dequantize path
+    x = torch.randn(4, 64, 14, 14)
+    with torch.inference_mode():
+        a, b = ref(x), fast(x)
+    assert a.shape == b.shape and not torch.equal(a, b)  # 8-bit activations
+    assert (a - b).abs().mean() < 0.03 * a.abs().mean()  # about 1% per conv, measured
