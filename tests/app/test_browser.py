@@ -1,5 +1,6 @@
 """End to end in Debian's headless Chromium: the first visit (example, presets), a slider that moves the size
 readout, Generate, and a Fisher recompute whose progress bar moves and whose Cancel stops the server job."""
+import json
 import os
 import shutil
 
@@ -174,5 +175,28 @@ def test_switching_the_model_switches_every_tab_and_back(models_url, browser, ap
     choose(browser, wait, "model", app_state.title)  # and back
     open_tab(browser, wait, "Quantize")
     wait.until(lambda d: mnist_bytes in readout.text and "budget" in readout.text)
+    open_tab(browser, wait, "Fisher")
+    wait.until(lambda d: "embed" in heatmap_rows(d))
+
+
+def test_the_shipped_fashion_model_is_one_switch_away_with_its_own_map_size_and_classifier(models_url, browser,
+                                                                                           app_state):
+    from demo.models import FASHION
+
+    if not (FASHION / "lafq.json").is_file():
+        pytest.skip("checkpoints/fashion is not in this checkout")
+    title = json.loads((FASHION / "lafq.json").read_text())["name"]
+    params = json.loads((FASHION / "lafq.json").read_text())["train"]["params"]
+    wait = WebDriverWait(browser, 120)
+    browser.get(models_url)
+    wait.until(lambda d: "embed" in heatmap_rows(d))
+    choose(browser, wait, "model", title)
+    wait.until(lambda d: "conv_out" in heatmap_rows(d) and "embed" not in heatmap_rows(d))
+    open_tab(browser, wait, "Quantize")
+    readout = wait.until(EC.visibility_of_element_located((By.ID, "size-readout")))
+    wait.until(lambda d: f"FP32 is {4 * params:,} bytes" in readout.text)
+    open_tab(browser, wait, "Quality")
+    assert "no classifier shipped" not in browser.find_element(By.ID, "quality-note").text
+    choose(browser, wait, "model", app_state.title)
     open_tab(browser, wait, "Fisher")
     wait.until(lambda d: "embed" in heatmap_rows(d))
