@@ -111,12 +111,11 @@ def cmd_sample(args):
     spec = _spec(args, args.n, args.seed)
     schedule = None
     if args.model:  # a train-diffusers folder: its UNet2DModel, scheduler and classes (lafq.json)
-        from .cli_diffusers import _card
-        from .models import load_diffusers
+        from .cli_diffusers import _card, load_folder
         from .train_diffusers import ClassUNet
 
         classes = int(_card(args.model)["null_class"])
-        den = load_diffusers(args.model)
+        den = load_folder(args.model)
         model, device = _model_on(ClassUNet(den.module).eval(), args)
         schedule = den.schedule
     else:

@@ -73,6 +73,18 @@ def _card(model: Path) -> dict:
     return card
 
 
+def load_folder(model: Path):
+    """`load_diffusers(model)` with one-line errors: diffusers missing, or a folder it cannot read."""
+    try:
+        from .models import load_diffusers
+
+        return load_diffusers(model)
+    except ImportError:
+        raise ValueError("diffusers models need diffusers: pip install -r requirements-export.txt") from None
+    except OSError as e:
+        raise ValueError(f"cannot load {model}: {str(e).splitlines()[0]}") from None
+
+
 def cmd_fid_model(args):
     import json
 
@@ -81,7 +93,6 @@ def cmd_fid_model(args):
     from .checkpoint import atomic_write_bytes
     from .cliutil import emit as _emit, log_to as _log
     from .metrics import ClassifierBackend
-    from .models import load_diffusers
     from .pipeline import SampleSpec, evaluate_fid, real_floor
     from .train_diffusers import ClassUNet
 
@@ -98,7 +109,7 @@ def cmd_fid_model(args):
            "n": args.n, "seeds": seeds, "reference": card["reference"]}
     lines = []
     if not args.floor_only:
-        den = load_diffusers(args.model)
+        den = load_folder(args.model)
         spec = SampleSpec(n=args.n, steps=args.steps, guidance=args.guidance, seed=seeds[0], batch_size=args.batch_size)
         log(f"FID: {args.n} class-balanced samples x {len(seeds)} seeds, ddim-{spec.steps}, guidance {spec.guidance}, "
             f"classifier {classifier}, reference {card['reference']}")

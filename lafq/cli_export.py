@@ -77,7 +77,6 @@ def _images(path: str, key: str | None):
 def _dataset_draws(args):
     """--dataset: its images, their class labels as conditioning rows, and the null class of the model's
     lafq.json (`class_labels` rows 0..null_class; row null_class is the unconditional branch)."""
-    import json
 
     import torch
 
@@ -86,10 +85,9 @@ def _dataset_draws(args):
 
     if args.conditioning:
         raise ValueError("--dataset conditions on the images' class labels: leave out --conditioning")
-    card_path = Path(args.model) / "lafq.json"
-    if not card_path.is_file():
-        raise ValueError(f"--dataset needs the model's null class from {card_path} (written by train-diffusers)")
-    null = int(json.loads(card_path.read_text(encoding="utf-8"))["null_class"])
+    from .cli_diffusers import _card
+
+    null = int(_card(Path(args.model))["null_class"])  # one-line errors for a missing or incomplete lafq.json
     images, labels = load_dataset(args.dataset).tensors()
     return images, labels, Conditioning({"class_labels": torch.arange(null + 1)}, null + 1), null
 
@@ -102,7 +100,7 @@ def cmd_fisher_model(args):
     from .models import load_conditioning, load_diffusers
 
     if (args.images is None) == (args.dataset is None):
-        raise ValueError("give --images (a .safetensors of clean samples) or --dataset (a 28x28 dataset name), not both")
+        raise ValueError("give one of --images (a .safetensors of clean samples) or --dataset (a 28x28 dataset name)")
     image_rows, null_row = None, None
     if args.dataset:
         images, image_rows, cond, null_row = _dataset_draws(args)

@@ -2,7 +2,8 @@
 
 Contract: every process draws the same random samples (one generator, one seed), scores only its
 shard of them (sample i goes to process i mod K), and the partial float64 sums are all-reduced at
-the end, so the result equals the one-process result up to the order of float64 additions. Rank 0
+the end, so the result equals the one-process result to float32 rounding (each process sums its
+share of the float32 squared gradients first). Rank 0
 writes the output; the others write nothing. gloo on the CPU, NCCL on GPUs (one per process,
 `LOCAL_RANK`). Without torchrun (no WORLD_SIZE, or WORLD_SIZE 1) everything here is a no-op: one
 process, shard = everything.

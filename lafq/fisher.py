@@ -253,7 +253,7 @@ def compute_fisher(model, images: torch.Tensor, labels: torch.Tensor, *, bins: i
                     progress(done, total)
     finally:  # a cancelled run (progress raising) leaves the model as it found it
         model.train(was_training)
-    all_reduce_sum_(fisher, *channel.values())  # the shards' partial sums: one process's map, to float64 rounding
+    all_reduce_sum_(fisher, *channel.values())  # the shards' partial sums: one process's map, to float32 rounding
     if per_class:  # "all" = the class-balanced mean, first
         fisher = torch.cat([fisher.mean(0, keepdim=True), fisher])
         channel = {k: torch.cat([v.mean(0, keepdim=True), v]) for k, v in channel.items()}

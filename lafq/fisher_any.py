@@ -254,7 +254,7 @@ def fisher_map(den: Denoiser, images: torch.Tensor, *, bins: int = 50, samples_p
                 progress(b + 1, bins)
     finally:
         module.train(was_training)
-    all_reduce_sum_(fisher, *channel.values())  # the shards' partial sums: one process's map, to float64 rounding
+    all_reduce_sum_(fisher, *channel.values())  # the shards' partial sums: one process's map, to float32 rounding
     methods = methods or {}
     magnitude = torch.stack([p.detach().abs().mean().double().cpu() for p in params.values()])
     by_method = {m: sorted(n for n, v in methods.items() if v == m) for m in METHODS}

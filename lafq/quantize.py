@@ -145,8 +145,11 @@ def _sync_buffers(model: nn.Module) -> None:
 
 
 COMPUTE_MODES = ("dequantize", "int8-dynamic")
-# oneDNN's int8 convolution with an fp32 output (the op inductor's x86 quantization lowers to).
-ONEDNN_CONV = hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qconv2d_pointwise")
+# oneDNN's int8 convolution with an fp32 output (the op inductor's x86 quantization lowers to). Only with
+# VNNI: without it oneDNN's u8 x s8 products saturate in int16 (47% error on all-positive inputs against
+# weights at +-127, measured with ONEDNN_MAX_CPU_ISA=AVX512_CORE), so such CPUs keep the dequantize path.
+ONEDNN_CONV = (hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qconv2d_pointwise")
+               and getattr(torch.cpu, "_is_vnni_supported", lambda: False)())
 # Measured per 3x3 conv (batch 128, 1 thread, idle Intel Xeon with AVX-512 VNNI): int8 is slower at 32
 # channels x 28x28 (20.4 vs 12.7 ms for FP32 channels-last: quantizing the large activation costs more than
 # the int8 math saves) and faster from 64 channels at 14x14 and 7x7; on the MNIST U-Net the 64-channel rule
@@ -203,10 +206,21 @@ class _Int8Conv2d(nn.Module):
         self.w_zero = torch.zeros(len(scale), dtype=torch.int32)
         bias = conv.bias  # already dequantized to fp32 when stored small
         self.bias = None if bias is None else bias.detach().float().contiguous()
-        w = codes.reshape(conv.weight.shape).to(torch.int8).contiguous(memory_format=torch.channels_last)
-        self.int8_bytes = w.numel()  # the packed weight is an opaque oneDNN tensor: its size, for memory reports
-        self.packed = torch.ops.onednn.qconv_prepack(w, self.w_scale, 1.0, 0, self.stride, self.padding,
+        self.codes = codes.reshape(conv.weight.shape).to(torch.int8).contiguous(memory_format=torch.channels_last)
+        self.int8_bytes = self.codes.numel()  # the packed weight is opaque to torch: its size, for memory reports
+        self._pack()
+
+    def _pack(self) -> None:
+        self.packed = torch.ops.onednn.qconv_prepack(self.codes, self.w_scale, 1.0, 0, self.stride, self.padding,
                                                      self.dilation, self.groups, None)
+
+    # The packed weight is an opaque oneDNN tensor that cannot be copied or pickled: copies re-pack the codes.
+    def __getstate__(self):
+        return {k: v for k, v in super().__getstate__().items() if k != "packed"}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._pack()
 
     def forward(self, x):
         lo, hi = torch.aminmax(x)
@@ -239,7 +253,7 @@ def use_int8_kernels(model: nn.Module) -> nn.Module:
             and mod.groups == 1 and mod.padding in ((0, 0), 0)
         codes = unpack_int4(s.data, s.shape) if s.precision in PACKED else s.data
         if isinstance(mod, nn.Conv2d) and not pointwise and mod.padding_mode == "zeros" and ONEDNN_CONV \
-                and mod.in_channels >= INT8_CONV_MIN_CHANNELS:
+                and mod.in_channels >= INT8_CONV_MIN_CHANNELS and not isinstance(mod.padding, str):
             parent, attr = _owner(model, name)
             setattr(parent, attr, _Int8Conv2d(mod, codes, s.scale))
             continue
@@ -269,6 +283,8 @@ def set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 def to_device(model: nn.Module, device) -> nn.Module:
+    if getattr(model, "lafq_compute", "dequantize") == "int8-dynamic" and torch.device(device).type != "cpu":
+        raise ValueError("the int8-dynamic compute mode runs CPU kernels; keep the model on the CPU")
     model.to(device)
     _sync_buffers(model)
     _mark_stale(model)

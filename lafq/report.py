@@ -133,10 +133,15 @@ def evaluate(rows: list[Row], evaluator, s: Settings, log=print, on_record=None)
     """Every (row, seed) record, FP32 first; `on_record(records)` after each (for partial writes).
     With `evaluator.cached_only`, only the records already on disk (nothing is sampled)."""
     shapes = param_shapes(evaluator.model)
+    planned_controls = {}
+    for row in rows:
+        if row.control_of:
+            planned_controls[row.control_of] = planned_controls.get(row.control_of, 0) + 1
     records = []
     for i, row in enumerate(rows):
         rep = size_report(row.plan, shapes)
         extra = {"kind": row.kind, "control_of": row.control_of, "bytes": rep.total_bytes,
+                 "planned_controls": planned_controls.get(row.control_of) if row.control_of else None,
                  "pct_of_fp32": round(rep.pct_of_fp32, 3), "avg_bits": round(rep.avg_bits, 4),
                  "counts": {k: v for k, v in row.plan.counts().items() if v},
                  "planned_seeds": len(row.seeds) if row.seeds is not None else s.seeds}
@@ -189,7 +194,8 @@ def summarize(records: list[dict]) -> list[dict]:
     for name, seeds in by.items():
         first = next(iter(seeds.values()))
         row = {k: first[k] for k in ("name", "kind", "control_of", "bytes", "pct_of_fp32", "avg_bits", "n", "steps",
-                                     "guidance", "backend", "counts", "planned_seeds") if k in first}
+                                     "guidance", "backend", "counts", "planned_seeds", "planned_controls")
+               if k in first}
         row["seeds"] = len(seeds)
         for metric in ("fid", "accuracy", *FIDELITY):
             vals = [r[metric] for r in seeds.values() if r.get(metric) is not None]
@@ -256,7 +262,7 @@ def _sign(metric: str, v: float) -> str:
 
 # -- files ---------------------------------------------------------------------------------------
 
-CSV_FIELDS = ["name", "kind", "control_of", "seed", "planned_seeds", "bytes", "pct_of_fp32", "avg_bits", "n", "steps", "sampler",
+CSV_FIELDS = ["name", "kind", "control_of", "planned_controls", "seed", "planned_seeds", "bytes", "pct_of_fp32", "avg_bits", "n", "steps", "sampler",
               "guidance", "backend", "fid", "accuracy", "mad", "psnr", "feature_distance", "agreement", "seconds",
               "device", "machine", "plan_digest"]
 SENS_FIELDS = ["unit", "unit_kind", "precision", "seed", "n", "steps", "sampler", "guidance", "mad", "psnr",
@@ -357,8 +363,13 @@ def findings(records: list[dict], s: Settings) -> list[str]:
              ("budget @ int4-g32 size", [n for n in by if by[n].get("control_of") == "budget @ int4-g32 size"]),
              ("budget 4.25 bits", "uniform int4")]
     for a, b in pairs:
-        if not isinstance(b, str) and len(b) < s.random_seeds:  # no verdict from part of the controls
-            out.append(f"- {a} vs its random controls: {len(b)} of {s.random_seeds} measured so far.")
+        if not isinstance(b, str):  # no verdict from part of the controls, nor from one
+            planned = max((by[x].get("planned_controls") or s.random_seeds for x in b), default=s.random_seeds)
+            if len(b) < max(planned, 2):
+                out.append(f"- {a} vs its random controls: {len(b)} of {planned} measured so far.")
+                continue
+        elif b in by and by[b]["seeds"] < by[b].get("planned_seeds", s.seeds):
+            out.append(f"- {a} vs {b}: not yet measured on every seed.")
             continue
         label = b if isinstance(b, str) else f"{len(b)} random controls at its size, each paired at its own seed"
         c = compare(records, a, b)
@@ -398,17 +409,18 @@ def random_section(records: list[dict], s: Settings) -> list[str]:
            f"{s.random_seeds} seeds per plan, of which a seed that repeats an earlier seed's plan is dropped. Control "
            f"k samples once, from noise seed k mod {s.seeds}, and is paired with the plan at that seed: the interval "
            "spans both which tensors the controls raise and the noise. Spread: the lowest and highest control.", "",
-           "| plan | distinct controls | control size (% of plan) | control FID, min–max | control mean abs Δ ‰, "
+           "| plan | distinct controls measured | control size (% of plan) | control FID, min–max | control mean abs Δ ‰, "
            "min–max | plan − control: ΔFID (paired) | Δ mean abs Δ ‰ (paired) |", "|---|---:|---:|---:|---:|---:|---:|"]
     by = {r["name"]: r for r in rows}
     for plan, ctrls in groups.items():
         if plan not in by:
             continue
         sizes = [100 * c["bytes"] / by[plan]["bytes"] for c in ctrls]
+        planned = ctrls[0].get("planned_controls") or s.random_seeds
         c = compare(records, plan, [x["name"] for x in ctrls])
         d = (f"{_sign('fid', c['fid'][0])} ± {c['fid'][1]:.3f} | {_sign('mad', c['mad'][0])} ± {_fmt('mad', c['mad'][1])}"
-             if c else "— | —")
-        out.append(f"| {plan} | {len(ctrls)} | {min(sizes):.2f}–{max(sizes):.2f} | "
+             if c and c["fid"][2] >= 2 and len(ctrls) >= planned else "— | —")  # no interval from one pair
+        out.append(f"| {plan} | {len(ctrls)} of {planned} | {min(sizes):.2f}–{max(sizes):.2f} | "
                    f"{min(x['fid'] for x in ctrls):.3f}–{max(x['fid'] for x in ctrls):.3f} | "
                    f"{_fmt('mad', min(x['mad'] for x in ctrls))}–{_fmt('mad', max(x['mad'] for x in ctrls))} | {d} |")
     return out + [""]

@@ -56,7 +56,7 @@ def test_fisher_model_takes_a_dataset_and_records_the_label_dropout(folder, tmp_
     assert "p=0.1" in fm.meta["loss"] and fm.meta["images"] == "mnist-train5k"
     assert "unet.conv_in.weight" not in fm.names and "conv_in.weight" in fm.names
     assert main(["fisher-model", "--model", str(folder), "--out", str(out)]) == 2
-    assert "give --images" in capsys.readouterr().err
+    assert "give one of --images" in capsys.readouterr().err
 
 
 def test_fid_model_writes_per_seed_results_the_floor_and_cached_reference_statistics(folder, capsys):

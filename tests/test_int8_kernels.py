@@ -75,3 +75,19 @@ def test_wide_3x3_convs_run_onednn_int8_with_their_stored_codes_and_stay_close_t
         a, b = ref(x), fast(x)
     assert a.shape == b.shape and not torch.equal(a, b)  # 8-bit activations
     assert (a - b).abs().mean() < 0.03 * a.abs().mean()  # about 1% per conv, measured
+
+
+@pytest.mark.skipif(not __import__("lafq.quantize").quantize.ONEDNN_CONV, reason="no VNNI oneDNN int8 conv here")
+def test_a_model_on_onednn_int8_convs_copies_with_the_same_outputs_and_refuses_a_gpu():
+    from lafq.quantize import _Int8Conv2d, to_device
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, padding=1)).eval()
+    fast = quantize_(model, Plan({"0.weight": "int8"}), compute="int8-dynamic")
+    twin = copy.deepcopy(fast)  # the packed oneDNN weight is opaque: the copy re-packs the stored codes
+    assert isinstance(twin[0], _Int8Conv2d) and twin[0].packed is not fast[0].packed
+    x = torch.randn(2, 64, 7, 7)
+    with torch.inference_mode():
+        assert torch.equal(twin(x), fast(x))
+    with pytest.raises(ValueError, match="keep the model on the CPU"):
+        to_device(fast, "cuda")

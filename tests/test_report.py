@@ -118,6 +118,23 @@ def test_random_controls_are_paired_with_the_plan_at_each_controls_own_seed():
     assert verdict("fid", c["fid"], 10, "control runs") == "better"
 
 
+def test_findings_give_no_verdict_from_a_row_or_a_control_set_that_is_not_complete():
+    from lafq.report import findings
+
+    def rec(name, seed, fid, **kw):
+        return {"name": name, "seed": seed, "fid": fid, "mad": fid / 100, "psnr": 20.0, "feature_distance": 0.1,
+                "agreement": 1.0, "accuracy": 1.0, "bytes": 100, "pct_of_fp32": 10.0, "avg_bits": 4.5, "n": 10,
+                "seconds": 1.0, "planned_seeds": 3, **kw}
+    a = "budget @ int4-g32 size"
+    recs = [rec("fp32", k, 10.0) for k in range(3)] + [rec(a, k, 11.0 + k) for k in range(3)]
+    recs += [rec("error-only budget @ int4-g32 size", k, 30.0 + k) for k in range(2)]  # 2 of 3 seeds
+    recs += [rec("random 0 @ int4-g32 size", 0, 20.0, kind="random", control_of=a, planned_controls=5, planned_seeds=1)]
+    text = "\n".join(findings(recs, Settings(n=10, seeds=3, random_seeds=5)))
+    assert "vs error-only budget @ int4-g32 size: not yet measured on every seed" in text
+    assert "vs its random controls: 1 of 5 measured so far" in text
+    assert "(better)" not in text and "(worse)" not in text
+
+
 def test_spearman_sees_a_monotone_predictor_and_random_sees_nothing():
     measured = {f"u{i}": float(i) for i in range(20)}
     assert spearman(measured, {k: v ** 3 for k, v in measured.items()})[0] == pytest.approx(1.0)
