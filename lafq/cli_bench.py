@@ -8,16 +8,18 @@ from pathlib import Path
 
 
 def _harness():
-    try:
-        from bench import harness
-    except ImportError:
-        from . import paths
+    from . import paths
 
-        if not (paths.REPO / "bench" / "harness.py").is_file():
-            raise ValueError("the benchmark harness is in the repository's bench/ folder: run `python -m lafq bench` "
-                             "from a checkout of the repository") from None
+    path = paths.REPO / "bench" / "harness.py"
+    if not path.is_file():
+        raise ValueError("the benchmark harness is in the repository's bench/ folder: run `python -m lafq bench` "
+                         "from a checkout of the repository")
+    if str(paths.REPO) not in sys.path:
         sys.path.insert(0, str(paths.REPO))  # the checkout this lafq was imported from
-        from bench import harness
+    from bench import harness
+
+    if Path(harness.__file__).resolve() != path.resolve():
+        raise ValueError(f"another package named bench ({harness.__file__}) shadows {path}; run from the checkout")
     return harness.QUICK_SECTIONS, harness.SECTIONS, harness.BenchSettings, harness.markdown, harness.run
 
 
