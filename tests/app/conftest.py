@@ -69,3 +69,13 @@ def models(app_state, tiny_dir):
     from demo.models import Registry, discover
 
     return Registry(app_state, discover({"LAFQ_MODELS": str(tiny_dir)}, fashion=None))
+
+
+@pytest.fixture(scope="module")
+def models_url(app_state, tiny_dir):
+    """The app as app.py builds it (the registry from the environment), with LAFQ_MODELS naming the tiny folder."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LAFQ_MODELS", str(tiny_dir))
+        demo, url = launch(app_state)
+    yield url
+    demo.close()

@@ -126,18 +126,6 @@ def test_a_fisher_recompute_shows_a_moving_progress_bar_and_cancel_stops_it(url,
     app_state.heavy.release()
 
 
-@pytest.fixture(scope="module")
-def models_url(app_state, tiny_dir):
-    """The app with LAFQ_MODELS naming the tiny diffusers folder (a second model in the selector)."""
-    from tests.app.conftest import launch
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LAFQ_MODELS", str(tiny_dir))
-        demo, url = launch(app_state)
-    yield url
-    demo.close()
-
-
 def heatmap_rows(driver) -> list:
     """The Fisher heatmap's row names as Plotly holds them (empty until it is drawn)."""
     return driver.execute_script(

@@ -222,30 +222,18 @@ def test_the_mnist_session_is_unchanged_by_the_registry(models, app_state):
 UNIFORM_INT8 = ["uniform", "int8", "final", -2, -10, 0, 0, 0.25, 0, 6, False]
 
 
-@pytest.fixture(scope="module")
-def url(app_state, tiny_dir):
-    """The app as app.py builds it (the registry from the environment), with LAFQ_MODELS naming the tiny folder."""
-    from tests.app.conftest import launch
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LAFQ_MODELS", str(tiny_dir))
-        demo, url = launch(app_state)
-    yield url
-    demo.close()
-
-
 def fp32_bytes(md: str) -> int:
     return int(md.split("FP32 is ")[1].split(" bytes")[0].replace(",", ""))
 
 
-def test_two_sessions_keep_their_own_model_selection(url, app_state, tiny):
+def test_two_sessions_keep_their_own_model_selection(models_url, app_state, tiny):
     pytest.importorskip("gradio_client")
     from gradio_client import Client
     from PIL import Image
 
     state, _ = tiny
     mnist, small = 4 * sum(p.numel() for p in app_state.model.parameters()), 4 * sum(p.numel() for p in state.model.parameters())
-    a, b = Client(url, verbose=False), Client(url, verbose=False)
+    a, b = Client(models_url, verbose=False), Client(models_url, verbose=False)
     assert "select_model" in str(a.view_api(print_info=False, return_format="dict")["named_endpoints"])
     a.predict(state.model_id, api_name="/select_model")
     assert fp32_bytes(a.predict(*UNIFORM_INT8, api_name="/quantize_readout")[0]) == small
@@ -260,12 +248,12 @@ def test_two_sessions_keep_their_own_model_selection(url, app_state, tiny):
     assert fp32_bytes(b.predict(*UNIFORM_INT8, api_name="/quantize_readout")[0]) == small
 
 
-def test_an_unknown_model_id_is_refused_in_one_line_and_the_session_keeps_its_model(url, app_state):
+def test_an_unknown_model_id_is_refused_in_one_line_and_the_session_keeps_its_model(models_url, app_state):
     pytest.importorskip("gradio_client")
     from gradio_client import Client
     from gradio_client.exceptions import AppError
 
-    c = Client(url, verbose=False)
+    c = Client(models_url, verbose=False)
     with pytest.raises(AppError, match="model must be one of"):
         c.predict("x" * 10_000, api_name="/select_model")
     assert fp32_bytes(c.predict(*UNIFORM_INT8, api_name="/quantize_readout")[0]) == \
