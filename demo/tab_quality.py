@@ -297,9 +297,10 @@ def build(models, current, user, guard):
         sens_chart = gr.Plot(value=sensitivity_figure("fisher_x_error"))
     predictor.change(guard(sensitivity_figure), predictor, sens_chart, api_visibility="private",
                      show_progress="hidden")
-    for c in (n, steps):  # the chart follows the chosen N and steps
-        c.change(guard(lambda usr, n_, s_: pareto_figure(models.state_for(usr), usr, *settings(n_, s_, 1)[:2])),
-                 [user, n, steps], chart, api_visibility="private", show_progress="hidden", trigger_mode="always_last")
+    # The chart follows the chosen N and steps (one event for both, as in tab_quantize).
+    gr.on([n.change, steps.change],
+          guard(lambda usr, n_, s_: pareto_figure(models.state_for(usr), usr, *settings(n_, s_, 1)[:2])),
+          [user, n, steps], chart, api_visibility="private", show_progress="hidden", trigger_mode="always_last")
 
     def refresh(usr, n_, s_):
         st = models.state_for(usr)

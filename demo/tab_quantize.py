@@ -328,11 +328,14 @@ def build(models, current, user, guard):
 
     def on_change_inline(*vals):
         return (*on_change(*vals), "")  # clears an earlier inline warning
-    for c in controls:
-        # A refused value (a budget below the floor) keeps the last good readout and says why inline.
-        c.change(guard(on_change_inline, keep=len(outputs)), [*controls, user], [*outputs, warning],
-                 trigger_mode="always_last", concurrency_id="readout", concurrency_limit=4, show_progress="hidden",
-                 api_visibility="private")
+    # One event for all the controls, not one per control: a preset sets up to 11 controls at once, and
+    # separate events (each run with the values it saw when it fired) could finish out of order and leave a
+    # readout of a half-applied preset. With one event, "always_last" runs it again after the running one,
+    # with the final values. A refused value (a budget below the floor) keeps the last good readout and
+    # says why inline.
+    gr.on([c.change for c in controls], guard(on_change_inline, keep=len(outputs)), [*controls, user],
+          [*outputs, warning], trigger_mode="always_last", concurrency_id="readout", concurrency_limit=4,
+          show_progress="hidden", api_visibility="private")
     strategy.change(lambda s: [gr.update(visible=v) for v in visibility(s)[1:]], strategy, controls[1:],
                     api_visibility="private", queue=False)
 

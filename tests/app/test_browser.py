@@ -72,8 +72,9 @@ def test_a_first_visit_shows_the_example_presets_and_how_to_lines(url, browser):
     box.click()
     listed = [li.text for li in wait.until(lambda d: d.find_elements(By.XPATH, "//ul[@role='listbox']/li"))]
     assert all(any(t.endswith(name) for t in listed) for name in PRESETS), listed  # the chosen one has a ✓
-    browser.find_element(By.XPATH, f"//ul[@role='listbox']/li[contains(normalize-space(), '{UNIFORM_INT4}')]").click()
-    wait.until(lambda d: UNIFORM_INT4 in readout.text)
+    wait.until(EC.element_to_be_clickable(
+        (By.XPATH, f"//ul[@role='listbox']/li[contains(normalize-space(), '{UNIFORM_INT4}')]"))).click()
+    wait.until(lambda d: UNIFORM_INT4 in readout.text, message=f"the readout did not follow the preset: {readout.text!r}")
 
 
 def test_tabs_slider_readout_and_generate(url, browser):

@@ -183,3 +183,22 @@ def test_each_export_replaces_the_sessions_previous_one(client):
     client.predict(api_name="/export")
     client.predict(api_name="/export")
     assert len({p for p in EXPORTS.root.iterdir()} - before) == 1 and Path(EXPORTS.root).is_dir()
+
+
+def test_each_figure_and_readout_follows_its_controls_through_one_event(app_state):
+    """A preset sets up to 11 controls at once; one event per control could finish out of order and leave
+    the readout of a half-applied preset. One event per output, run again with the final values
+    ("always_last"), cannot."""
+    from collections import Counter
+
+    from demo.ui import build_app
+
+    config = build_app(app_state).config
+    name = {c["id"]: c["props"].get("elem_id") or c["props"].get("label") for c in config["components"]}
+    shows = {c["id"] for c in config["components"] if c["type"] in ("plot", "markdown", "dataframe")}
+    on_change = [d for d in config["dependencies"] if any(t[1] == "change" for t in d["targets"])]
+    writers = Counter(o for d in on_change for o in d["outputs"] if o in shows)
+    assert {name[o] for o, n in writers.items() if n > 1} == set()
+    readout = [d for d in on_change if any(name.get(o) == "size-readout" for o in d["outputs"])]
+    assert len(readout) == 1 and readout[0]["trigger_mode"] == "always_last"
+    assert len(readout[0]["targets"]) == 11  # every control of the Quantize tab
