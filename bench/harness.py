@@ -173,11 +173,21 @@ def bench_sampling(model, s: BenchSettings) -> dict:
     labels = torch.arange(s.batch) % 10
     nchw = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
 
-    def ours(m):
-        return lambda: ddim_sample(m, schedule, s.batch, labels=labels, steps=s.steps, guidance=GUIDANCE,
-                                   generator=torch.Generator().manual_seed(0))
+    def ours(m, fast: bool = True):
+        def job():
+            import lafq.model
 
-    variants = {"lafq": ours(model), "lafq, NCHW layout": ours(nchw)}
+            lafq.model.FAST_INFERENCE = fast
+            try:
+                return ddim_sample(m, schedule, s.batch, labels=labels, steps=s.steps, guidance=GUIDANCE,
+                                   generator=torch.Generator().manual_seed(0))
+            finally:
+                lafq.model.FAST_INFERENCE = True
+        return job
+
+    # "without CPU fast paths": lafq.model.FAST_INFERENCE off (no phase convolutions, no chunked tail).
+    variants = {"lafq": ours(model), "lafq, without CPU fast paths": ours(model, fast=False),
+                "lafq, NCHW layout": ours(nchw)}
     compile_s = None
     if s.compile:
         from lafq.compile_cache import compile_model
@@ -222,6 +232,11 @@ def bench_sampling(model, s: BenchSettings) -> dict:
         out["ratio_vs_diffusers_repeats"] = ratios
         out["ratio_vs_diffusers_spread"] = [min(ratios), max(ratios)]
         out["ratio_of_median_times"] = ips["lafq"] / ips["diffusers"]
+        out["fast_paths_speedup"] = statistics.median(paired_ratios(times["lafq, without CPU fast paths"],
+                                                                    times["lafq"]))
+        # The stricter baseline: per repeat, the faster of diffusers' two layouts.
+        best = [min(a, b) for a, b in zip(times["diffusers"], times["diffusers, channels-last"])]
+        out["ratio_vs_best_diffusers_layout"] = statistics.median(paired_ratios(best, times["lafq"]))
         cpu_ratios = paired_ratios(cpu["diffusers"], cpu["lafq"])
         out["cpu_seconds_per_repeat"] = cpu
         out["ratio_vs_diffusers_cpu_time"] = statistics.median(cpu_ratios)
@@ -609,6 +624,10 @@ def markdown(res: dict, command: str) -> str:
             L += ["", f"lafq / diffusers, per interleaved repeat: **{r['ratio_vs_diffusers']:.2f}x** median of "
                       f"{len(r['ratio_vs_diffusers_repeats'])} (spread {lo:.2f}..{hi:.2f}: "
                       + ", ".join(f"{x:.2f}" for x in r["ratio_vs_diffusers_repeats"]) + ")."]
+            if "ratio_vs_best_diffusers_layout" in r:
+                L += ["", f"Against the faster of diffusers' two layouts in each repeat: "
+                          f"{r['ratio_vs_best_diffusers_layout']:.2f}x median. lafq's CPU fast paths "
+                          f"(`lafq.model.FAST_INFERENCE`): {r['fast_paths_speedup']:.2f}x."]
         if "ratio_vs_diffusers_cpu_time" in r:
             lo, hi = r["ratio_vs_diffusers_cpu_time_spread"]
             L += ["", f"By process CPU time (less sensitive to other jobs taking turns on the cores): "

@@ -66,6 +66,8 @@ class _Dequantize:
     """Forward pre-hook: rebuild the module's quantized parameters in the compute dtype, once per
     forward, or once per `hold_dequantized` block (a sampling call runs 2 x steps forwards)."""
 
+    lafq_weight_hook = True  # only sets weights: lafq.model's fast paths may run it themselves or more than once
+
     def __init__(self, attrs: list[str]):
         self.attrs = attrs
 

@@ -1,8 +1,12 @@
-"""Speed work must not move a single bit of FP32 sampling: cached evaluations and shipped FIDs depend on it."""
+"""Speed work must not change what FP32 sampling computes: the in-place path moves no bit, and the
+CPU fast paths (phase convolutions for upsampling, the chunked 28x28 tail) move only float rounding,
+which leaves the shipped images' bytes as recorded (cached evaluations and shipped FIDs depend on them)."""
 import hashlib
 
 import pytest
 import torch
+
+import lafq.model as lafq_model
 
 from lafq.pipeline import SampleSpec, generate, load_denoiser
 
@@ -19,7 +23,12 @@ def _inputs(n=6):
             torch.randint(0, 11, (n,), generator=g))
 
 
-def test_inference_path_is_bit_identical_to_the_autograd_path(tiny_model):
+@pytest.fixture
+def plain_paths(monkeypatch):
+    monkeypatch.setattr(lafq_model, "FAST_INFERENCE", False)
+
+
+def test_inference_path_is_bit_identical_to_the_autograd_path(tiny_model, plain_paths):
     x, t, y = _inputs()
     with torch.enable_grad():
         ref = tiny_model(x, t, y).detach()
@@ -29,7 +38,7 @@ def test_inference_path_is_bit_identical_to_the_autograd_path(tiny_model):
         assert torch.equal(tiny_model(x, t, y), ref)
 
 
-def test_shipped_model_inference_path_is_bit_identical_to_the_autograd_path():
+def test_shipped_model_inference_path_is_bit_identical_to_the_autograd_path(plain_paths):
     m, _ = load_denoiser()
     x, t, y = _inputs(8)
     with torch.enable_grad():
@@ -69,3 +78,67 @@ def test_autograd_still_flows_through_every_block(tiny_model):
     x, t, y = _inputs(2)
     tiny_model(x, t, y).square().mean().backward()
     assert all(p.grad is not None for p in tiny_model.parameters() if p.requires_grad)
+
+
+def _forward(model, x, t, y, fast: bool):
+    lafq_model.FAST_INFERENCE = fast
+    try:
+        with torch.inference_mode():
+            return model(x, t, y)
+    finally:
+        lafq_model.FAST_INFERENCE = True
+
+
+@pytest.fixture
+def chunked(monkeypatch):
+    """A chunk size that makes the tiny model's 28x28 tail (6 x 16 channels x 28 x 28 floats) split in three."""
+    monkeypatch.setattr(lafq_model, "CHUNK_BYTES", 2 * 16 * 28 * 28 * 4)
+
+
+def test_fast_paths_equal_the_plain_forward_to_float_rounding(tiny_model, chunked):
+    x, t, y = _inputs()
+    fast, plain = _forward(tiny_model, x, t, y, True), _forward(tiny_model, x, t, y, False)
+    assert not torch.equal(fast, plain)  # the fast paths did run (their sums round differently)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_shipped_model_fast_paths_equal_the_plain_forward_at_the_sampling_batch():
+    m, _ = load_denoiser()
+    x, t, y = _inputs(128)  # guided sampling of 64 images: the tail runs in two chunks
+    torch.testing.assert_close(_forward(m, x, t, y, True), _forward(m, x, t, y, False), rtol=1e-5, atol=1e-4)
+
+
+def test_upsample_conv_equals_upsampling_then_the_conv_for_both_layouts():
+    torch.manual_seed(0)
+    resample = torch.nn.Sequential(torch.nn.Upsample(scale_factor=2, mode="nearest"), torch.nn.Conv2d(5, 3, 3, padding=1))
+    x = torch.randn(2, 5, 7, 6)
+    with torch.inference_mode():
+        ref = resample(x)
+        for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+            out = lafq_model._upsample_conv2x(inp, resample[1].weight, resample[1].bias)
+            assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last) == (inp is not x)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_hooked_layer_sees_the_whole_batch_once(tiny_model, chunked):
+    seen = []
+    handle = tiny_model.up1.register_forward_hook(lambda m, a, out: seen.append(out.shape[0]))
+    try:
+        x, t, y = _inputs()
+        out = _forward(tiny_model, x, t, y, True)
+    finally:
+        handle.remove()
+    assert seen == [6]  # a hook (lafq.inside's activations) turns the chunked tail off
+    torch.testing.assert_close(out, _forward(tiny_model, x, t, y, False), rtol=1e-5, atol=1e-5)
+
+
+def test_a_quantized_model_takes_the_fast_paths_with_its_own_weights(tiny_model, chunked):
+    from lafq.plan import Plan, param_shapes
+    from lafq.quantize import hold_dequantized, quantize_
+
+    q = quantize_(tiny_model, Plan({n: "int4" if len(s) > 1 else "fp32" for n, s in param_shapes(tiny_model).items()}))
+    x, t, y = _inputs()
+    plain = _forward(q, x, t, y, False)
+    torch.testing.assert_close(_forward(q, x, t, y, True), plain, rtol=1e-5, atol=1e-5)
+    with hold_dequantized(q):  # as sampling runs it: weights dequantized once, reused by every chunk
+        torch.testing.assert_close(_forward(q, x, t, y, True), plain, rtol=1e-5, atol=1e-5)
