@@ -57,7 +57,7 @@ class BenchSettings:
 
     @classmethod
     def quick(cls) -> "BenchSettings":
-        return cls(steps=5, reps=5, fisher_bins=3, fisher_samples=16, fid_ns=(1000,), latency_reps=3, compile=False,
+        return cls(steps=5, reps=5, fisher_bins=3, fisher_samples=16, fid_ns=(1000,), latency_reps=5, compile=False,
                    app_runs=2, fidelity_n=40, fidelity_steps=10)
 
 
@@ -512,7 +512,8 @@ def bench_quantized(model, fisher, s: BenchSettings) -> dict:
         return run
     variants = {f"{k} | held": held_step(m) for k, m in models.items()}
     variants.update({f"{k} | every forward": step(m) for k, m in models.items() if QUANTIZED_ROWS[k][1] == "dequantize"})
-    sec = interleaved(variants, s.latency_reps)
+    times = interleaved_times(variants, s.latency_reps)
+    sec = {k: statistics.median(v) for k, v in times.items()}
     clf = load_classifier(DEFAULT_CLASSIFIER)[0]
     spec = SampleSpec(n=s.fidelity_n, steps=s.fidelity_steps, seed=0)
     ref = generate(model, spec)[0]
@@ -523,8 +524,10 @@ def bench_quantized(model, fisher, s: BenchSettings) -> dict:
         held = sec[f"{k} | held"] / 4
         every = sec.get(f"{k} | every forward")
         f = fidelity(ref, generate(models[k], spec)[0], clf)
+        vs_fp32 = paired_ratios(times[f"{k} | held"], times["fp32 | held"])  # time / FP32's, per repeat
         out["plans"][k] = {"compute": compute, "ms_per_image_step": 1000 * held / b,
-                           "slowdown_vs_fp32": held / (sec["fp32 | held"] / 4),
+                           "slowdown_vs_fp32": statistics.median(vs_fp32),
+                           "slowdown_vs_fp32_repeats": vs_fp32,
                            "ms_per_image_step_dequantizing_every_forward": None if every is None else 1000 * every / b,
                            "weight_bytes": size_report(plan, shapes).total_bytes,
                            "fidelity": f.to_dict(),
@@ -602,6 +605,11 @@ def _f(v, spec=".2f"):
     if v is None:
         return "n/a"
     return format(v, spec) if isinstance(v, (int, float)) else str(v)
+
+
+def _spread(v: dict) -> str:
+    reps = v.get("slowdown_vs_fp32_repeats")
+    return f" ({min(reps):.2f}–{max(reps):.2f})" if reps and len(reps) > 1 else ""
 
 
 def markdown(res: dict, command: str) -> str:
@@ -683,13 +691,13 @@ def markdown(res: dict, command: str) -> str:
         L += [f"### Quantized inference: {r['job']}", "", "ms/image/step: weights dequantized once per sampling call, as "
               "`generate` does; 'every forward' dequantizes before each forward (a lone step). Fidelity to FP32 "
               f"(lafq.metrics.fidelity): {r.get('fidelity_job', '')}.", "",
-              "| plan | compute | size (bytes) | model tensors in memory (bytes) | ms/image/step | vs FP32 | every "
+              "| plan | compute | size (bytes) | model tensors in memory (bytes) | ms/image/step | time vs FP32, paired (spread) | every "
               "forward | peak RSS rise, load + 1 step (MiB) | mean abs diff /255 | PSNR (dB) | feature dist. | class agreement |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for k, v in r["plans"].items():
             fd = v.get("fidelity", {})
             L.append(f"| {k} | {v.get('compute', 'dequantize')} | {v['weight_bytes']:,} | {_f(v.get('model_tensor_bytes'), ',')} | "
-                     f"{v['ms_per_image_step']:.2f} | {v['slowdown_vs_fp32']:.2f}x | "
+                     f"{v['ms_per_image_step']:.2f} | {v['slowdown_vs_fp32']:.2f}x{_spread(v)} | "
                      f"{_f(v.get('ms_per_image_step_dequantizing_every_forward'))} | "
                      f"{_f(v.get('peak_rss_increase', 0) / 2 ** 20, '.1f')} | {_f(fd.get('mad'), '.4f')} | "
                      f"{_f(fd.get('psnr'), '.1f')} | {_f(fd.get('feature_distance'), '.3f')} | {_f(fd.get('agreement'), '.3f')} |")

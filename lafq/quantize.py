@@ -13,14 +13,14 @@ channel, or fp16 per group for int4-g32 / int4-g64).
 Compute modes (`quantize_(model, plan, compute=...)`):
     "dequantize"    (default) the pre-hook above: FP32 (or `set_compute_dtype`) math on the dequantized
                     weights. Outputs never change with speed work; every shipped number uses this mode.
-    "int8-dynamic"  CPU only, opt-in: each Linear and each 1x1 Conv2d (the attention projections) whose
-                    weight is stored int8 or per-channel int4 runs torch.ao's dynamically quantized int8
-                    Linear (fbgemm via the `x86` engine): the stored integer codes and scales are the weight
-                    (int4 codes are valid int8 codes), activations are quantized per tensor on the fly.
-                    Other convolutions with at least INT8_CONV_MIN_CHANNELS (64) input channels run
-                    oneDNN's int8 convolution with an fp32 output (`_Int8Conv2d`: the stored codes and
-                    scales, activations quantized per call to uint8 over their min..max); narrower convs
-                    keep the dequantize path, where int8 measured slower. (torch.ao's dynamic Conv2d is not
+    "int8-dynamic"  CPU only, opt-in: each Linear whose weight is stored int8 or per-channel int4 runs
+                    torch.ao's dynamically quantized int8 Linear (fbgemm via the `x86` engine): the stored
+                    integer codes and scales are the weight (int4 codes are valid int8 codes), activations
+                    are quantized per tensor on the fly. Convolutions other than 1x1 with at least
+                    INT8_CONV_MIN_CHANNELS (32) input channels run oneDNN's int8 convolution with an fp32
+                    output (`_Int8Conv2d`: the stored codes and scales, activations quantized per call to
+                    uint8 over their min..max); 1x1 convs and narrower convs keep the dequantize path,
+                    where int8 measured slower (see INT8_CONV_MIN_CHANNELS). (torch.ao's dynamic Conv2d is not
                     used: it returns wrong values in torch 2.14.1, max |error| 2.6-4.7 on one conv of
                     non-negative inputs where the FP32 conv of its own dequantized weight is off by 0.02.)
                     Outputs differ from FP32 math: fidelity is measured (docs/benchmarks.md).
@@ -152,11 +152,12 @@ COMPUTE_MODES = ("dequantize", "int8-dynamic")
 # weights at +-127, measured with ONEDNN_MAX_CPU_ISA=AVX512_CORE), so such CPUs keep the dequantize path.
 ONEDNN_CONV = (hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qconv2d_pointwise")
                and getattr(torch.cpu, "_is_vnni_supported", lambda: False)())
-# Measured per 3x3 conv (batch 128, 1 thread, idle Intel Xeon with AVX-512 VNNI): int8 is slower at 32
-# channels x 28x28 (20.4 vs 12.7 ms for FP32 channels-last: quantizing the large activation costs more than
-# the int8 math saves) and faster from 64 channels at 14x14 and 7x7; on the MNIST U-Net the 64-channel rule
-# gives 1.06x FP32's forward time where every conv in int8 gives 1.02x.
-INT8_CONV_MIN_CHANNELS = 64
+# Guided DDIM-5 sampling of 64 images, uniform INT8, 2 threads, idle Intel Xeon with AVX-512 VNNI, medians
+# of 7 interleaved repeats, time relative to FP32 (both with lafq.model's CPU fast paths): int8 3x3 convs from
+# 32 input channels 0.79x, from 64 channels 0.83x; 1x1 convs as torch.ao int8 Linears over pixels 0.88x
+# (with the 64 rule), as oneDNN int8 convs 0.81x (with the 32 rule): slower than their FP32 GEMMs, so they
+# keep the dequantize path. (Before the channels-last min/max fix in _Int8Conv2d the 64 rule gave 1.00x.)
+INT8_CONV_MIN_CHANNELS = 32
 
 
 def quantize_(model: nn.Module, plan: Plan, compute: str = "dequantize") -> nn.Module:
@@ -180,24 +181,11 @@ def quantize_(model: nn.Module, plan: Plan, compute: str = "dequantize") -> nn.M
     return use_int8_kernels(model) if compute == "int8-dynamic" else model
 
 
-class _PointwiseInt8(nn.Module):
-    """A 1x1, stride-1 Conv2d as a dynamically quantized int8 Linear over pixels (channels-last views are free)."""
-
-    def __init__(self, linear: nn.Module):
-        super().__init__()
-        self.linear = linear
-
-    def forward(self, x):
-        b, _, h, w = x.shape
-        out = self.linear(x.permute(0, 2, 3, 1).reshape(b * h * w, -1))
-        return out.reshape(b, h, w, -1).permute(0, 3, 1, 2)
-
-
 class _Int8Conv2d(nn.Module):
     """A Conv2d on oneDNN's int8 convolution (`torch.ops.onednn.qconv2d_pointwise`, VNNI on x86) with an
     fp32 output: the weight is the stored int8 codes and per-channel scales, unchanged; activations are
     quantized per call, per tensor, asymmetric uint8 over their own min..max (one `aminmax` and one
-    fused `quantize_per_tensor`). Per conv this adds ~1.2% mean relative error against the FP32 conv of
+    `quantize_per_tensor`). Per conv this adds ~1.2% mean relative error against the FP32 conv of
     the same dequantized weight (8-bit activations), measured on random inputs."""
 
     def __init__(self, conv: nn.Conv2d, codes: torch.Tensor, scale: torch.Tensor):
@@ -225,7 +213,9 @@ class _Int8Conv2d(nn.Module):
         self._pack()
 
     def forward(self, x):
-        lo, hi = torch.aminmax(x)
+        # On a channels-last tensor aminmax first makes a contiguous copy (0.82 vs 0.20 ms at 128 x 64 x 14 x 14):
+        # the permuted view is contiguous, so reduce that.
+        lo, hi = torch.aminmax(x.permute(0, 2, 3, 1) if x.is_contiguous(memory_format=torch.channels_last) else x)
         lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)  # the range must hold 0 (zero padding)
         scale = (hi - lo) / 255 or 1.0
         zero = int(round(-lo / scale))
@@ -251,15 +241,13 @@ def use_int8_kernels(model: nn.Module) -> nn.Module:
         s = getattr(mod, "_lafq_stored", {}).get("weight")
         if s is None or s.precision not in ("int8", "int4"):
             continue
-        pointwise = isinstance(mod, nn.Conv2d) and mod.kernel_size == (1, 1) and mod.stride == (1, 1) \
-            and mod.groups == 1 and mod.padding in ((0, 0), 0)
         codes = unpack_int4(s.data, s.shape) if s.precision in PACKED else s.data
-        if isinstance(mod, nn.Conv2d) and not pointwise and mod.padding_mode == "zeros" and ONEDNN_CONV \
+        if isinstance(mod, nn.Conv2d) and mod.kernel_size != (1, 1) and mod.padding_mode == "zeros" and ONEDNN_CONV \
                 and mod.in_channels >= INT8_CONV_MIN_CHANNELS and not isinstance(mod.padding, str):
             parent, attr = _owner(model, name)
             setattr(parent, attr, _Int8Conv2d(mod, codes, s.scale))
             continue
-        if not (isinstance(mod, nn.Linear) or pointwise):
+        if not isinstance(mod, nn.Linear):
             continue
         qweight = torch._make_per_channel_quantized_tensor(
             codes.reshape(s.shape[0], -1).contiguous(), s.scale.double(), torch.zeros(len(s.scale), dtype=torch.long), 0)
@@ -268,7 +256,7 @@ def use_int8_kernels(model: nn.Module) -> nn.Module:
         fast = nnqd.Linear(qweight.shape[1], qweight.shape[0], bias_=bias is not None, dtype=torch.qint8)
         fast.set_weight_bias(qweight, bias)
         parent, attr = _owner(model, name)
-        setattr(parent, attr, _PointwiseInt8(fast) if pointwise else fast)
+        setattr(parent, attr, fast)
     model.lafq_compute = "int8-dynamic"
     return model
 
