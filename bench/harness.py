@@ -185,7 +185,7 @@ def bench_sampling(model, s: BenchSettings) -> dict:
                 lafq.model.FAST_INFERENCE = True
         return job
 
-    # "without CPU fast paths": lafq.model.FAST_INFERENCE off (no phase convolutions, no chunked tail).
+    # "without CPU fast paths": lafq.model.FAST_INFERENCE off (no transposed conv for upsampling, no chunked tail).
     variants = {"lafq": ours(model), "lafq, without CPU fast paths": ours(model, fast=False),
                 "lafq, NCHW layout": ours(nchw)}
     compile_s = None

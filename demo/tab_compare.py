@@ -26,7 +26,7 @@ HOW_TO = ("**How to:** pick a digit and press Generate: FP32, your plan and unif
           "budget plan (a seventh of FP32's size) next to uniform INT4 (the same size, no Fisher).")
 SPEED_NOTE = ("Quantized models are not faster per image here: their weights are stored small (memory, download) "
               "and dequantized to FP32 for compute, so each step runs the same FP32 arithmetic. The library's opt-in "
-              "`int8-dynamic` compute mode (CPUs with VNNI) runs uniform INT8 at 0.73x FP32's time per step, with "
+              "`int8-dynamic` compute mode (CPUs with VNNI) runs uniform INT8 at 0.82x FP32's time per step, with "
               "8-bit activations; docs/benchmarks.md has its fidelity.")
 
 

@@ -20,10 +20,10 @@ layers (lafq.inside) see the same tensors either way: a layer's output is never 
 
 Two more inference fast paths, on the CPU, with gradients off and no hooks but lafq's own dequantize
 hooks on the modules they touch (`fast_inference`); they compute the same function, equal to float
-rounding (max |Δ| 2.4e-6 on outputs up to 8.1 at batch 128), and guided sampling on 2 cores runs
-1.13-1.16x faster with both (interleaved runs, docs/benchmarks.md "CPU fast paths"):
-- `upsample_conv`: nearest 2x upsampling then a 3x3 conv equals, for each of the four output phases, a
-  2x2 conv of the low-resolution input with summed taps: 16 taps per input pixel instead of 36.
+rounding (max |Δ| 1.9e-6 on outputs up to 7.2 at batch 128), and guided sampling on 2 cores runs
+1.16-1.25x faster with both (interleaved runs, docs/benchmarks.md "CPU fast paths"):
+- `upsample_conv`: nearest 2x upsampling then a 3x3 conv equals a stride-2 transposed conv of the
+  low-resolution input with a 4x4 kernel of summed taps: 16 taps per input pixel instead of 36.
 - The 28x28 tail (the up1 concatenation, up1, head) runs in batch chunks of at most `CHUNK_BYTES` per
   concatenation: glibc's malloc serves blocks above 32 MiB (its largest mmap threshold) with fresh pages
   on every allocation, so at batch 128 the 38.5 MB concatenation and its GroupNorm cost page faults
@@ -147,25 +147,22 @@ def fast_inference(x: torch.Tensor, *modules: nn.Module) -> bool:
             and not any(_foreign_hooks(m) for m in modules))
 
 
-# Phase a of a nearest 2x upsampling followed by a 3x3 conv reads the low-resolution rows (i-1, i, i)
-# for a = 0 and (i, i, i+1) for a = 1: its 2x2 kernel sums the 3x3 kernel's taps that land on one row.
-_PHASE_TAPS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
+# Nearest 2x upsampling then a 3x3 conv (pad 1): output row 2i reads low-resolution rows (i-1, i, i) through
+# the kernel's rows (0, 1, 2), output row 2i+1 reads (i, i+1, i+1) through... (0, 1, 2) on rows (i, i, i+1).
+# A stride-2 transposed conv with a 4x4 kernel (pad 1) sends input row m to output rows 2m-1..2m+2 through
+# its kernel rows 0..3, so kernel row 3 = w0 and row 1 = w1 + w2 (even outputs), row 2 = w0 + w1 and
+# row 0 = w2 (odd outputs); likewise for columns.
+_TRANSPOSED_TAPS = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
 
 
 def _upsample_conv2x(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """conv3x3(pad 1)(upsample_nearest_2x(x)) as one 2x2 conv (pad 1) with the four phases' kernels
-    stacked on the output channels, then the phases interleaved."""
-    n, _, h, w = x.shape
-    o = weight.shape[0]
-    taps = _PHASE_TAPS.to(weight)
-    phases = torch.einsum("akh,oihw,blw->aboikl", taps, weight, taps).reshape(4 * o, weight.shape[1], 2, 2)
+    """conv3x3(pad 1)(upsample_nearest_2x(x)) as one stride-2 transposed conv with a 4x4 kernel of summed
+    taps: 16 multiply-adds per input pixel and channel pair instead of 36, and no upsampled input."""
+    taps = _TRANSPOSED_TAPS.to(weight)
+    kernel = torch.einsum("kh,oihw,lw->iokl", taps, weight, taps)  # conv_transpose2d's (in, out, kh, kw)
     cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    fmt = torch.channels_last if cl else torch.contiguous_format
-    y = F.conv2d(x, phases.contiguous(memory_format=fmt), None if bias is None else bias.repeat(4), padding=1)
-    out = torch.empty(n, o, 2 * h, 2 * w, dtype=y.dtype, device=y.device, memory_format=fmt)
-    for k, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):  # y is (n, 4o, h+1, w+1)
-        out[:, :, a::2, b::2] = y[:, k * o:(k + 1) * o, a:a + h, b:b + w]
-    return out
+    kernel = kernel.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    return F.conv_transpose2d(x, kernel, bias, stride=2, padding=1)
 
 
 def upsample_conv(resample: nn.Module, x: torch.Tensor) -> torch.Tensor:
