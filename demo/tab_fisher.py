@@ -214,9 +214,15 @@ def build(models, user, guard):
 
     def figures(*vals):
         return fisher_figures(models.state_for(vals[-1]), *vals)
-    # One event for all the view controls (see tab_quantize: results of separate events can arrive out of order).
-    gr.on([c.change for c in inputs[:-1]], guard(figures), inputs, outputs, trigger_mode="always_last",
-          concurrency_id="readout", show_progress="hidden", api_visibility="undocumented")
+    # One event for all the view controls (see tab_quantize: results of separate events can arrive out of
+    # order). A refused value keeps the figures and says why in the status line: an error would also drop
+    # the run Gradio deferred with the final values.
+    def figures_inline(*vals):
+        *vals, shown_status = vals
+        return (*figures(*vals), "" if str(shown_status or "").startswith("⚠️") else gr.skip())
+    gr.on([c.change for c in inputs[:-1]], guard(figures_inline, keep=len(outputs)), [*inputs, status],
+          [*outputs, status], trigger_mode="always_last", concurrency_id="readout", show_progress="hidden",
+          api_visibility="undocumented")
 
     # Annotations are evaluated here (no `from __future__ import annotations` in this module) so that
     # gradio recognises gr.Request and passes the session.

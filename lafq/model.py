@@ -20,7 +20,7 @@ layers (lafq.inside) see the same tensors either way: a layer's output is never 
 
 Two more inference fast paths, on the CPU, with gradients off and no hooks but lafq's own dequantize
 hooks on the modules they touch (`fast_inference`); they compute the same function, equal to float
-rounding (max |Δ| 1.9e-6 on outputs up to 7.2 at batch 128), and guided sampling on 2 cores runs
+rounding (except that lafq.quantize's int8-dynamic mode quantizes each chunk's activations on their own) (max |Δ| 1.9e-6 on outputs up to 7.2 at batch 128), and guided sampling on 2 cores runs
 1.16-1.25x faster with both (interleaved runs, docs/benchmarks.md "CPU fast paths"):
 - `upsample_conv`: nearest 2x upsampling then a 3x3 conv equals a stride-2 transposed conv of the
   low-resolution input with a 4x4 kernel of summed taps: 16 taps per input pixel instead of 36.
@@ -158,8 +158,9 @@ _TRANSPOSED_TAPS = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.
 def _upsample_conv2x(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """conv3x3(pad 1)(upsample_nearest_2x(x)) as one stride-2 transposed conv with a 4x4 kernel of summed
     taps: 16 multiply-adds per input pixel and channel pair instead of 36, and no upsampled input."""
-    taps = _TRANSPOSED_TAPS.to(weight)
-    kernel = torch.einsum("kh,oihw,lw->iokl", taps, weight, taps)  # conv_transpose2d's (in, out, kh, kw)
+    # The taps are summed in float32 (in bf16 the sums would round once more than the plain path does).
+    taps = _TRANSPOSED_TAPS.to(weight.device)
+    kernel = torch.einsum("kh,oihw,lw->iokl", taps, weight.float(), taps).to(weight.dtype)  # (in, out, kh, kw)
     cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     kernel = kernel.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
     return F.conv_transpose2d(x, kernel, bias, stride=2, padding=1)
@@ -311,13 +312,17 @@ class UNet(nn.Module):
 
     def _tail(self, h, s1, emb):
         """head(up1(cat(h, s1))): in batch chunks of at most CHUNK_BYTES of concatenation where the fast
-        path applies (module docstring); per-sample ops only, so chunks give the same result."""
-        nbytes = (h.shape[1] + s1.shape[1]) * h[0, 0].numel() * h.element_size() * h.shape[0]
+        path applies (module docstring); per-sample ops only, so chunks give the same result. (In the
+        int8-dynamic compute mode of lafq.quantize, activation scales span the tensor, so each chunk gets
+        its own: outputs then move by int8 error, as they do with the batch size.)"""
+        n, c = h.shape[0], h.shape[1] + s1.shape[1]
+        nbytes = n * c * h.shape[2] * h.shape[3] * h.element_size()
         if nbytes <= CHUNK_BYTES or not fast_inference(h, self.up1, self.head):
             return self.head(self.up1(torch.cat([h, s1], 1), emb))
-        size = math.ceil(h.shape[0] / math.ceil(nbytes / CHUNK_BYTES))
+        size = math.ceil(n / math.ceil(nbytes / CHUNK_BYTES))
+        emb = emb.expand(n, -1)  # a batch-1 embedding broadcasts in the plain path
         return torch.cat([self.head(self.up1(torch.cat([a, b], 1), e))
-                          for a, b, e in zip(h.split(size), s1.split(size), emb.split(size))])
+                          for a, b, e in zip(h.split(size), s1.split(size), emb.split(size), strict=True)])
 
 
 def to_inference_layout(model: nn.Module) -> nn.Module:

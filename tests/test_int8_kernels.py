@@ -64,12 +64,14 @@ def test_wide_3x3_convs_run_onednn_int8_with_their_stored_codes_and_stay_close_t
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(INT8_CONV_MIN_CHANNELS, 64, 3, padding=1), torch.nn.SiLU(),
                                 torch.nn.Conv2d(64, 8, 3, padding=1, stride=2), torch.nn.SiLU(),
-                                torch.nn.Conv2d(8, 8, 3, padding=1)).eval()
+                                torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Conv2d(8, 64, 1),
+                                torch.nn.Conv2d(64, 64, 1)).eval()
     plan = Plan({n: fallback(tuple(p.shape), precision) for n, p in model.named_parameters() if p.dim() > 1})
     ref = quantize_(copy.deepcopy(model), plan)
     fast = quantize_(copy.deepcopy(model), plan, compute="int8-dynamic")
     assert isinstance(fast[0], _Int8Conv2d) and isinstance(fast[2], _Int8Conv2d)
-    assert isinstance(fast[4], torch.nn.Conv2d)  # narrower than the rule: the dequantize path
+    assert type(fast[4]) is torch.nn.Conv2d  # narrower than the rule: the dequantize path
+    assert type(fast[6]) is torch.nn.Conv2d  # a wide 1x1 conv too: int8 measured slower than its FP32 GEMM
     x = torch.randn(4, INT8_CONV_MIN_CHANNELS, 14, 14)
     with torch.inference_mode():
         a, b = ref(x), fast(x)

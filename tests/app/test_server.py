@@ -187,8 +187,9 @@ def test_each_export_replaces_the_sessions_previous_one(client):
 
 def test_each_figure_and_readout_follows_its_controls_through_one_event(app_state):
     """A preset sets up to 11 controls at once; one event per control could finish out of order and leave
-    the readout of a half-applied preset. One event per output, run again with the final values
-    ("always_last"), cannot."""
+    the readout of a half-applied preset. With one event per output, Gradio defers further triggers while
+    it runs and then runs it once more with the final values ("always_last"), so the last result shown
+    is the final one."""
     from collections import Counter
 
     from demo.ui import build_app
