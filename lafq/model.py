@@ -20,8 +20,9 @@ layers (lafq.inside) see the same tensors either way: a layer's output is never 
 
 Two more inference fast paths, on the CPU, with gradients off and no hooks but lafq's own dequantize
 hooks on the modules they touch (`fast_inference`); they compute the same function, equal to float
-rounding (except that lafq.quantize's int8-dynamic mode quantizes each chunk's activations on their own) (max |Δ| 1.9e-6 on outputs up to 7.2 at batch 128), and guided sampling on 2 cores runs
-1.16-1.25x faster with both (interleaved runs, docs/benchmarks.md "CPU fast paths"):
+rounding (max |Δ| 1.9e-6 on outputs up to 7.2 at batch 128; lafq.quantize's int8-dynamic mode quantizes
+each chunk's activations on their own), and guided sampling on 2 cores runs 1.16-1.25x faster with both
+(interleaved runs, docs/benchmarks.md "CPU fast paths"):
 - `upsample_conv`: nearest 2x upsampling then a 3x3 conv equals a stride-2 transposed conv of the
   low-resolution input with a 4x4 kernel of summed taps: 16 taps per input pixel instead of 36.
 - The 28x28 tail (the up1 concatenation, up1, head) runs in batch chunks of at most `CHUNK_BYTES` per
