@@ -462,26 +462,39 @@ def source_section(records: list[dict]) -> list[str]:
            "*differences*: ours are paired over seeds with 95% intervals; the source's are differences of single runs.",
            "", "| strategy | source: FID | source: % smaller | ours: % smaller | ours: ΔFID vs FP32 (paired) | "
            "ours: mean abs Δ ‰ | ours: class agreement % |", "|---|---:|---:|---:|---:|---:|---:|"]
+    def done(r) -> bool:
+        return r is not None and r["seeds"] >= (r.get("planned_seeds") or 1)
+
     for name, (fid, smaller) in SOURCE_TABLE.items():
         r = by.get(name)
-        ours = ("— | — | — | —" if r is None else
-                f"{100 - r['pct_of_fp32']:.1f} | {r['dfid']:+.3f} ± {r['dfid_ci95']:.3f} | "
-                + ("— | —" if name == "fp32" else f"{_fmt('mad', r['mad'])} ± {_fmt('mad', r['mad_ci95'])} | "
-                   f"{_fmt('agreement', r['agreement'])}"))
+        if r is None:
+            ours = "— | — | — | —"
+        elif not done(r):  # no interval from part of the seeds
+            ours = (f"{100 - r['pct_of_fp32']:.1f} | {r['dfid']:+.3f} ({r['seeds']} of {r['planned_seeds']} seeds) | "
+                    f"{_fmt('mad', r['mad'])} | {_fmt('agreement', r['agreement'])}")
+        else:
+            ours = (f"{100 - r['pct_of_fp32']:.1f} | {r['dfid']:+.3f} ± {r['dfid_ci95']:.3f} | "
+                    + ("— | —" if name == "fp32" else f"{_fmt('mad', r['mad'])} ± {_fmt('mad', r['mad_ci95'])} | "
+                       f"{_fmt('agreement', r['agreement'])}"))
         out.append(f"| {SOURCE_LABELS[name]} | {fid:.2f} | {smaller:.1f} | {ours} |")
     out += ["", "The source's claims, as measured here:"]
     u16 = by.get("uniform fp16")
-    if u16:
-        zero = abs(u16["dfid"]) <= u16["dfid_ci95"]
+    if done(u16):
+        lo, hi = u16["dfid"] - u16["dfid_ci95"], u16["dfid"] + u16["dfid_ci95"]
+        what = ("no change detectable" if lo <= 0 <= hi else
+                "a detectable increase, as in the source" if lo > 0 else
+                "a detectable decrease (the source measured an increase)")
         out.append(f"- Uniform FP16 costs FID (source: 22.75 → 24.13, +6%): ours ΔFID {u16['dfid']:+.3f} ± "
-                   f"{u16['dfid_ci95']:.3f} paired — {'no change detectable' if zero else 'a detectable change'} "
-                   f"at N = {u16['n']:,}.")
+                   f"{u16['dfid_ci95']:.3f} paired, {what} at N = {u16['n']:,} × {u16['seeds']} seeds.")
     c = compare(records, "layer-ratio fp16", "uniform fp16")
-    if c:
+    if c and done(u16) and done(by.get("layer-ratio fp16")):
         out.append(f"- Ratio p = 0.25 is up to 7% better in FID than uniform FP16 (source: 22.42 vs 24.13): ours "
                    f"layer-ratio − uniform FP16 ΔFID {c['fid'][0]:+.3f} ± {c['fid'][1]:.3f} paired "
-                   f"({verdict('fid', c['fid'], u16['n'] if u16 else 0)}); Δ mean abs Δ "
+                   f"({verdict('fid', c['fid'], u16['n'])}); Δ mean abs Δ "
                    f"{_sign('mad', c['mad'][0])} ± {_fmt('mad', c['mad'][1])} ‰.")
+    missing = [SOURCE_LABELS[n] for n in SOURCE_TABLE if n != "fp32" and not done(by.get(n))]
+    if missing:
+        out.append(f"- Not measured on every seed yet: {', '.join(missing)}; no verdict for them.")
     out.append("- Our groups strategy keeps the encoder (embed, stem, down1–3) FP32 and lowers the middle and decoder; "
                "the source's 12|3456 split may group layers differently.")
     return out + [""]

@@ -135,6 +135,24 @@ def test_findings_give_no_verdict_from_a_row_or_a_control_set_that_is_not_comple
     assert "(better)" not in text and "(worse)" not in text
 
 
+def test_the_source_table_gives_intervals_and_verdicts_only_for_rows_measured_on_every_seed():
+    from lafq.report import source_section
+
+    def rec(name, seed, fid, mad=0.0):
+        return {"name": name, "seed": seed, "fid": fid, "mad": mad, "psnr": 60.0, "feature_distance": 0.0,
+                "agreement": 1.0, "accuracy": 1.0, "bytes": 100, "pct_of_fp32": 50.0, "avg_bits": 16.0, "n": 10,
+                "seconds": 1.0, "planned_seeds": 3}
+    recs = [rec("fp32", k, 10.0 + k) for k in range(3)]
+    recs += [rec("uniform fp16", k, 9.9 + k + 0.001 * k, 5e-4) for k in range(3)]  # FID 0.1 lower, every seed
+    recs += [rec("layer-ratio fp16", 0, 10.0, 2e-5)]  # 1 of 3 seeds
+    text = "\n".join(source_section(recs))
+    assert "a detectable decrease (the source measured an increase) at N = 10 × 3 seeds" in text
+    assert "| +0.000 (1 of 3 seeds) |" in text  # a value, no interval
+    assert "Ratio p = 0.25 is up to 7% better" not in text  # no verdict from one seed
+    missing = next(line for line in text.splitlines() if line.startswith("- Not measured on every seed yet:"))
+    assert "per-layer ratio p = 0.25" in missing and "uniform FP16" not in missing
+
+
 def test_spearman_sees_a_monotone_predictor_and_random_sees_nothing():
     measured = {f"u{i}": float(i) for i in range(20)}
     assert spearman(measured, {k: v ** 3 for k, v in measured.items()})[0] == pytest.approx(1.0)
