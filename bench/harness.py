@@ -173,10 +173,10 @@ def bench_sampling(model, s: BenchSettings) -> dict:
     labels = torch.arange(s.batch) % 10
     nchw = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
 
+    import lafq.model
+
     def ours(m, fast: bool = True):
         def job():
-            import lafq.model
-
             lafq.model.FAST_INFERENCE = fast
             try:
                 return ddim_sample(m, schedule, s.batch, labels=labels, steps=s.steps, guidance=GUIDANCE,

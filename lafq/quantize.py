@@ -12,7 +12,8 @@ channel, or fp16 per group for int4-g32 / int4-g64).
 
 Compute modes (`quantize_(model, plan, compute=...)`):
     "dequantize"    (default) the pre-hook above: FP32 (or `set_compute_dtype`) math on the dequantized
-                    weights. Outputs never change with speed work; every shipped number uses this mode.
+                    weights. Every shipped number uses this mode; speed work changes its outputs at most by
+                    float rounding (lafq.model's CPU fast paths, pinned in tests/test_fast_path.py).
     "int8-dynamic"  CPU only, opt-in: each Linear whose weight is stored int8 or per-channel int4 runs
                     torch.ao's dynamically quantized int8 Linear (fbgemm via the `x86` engine): the stored
                     integer codes and scales are the weight (int4 codes are valid int8 codes), activations

@@ -207,6 +207,11 @@ def summarize(records: list[dict]) -> list[dict]:
     return out
 
 
+def complete(row: dict | None, seeds: int = 1) -> bool:
+    """A summarized row measured on every seed it plans (`seeds` for records older than planned_seeds)."""
+    return row is not None and row["seeds"] >= (row.get("planned_seeds") or seeds)
+
+
 def compare(records: list[dict], a: str, b: str | list[str]) -> dict[str, tuple[float, float, int]] | None:
     """Paired a − b per metric (mean, 95% CI, number of pairs). `b` a list (random controls): every
     (control, seed) record paired with `a` at that seed, so the interval spans both the controls' plans
@@ -303,8 +308,8 @@ def write(records: list[dict], s: Settings, command: str, out_dir: Path, *, tota
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_dir / "report.csv", _csv(records, CSV_FIELDS))
     rows = summarize(records)
-    complete = [r for r in rows if r["seeds"] >= r.get("planned_seeds", s.seeds)]
-    partial = total_rows is not None and len(complete) < total_rows
+    done = [r for r in rows if complete(r, s.seeds)]
+    partial = total_rows is not None and len(done) < total_rows
     if rows:
         atomic_write_bytes(out_dir / "report_pareto.svg", pareto_svg(rows).encode())
     sens = None
@@ -316,7 +321,7 @@ def write(records: list[dict], s: Settings, command: str, out_dir: Path, *, tota
     backend = rows[0].get("backend") if rows else (floor.backend if floor is not None else "?")
     machines = sorted({r["machine"] for r in [*records, *(sensitivity or [])] if r.get("machine")}) or [machine()]
     lines = ["# Report: does Fisher guidance beat strong simple baselines?\n",
-             *([f"**Partial: {len(complete)} of {total_rows} rows complete so far; the run resumes where it "
+             *([f"**Partial: {len(done)} of {total_rows} rows complete so far; the run resumes where it "
                 "stopped.**\n"] if partial else []),
              f"Command: `{command}`. Measured on: {'; '.join(machines)}. Every (plan, seed) record in `report.csv` "
              "names the machine it ran on and its seconds.\n",
@@ -368,7 +373,7 @@ def findings(records: list[dict], s: Settings) -> list[str]:
             if len(b) < max(planned, 2):
                 out.append(f"- {a} vs its random controls: {len(b)} of {planned} measured so far.")
                 continue
-        elif b in by and by[b]["seeds"] < by[b].get("planned_seeds", s.seeds):
+        elif b in by and not complete(by[b], s.seeds):
             out.append(f"- {a} vs {b}: not yet measured on every seed.")
             continue
         label = b if isinstance(b, str) else f"{len(b)} random controls at its size, each paired at its own seed"
@@ -462,14 +467,11 @@ def source_section(records: list[dict]) -> list[str]:
            "*differences*: ours are paired over seeds with 95% intervals; the source's are differences of single runs.",
            "", "| strategy | source: FID | source: % smaller | ours: % smaller | ours: ΔFID vs FP32 (paired) | "
            "ours: mean abs Δ ‰ | ours: class agreement % |", "|---|---:|---:|---:|---:|---:|---:|"]
-    def done(r) -> bool:
-        return r is not None and r["seeds"] >= (r.get("planned_seeds") or 1)
-
     for name, (fid, smaller) in SOURCE_TABLE.items():
         r = by.get(name)
         if r is None:
             ours = "— | — | — | —"
-        elif not done(r):  # no interval from part of the seeds
+        elif not complete(r):  # no interval from part of the seeds
             ours = (f"{100 - r['pct_of_fp32']:.1f} | {r['dfid']:+.3f} ({r['seeds']} of {r['planned_seeds']} seeds) | "
                     f"{_fmt('mad', r['mad'])} | {_fmt('agreement', r['agreement'])}")
         else:
@@ -479,7 +481,7 @@ def source_section(records: list[dict]) -> list[str]:
         out.append(f"| {SOURCE_LABELS[name]} | {fid:.2f} | {smaller:.1f} | {ours} |")
     out += ["", "The source's claims, as measured here:"]
     u16 = by.get("uniform fp16")
-    if done(u16):
+    if complete(u16):
         lo, hi = u16["dfid"] - u16["dfid_ci95"], u16["dfid"] + u16["dfid_ci95"]
         what = ("no change detectable" if lo <= 0 <= hi else
                 "a detectable increase, as in the source" if lo > 0 else
@@ -487,12 +489,12 @@ def source_section(records: list[dict]) -> list[str]:
         out.append(f"- Uniform FP16 costs FID (source: 22.75 → 24.13, +6%): ours ΔFID {u16['dfid']:+.3f} ± "
                    f"{u16['dfid_ci95']:.3f} paired, {what} at N = {u16['n']:,} × {u16['seeds']} seeds.")
     c = compare(records, "layer-ratio fp16", "uniform fp16")
-    if c and done(u16) and done(by.get("layer-ratio fp16")):
+    if c and complete(u16) and complete(by.get("layer-ratio fp16")):
         out.append(f"- Ratio p = 0.25 is up to 7% better in FID than uniform FP16 (source: 22.42 vs 24.13): ours "
                    f"layer-ratio − uniform FP16 ΔFID {c['fid'][0]:+.3f} ± {c['fid'][1]:.3f} paired "
                    f"({verdict('fid', c['fid'], u16['n'])}); Δ mean abs Δ "
                    f"{_sign('mad', c['mad'][0])} ± {_fmt('mad', c['mad'][1])} ‰.")
-    missing = [SOURCE_LABELS[n] for n in SOURCE_TABLE if n != "fp32" and not done(by.get(n))]
+    missing = [SOURCE_LABELS[n] for n in SOURCE_TABLE if n != "fp32" and not complete(by.get(n))]
     if missing:
         out.append(f"- Not measured on every seed yet: {', '.join(missing)}; no verdict for them.")
     out.append("- Our groups strategy keeps the encoder (embed, stem, down1–3) FP32 and lowers the middle and decoder; "
