@@ -191,11 +191,14 @@ def register_quantize(sub):
     q.set_defaults(func=cmd_quantize)
 
 
+REPORT_DEFAULTS = {"backend": "auto", "device": "auto", "cache_dir": str(paths.REPORT_CACHE), "out_dir": str(paths.DOCS)}
+
+
 def cmd_report(args):
     import sys
 
     from .classifier import load_classifier
-    from .device import resolve_device
+    from .device import resolve_device, strict_fp32
     from .evaluate import Evaluator
     from .metrics import DEFAULT_CLASSIFIER, get_backend
     from .pipeline import load_denoiser, real_floor
@@ -205,16 +208,22 @@ def cmd_report(args):
 
     model, _ = load_denoiser(args.checkpoint)
     device = resolve_device(args.device)
-    model.to(device)
+    strict_fp32(device)
     fisher = load_fisher(args.fisher)
     base = Settings.quick() if args.quick else Settings()
     s = settings_with(base, n=args.n, steps=args.steps, seeds=args.seeds, guidance=args.guidance,
-                      random_seeds=args.random_seeds)
+                      random_seeds=args.random_seeds, batch_size=args.batch_size)
+    rows = grid(model, fisher, s)  # planned on the CPU, beside the Fisher map
+    model.to(device)
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else print
     command = "python -m lafq report" + (" --quick" if args.quick else "") + "".join(
         f" --{k.replace('_', '-')} {v}" for k, v in (("n", args.n), ("steps", args.steps), ("seeds", args.seeds),
-                                                     ("guidance", args.guidance), ("random_seeds", args.random_seeds))
-        if v is not None)
+                                                     ("guidance", args.guidance), ("random_seeds", args.random_seeds),
+                                                     ("batch_size", args.batch_size))
+        if v is not None) + "".join(
+        f" --{k.replace('_', '-')} {v}" for k, v in (("backend", args.backend), ("device", args.device),
+                                                     ("cache_dir", args.cache_dir), ("out_dir", args.out_dir))
+        if v != REPORT_DEFAULTS[k]) + (" --skip-sensitivity" if args.skip_sensitivity else "")
     classifier = load_classifier(DEFAULT_CLASSIFIER)[0]
     backend = get_backend(args.backend)
     cache = Path(args.cache_dir) / ("quick" if args.quick else "full")
@@ -224,7 +233,6 @@ def cmd_report(args):
     if not args.skip_sensitivity:
         sens = run_sensitivity(Evaluator(model, classifier, None, cache / "sensitivity", device=device, log=log,
                                          cached_only=args.render), fisher, s.sensitivity, s.guidance, log=log)
-    rows = grid(model, fisher, s)
     floor = real_floor(backend, s.n, list(range(s.seeds)))
     # Rewrite the files after every (plan, seed): an interrupted run leaves a readable, marked-partial report.
     n_units = len(units(param_shapes(model), s.sensitivity.unit))
@@ -253,14 +261,16 @@ def register_report(sub):
                    help="random controls per plan (default 5; quick 2)")
     r.add_argument("--guidance", type=number("--guidance", 0, 50), default=None,
                    help="classifier-free guidance (default: the library's)")
+    r.add_argument("--batch-size", type=number("--batch-size", 1, 256, integer=True), default=None,
+                   help="images per sampling batch (default 128); a different size is a different set of records")
     r.add_argument("--backend", choices=("auto", "classifier", "inception"), default="auto")
     r.add_argument("--skip-sensitivity", action="store_true", help="only the plan grid")
     r.add_argument("--render", action="store_true",
                    help="write the report from the records already in --cache-dir, sampling nothing")
-    r.add_argument("--cache-dir", default=str(paths.REPORT_CACHE),
+    r.add_argument("--cache-dir", default=REPORT_DEFAULTS["cache_dir"],
                    help="finished (plan, seed) records; a rerun resumes from them")
     _device_arg(r)
-    r.add_argument("--out-dir", default=str(paths.DOCS))
+    r.add_argument("--out-dir", default=REPORT_DEFAULTS["out_dir"])
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_report)
 

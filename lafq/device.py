@@ -34,6 +34,18 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     raise ValueError(f"unknown device {name!r}; choose one of {', '.join(CHOICES)} (or cuda:N)")
 
 
+def strict_fp32(device: str | torch.device) -> bool:
+    """On a CUDA device, turn off TF32 for convolutions and matrix products (PyTorch enables it for cuDNN
+    convolutions by default). TF32 rounds inputs to 10 mantissa bits, an error of the same order as FP16
+    weights, so with it an "FP32" reference would hide the very differences an evaluation measures.
+    Returns whether anything was changed (False on the CPU, where there is no TF32)."""
+    if torch.device(device).type != "cuda":
+        return False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return True
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device of a model's first parameter or buffer (CPU for a model with neither)."""
     for t in model.parameters():

@@ -24,7 +24,8 @@ from .checkpoint import atomic_write_bytes
 from .metrics import classifier_accuracy, fidelity, frechet_distance, reference_statistics, statistics
 from .pipeline import SampleSpec, generate
 from .policy import Plan
-from .quantize import quantize_
+from .device import model_device
+from .quantize import quantize_, to_device
 
 
 def machine() -> str:
@@ -96,7 +97,8 @@ class Evaluator:
             images = ref
             q = self.model
         else:
-            q = quantize_(copy.deepcopy(self.model), plan)
+            # Quantized on the CPU and then moved: the stored weights are the same bits on every device.
+            q = to_device(quantize_(copy.deepcopy(self.model).cpu(), plan), model_device(self.model))
             images, _ = generate(q, spec, num_classes=self.model.cfg.num_classes, device=self.device)
         from .pipeline import resolve_labels
 

@@ -52,6 +52,7 @@ class Settings:
     seeds: int = 3
     guidance: float = DEFAULT_GUIDANCE
     random_seeds: int = 5
+    batch_size: int = 128  # images per sampling batch; part of every record's key (a GPU run uses 256)
     budgets: tuple[float, ...] = (8.0, 6.0, 5.0, 4.5, 4.25)  # 4 bits is below the 4.19-bit INT4 floor
     statistic: str = "final"  # the source's strategies rank by Fisher at the final step; budgets use the mean
     sensitivity: SensitivitySettings = field(default_factory=SensitivitySettings)
@@ -62,7 +63,7 @@ class Settings:
                    sensitivity=SensitivitySettings(n=16, steps=10, seeds=2, unit="layer"))
 
     def spec(self, seed: int) -> SampleSpec:
-        return SampleSpec(n=self.n, steps=self.steps, guidance=self.guidance, seed=seed, batch_size=128)
+        return SampleSpec(n=self.n, steps=self.steps, guidance=self.guidance, seed=seed, batch_size=self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -261,6 +262,11 @@ def describe_compare(c: dict, n: int, unit: str = "seeds") -> str:
                      for m in ("fid", "mad", "feature_distance", "agreement"))
 
 
+def _with_ci(value: str, ci: str, seeds: int) -> str:
+    """'value ± ci'; one seed has no interval, so its value is shown bare, never as '± 0'."""
+    return f"{value} ± {ci}" if seeds > 1 else value
+
+
 def _sign(metric: str, v: float) -> str:
     return ("-" if v < 0 else "+") + _fmt(metric, abs(v))
 
@@ -340,12 +346,14 @@ def write(records: list[dict], s: Settings, command: str, out_dir: Path, *, tota
               "feature dist. % | class agreement % | accuracy % | seeds |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        pm = lambda v, ci: _with_ci(v, ci, r["seeds"])  # noqa: E731
         if r["name"] == "fp32":
             fid_cols = "— | — | — | —"
         else:
-            fid_cols = " | ".join(f"{_fmt(m, r[m])} ± {_fmt(m, r[m + '_ci95'])}" for m in FIDELITY)
+            fid_cols = " | ".join(pm(_fmt(m, r[m]), _fmt(m, r[m + '_ci95'])) for m in FIDELITY)
         lines.append(f"| {r['name']} | {r['bytes']:,} | {r['pct_of_fp32']:.2f} | {r['avg_bits']:.2f} | "
-                     f"{r['fid']:.3f} ± {r['fid_ci95']:.3f} | {r['dfid']:+.3f} ± {r['dfid_ci95']:.3f} | {fid_cols} | "
+                     f"{pm(format(r['fid'], '.3f'), format(r['fid_ci95'], '.3f'))} | "
+                     f"{pm(format(r['dfid'], '+.3f'), format(r['dfid_ci95'], '.3f'))} | {fid_cols} | "
                      f"{_fmt('accuracy', r['accuracy'])} | {r['seeds']} |")
     lines += ["", "![size vs FID](report_pareto.svg)", "", "## What the data say", "", *findings(records, s), ""]
     lines += random_section(records, s)

@@ -133,3 +133,22 @@ def test_app_state_on_gpu_plans_quantizes_samples_and_traces(tiny_model):
     assert tr.matrix.device.type == "cpu" and torch.isfinite(tr.matrix).all()
     assert torch.isfinite(activation_trace(state.model, 3, steps=3).matrix).all()
     assert saliency(state.model, x[0], 3, 500)["saliency"].shape == (28, 28)
+
+
+def test_strict_fp32_leaves_the_cpu_alone_and_turns_tf32_off_on_a_gpu(monkeypatch):
+    from lafq.device import strict_fp32
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert strict_fp32("cpu") is False and torch.backends.cudnn.allow_tf32
+    assert strict_fp32("cuda") is True
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+
+
+@cuda
+def test_the_report_runs_on_a_gpu_with_plans_made_on_the_cpu(tmp_path):
+    assert main(["report", "--device", "cuda", "--n", "4", "--steps", "1", "--seeds", "1", "--random-seeds", "1",
+                 "--skip-sensitivity", "--cache-dir", str(tmp_path / "c"),
+                 "--out-dir", str(tmp_path / "o")]) == 0
+    text = (tmp_path / "o" / "report.md").read_text()
+    assert "--device cuda" in text and torch.cuda.get_device_name(0) in text

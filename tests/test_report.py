@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 
 from lafq.data import load_dataset
@@ -164,3 +166,23 @@ def test_spearman_sees_a_monotone_predictor_and_random_sees_nothing():
     assert summary["measures"]["mad"]["rho"]["fisher"][0] == pytest.approx(1.0)
     mean, lo, hi = summary["measures"]["mad"]["random"]
     assert lo < mean < hi and abs(mean) < 0.2
+
+
+def test_the_sampling_batch_size_is_part_of_every_records_spec():
+    assert Settings().spec(0).batch_size == 128
+    assert Settings(batch_size=256).spec(2) == replace(Settings().spec(2), batch_size=256)
+
+
+def test_the_main_table_shows_a_single_seed_row_without_an_interval(tmp_path):
+    def rec(name, seed, fid, **kw):
+        return {"name": name, "seed": seed, "fid": fid, "mad": 0.01 * (name != "fp32"), "psnr": 30.0,
+                "feature_distance": 0.05, "agreement": 1.0, "accuracy": 1.0, "bytes": 100, "pct_of_fp32": 10.0,
+                "avg_bits": 4.5, "n": 10, "seconds": 1.0, "planned_seeds": 3, "machine": "m", **kw}
+    recs = [rec("fp32", k, 10.0 + k) for k in range(3)]
+    recs += [rec("random 0 @ budget 6 bits", 1, 20.0, kind="random", planned_seeds=1)]
+    write(recs, Settings(n=10, seeds=3), "cmd", tmp_path)
+    row = next(line for line in (tmp_path / "report.md").read_text().splitlines()
+               if line.startswith("| random 0 @ budget 6 bits"))
+    assert "±" not in row and "| 20.000 | +9.000 |" in row
+    fp32 = next(line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| fp32 |"))
+    assert "11.000 ± " in fp32
