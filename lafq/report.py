@@ -324,6 +324,7 @@ def write(records: list[dict], s: Settings, command: str, out_dir: Path, *, tota
         sens = sens_summary(sensitivity)
         if sens:
             atomic_write_bytes(out_dir / "sensitivity.svg", sensitivity_svg(sens).encode())
+    floor_bits = next((r["avg_bits"] for r in rows if r["name"] == "uniform int4"), None)
     backend = rows[0].get("backend") if rows else (floor.backend if floor is not None else "?")
     machines = sorted({r["machine"] for r in [*records, *(sensitivity or [])] if r.get("machine")}) or [machine()]
     lines = ["# Report: does Fisher guidance beat strong simple baselines?\n",
@@ -338,7 +339,10 @@ def write(records: list[dict], s: Settings, command: str, out_dir: Path, *, tota
              "not available offline) against the held-out mnist-train5k reference. Fidelity to FP32, image by "
              "image from the same noise: mean |Δ| (‰ of the pixel range), PSNR, classifier-feature distance "
              "(% of the mean feature norm) and class agreement with FP32's image. Size: stored bytes per tensor "
-             "plus scales (fp32 per channel; fp16 per group for int4-g32/-g64).\n"]
+             "plus scales (fp32 per channel; fp16 per group for int4-g32/-g64). Budget sweep: "
+             f"{' / '.join(f'{b:g}' for b in s.budgets)} bits per weight, scales included"
+             + (f"; the smallest allocation (uniform per-channel INT4) takes {floor_bits:.2f} bits, so no budget "
+                "below that can be met" if floor_bits else "") + ".\n"]
     if floor is not None:
         lines.append(f"Real-vs-real floor at the same backend and N ({floor.n:,} of mnist-test10k vs mnist-train5k, "
                      f"{len(floor.values)} draws): FID {floor.mean:.3f} ± {floor.ci95:.3f}.\n")

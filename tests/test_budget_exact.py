@@ -4,8 +4,8 @@ import pytest
 
 from lafq.fisher import FisherMap
 from lafq.pipeline import load_denoiser
-from lafq.policy import Policy, budget_options, make_plan, pareto_front, param_shapes, predicted_damage
-from lafq.report import Settings
+from lafq.policy import budget_options, pareto_front, param_shapes, predicted_damage
+from lafq.report import Settings, grid
 
 
 def dp_optimum(options, budgets):
@@ -35,13 +35,16 @@ def test_budget_plans_of_the_report_are_exactly_optimal_on_the_shipped_model(shi
     w = dict(model.named_parameters())
     shapes = param_shapes(model)
     total = sum(p.numel() for p in model.parameters())
-    budgets = {bits: int(bits * total / 8) for bits in Settings().budgets}
+    # Every Fisher budget row of the report: the 8 ... 4.25-bit sweep and the baselines' own sizes.
+    rows = [r for r in grid(model, fm, Settings()) if r.kind == "budget"]
+    budgets = {r.name: r.plan.policy["budget_bytes"] or int(r.plan.policy["avg_bits"] * total / 8) for r in rows}
+    assert len(budgets) == len(Settings().budgets) + 2
     options = budget_options(fm, w, "mean")
-    best = dp_optimum(options, list(budgets.values()))
+    best = dp_optimum(options, sorted(set(budgets.values())))
     scores = fm.score("mean")
     front = pareto_front(fm, w, "mean")
-    for bits, budget in budgets.items():
-        plan = make_plan(Policy("budget", avg_bits=bits, statistic="mean"), fm, w)
+    for row in rows:
+        bits, budget, plan = row.name, budgets[row.name], row.plan
         damage = sum(predicted_damage(w[n], p, scores[n], fm.channel_score(n, "mean")) for n, p in plan.precisions.items())
         assert damage == pytest.approx(best[budget], rel=1e-9), bits
         assert sum(1 for _ in shapes) == len(plan.precisions)
