@@ -9,7 +9,7 @@ from pathlib import Path
 from . import paths
 from .cliutil import device_arg as _device_arg
 from .cliutil import emit as _emit
-from .cliutil import number
+from .cliutil import CLIError, number
 from .checkpoint import atomic_write_bytes
 
 DEFAULT_FISHER = str(paths.FISHER)
@@ -191,56 +191,99 @@ def register_quantize(sub):
     q.set_defaults(func=cmd_quantize)
 
 
-REPORT_DEFAULTS = {"backend": "auto", "device": "auto", "cache_dir": str(paths.REPORT_CACHE), "out_dir": str(paths.DOCS)}
+def _report_subject(args) -> dict:
+    """What the report measures: the project U-Net (--checkpoint) or a train-diffusers folder (--model), with
+    its Fisher map, classifier, FID backend, reference data and where its records and report go."""
+    from .classifier import load_classifier
+    from .metrics import DEFAULT_CLASSIFIER, ClassifierBackend, get_backend
+    from .pipeline import load_denoiser
+    from .report import Subject, edge_layers
+
+    if args.model is None:
+        model, _ = load_denoiser(args.checkpoint or paths.UNET)
+        return dict(model=model, fisher=load_fisher(args.fisher or DEFAULT_FISHER), subject=Subject(),
+                    classifier=load_classifier(DEFAULT_CLASSIFIER)[0], backend=get_backend(args.backend),
+                    evaluator={}, cache=Path(args.cache_dir or paths.REPORT_CACHE), out=Path(args.out_dir or paths.DOCS))
+    from .cli_diffusers import _card, load_folder
+    from .train_diffusers import ClassUNet
+
+    if args.checkpoint is not None:
+        raise CLIError("--checkpoint and --model name two models; give one")
+    if args.backend == "inception":
+        raise CLIError("--model reports use the folder's own classifier as FID backend; drop --backend inception")
+    folder = Path(args.model)
+    card = _card(folder)
+    den = load_folder(folder)
+    model = den.module.eval()
+    backend = ClassifierBackend(path=folder / "classifier.safetensors")
+    subject = Subject(name=f"{card.get('name', folder.name)} (`{folder}`)",
+                      classifier=f"the folder's classifier's features (`{folder / 'classifier.safetensors'}`)",
+                      reference=card["reference"], floor_images=card["dataset"], edge_layers=edge_layers(model),
+                      source_strategies=False)
+    return dict(model=model, fisher=load_fisher(args.fisher or folder / "fisher.safetensors"), subject=subject,
+                classifier=backend.model, backend=backend,
+                evaluator=dict(num_classes=int(card["null_class"]), schedule=den.schedule, wrap=ClassUNet,
+                               reference=card["reference"], stats_dir=folder / "stats"),
+                cache=Path(args.cache_dir or folder / "eval" / "report"), out=Path(args.out_dir or folder / "report"))
 
 
 def cmd_report(args):
     import sys
 
-    from .classifier import load_classifier
     from .device import resolve_device, strict_fp32
     from .evaluate import Evaluator
-    from .metrics import DEFAULT_CLASSIFIER, get_backend
-    from .pipeline import load_denoiser, real_floor
-    from .report import Settings, evaluate, grid, settings_with, write
+    from .pipeline import real_floor
+    from .report import Settings, evaluate, feasible_budgets, floor_bits, grid, settings_with, write
     from .policy import param_shapes
     from .sensitivity import run as run_sensitivity, units
 
-    model, _ = load_denoiser(args.checkpoint)
     device = resolve_device(args.device)
     strict_fp32(device)
-    fisher = load_fisher(args.fisher)
+    sub = _report_subject(args)
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else print
+    model, fisher, subject = sub["model"], sub["fisher"], sub["subject"]
     base = Settings.quick() if args.quick else Settings()
     s = settings_with(base, n=args.n, steps=args.steps, seeds=args.seeds, guidance=args.guidance,
                       random_seeds=args.random_seeds, batch_size=args.batch_size)
-    rows = grid(model, fisher, s)  # planned on the CPU, beside the Fisher map
+    shapes = param_shapes(model)
+    lo = floor_bits(shapes)
+    feasible = feasible_budgets(shapes, s.budgets)
+    if feasible != s.budgets:
+        log(f"budgets below this model's floor of {lo:.2f} bits/weight left out: "
+            + ", ".join(f"{b:g}" for b in s.budgets if b not in feasible))
+        s = settings_with(s, budgets=feasible)
+    rows = grid(model, fisher, s, subject)  # planned on the CPU, beside the Fisher map
     model.to(device)
-    log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else print
+    given = [("model", args.model), ("checkpoint", args.checkpoint), ("fisher", args.fisher), ("n", args.n),
+             ("steps", args.steps), ("seeds", args.seeds), ("guidance", args.guidance),
+             ("random_seeds", args.random_seeds), ("batch_size", args.batch_size),
+             ("backend", None if args.backend == "auto" else args.backend),
+             ("device", None if args.device == "auto" else args.device), ("cache_dir", args.cache_dir),
+             ("out_dir", args.out_dir)]
     command = "python -m lafq report" + (" --quick" if args.quick else "") + "".join(
-        f" --{k.replace('_', '-')} {v}" for k, v in (("n", args.n), ("steps", args.steps), ("seeds", args.seeds),
-                                                     ("guidance", args.guidance), ("random_seeds", args.random_seeds),
-                                                     ("batch_size", args.batch_size))
-        if v is not None) + "".join(
-        f" --{k.replace('_', '-')} {v}" for k, v in (("backend", args.backend), ("device", args.device),
-                                                     ("cache_dir", args.cache_dir), ("out_dir", args.out_dir))
-        if v != REPORT_DEFAULTS[k]) + (" --skip-sensitivity" if args.skip_sensitivity else "")
-    classifier = load_classifier(DEFAULT_CLASSIFIER)[0]
-    backend = get_backend(args.backend)
-    cache = Path(args.cache_dir) / ("quick" if args.quick else "full")
-    out_dir = Path(args.out_dir)
+        f" --{k.replace('_', '-')} {v}" for k, v in given if v is not None) + (
+        " --skip-sensitivity" if args.skip_sensitivity else "")
+    classifier, backend = sub["classifier"], sub["backend"]
+    cache = sub["cache"] / ("quick" if args.quick else "full")
+    out_dir = sub["out"]
     t0 = time.perf_counter()
     sens = []
     if not args.skip_sensitivity:
         sens = run_sensitivity(Evaluator(model, classifier, None, cache / "sensitivity", device=device, log=log,
-                                         cached_only=args.render), fisher, s.sensitivity, s.guidance, log=log)
-    floor = real_floor(backend, s.n, list(range(s.seeds)))
+                                         cached_only=args.render, **sub["evaluator"]),
+                               fisher, s.sensitivity, s.guidance, log=log)
+    floor = real_floor(backend, s.n, list(range(s.seeds)), train=subject.floor_images, reference=subject.reference,
+                       stats_dir=sub["evaluator"].get("stats_dir"))
     # Rewrite the files after every (plan, seed): an interrupted run leaves a readable, marked-partial report.
-    n_units = len(units(param_shapes(model), s.sensitivity.unit))
+    n_units = len(units(shapes, s.sensitivity.unit))
     on_record = lambda recs: write(recs, s, command, out_dir, total_rows=len(rows), floor=floor,  # noqa: E731
-                                   sensitivity=sens, sensitivity_units=n_units)
+                                   sensitivity=sens, sensitivity_units=n_units, subject=subject,
+                                   budget_floor_bits=lo)
     records = evaluate(rows, Evaluator(model, classifier, backend, cache, device=device, log=log,
-                                       cached_only=args.render), s, log=log, on_record=None if args.render else on_record)
-    write(records, s, command, out_dir, total_rows=len(rows), floor=floor, sensitivity=sens, sensitivity_units=n_units)
+                                       cached_only=args.render, **sub["evaluator"]),
+                       s, log=log, on_record=None if args.render else on_record)
+    write(records, s, command, out_dir, total_rows=len(rows), floor=floor, sensitivity=sens, sensitivity_units=n_units,
+          subject=subject, budget_floor_bits=lo)
     seconds = time.perf_counter() - t0
     _emit(args, {"command": "report", "rows": len(rows), "records": len(records), "seconds": round(seconds, 1),
                  "out_dir": str(out_dir)},
@@ -249,8 +292,11 @@ def cmd_report(args):
 
 def register_report(sub):
     r = sub.add_parser("report", help="the evidence: sensitivity validation and the plan grid -> docs/report.md, .csv, .svg")
-    r.add_argument("--checkpoint", default=str(paths.UNET))
-    r.add_argument("--fisher", default=DEFAULT_FISHER)
+    r.add_argument("--checkpoint", default=None, help=f"the project U-Net to measure (default {paths.UNET.name})")
+    r.add_argument("--model", type=Path, default=None,
+                   help="a folder written by train-diffusers (lafq.json, fisher.safetensors, classifier.safetensors, "
+                        "stats/) to measure instead; records in DIR/eval/report, the report in DIR/report")
+    r.add_argument("--fisher", default=None, help="the Fisher map (default: the model's)")
     r.add_argument("--quick", action="store_true", help="small N, few steps and rows: minutes on 2 cores")
     r.add_argument("--n", type=number("--n", 2, 10**7, integer=True), default=None,
                    help="samples per seed (default 1000; quick 50)")
@@ -267,10 +313,10 @@ def register_report(sub):
     r.add_argument("--skip-sensitivity", action="store_true", help="only the plan grid")
     r.add_argument("--render", action="store_true",
                    help="write the report from the records already in --cache-dir, sampling nothing")
-    r.add_argument("--cache-dir", default=REPORT_DEFAULTS["cache_dir"],
-                   help="finished (plan, seed) records; a rerun resumes from them")
+    r.add_argument("--cache-dir", default=None,
+                   help="finished (plan, seed) records; a rerun resumes from them (default checkpoints/eval/report)")
     _device_arg(r)
-    r.add_argument("--out-dir", default=REPORT_DEFAULTS["out_dir"])
+    r.add_argument("--out-dir", default=None, help="where the report is written (default docs/)")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_report)
 

@@ -25,6 +25,7 @@ from .metrics import classifier_accuracy, fidelity, frechet_distance, reference_
 from .pipeline import SampleSpec, generate
 from .policy import Plan
 from .device import model_device
+from .qmodel import quantize
 from .quantize import quantize_, to_device
 
 
@@ -52,14 +53,27 @@ class Evaluator:
     device: str = "cpu"
     log: object = print
     cached_only: bool = False  # record() returns None instead of sampling what is not on disk yet
+    # Another model than the project's U-Net (e.g. a diffusers UNet2DModel): plans name `model`'s parameters,
+    # `wrap(model)` is the denoiser(x_t, t, y) that samples, with the model's own schedule and class count.
+    num_classes: int | None = None  # None: model.cfg.num_classes
+    schedule: object | None = None  # None: the project's linear schedule
+    wrap: object | None = None
+    stats_dir: str | Path | None = None  # where the reference statistics are cached (None: checkpoints/stats)
 
     def __post_init__(self):
         from .checkpoint import state_digest
 
         self.cache_dir = Path(self.cache_dir)
         self._model_digest = state_digest(self.model)
-        self._ref_stats = reference_statistics(self.backend, self.reference) if self.backend is not None else None
+        if self.num_classes is None:
+            self.num_classes = self.model.cfg.num_classes
+        stats = {} if self.stats_dir is None else {"cache_dir": self.stats_dir}
+        self._ref_stats = reference_statistics(self.backend, self.reference, **stats) if self.backend is not None else None
         self._fp32_images: dict[str, torch.Tensor] = {}
+
+    def _generate(self, model: torch.nn.Module, spec: SampleSpec) -> torch.Tensor:
+        denoiser = self.wrap(model) if self.wrap is not None else model
+        return generate(denoiser, spec, num_classes=self.num_classes, schedule=self.schedule, device=self.device)[0]
 
     def _key(self, what: str, plan: Plan | None, spec: SampleSpec) -> str:
         parts = {"model": self._model_digest, "plan": plan_digest(plan) if plan else "fp32", "spec": asdict(spec),
@@ -74,7 +88,7 @@ class Evaluator:
             if path.is_file():
                 images = torch.from_numpy(np.load(path))
             else:
-                images, _ = generate(self.model, spec, num_classes=self.model.cfg.num_classes, device=self.device)
+                images = self._generate(self.model, spec)
                 buf = io.BytesIO()
                 np.save(buf, images.numpy())
                 atomic_write_bytes(path, buf.getvalue())
@@ -97,12 +111,15 @@ class Evaluator:
             images = ref
             q = self.model
         else:
-            # Quantized on the CPU and then moved: the stored weights are the same bits on every device.
-            q = to_device(quantize_(copy.deepcopy(self.model).cpu(), plan), model_device(self.model))
-            images, _ = generate(q, spec, num_classes=self.model.cfg.num_classes, device=self.device)
+            # Quantized on the CPU and then moved: the stored weights are the same bits on every device. Another
+            # model than the project U-Net goes through lafq.qmodel, which keeps its float dtype visible to code
+            # that reads it from the first parameter (diffusers' `self.dtype`).
+            cpu = copy.deepcopy(self.model).cpu()
+            q = to_device(quantize_(cpu, plan) if self.wrap is None else quantize(cpu, plan), model_device(self.model))
+            images = self._generate(q, spec)
         from .pipeline import resolve_labels
 
-        labels = resolve_labels(spec, self.model.cfg.num_classes)
+        labels = resolve_labels(spec, self.num_classes)
         rec = {"name": name, "seed": spec.seed, "n": spec.n, "steps": spec.steps, "sampler": spec.sampler,
                "guidance": spec.guidance, **fidelity(ref, images, self.classifier).to_dict(),
                "accuracy": classifier_accuracy(self.classifier, images, labels) if labels is not None else None}

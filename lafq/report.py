@@ -13,6 +13,11 @@ Every row samples from the same noise per seed as FP32, so its FID difference to
 (mean |Δ|, PSNR, classifier-feature distance, class agreement) are paired, per seed; ± is the 95%
 Student-t interval over seeds. Writes docs/report.md, report.csv (one line per plan × seed),
 sensitivity.csv (one line per unit × seed), report_pareto.svg and sensitivity.svg.
+
+The model measured (`Subject`) is the project U-Net by default; `report --model DIR` measures a folder
+written by train-diffusers against its own classifier and data. There "stem and head" are the model's first
+and last convolutions (`edge_layers`), budgets below its size floor are left out (`feasible_budgets`), and
+the source's FP16 strategies, defined on the U-Net's layer names, are not run.
 """
 from __future__ import annotations
 
@@ -45,6 +50,31 @@ LOWER_IS_BETTER = {"fid": True, "mad": True, "psnr": False, "feature_distance": 
 
 
 @dataclass(frozen=True)
+class Subject:
+    """The model a report measures, and the real data its numbers are measured against."""
+    name: str = "the project's MNIST U-Net"
+    classifier: str = "the shipped MNIST classifier's 128-d features"
+    reference: str = "mnist-train5k"  # the held-out real images FID is measured against
+    floor_images: str = "mnist-test10k"  # the real images drawn for the real-vs-real floor
+    edge_layers: tuple[str, ...] = ("stem", "head")  # the baseline's "first and last layers"
+    source_strategies: bool = True  # the source's FP16 strategies are defined on this U-Net's layer names
+
+
+def edge_layers(model) -> tuple[str, str]:
+    """The layers (top-level modules) of a model's first and last convolution: the "first and last layers"
+    practitioners keep at higher precision. The project U-Net: ("stem", "head"); a diffusers UNet2DModel:
+    ("conv_in", "conv_out")."""
+    from torch import nn
+
+    from .model import layer_of
+
+    convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError("the model has no Conv2d layer: no first and last layer to keep at higher precision")
+    return layer_of(convs[0]), layer_of(convs[-1])
+
+
+@dataclass(frozen=True)
 class Settings:
     # N = 1,000 per seed at DDIM-50: 3.7-8 min per (plan, seed) on 2 CPU cores (measured, idle to loaded); a GPU affords N = 5,000, DDIM-100.
     n: int = 1000
@@ -53,7 +83,7 @@ class Settings:
     guidance: float = DEFAULT_GUIDANCE
     random_seeds: int = 5
     batch_size: int = 128  # images per sampling batch; part of every record's key (a GPU run uses 256)
-    budgets: tuple[float, ...] = (8.0, 6.0, 5.0, 4.5, 4.25)  # 4 bits is below the 4.19-bit INT4 floor
+    budgets: tuple[float, ...] = (8.0, 6.0, 5.0, 4.5, 4.25)  # 4 bits is below the U-Net's 4.17-bit floor
     statistic: str = "final"  # the source's strategies rank by Fisher at the final step; budgets use the mean
     sensitivity: SensitivitySettings = field(default_factory=SensitivitySettings)
 
@@ -75,9 +105,26 @@ class Row:
     seeds: tuple[int, ...] | None = None  # noise seeds to sample; None: all of Settings.seeds
 
 
-def grid(model, fisher: FisherMap, s: Settings) -> list[Row]:
+def floor_bits(shapes: dict[str, tuple]) -> float:
+    """Bits per weight of the smallest allocation the budget can make (scales included)."""
+    from .policy import floor_bytes
+
+    return 8 * floor_bytes(shapes) / sum(math.prod(sh) for sh in shapes.values())
+
+
+def feasible_budgets(shapes: dict[str, tuple], budgets) -> tuple[float, ...]:
+    """The budgets (bits per weight) an allocation can meet, as resolve_budget counts them: a small model
+    whose biases and norms weigh much has a higher floor than the project U-Net's 4.17 bits."""
+    from .policy import floor_bytes
+
+    total, lo = sum(math.prod(sh) for sh in shapes.values()), floor_bytes(shapes)
+    return tuple(b for b in budgets if int(b * total / 8) >= lo)
+
+
+def grid(model, fisher: FisherMap, s: Settings, subject: Subject = Subject()) -> list[Row]:
     """Every row of the report in the order it is evaluated: the comparisons that answer the main
-    question first, so a partial run already answers it."""
+    question first, so a partial run already answers it. The source's FP16 strategies only where
+    `subject.source_strategies` (they name the project U-Net's layers)."""
     w = dict(model.named_parameters())
     shapes = param_shapes(model)
 
@@ -107,7 +154,8 @@ def grid(model, fisher: FisherMap, s: Settings) -> list[Row]:
 
     fp32 = Row("fp32", Plan({n: "fp32" for n in shapes}, {"strategy": "none"}), "reference")
     u4 = uniform("int4")
-    edge = Row(EDGE, plan(strategy="first-last", target="int4", edge="int8"), "baseline")
+    edge = Row(EDGE, plan(strategy="first-last", target="int4", edge="int8", edge_layers=subject.edge_layers),
+               "baseline")
     g32 = Row(G32, uniform("int4-g32").plan, "baseline")
     at_edge = Row(f"budget @ {EDGE} size", plan(strategy="budget", budget_bytes=size(edge.plan), statistic="mean"),
                   "budget")
@@ -119,7 +167,7 @@ def grid(model, fisher: FisherMap, s: Settings) -> list[Row]:
     rows = [fp32, edge, at_edge, g32, at_g32, u4, *signals, *controls(at_g32, "int4-g32 size"),
             *controls(at_edge, f"{EDGE} size"),
             Row("uniform int4-g64", uniform("int4-g64").plan, "baseline"), uniform("int8"), uniform("fp16")]
-    for strategy, kw in SOURCE_STRATEGIES:
+    for strategy, kw in SOURCE_STRATEGIES if subject.source_strategies else ():
         rows.append(Row(f"{strategy} fp16", plan(strategy=strategy, target="fp16", statistic=s.statistic, **kw),
                         "source"))
     budget_rows = [Row(f"budget {b:g} bits", plan(strategy="budget", avg_bits=b, statistic="mean"), "budget")
@@ -305,7 +353,8 @@ def read_csv(path) -> list[dict]:
 
 
 def write(records: list[dict], s: Settings, command: str, out_dir: Path, *, total_rows: int | None = None,
-          floor=None, sensitivity: list[dict] | None = None, sensitivity_units: int | None = None) -> None:
+          floor=None, sensitivity: list[dict] | None = None, sensitivity_units: int | None = None,
+          subject: Subject = Subject(), budget_floor_bits: float | None = None) -> None:
     """docs/report.md, report.csv, sensitivity.csv and the two figures from the records so far."""
     from .evaluate import machine
     from .sensitivity import summarize as sens_summary
@@ -324,10 +373,12 @@ def write(records: list[dict], s: Settings, command: str, out_dir: Path, *, tota
         sens = sens_summary(sensitivity)
         if sens:
             atomic_write_bytes(out_dir / "sensitivity.svg", sensitivity_svg(sens).encode())
-    floor_bits = next((r["avg_bits"] for r in rows if r["name"] == "uniform int4"), None)
     backend = rows[0].get("backend") if rows else (floor.backend if floor is not None else "?")
     machines = sorted({r["machine"] for r in [*records, *(sensitivity or [])] if r.get("machine")}) or [machine()]
+    default = subject == Subject()
     lines = ["# Report: does Fisher guidance beat strong simple baselines?\n",
+             *([] if default else [f"Model: {subject.name}. The baseline's stem and head are its first and last "
+                                   f"convolution layers ({', '.join(f'`{e}`' for e in subject.edge_layers)}).\n"]),
              *([f"**Partial: {len(done)} of {total_rows} rows complete so far; the run resumes where it "
                 "stopped.**\n"] if partial else []),
              f"Command: `{command}`. Measured on: {'; '.join(machines)}. Every (plan, seed) record in `report.csv` "
@@ -335,16 +386,16 @@ def write(records: list[dict], s: Settings, command: str, out_dir: Path, *, tota
              f"Sampling: DDIM-{s.steps} (η = 0), guidance {s.guidance:g}, N = {s.n:,} class-balanced samples per seed, "
              f"seeds 0–{s.seeds - 1}; every plan draws the same noise per seed as FP32, so every difference to FP32 "
              "below is **paired** (per seed, then mean ± the 95% Student-t half-width over seeds). "
-             f"FID backend **{backend}** (the shipped MNIST classifier's 128-d features; Inception weights are "
-             "not available offline) against the held-out mnist-train5k reference. Fidelity to FP32, image by "
+             f"FID backend **{backend}** ({subject.classifier}; Inception weights are "
+             f"not available offline) against the held-out {subject.reference} reference. Fidelity to FP32, image by "
              "image from the same noise: mean |Δ| (‰ of the pixel range), PSNR, classifier-feature distance "
              "(% of the mean feature norm) and class agreement with FP32's image. Size: stored bytes per tensor "
              "plus scales (fp32 per channel; fp16 per group for int4-g32/-g64). Budget sweep: "
              f"{' / '.join(f'{b:g}' for b in s.budgets)} bits per weight, scales included"
-             + (f"; the smallest allocation (uniform per-channel INT4) takes {floor_bits:.2f} bits, so no budget "
-                "below that can be met" if floor_bits else "") + ".\n"]
+             + (f"; the smallest allocation the budget can make takes {budget_floor_bits:.2f} bits, so no budget "
+                "below that can be met" if budget_floor_bits else "") + ".\n"]
     if floor is not None:
-        lines.append(f"Real-vs-real floor at the same backend and N ({floor.n:,} of mnist-test10k vs mnist-train5k, "
+        lines.append(f"Real-vs-real floor at the same backend and N ({floor.n:,} of {subject.floor_images} vs {subject.reference}, "
                      f"{len(floor.values)} draws): FID {floor.mean:.3f} ± {floor.ci95:.3f}.\n")
     lines += ["| plan | bytes | % of FP32 | bits/weight | FID | ΔFID vs FP32 (paired) | mean abs Δ ‰ | PSNR dB | "
               "feature dist. % | class agreement % | accuracy % | seeds |",
@@ -362,7 +413,7 @@ def write(records: list[dict], s: Settings, command: str, out_dir: Path, *, tota
     lines += ["", "![size vs FID](report_pareto.svg)", "", "## What the data say", "", *findings(records, s), ""]
     lines += random_section(records, s)
     lines += sensitivity_section(sens, s, sensitivity_units)
-    lines += source_section(records)
+    lines += source_section(records) if subject.source_strategies else []
     atomic_write_bytes(out_dir / "report.md", ("\n".join(lines) + "\n").encode())
 
 

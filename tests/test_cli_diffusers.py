@@ -97,3 +97,39 @@ def test_fisher_and_quantize_with_model_run_the_diffusers_folder_commands_and_sa
     assert res["labels"] == [0, 1, 2, 3] and Image.open(grid).size[0] > 28
     assert main(["sample", "--model", str(tmp_path / "nowhere"), "--out", str(grid)]) == 2
     assert "lafq.json" in capsys.readouterr().err
+
+
+def test_report_with_model_measures_a_diffusers_folder_with_its_own_edges_classifier_and_reference(folder, capsys):
+    from dataclasses import replace
+
+    from lafq.cli import main
+    from lafq.fisher import FisherMap
+    from lafq.models import load_diffusers
+    from lafq.report import EDGE, Settings, Subject, edge_layers, feasible_budgets, grid
+
+    assert main(["fisher-model", "--model", str(folder), "--dataset", "mnist-train5k", "--bins", "2", "--samples", "4",
+                 "--device", "cpu", "--out", str(folder / "fisher.safetensors")]) == 0
+    module = load_diffusers(folder).module
+    assert edge_layers(module) == ("conv_in", "conv_out")
+    subject = Subject(edge_layers=edge_layers(module), source_strategies=False)
+    shapes = {n: tuple(p.shape) for n, p in module.named_parameters()}
+    assert feasible_budgets(shapes, (6.0, 4.5)) == (6.0,)  # biases and norms weigh much in a tiny model
+    rows = grid(module, FisherMap.load(folder / "fisher.safetensors"), replace(Settings.quick(), budgets=(6.0,)), subject)
+    edge = next(r for r in rows if r.name == EDGE).plan.precisions
+    assert edge["conv_in.weight"] == edge["conv_out.weight"] == "int8"
+    assert {p for n, p in edge.items() if n.endswith("conv1.weight")} == {"int4"}
+    assert not [r for r in rows if r.kind == "source"]
+
+    capsys.readouterr()
+    assert main(["report", "--model", str(folder), "--quick", "--n", "6", "--steps", "2", "--seeds", "2",
+                 "--random-seeds", "1", "--skip-sensitivity", "--device", "cpu", "--json"]) == 0
+    out, err = capsys.readouterr()
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["records"] > 2 * 8 and res["out_dir"] == str(folder / "report")
+    assert "floor of 5.33 bits/weight left out: 4.5" in err
+    text = (folder / "report" / "report.md").read_text()
+    assert "Partial" not in text and "(`conv_in`, `conv_out`)" in text and "source's table" not in text
+    assert f"python -m lafq report --quick --model {folder} " in text and "of mnist-test10k vs mnist-train5k" in text
+    assert sorted((folder / "eval" / "report" / "quick").glob("fid+fidelity-*.json"))
+    assert main(["report", "--model", str(folder), "--checkpoint", "x.safetensors"]) == 2
+    assert "--checkpoint and --model name two models" in capsys.readouterr().err
