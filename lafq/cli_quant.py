@@ -278,12 +278,12 @@ def cmd_report(args):
     n_units = len(units(shapes, s.sensitivity.unit))
     on_record = lambda recs: write(recs, s, command, out_dir, total_rows=len(rows), floor=floor,  # noqa: E731
                                    sensitivity=sens, sensitivity_units=n_units, subject=subject,
-                                   budget_floor_bits=lo)
+                                   budget_floor_bits=lo, sensitivity_skipped=args.skip_sensitivity)
     records = evaluate(rows, Evaluator(model, classifier, backend, cache, device=device, log=log,
                                        cached_only=args.render, **sub["evaluator"]),
                        s, log=log, on_record=None if args.render else on_record)
     write(records, s, command, out_dir, total_rows=len(rows), floor=floor, sensitivity=sens, sensitivity_units=n_units,
-          subject=subject, budget_floor_bits=lo)
+          subject=subject, budget_floor_bits=lo, sensitivity_skipped=args.skip_sensitivity)
     seconds = time.perf_counter() - t0
     _emit(args, {"command": "report", "rows": len(rows), "records": len(records), "seconds": round(seconds, 1),
                  "out_dir": str(out_dir)},

@@ -354,7 +354,8 @@ def read_csv(path) -> list[dict]:
 
 def write(records: list[dict], s: Settings, command: str, out_dir: Path, *, total_rows: int | None = None,
           floor=None, sensitivity: list[dict] | None = None, sensitivity_units: int | None = None,
-          subject: Subject = Subject(), budget_floor_bits: float | None = None) -> None:
+          subject: Subject = Subject(), budget_floor_bits: float | None = None,
+          sensitivity_skipped: bool = False) -> None:
     """docs/report.md, report.csv, sensitivity.csv and the two figures from the records so far."""
     from .evaluate import machine
     from .sensitivity import summarize as sens_summary
@@ -412,7 +413,7 @@ def write(records: list[dict], s: Settings, command: str, out_dir: Path, *, tota
                      f"{_fmt('accuracy', r['accuracy'])} | {r['seeds']} |")
     lines += ["", "![size vs FID](report_pareto.svg)", "", "## What the data say", "", *findings(records, s), ""]
     lines += random_section(records, s)
-    lines += sensitivity_section(sens, s, sensitivity_units)
+    lines += sensitivity_section(sens, s, sensitivity_units, sensitivity_skipped)
     lines += source_section(records) if subject.source_strategies else []
     atomic_write_bytes(out_dir / "report.md", ("\n".join(lines) + "\n").encode())
 
@@ -494,9 +495,11 @@ def random_section(records: list[dict], s: Settings) -> list[str]:
     return out + [""]
 
 
-def sensitivity_section(sens: dict | None, s: Settings, total_units: int | None = None) -> list[str]:
+def sensitivity_section(sens: dict | None, s: Settings, total_units: int | None = None,
+                        skipped: bool = False) -> list[str]:
     if not sens:
-        return ["## Sensitivity validation", "", "Not yet measured.", ""]
+        return ["## Sensitivity validation", "",
+                "Not part of this run (`--skip-sensitivity`)." if skipped else "Not yet measured.", ""]
     ss = s.sensitivity
     out = ["## Sensitivity validation", "",
            *([f"**Partial: {sens['units']} of {total_units} {ss.unit}s measured so far.**", ""]

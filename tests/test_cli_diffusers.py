@@ -129,6 +129,7 @@ def test_report_with_model_measures_a_diffusers_folder_with_its_own_edges_classi
     assert "floor of 5.33 bits/weight left out: 4.5" in err
     text = (folder / "report" / "report.md").read_text()
     assert "Partial" not in text and "(`conv_in`, `conv_out`)" in text and "source's table" not in text
+    assert "Not part of this run (`--skip-sensitivity`)." in text
     assert f"python -m lafq report --quick --model {folder} " in text and "of mnist-test10k vs mnist-train5k" in text
     assert sorted((folder / "eval" / "report" / "quick").glob("fid+fidelity-*.json"))
     assert main(["report", "--model", str(folder), "--checkpoint", "x.safetensors"]) == 2
