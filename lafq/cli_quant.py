@@ -228,6 +228,7 @@ def _report_subject(args) -> dict:
 
 
 def cmd_report(args):
+    import shlex
     import sys
 
     from .device import resolve_device, strict_fp32
@@ -261,7 +262,7 @@ def cmd_report(args):
              ("device", None if args.device == "auto" else args.device), ("cache_dir", args.cache_dir),
              ("out_dir", args.out_dir)]
     command = "python -m lafq report" + (" --quick" if args.quick else "") + "".join(
-        f" --{k.replace('_', '-')} {v}" for k, v in given if v is not None) + (
+        f" --{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in given if v is not None) + (
         " --skip-sensitivity" if args.skip_sensitivity else "")
     classifier, backend = sub["classifier"], sub["backend"]
     cache = sub["cache"] / ("quick" if args.quick else "full")
@@ -308,7 +309,8 @@ def register_report(sub):
     r.add_argument("--guidance", type=number("--guidance", 0, 50), default=None,
                    help="classifier-free guidance (default: the library's)")
     r.add_argument("--batch-size", type=number("--batch-size", 1, 256, integer=True), default=None,
-                   help="images per sampling batch (default 128); a different size is a different set of records")
+                   help="images per sampling batch of the grid (default 128; the sensitivity stage keeps 128); "
+                        "a different size is a different set of records")
     r.add_argument("--backend", choices=("auto", "classifier", "inception"), default="auto")
     r.add_argument("--skip-sensitivity", action="store_true", help="only the plan grid")
     r.add_argument("--render", action="store_true",

@@ -3,9 +3,12 @@
 Every plan samples from the same noise per seed as FP32 (one CPU generator seeded with the seed),
 so each seed gives per-image pairs: fidelity to FP32 (metrics.Fidelity) and a paired FID
 difference. A finished (plan, seed) is a JSON record in the cache directory, keyed by everything it
-depends on (weights, plan, sampling spec, backend); a later run finds it and skips the work, so an
+depends on (weights, plan, sampling spec, backend, reference; for a model other than the project U-Net also
+its schedule and class count); a later run finds it and skips the work, so an
 evaluation of many hours can be spread over several sittings. FP32 images per seed are kept beside
 them (`.npy`, regenerated when absent: sampling is deterministic for a given seed and machine).
+The device is not in the key: every record names its device and machine, and the report lists each
+machine its records came from, so a table resumed on another machine says so.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from .checkpoint import atomic_write_bytes
 from .metrics import classifier_accuracy, fidelity, frechet_distance, reference_statistics, statistics
 from .pipeline import SampleSpec, generate
 from .policy import Plan
-from .device import model_device
+from .model import UNet
 from .qmodel import quantize
 from .quantize import quantize_, to_device
 
@@ -70,6 +73,7 @@ class Evaluator:
         stats = {} if self.stats_dir is None else {"cache_dir": self.stats_dir}
         self._ref_stats = reference_statistics(self.backend, self.reference, **stats) if self.backend is not None else None
         self._fp32_images: dict[str, torch.Tensor] = {}
+        self._cpu_model = copy.deepcopy(self.model).cpu()  # what each plan quantizes a copy of
 
     def _generate(self, model: torch.nn.Module, spec: SampleSpec) -> torch.Tensor:
         denoiser = self.wrap(model) if self.wrap is not None else model
@@ -79,6 +83,9 @@ class Evaluator:
         parts = {"model": self._model_digest, "plan": plan_digest(plan) if plan else "fp32", "spec": asdict(spec),
                  "backend": [self.backend.name, self.backend.digest] if self.backend else None,
                  "reference": self.reference, "what": what}
+        if self.wrap is not None:  # another model: its schedule and classes too (the U-Net's keys stay as they were)
+            parts["sampling"] = [self.num_classes, hashlib.sha256(self.schedule.betas.double().numpy().tobytes())
+                                 .hexdigest()[:16] if self.schedule is not None else None]
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
     def fp32_images(self, spec: SampleSpec) -> torch.Tensor:
@@ -114,8 +121,8 @@ class Evaluator:
             # Quantized on the CPU and then moved: the stored weights are the same bits on every device. Another
             # model than the project U-Net goes through lafq.qmodel, which keeps its float dtype visible to code
             # that reads it from the first parameter (diffusers' `self.dtype`).
-            cpu = copy.deepcopy(self.model).cpu()
-            q = to_device(quantize_(cpu, plan) if self.wrap is None else quantize(cpu, plan), model_device(self.model))
+            cpu = copy.deepcopy(self._cpu_model)
+            q = to_device(quantize_(cpu, plan) if isinstance(cpu, UNet) else quantize(cpu, plan), self.device)
             images = self._generate(q, spec)
         from .pipeline import resolve_labels
 

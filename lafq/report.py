@@ -53,7 +53,7 @@ LOWER_IS_BETTER = {"fid": True, "mad": True, "psnr": False, "feature_distance": 
 class Subject:
     """The model a report measures, and the real data its numbers are measured against."""
     name: str = "the project's MNIST U-Net"
-    classifier: str = "the shipped MNIST classifier's 128-d features"
+    classifier: str = "the shipped MNIST classifier's 128-d features; Inception weights are not available offline"
     reference: str = "mnist-train5k"  # the held-out real images FID is measured against
     floor_images: str = "mnist-test10k"  # the real images drawn for the real-vs-real floor
     edge_layers: tuple[str, ...] = ("stem", "head")  # the baseline's "first and last layers"
@@ -71,7 +71,11 @@ def edge_layers(model) -> tuple[str, str]:
     convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     if not convs:
         raise ValueError("the model has no Conv2d layer: no first and last layer to keep at higher precision")
-    return layer_of(convs[0]), layer_of(convs[-1])
+    first, last = layer_of(convs[0]), layer_of(convs[-1])
+    if first == last:  # e.g. a wrapper whose one top-level module holds every layer: the baseline would be all INT8
+        raise ValueError(f"the first and last convolutions ({convs[0]}, {convs[-1]}) share the top-level module "
+                         f"{first!r}; pass the denoiser itself, whose layers are its top-level modules")
+    return first, last
 
 
 @dataclass(frozen=True)
@@ -387,8 +391,8 @@ def write(records: list[dict], s: Settings, command: str, out_dir: Path, *, tota
              f"Sampling: DDIM-{s.steps} (η = 0), guidance {s.guidance:g}, N = {s.n:,} class-balanced samples per seed, "
              f"seeds 0–{s.seeds - 1}; every plan draws the same noise per seed as FP32, so every difference to FP32 "
              "below is **paired** (per seed, then mean ± the 95% Student-t half-width over seeds). "
-             f"FID backend **{backend}** ({subject.classifier}; Inception weights are "
-             f"not available offline) against the held-out {subject.reference} reference. Fidelity to FP32, image by "
+             f"FID backend **{backend}** ({subject.classifier}) against the held-out {subject.reference} "
+             "reference. Fidelity to FP32, image by "
              "image from the same noise: mean |Δ| (‰ of the pixel range), PSNR, classifier-feature distance "
              "(% of the mean feature norm) and class agreement with FP32's image. Size: stored bytes per tensor "
              "plus scales (fp32 per channel; fp16 per group for int4-g32/-g64). Budget sweep: "
@@ -430,7 +434,7 @@ def findings(records: list[dict], s: Settings) -> list[str]:
              ("budget @ int4-g32 size", "error-only budget @ int4-g32 size"),
              ("budget @ int4-g32 size", "magnitude budget @ int4-g32 size"),
              ("budget @ int4-g32 size", [n for n in by if by[n].get("control_of") == "budget @ int4-g32 size"]),
-             ("budget 4.25 bits", "uniform int4")]
+             *([(f"budget {min(s.budgets):g} bits", "uniform int4")] if s.budgets else [])]
     for a, b in pairs:
         if not isinstance(b, str):  # no verdict from part of the controls, nor from one
             planned = max((by[x].get("planned_controls") or s.random_seeds for x in b), default=s.random_seeds)

@@ -132,5 +132,12 @@ def test_report_with_model_measures_a_diffusers_folder_with_its_own_edges_classi
     assert "Not part of this run (`--skip-sensitivity`)." in text
     assert f"python -m lafq report --quick --model {folder} " in text and "of mnist-test10k vs mnist-train5k" in text
     assert sorted((folder / "eval" / "report" / "quick").glob("fid+fidelity-*.json"))
+    # Again with the sensitivity stage: the grid's records are found on disk, each layer is lowered alone.
+    assert main(["report", "--model", str(folder), "--quick", "--n", "6", "--steps", "2", "--seeds", "2",
+                 "--random-seeds", "1", "--device", "cpu", "--json"]) == 0
+    text = (folder / "report" / "report.md").read_text()
+    assert "Spearman ρ of each predictor" in text and (folder / "report" / "sensitivity.csv").is_file()
     assert main(["report", "--model", str(folder), "--checkpoint", "x.safetensors"]) == 2
     assert "--checkpoint and --model name two models" in capsys.readouterr().err
+    assert main(["report", "--model", str(folder), "--backend", "inception"]) == 2
+    assert "the folder's own classifier as FID backend" in capsys.readouterr().err
