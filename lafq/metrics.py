@@ -44,8 +44,11 @@ class ClassifierBackend:
 
 
 def inception_weights_path(path: str | os.PathLike | None = None) -> Path | None:
-    """Where pytorch-fid's Inception weights are on disk, or None."""
-    from pytorch_fid.inception import FID_WEIGHTS_URL
+    """Where pytorch-fid's Inception weights are on disk, or None (also where pytorch-fid is not installed)."""
+    try:
+        from pytorch_fid.inception import FID_WEIGHTS_URL
+    except ImportError:
+        return None
 
     candidates = [path, os.environ.get("LAFQ_INCEPTION_WEIGHTS"),
                   Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_URL.rsplit("/", 1)[-1]]
@@ -72,7 +75,11 @@ class InceptionBackend:
     name = "inception"
 
     def __init__(self, weights: str | os.PathLike | None = None, device="cpu", allow_download: bool = False):
-        from pytorch_fid.inception import InceptionV3
+        try:
+            from pytorch_fid.inception import InceptionV3
+        except ImportError:
+            raise ValueError("the Inception backend needs pytorch-fid (pip install -r requirements.txt); "
+                             "--backend classifier works without it") from None
 
         path = inception_weights_path(weights)
         if path is None and not allow_download:
@@ -118,9 +125,13 @@ def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def frechet_distance(stats_a, stats_b) -> float:
-    """pytorch-fid's Frechet distance; where the installed SciPy breaks it, the same formula here."""
+    """pytorch-fid's Frechet distance; where the installed SciPy breaks it, or pytorch-fid is not installed
+    (a GPU image without it, say), the same formula here."""
     # Imported here: pytorch_fid pulls in torchvision and scipy, over a second of the app's cold start.
-    from pytorch_fid.fid_score import calculate_frechet_distance
+    try:
+        from pytorch_fid.fid_score import calculate_frechet_distance
+    except ImportError:
+        return _frechet_distance(*stats_a, *stats_b)
 
     try:
         return float(calculate_frechet_distance(stats_a[0], stats_a[1], stats_b[0], stats_b[1]))

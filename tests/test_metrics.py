@@ -1,3 +1,5 @@
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -88,3 +90,17 @@ def test_fidelity_of_identical_images_is_perfect_and_of_a_known_shift_exact():
     assert far.feature_distance > f.feature_distance and far.agreement < 0.5
     with pytest.raises(ValueError, match="one to one"):
         fidelity(ref, other[:10], clf)
+
+
+def test_without_pytorch_fid_auto_picks_the_classifier_and_fid_is_the_same_number(monkeypatch):
+    from lafq.metrics import InceptionBackend, get_backend
+
+    rng = np.random.default_rng(0)
+    a, b = statistics(rng.normal(size=(200, 8))), statistics(rng.normal(0.3, 1.2, size=(200, 8)))
+    with_library = frechet_distance(a, b)
+    for mod in ("pytorch_fid", "pytorch_fid.fid_score", "pytorch_fid.inception"):
+        monkeypatch.setitem(sys.modules, mod, None)  # import raises ImportError
+    assert frechet_distance(a, b) == pytest.approx(with_library, rel=1e-9)
+    assert get_backend("auto").name == "classifier"
+    with pytest.raises(ValueError, match="the Inception backend needs pytorch-fid"):
+        InceptionBackend()
