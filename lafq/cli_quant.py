@@ -217,7 +217,7 @@ def _report_subject(args) -> dict:
     model = den.module.eval()
     backend = ClassifierBackend(path=folder / "classifier.safetensors")
     subject = Subject(name=f"{card.get('name', folder.name)} (`{folder}`)",
-                      classifier=f"the folder's classifier's features (`{folder / 'classifier.safetensors'}`)",
+                      classifier=f"the features of the folder's classifier, `{folder / 'classifier.safetensors'}`",
                       reference=card["reference"], floor_images=card["dataset"], edge_layers=edge_layers(model),
                       source_strategies=False)
     return dict(model=model, fisher=load_fisher(args.fisher or folder / "fisher.safetensors"), subject=subject,
