@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import paths
@@ -191,7 +192,20 @@ def register_quantize(sub):
     q.set_defaults(func=cmd_quantize)
 
 
-def _report_subject(args) -> dict:
+@dataclass(frozen=True)
+class _ReportInputs:
+    """What the report measures and where its records and report go."""
+    model: object
+    fisher: object
+    subject: object  # lafq.report.Subject
+    classifier: object
+    backend: object
+    evaluator: dict  # extra Evaluator fields for a model other than the project U-Net
+    cache: Path
+    out: Path
+
+
+def _report_subject(args) -> _ReportInputs:
     """What the report measures: the project U-Net (--checkpoint) or a train-diffusers folder (--model), with
     its Fisher map, classifier, FID backend, reference data and where its records and report go."""
     from .classifier import load_classifier
@@ -201,9 +215,10 @@ def _report_subject(args) -> dict:
 
     if args.model is None:
         model, _ = load_denoiser(args.checkpoint or paths.UNET)
-        return dict(model=model, fisher=load_fisher(args.fisher or DEFAULT_FISHER), subject=Subject(),
-                    classifier=load_classifier(DEFAULT_CLASSIFIER)[0], backend=get_backend(args.backend),
-                    evaluator={}, cache=Path(args.cache_dir or paths.REPORT_CACHE), out=Path(args.out_dir or paths.DOCS))
+        return _ReportInputs(model=model, fisher=load_fisher(args.fisher or DEFAULT_FISHER), subject=Subject(),
+                             classifier=load_classifier(DEFAULT_CLASSIFIER)[0], backend=get_backend(args.backend),
+                             evaluator={}, cache=Path(args.cache_dir or paths.REPORT_CACHE),
+                             out=Path(args.out_dir or paths.DOCS))
     from .cli_diffusers import _card, load_folder
     from .train_diffusers import ClassUNet
 
@@ -220,11 +235,12 @@ def _report_subject(args) -> dict:
                       classifier=f"the features of the folder's classifier, `{folder / 'classifier.safetensors'}`",
                       reference=card["reference"], floor_images=card["dataset"], edge_layers=edge_layers(model),
                       source_strategies=False)
-    return dict(model=model, fisher=load_fisher(args.fisher or folder / "fisher.safetensors"), subject=subject,
-                classifier=backend.model, backend=backend,
-                evaluator=dict(num_classes=int(card["null_class"]), schedule=den.schedule, wrap=ClassUNet,
-                               reference=card["reference"], stats_dir=folder / "stats"),
-                cache=Path(args.cache_dir or folder / "eval" / "report"), out=Path(args.out_dir or folder / "report"))
+    return _ReportInputs(model=model, fisher=load_fisher(args.fisher or folder / "fisher.safetensors"),
+                         subject=subject, classifier=backend.model, backend=backend,
+                         evaluator=dict(num_classes=int(card["null_class"]), schedule=den.schedule, wrap=ClassUNet,
+                                        reference=card["reference"], stats_dir=folder / "stats"),
+                         cache=Path(args.cache_dir or folder / "eval" / "report"),
+                         out=Path(args.out_dir or folder / "report"))
 
 
 def cmd_report(args):
@@ -242,7 +258,7 @@ def cmd_report(args):
     strict_fp32(device)
     sub = _report_subject(args)
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else print
-    model, fisher, subject = sub["model"], sub["fisher"], sub["subject"]
+    model, fisher, subject = sub.model, sub.fisher, sub.subject
     base = Settings.quick() if args.quick else Settings()
     s = settings_with(base, n=args.n, steps=args.steps, seeds=args.seeds, guidance=args.guidance,
                       random_seeds=args.random_seeds, batch_size=args.batch_size)
@@ -264,24 +280,24 @@ def cmd_report(args):
     command = "python -m lafq report" + (" --quick" if args.quick else "") + "".join(
         f" --{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in given if v is not None) + (
         " --skip-sensitivity" if args.skip_sensitivity else "")
-    classifier, backend = sub["classifier"], sub["backend"]
-    cache = sub["cache"] / ("quick" if args.quick else "full")
-    out_dir = sub["out"]
+    classifier, backend = sub.classifier, sub.backend
+    cache = sub.cache / ("quick" if args.quick else "full")
+    out_dir = sub.out
     t0 = time.perf_counter()
     sens = []
     if not args.skip_sensitivity:
         sens = run_sensitivity(Evaluator(model, classifier, None, cache / "sensitivity", device=device, log=log,
-                                         cached_only=args.render, **sub["evaluator"]),
+                                         cached_only=args.render, **sub.evaluator),
                                fisher, s.sensitivity, s.guidance, log=log)
     floor = real_floor(backend, s.n, list(range(s.seeds)), train=subject.floor_images, reference=subject.reference,
-                       stats_dir=sub["evaluator"].get("stats_dir"))
+                       stats_dir=sub.evaluator.get("stats_dir"))
     # Rewrite the files after every (plan, seed): an interrupted run leaves a readable, marked-partial report.
     n_units = len(units(shapes, s.sensitivity.unit))
     on_record = lambda recs: write(recs, s, command, out_dir, total_rows=len(rows), floor=floor,  # noqa: E731
                                    sensitivity=sens, sensitivity_units=n_units, subject=subject,
                                    budget_floor_bits=lo, sensitivity_skipped=args.skip_sensitivity)
     records = evaluate(rows, Evaluator(model, classifier, backend, cache, device=device, log=log,
-                                       cached_only=args.render, **sub["evaluator"]),
+                                       cached_only=args.render, **sub.evaluator),
                        s, log=log, on_record=None if args.render else on_record)
     write(records, s, command, out_dir, total_rows=len(rows), floor=floor, sensitivity=sens, sensitivity_units=n_units,
           subject=subject, budget_floor_bits=lo, sensitivity_skipped=args.skip_sensitivity)

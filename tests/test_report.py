@@ -186,3 +186,14 @@ def test_the_main_table_shows_a_single_seed_row_without_an_interval(tmp_path):
     assert "±" not in row and "| 20.000 | +9.000 |" in row
     fp32 = next(line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| fp32 |"))
     assert "11.000 ± " in fp32
+
+
+def test_edge_layers_are_the_first_and_last_convolutions_and_a_wrapper_is_refused(tiny_model):
+    from torch import nn
+
+    from lafq.report import edge_layers
+
+    assert edge_layers(tiny_model) == ("stem", "head")
+    wrapped = nn.Sequential(tiny_model)  # every layer under one top-level module "0"
+    with pytest.raises(ValueError, match="share the top-level module '0'"):
+        edge_layers(wrapped)
