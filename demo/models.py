@@ -301,14 +301,18 @@ def load_model_state(entry: ModelEntry, *, device: str = "cpu", heavy=None, jobs
 
 
 def quick_fisher(den, dataset: str, bins: int, samples: int, progress=None) -> FisherMap:
-    """A Fisher map of `den` on real images of `dataset` (lafq.data), resized to the model's sample shape."""
-    from lafq.data import load_dataset
+    """A Fisher map of `den` on real images of `dataset` (lafq.data; offline, its vendored subset when the full
+    split is not installed: the map's meta["images"] names what was read)."""
+    from lafq.data import load_dataset_or_subset
     from lafq.fisher_any import fisher_map
 
-    x, _ = load_dataset(dataset).tensors()
+    data = load_dataset_or_subset(dataset)
+    x, _ = data.tensors()
     if tuple(x.shape[1:]) != den.sample_shape:
-        raise ValueError(f"{dataset} images are {tuple(x.shape[1:])}; the model samples {den.sample_shape}")
-    return fisher_map(den, x, bins=bins, samples_per_bin=samples, method="hooks", progress=progress)
+        raise ValueError(f"{data.name} images are {tuple(x.shape[1:])}; the model samples {den.sample_shape}")
+    fm = fisher_map(den, x, bins=bins, samples_per_bin=samples, method="hooks", progress=progress)
+    fm.meta["images"] = data.name
+    return fm
 
 
 def _fisher_for(den, folder: Path, info: ModelInfo, bins: int, samples: int) -> tuple[FisherMap | None, str]:
@@ -333,7 +337,8 @@ def _fisher_for(den, folder: Path, info: ModelInfo, bins: int, samples: int) -> 
     except (DataError, ValueError, OSError) as e:
         log.warning("no quick Fisher map for %s: %s", folder, e)
         return None, f"{why}, and none could be computed from {info.dataset} ({shown(str(e))})"
-    return fm, f"{why}; using a rough {bins}-bin x {samples}-sample map from {info.dataset} until you recompute"
+    return fm, (f"{why}; using a rough {bins}-bin x {samples}-sample map from {fm.meta['images']} until you "
+                "recompute")
 
 
 class Registry:
@@ -371,6 +376,14 @@ class Registry:
                 try:
                     self._states[entry.id] = load_model_state(entry, device=self.default.device,
                                                               heavy=self.default.heavy, jobs=self.default.jobs)
+                except ImportError as e:  # a package the model needs is not installed: say which, and how
+                    missing = (e.name or "").split(".")[0]
+                    log.warning("model %s (%s) cannot import %s", entry.id, entry.path, e.name)
+                    if missing in ("lafq", "demo"):  # our own code is incomplete: no install fixes that
+                        raise InputError(f"model {entry.name!r} could not be loaded: this copy of the app lacks the "
+                                         f"module {shown(e.name)}") from None
+                    raise InputError(f"model {entry.name!r} needs the package {shown(missing or str(e))}, which is not "
+                                     "installed here: pip install -r requirements.txt") from None
                 except (OSError, ValueError, RuntimeError, CheckpointError, DataError) as e:
                     line = " ".join(str(e).split())[:200] or type(e).__name__
                     log.warning("model %s (%s) could not be loaded: %s", entry.id, entry.path, line)

@@ -141,7 +141,7 @@ def _recompute_any(state, bins: int, samples: int, per_class, progress, user) ->
         fm = quick_fisher(den, state.info.dataset, bins, samples, progress=progress)
     finally:
         del den
-    note = f"your recomputed map: {bins} bins x {samples} samples"
+    note = f"your recomputed map: {bins} bins x {samples} samples of {fm.meta['images']}"
     new = replace(as_user(user), fisher=fm, fisher_note=note)
     return new, f"{note}, in {fm.meta['seconds']:.1f}s. Only your plans use it; other users keep theirs."
 

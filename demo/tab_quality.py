@@ -121,13 +121,16 @@ def _fid_any(state, model, n: int, steps: int, seeds: int, progress):
 
 
 def _floor_any(state, n: int, seeds: list[int]):
-    from lafq.data import load_dataset
+    from lafq.data import load_dataset_or_subset
     from lafq.metrics import FIDResult, frechet_distance, statistics
 
     import torch
 
     name, ref = _reference(state)
-    images = torch.from_numpy(load_dataset(state.info.dataset or name).images)
+    data = load_dataset_or_subset(state.info.dataset or name)
+    if n > len(data):
+        raise DataError(f"{data.name} has {len(data):,} images, fewer than N = {n:,}")
+    images = torch.from_numpy(data.images)
     feats = state.backend().features(images)
     r = FIDResult(backend=state.backend().name, n=n, values=[], reference=name)
     for seed in seeds:

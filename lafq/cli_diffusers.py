@@ -80,7 +80,7 @@ def load_folder(model: Path):
 
         return load_diffusers(model)
     except ImportError:
-        raise ValueError("diffusers models need diffusers: pip install -r requirements-export.txt") from None
+        raise ValueError("diffusers models need diffusers: pip install -r requirements.txt") from None
     except OSError as e:
         raise ValueError(f"cannot load {model}: {str(e).splitlines()[0]}") from None
 

@@ -27,7 +27,7 @@ def _load_model(path: str):
     try:
         return load_diffusers_model(path), "diffusers"
     except ImportError:
-        raise ValueError("a diffusers model folder needs diffusers: pip install -r requirements-bench.txt") from None
+        raise ValueError("a diffusers model folder needs diffusers: pip install -r requirements.txt") from None
     except OSError as e:  # from_pretrained's "not found" for a missing folder or repo
         raise ValueError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
 
@@ -110,7 +110,7 @@ def cmd_fisher_model(args):
     try:
         den = load_diffusers(args.model, subfolder=args.subfolder, conditioning=cond)
     except ImportError:
-        raise ValueError("fisher-model needs diffusers: pip install -r requirements-export.txt") from None
+        raise ValueError("fisher-model needs diffusers: pip install -r requirements.txt") from None
     except OSError as e:
         raise ValueError(f"cannot load {args.model}: {str(e).splitlines()[0]}") from None
     den = den.with_conditioning(den.conditioning, null_row)
@@ -120,7 +120,7 @@ def cmd_fisher_model(args):
     den.module.to(device)
     t0 = time.perf_counter()
     fm = fisher_map(den, images, bins=args.bins, samples_per_bin=args.samples, seed=args.seed, method=args.method,
-                    image_rows=image_rows, p_null=args.p_null if args.dataset else 0.0)
+                    image_rows=image_rows, p_null=args.p_null if args.dataset else 0.0, chunk=args.chunk)
     fm.meta["images"] = str(args.images or args.dataset)
     main = distributed.is_main()
     distributed.finish()
@@ -136,7 +136,7 @@ def cmd_fisher_model(args):
 
 
 def register_fisher_model(sub) -> None:
-    from .cliutil import number
+    from .cliutil import chunk_arg, number
     from .fisher_any import METHODS
 
     f = sub.add_parser("fisher-model", help="Fisher map of a diffusers model (UNet2D, UNet2DCondition, DiT, ...)")
@@ -152,6 +152,7 @@ def register_fisher_model(sub) -> None:
     f.add_argument("--conditioning", default=None, help="captured conditioning (lafq.models.save_conditioning)")
     f.add_argument("--bins", type=int, default=20)
     f.add_argument("--samples", type=int, default=16, help="samples per timestep bin")
+    chunk_arg(f)
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--method", choices=METHODS, default="hooks")
     f.add_argument("--device", default="auto", help="auto (the GPU where there is one), cpu, cuda or cuda:N")
@@ -171,7 +172,7 @@ def cmd_quantize_model(args):
     try:
         model = load_diffusers_model(args.model, subfolder=args.subfolder)
     except ImportError:
-        raise ValueError("quantize-model needs diffusers: pip install -r requirements-export.txt") from None
+        raise ValueError("quantize-model needs diffusers: pip install -r requirements.txt") from None
     except OSError as e:
         raise ValueError(f"cannot load {args.model}: {str(e).splitlines()[0]}") from None
     if args.plan:

@@ -10,7 +10,7 @@ from pathlib import Path
 from . import paths
 from .cliutil import device_arg as _device_arg
 from .cliutil import emit as _emit
-from .cliutil import CLIError, number
+from .cliutil import CLIError, chunk_arg, number
 from .checkpoint import atomic_write_bytes
 
 DEFAULT_FISHER = str(paths.FISHER)
@@ -37,7 +37,7 @@ def cmd_fisher(args):
     t0 = time.perf_counter()
     fm = compute_fisher(model, x, y, bins=args.bins, samples_per_bin=args.samples, per_class=args.per_class,
                         seed=args.seed, progress=(lambda d, t: bar.update(1)) if bar else None, method=args.method,
-                        p_null=args.p_null)
+                        p_null=args.p_null, chunk=args.chunk)
     if bar:
         bar.close()
     fm.meta["dataset"] = args.dataset
@@ -146,6 +146,7 @@ def register_fisher(sub):
     f.add_argument("--samples", type=number("--samples", 1, 100_000, integer=True), default=64,
                    help="samples per bin (per class with --per-class)")
     f.add_argument("--per-class", action="store_true", help="also one map per digit")
+    chunk_arg(f)
     f.add_argument("--method", choices=("hooks", "vmap", "naive"), default="hooks",
                    help="per-sample gradients: layer hooks (fastest on CPU), torch.func.vmap, or a naive loop; all exact")
     f.add_argument("--p-null", type=number("--p-null", 0, 1), default=DEFAULT_P_NULL,

@@ -54,5 +54,12 @@ def number(name: str, lo: float = -math.inf, hi: float = math.inf, integer: bool
     return parse
 
 
+def chunk_arg(p):
+    """--chunk: samples per batched backward pass of a Fisher map (memory grows with it; the map does not change
+    beyond float32 rounding)."""
+    p.add_argument("--chunk", type=number("--chunk", 1, 4096, integer=True), default=64,
+                   help="samples per backward pass, 1..4096 (lower it when per-sample gradients run out of memory)")
+
+
 def device_arg(p):
     p.add_argument("--device", default="auto", help="auto (the GPU where there is one), cpu, cuda or cuda:N")

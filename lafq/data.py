@@ -6,8 +6,16 @@ Datasets by name (images uint8 (N, 28, 28), labels int64 (N,)):
     mnist-train5k   500 per class of the MNIST training split, vendored (offline FID reference;
                     disjoint from mnist-test10k)
     mnist-train     the full 60k training split via torchvision (needs a network or a torchvision cache)
+    fashion-train5k 500 per class of the Fashion-MNIST training split, vendored in data/fashion (what the app
+                    and the tests read: the full split is too large to ship)
     fashion-train, fashion-test
                     Fashion-MNIST from Debian's dataset-fashion-mnist files or torchvision
+
+Where a caller can do with a vendored subset of a split that is not installed (the app's Fisher recomputes and
+real-vs-real floors), `load_dataset_or_subset` reads it instead (`SUBSETS`); the Dataset's `name` says which
+was read, and callers show that name. `LAFQ_SYSTEM_DATA=0` hides every source outside the repo (Debian's
+/usr/share/datasets and torchvision's cache or download), so a machine with them can check what a fresh one
+sees (scripts/fresh_check.sh sets it).
 """
 from __future__ import annotations
 
@@ -28,9 +36,18 @@ MD5 = {
     "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
     "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
     "mnist_train_subset_5k.npz": "11def57eb666ead6d8efa9a9ff9c2218",
+    "fashion_train_subset_5k.npz": "db430ec8f629bbabf2d64a13712e7f46",
 }
 
-DATASETS = ("mnist-test10k", "mnist-train5k", "mnist-train", "fashion-train", "fashion-test")
+DATASETS = ("mnist-test10k", "mnist-train5k", "mnist-train", "fashion-train5k", "fashion-train", "fashion-test")
+# A split too large to ship -> its vendored subset (same split, so still disjoint from the split's reference).
+SUBSETS = {"fashion-train": "fashion-train5k"}
+SYSTEM_DATA_ENV = "LAFQ_SYSTEM_DATA"
+
+
+def system_data_allowed(environ=None) -> bool:
+    """False when LAFQ_SYSTEM_DATA=0: read only the files the repo vendors."""
+    return (os.environ if environ is None else environ).get(SYSTEM_DATA_ENV, "1").strip() != "0"
 OFFLINE_TRAIN = "mnist-test10k"
 OFFLINE_REFERENCE = "mnist-train5k"
 
@@ -106,11 +123,15 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, download: boo
     if name == "mnist-test10k":
         d = root / "mnist"
         return _idx_pair(_checked(d / "t10k-images-idx3-ubyte.gz"), _checked(d / "t10k-labels-idx1-ubyte.gz"), name)
-    if name == "mnist-train5k":
-        path = _checked(root / "mnist" / "mnist_train_subset_5k.npz")
+    if name in ("mnist-train5k", "fashion-train5k"):
+        family = name.split("-")[0]
+        path = _checked(root / family / f"{family}_train_subset_5k.npz")
         with np.load(path) as z:
             return Dataset(name, z["images"].astype(np.uint8), z["labels"].astype(np.int64), str(path))
-    if name.startswith("fashion-"):
+    system = system_data_allowed()
+    if name.startswith("fashion-") and not system:
+        tried.append(f"{DEBIAN_FASHION} (hidden: {SYSTEM_DATA_ENV}=0)")
+    elif name.startswith("fashion-"):
         train = name == "fashion-train"
         prefix = "train" if train else "t10k"
         deb = [DEBIAN_FASHION / f"{prefix}-images-idx3-ubyte.gz", DEBIAN_FASHION / f"{prefix}-labels-idx1-ubyte.gz"]
@@ -119,12 +140,26 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, download: boo
         tried += [str(p) for p in deb]
     if name in ("mnist-train", "fashion-train", "fashion-test"):
         tv_root = root / "torchvision"
-        try:
-            return _torchvision(name, tv_root, train=name.endswith("train"), fashion=name.startswith("fashion"),
-                                download=download)
-        except Exception as e:  # torchvision raises RuntimeError / URLError offline
-            tried.append(f"torchvision cache/download in {tv_root} ({type(e).__name__}: {e})")
-        hint = ("apt-get install dataset-fashion-mnist" if name.startswith("fashion")
+        if not system:
+            tried.append(f"torchvision in {tv_root} (hidden: {SYSTEM_DATA_ENV}=0)")
+        else:
+            try:
+                return _torchvision(name, tv_root, train=name.endswith("train"), fashion=name.startswith("fashion"),
+                                    download=download)
+            except Exception as e:  # torchvision raises RuntimeError / URLError offline
+                tried.append(f"torchvision cache/download in {tv_root} ({type(e).__name__}: {e})")
+        hint = ("apt-get install dataset-fashion-mnist, or use the vendored 'fashion-train5k'" if name.startswith("fashion")
                 else f"use {OFFLINE_TRAIN!r} offline, or run once with a network")
         raise DataError(f"could not load {name!r}; tried: " + "; ".join(tried) + f". To get it: {hint}")
     raise DataError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+
+
+def load_dataset_or_subset(name: str, root: str | os.PathLike | None = None) -> Dataset:
+    """`name`, or where it cannot be loaded here its vendored subset (SUBSETS; the result's name says so).
+    Never downloads: this is for the app and other callers that must work offline."""
+    try:
+        return load_dataset(name, root, download=False)
+    except DataError:
+        if name not in SUBSETS:
+            raise
+        return load_dataset(SUBSETS[name], root)

@@ -46,11 +46,12 @@ APP_FILES = (
     "docs/sensitivity.csv",
 )
 # The shipped Fashion-MNIST diffusers model (demo/models.py lists it in the app's model selector), copied
-# when the project has it: its weights and scheduler, lafq.json, Fisher map, classifier and FID statistics.
+# when the project has it: its weights and scheduler, lafq.json, Fisher map, classifier and FID statistics, and
+# the vendored Fashion-MNIST images behind its Fisher recompute and real-vs-real floor.
 OPTIONAL_APP_FILES = ("checkpoints/fashion/unet/*", "checkpoints/fashion/scheduler/*", "checkpoints/fashion/lafq.json",
                       "checkpoints/fashion/fisher.safetensors", "checkpoints/fashion/classifier.safetensors",
-                      "checkpoints/fashion/stats/*")
-PACKAGES = ("demo", "lafq")  # copied as their *.py files
+                      "checkpoints/fashion/stats/*", "data/fashion/*")
+PACKAGES = ("demo", "lafq")  # copied as their *.py files, subpackages (lafq/models) included
 
 
 def optional_app_files(repo: Path = REPO) -> list[str]:
@@ -210,7 +211,7 @@ def build(out, hardware: str = "cpu-basic", *, license: str = "other", force: bo
     try:
         sources = [repo / f for f in (*APP_FILES, *optional_app_files(repo))]
         for pkg in PACKAGES:
-            sources += sorted((repo / pkg).glob("*.py"))
+            sources += sorted(p for p in (repo / pkg).rglob("*.py") if "__pycache__" not in p.parts)
         for src in sources:
             dst = tmp / src.relative_to(repo)
             dst.parent.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,8 @@ FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
 DATASET_CARDS = {
     "fashion-train": {"name": "Fashion-MNIST UNet2DModel (diffusers)", "reference": "fashion-test",
                       "classes": list(FASHION_CLASSES)},
+    "fashion-train5k": {"name": "Fashion-MNIST UNet2DModel (diffusers)", "reference": "fashion-test",
+                        "classes": list(FASHION_CLASSES)},
     "fashion-test": {"name": "Fashion-MNIST UNet2DModel (diffusers)", "reference": "fashion-train",
                      "classes": list(FASHION_CLASSES)},
     "mnist-test10k": {"name": "MNIST UNet2DModel (diffusers)", "reference": "mnist-train5k",

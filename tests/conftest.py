@@ -4,6 +4,9 @@ import pytest
 import torch
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# Every test (and every process a test starts) reads data from the repo only, as on a fresh machine: a dataset
+# installed by hand here (Debian's dataset-fashion-mnist, a torchvision cache) must not make a test pass.
+os.environ["LAFQ_SYSTEM_DATA"] = "0"
 
 from lafq.checkpoint import save_unet  # noqa: E402
 from lafq.model import UNet, UNetConfig  # noqa: E402

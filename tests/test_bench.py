@@ -84,7 +84,6 @@ def test_markdown_prints_the_ratio_spread_the_profile_and_the_compile_rows():
 
 def test_the_diffusers_fisher_row_times_hooks_and_the_naive_loop_on_the_same_draws_and_reports_peak_share():
     import pytest
-    pytest.importorskip("diffusers", reason="diffusers is in requirements-bench.txt")
     from bench.harness import BenchSettings, bench_fisher_diffusers, machine, markdown
 
     r = bench_fisher_diffusers(BenchSettings(fisher_bins=1, fisher_samples=2))

@@ -43,7 +43,6 @@ def test_export_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
 
 
 def test_export_reads_a_diffusers_pipeline_folder_and_writes_a_torchao_config_diffusers_loads(tmp_path, capsys):
-    pytest.importorskip("diffusers", reason="diffusers is in requirements-bench.txt")
     pytest.importorskip("torchao", reason="torchao is optional (requirements-export.txt)")
     from diffusers import TorchAoConfig
 
@@ -61,7 +60,6 @@ def test_export_reads_a_diffusers_pipeline_folder_and_writes_a_torchao_config_di
 
 
 def test_fisher_model_then_quantize_model_run_on_a_diffusers_folder_with_saved_conditioning(tmp_path, capsys):
-    pytest.importorskip("diffusers", reason="diffusers is in requirements-bench.txt")
     import torch
     from safetensors.torch import save_file
 

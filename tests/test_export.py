@@ -6,8 +6,6 @@ import warnings
 import pytest
 import torch
 
-pytest.importorskip("diffusers", reason="diffusers is in requirements-bench.txt; the export tests build a diffusers model")
-
 from lafq.export import ExportError, apply_quanto, export_plan, load_export
 from lafq.models import from_diffusers
 from lafq.policy import Plan

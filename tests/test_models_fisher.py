@@ -2,8 +2,6 @@
 import pytest
 import torch
 
-pytest.importorskip("diffusers", reason="diffusers is in requirements-bench.txt; the adapter tests need it")
-
 from lafq.fisher_any import fisher_map, sq_grads
 from lafq.models import (
     capture_conditioning,

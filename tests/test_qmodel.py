@@ -35,7 +35,6 @@ def _assert_same_storage(a, b):
 
 
 def _diffusers_models():
-    pytest.importorskip("diffusers", reason="diffusers is in requirements-bench.txt; these tests build diffusers models")
     from tests.diffusers_tiny import (
         tiny_dit,
         tiny_transformer2d,
@@ -159,7 +158,6 @@ def test_unquantized_models_and_foreign_classes_are_refused_in_one_line(tmp_path
     from lafq.checkpoint import save_file
     save_file(tmp_path / "evil.safetensors", {}, {"kind": "quantized", "plan": {"precisions": {}},
                                                   "model": {"library": "diffusers", "class": "os.system", "config": {}}})
-    pytest.importorskip("diffusers")
     with pytest.raises(CheckpointError, match="not a diffusers model class"):
         load_quantized(tmp_path / "evil.safetensors")
 

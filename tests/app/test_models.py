@@ -73,6 +73,25 @@ def test_a_model_that_fails_to_load_is_a_one_line_input_error_and_the_registry_k
         reg.select(UserSession(), "no-such-model")
 
 
+def test_a_model_whose_package_is_missing_says_which_and_how_to_install_it(app_state, tiny_dir, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_diffusers(name, *args, **kw):
+        if name == "diffusers" or name.startswith("diffusers."):
+            raise ModuleNotFoundError("No module named 'diffusers'", name="diffusers")
+        return real_import(name, *args, **kw)
+
+    reg = Registry(app_state, discover({"LAFQ_MODELS": str(tiny_dir)}, fashion=None))
+    monkeypatch.setattr(builtins, "__import__", no_diffusers)
+    with pytest.raises(InputError, match="needs the package 'diffusers'.*pip install -r requirements.txt") as e:
+        reg.get(reg.ids[1])
+    assert "\n" not in str(e.value)
+    monkeypatch.undo()
+    assert reg.get(reg.ids[1]).model_id == reg.ids[1]  # installed again: the same registry loads it
+
+
 def test_model_info_refuses_bad_values_in_one_line():
     for bad, message in [({"classes": "abc"}, "classes must be a list"), ({"null_class": 0, "classes": ["a"]}, "null_class"),
                          ({"guidance": float("nan"), "null_class": 1}, "guidance must be"), ({"name": 3}, "name must be")]:
