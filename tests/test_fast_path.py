@@ -2,6 +2,7 @@
 CPU fast paths (lafq.model.FAST_INFERENCE: a transposed conv for upsampling + 3x3 conv, the chunked 28x28
 tail) move only float rounding: a pixel by 1/255 here and there (both image hashes are pinned), orders of
 magnitude below any plan's effect in the report."""
+import copy
 import hashlib
 
 import pytest
@@ -97,6 +98,22 @@ def _forward(model, x, t, y, fast: bool):
         lafq_model.FAST_INFERENCE = True
 
 
+def _float64_plain(model, x, t, y):
+    """The plain forward in float64: the function both float32 paths round."""
+    return _forward(copy.deepcopy(model).double(), x.double(), t, y, False)
+
+
+def assert_rounding_close(fast, plain, ref):
+    """`fast` and `plain` are float32 roundings of one function, `ref` is it in float64. The fast path does fewer
+    multiply-adds per output than the plain one (16 vs 36 per upsampled pixel, the same convolutions elsewhere),
+    so its error is at most a few times the plain path's error measured on this machine, whatever its kernels;
+    the 2^-24 term is one float32 rounding of the output."""
+    err_plain = (plain.double() - ref).abs().max()
+    err_fast = (fast.double() - ref).abs().max()
+    assert err_plain <= 2.0 ** -10 * ref.abs().max(), err_plain  # `ref` is this function (another is off by O(1))
+    assert err_fast <= 4 * err_plain + 2.0 ** -24 * ref.abs().max(), (err_fast, err_plain)
+
+
 @pytest.fixture
 def chunked(monkeypatch):
     """A chunk size that makes the tiny model's 28x28 tail (6 x 16 channels x 28 x 28 floats) split in three."""
@@ -112,13 +129,14 @@ def _counting(monkeypatch, obj, name):
 
 def test_fast_paths_equal_the_plain_forward_to_float_rounding(tiny_model, chunked, monkeypatch):
     x, t, y = _inputs()
+    ref = _float64_plain(tiny_model, x, t, y)
     upsampled = _counting(monkeypatch, lafq_model, "_upsample_conv2x")
     tails = _counting(monkeypatch, tiny_model.up1, "forward")
     fast = _forward(tiny_model, x, t, y, True)
     assert len(upsampled) == 2 and len(tails) == 3  # up3 and up2 upsampled; the 28x28 tail in three chunks
     plain = _forward(tiny_model, x, t, y, False)
     assert len(upsampled) == 2 and len(tails) == 4
-    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    assert_rounding_close(fast, plain, ref)
 
 
 def test_the_chunked_tail_broadcasts_a_batch_one_embedding_and_takes_an_empty_batch(chunked):
@@ -131,26 +149,32 @@ def test_the_chunked_tail_broadcasts_a_batch_one_embedding_and_takes_an_empty_ba
     t = torch.tensor([500])  # one timestep for the whole batch: a batch-1 embedding
     fast = _forward(model, x, t, None, True)
     assert fast.shape == x.shape
-    torch.testing.assert_close(fast, _forward(model, x, t, None, False), rtol=1e-5, atol=1e-5)
+    assert_rounding_close(fast, _forward(model, x, t, None, False), _float64_plain(model, x, t, None))
     assert _forward(model, x[:0], t[:0], None, True).shape == (0, 1, 28, 28)
 
 
 def test_shipped_model_fast_paths_equal_the_plain_forward_at_the_sampling_batch():
     m, _ = load_denoiser()
     x, t, y = _inputs(128)  # guided sampling of 64 images: the tail runs in two chunks
-    torch.testing.assert_close(_forward(m, x, t, y, True), _forward(m, x, t, y, False), rtol=1e-5, atol=1e-4)
+    assert_rounding_close(_forward(m, x, t, y, True), _forward(m, x, t, y, False), _float64_plain(m, x, t, y))
 
 
 def test_upsample_conv_equals_upsampling_then_the_conv_for_both_layouts():
     torch.manual_seed(0)
     resample = torch.nn.Sequential(torch.nn.Upsample(scale_factor=2, mode="nearest"), torch.nn.Conv2d(5, 3, 3, padding=1))
     x = torch.randn(2, 5, 7, 6)
+    conv = resample[1]
     with torch.inference_mode():
-        ref = resample(x)
+        ref = copy.deepcopy(resample).double()(x.double())
+        # Each output sums 9*5 products and a bias (the plain conv) or 4*5 products of taps that are sums of up to
+        # 4 weights (the fast one): each within (45+1)*2^-24 of the sum of |terms| (Higham's bound, 46 roundings),
+        # the fast one within (24+3)*2^-24; 80 covers both, whatever order a CPU's kernels sum in.
+        mag = torch.nn.functional.conv2d(torch.nn.functional.interpolate(x.abs().double(), scale_factor=2),
+                                         conv.weight.abs().double(), conv.bias.abs().double(), padding=1)
         for inp in (x, x.contiguous(memory_format=torch.channels_last)):
-            out = lafq_model._upsample_conv2x(inp, resample[1].weight, resample[1].bias)
+            out = lafq_model._upsample_conv2x(inp, conv.weight, conv.bias)
             assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last) == (inp is not x)
-            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+            assert ((out.double() - ref).abs() <= 80 * 2.0 ** -24 * mag).all()
 
 
 def test_a_hooked_layer_sees_the_whole_batch_once(tiny_model, chunked):
@@ -162,7 +186,7 @@ def test_a_hooked_layer_sees_the_whole_batch_once(tiny_model, chunked):
     finally:
         handle.remove()
     assert seen == [6]  # a hook (lafq.inside's activations) turns the chunked tail off
-    torch.testing.assert_close(out, _forward(tiny_model, x, t, y, False), rtol=1e-5, atol=1e-5)
+    assert_rounding_close(out, _forward(tiny_model, x, t, y, False), _float64_plain(tiny_model, x, t, y))
 
 
 def test_a_quantized_model_takes_the_fast_paths_with_its_own_weights(tiny_model, chunked):
@@ -172,11 +196,19 @@ def test_a_quantized_model_takes_the_fast_paths_with_its_own_weights(tiny_model,
     q = quantize_(tiny_model, Plan({n: "int4" if len(s) > 1 else "fp32" for n, s in param_shapes(tiny_model).items()}))
     x, t, y = _inputs()
     plain = _forward(q, x, t, y, False)
+    # The same function with the weights the plain forward dequantized, as an ordinary model, in float64.
+    from lafq.model import UNet
+
+    weights = {f"{name}.{attr}": getattr(m, attr).detach().clone() for name, m in q.named_modules()
+               for attr in ("weight", "bias") if isinstance(getattr(m, attr, None), torch.Tensor)}
+    dequantized = UNet(q.cfg).eval()
+    dequantized.load_state_dict(weights, strict=False)
+    ref = _float64_plain(dequantized, x, t, y)
     for level in (q.up3, q.up2):  # stale weights: only the dequantize hook, run by upsample_conv, restores them
         level.resample[1].weight = torch.zeros_like(level.resample[1].weight)
-    torch.testing.assert_close(_forward(q, x, t, y, True), plain, rtol=1e-5, atol=1e-5)
+    assert_rounding_close(_forward(q, x, t, y, True), plain, ref)
     with hold_dequantized(q):  # as sampling runs it: weights dequantized once, reused by every chunk
-        torch.testing.assert_close(_forward(q, x, t, y, True), plain, rtol=1e-5, atol=1e-5)
+        assert_rounding_close(_forward(q, x, t, y, True), plain, ref)
 
 
 def test_int8_dynamic_chunks_get_their_own_activation_scales_within_int8_error(tiny_model, chunked):

@@ -22,7 +22,9 @@ def test_int_round_trip_error_is_at_most_half_a_step(precision, qmax):
     back = load(s)
     scale = w.flatten(1).abs().amax(1) / qmax
     err = (back - w).flatten(1).abs().amax(1)
-    assert torch.all(err <= scale / 2 + 1e-7)
+    # Half a step, plus float32 rounding of w/s (≤ u*qmax steps) and of q*s (≤ u*qmax steps), u = 2^-24: 2^-22
+    # leaves a factor 2, on any CPU.
+    assert torch.all(err <= scale * (0.5 + 2.0 ** -22 * qmax))
     assert torch.equal(back[3], torch.zeros_like(back[3]))
     q, _ = quantize_int(w, precision)
     assert q.abs().max() == qmax  # the channel maximum maps to the top code
@@ -64,7 +66,7 @@ def test_group_wise_int4_error_is_at_most_half_a_step_of_each_group(precision, g
     err = (back - w).flatten(1).abs()
     for k in range(0, 90, group):
         step = s.scale[:, k // group].float()
-        assert torch.all(err[:, k:k + group] <= step[:, None] / 2 + 1e-6)
+        assert torch.all(err[:, k:k + group] <= step[:, None] * (0.5 + 2.0 ** -22 * 7))  # as above, qmax = 7
     assert torch.equal(back[2], torch.zeros_like(back[2]))
     assert data_bytes(w.shape, precision) == 6 * 90 // 2 and scale_bytes(w.shape, precision) == 6 * (-(-90 // group)) * 2
 
