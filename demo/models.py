@@ -49,6 +49,36 @@ INFO_FILE = "lafq.json"
 QUICK_BINS, QUICK_SAMPLES = 4, 4  # a Fisher map computed on load: seconds, rough
 NO_FISHER = ("no Fisher map for this model: its folder has no fisher.safetensors and its lafq.json names no "
              "dataset to compute one from")
+# Bounds a listed folder must keep (its JSON files are read before anything loads): what the app can sample on
+# a CPU in seconds, far above any model it is for (28x28 pixels, 1,000 steps, 1-4 channels, 10 classes).
+MAX_JSON_BYTES = 1 << 20
+MAX_SAMPLE_SIZE = 512
+MAX_CHANNELS = 64
+MAX_TRAIN_TIMESTEPS = 10_000
+MAX_CLASSES = 1_000
+MAX_NAME = 80
+PLAIN_TEXT = re.compile(r"[^\w .,:;()/+'#-]+")  # what a shown name keeps: no markup (HTML, Markdown) survives
+
+
+def plain_name(text: str, default: str = "model") -> str:
+    """A name safe to show anywhere (Markdown, HTML, a dropdown): word characters, spaces and . , : ; ( ) / + ' # -,
+    whitespace folded, at most MAX_NAME characters."""
+    text = " ".join(PLAIN_TEXT.sub(" ", str(text)).split())[:MAX_NAME].strip()
+    return text or default
+
+
+def read_json(path: Path, what: str):
+    """A small JSON file's value; ValueError (one line) for anything else: too large, not a regular file,
+    undecodable, nested too deep."""
+    if path.is_symlink() and not path.exists() or path.exists() and not path.is_file():
+        raise ValueError(f"{what} is not a regular file")
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise ValueError(f"{what} has {size:,} bytes; at most {MAX_JSON_BYTES:,} are read")
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{what} is not readable JSON ({type(e).__name__})") from None
 
 
 @dataclass(frozen=True)
@@ -69,8 +99,13 @@ class ModelInfo:
             v = getattr(self, key)
             if v is not None and (not isinstance(v, str) or not v):
                 raise ValueError(f"{key} must be a dataset name, got {shown(v)}")
-        if isinstance(self.classes, str) or not all(isinstance(c, str) and c for c in self.classes):
-            raise ValueError(f"classes must be a list of names, got {shown(self.classes)}")
+        if not isinstance(self.classes, (list, tuple)) or not all(isinstance(c, str) and c for c in self.classes) \
+                or len(self.classes) > MAX_CLASSES:
+            raise ValueError(f"classes must be a list of up to {MAX_CLASSES:,} names, got {shown(self.classes)}")
+        if any(plain_name(c, "") != c for c in self.classes):
+            bad = next(c for c in self.classes if plain_name(c, "") != c)
+            raise ValueError(f"class names must be plain text (letters, digits, spaces and .,:;()/+'#-, at most "
+                             f"{MAX_NAME} characters), got {shown(bad)}")
         object.__setattr__(self, "classes", tuple(self.classes))
         if self.null_class is not None and (isinstance(self.null_class, bool) or not isinstance(self.null_class, int)
                                             or self.null_class < len(self.classes)):
@@ -86,12 +121,9 @@ class ModelInfo:
     def read(cls, folder: Path) -> "ModelInfo":
         """The folder's lafq.json, or defaults when it has none; ValueError (one line) when it is invalid."""
         path = Path(folder) / INFO_FILE
-        if not path.is_file():
+        if not (path.exists() or path.is_symlink()):
             return cls()
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{INFO_FILE} is not readable JSON ({type(e).__name__})") from None
+        data = read_json(path, INFO_FILE)
         if not isinstance(data, dict):
             raise ValueError(f"{INFO_FILE} must hold an object, got {type(data).__name__}")
         known = set(cls.__dataclass_fields__)
@@ -114,14 +146,31 @@ def _component(folder: Path) -> str | None:
     return next((c for c in ("unet", "transformer") if (folder / c / "config.json").is_file()), None)
 
 
+def _bounded(value, name: str, hi: int) -> None:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= hi for v in values):
+        raise ValueError(f"{name} must be a whole number in [1, {hi:,}], got {shown(value)}")
+
+
 def check_folder(folder: Path) -> ModelInfo:
-    """A diffusers pipeline-style folder's ModelInfo; ValueError (one line) if it is not one."""
+    """A diffusers pipeline-style folder's ModelInfo; ValueError (one line) if it is not one, or if its configs
+    ask for more than the app serves (sample size, channels, training timesteps: the MAX_* bounds)."""
     if not folder.is_dir():
         raise ValueError("not a directory")
-    if _component(folder) is None:
+    component = _component(folder)
+    if component is None:
         raise ValueError("no unet/config.json or transformer/config.json: not a diffusers pipeline folder")
-    if not (folder / "scheduler" / "scheduler_config.json").is_file():
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    if not scheduler.is_file():
         raise ValueError("no scheduler/scheduler_config.json")
+    config = read_json(folder / component / "config.json", f"{component}/config.json")
+    sched = read_json(scheduler, "scheduler/scheduler_config.json")
+    if not isinstance(config, dict) or not isinstance(sched, dict):
+        raise ValueError("config.json and scheduler_config.json must hold objects")
+    for key, hi in (("sample_size", MAX_SAMPLE_SIZE), ("in_channels", MAX_CHANNELS), ("out_channels", MAX_CHANNELS)):
+        if config.get(key) is not None:
+            _bounded(config[key], f"{component}/config.json {key}", hi)
+    _bounded(sched.get("num_train_timesteps", 1000), "scheduler num_train_timesteps", MAX_TRAIN_TIMESTEPS)
     return ModelInfo.read(folder)
 
 
@@ -142,16 +191,18 @@ def discover(environ=None, fashion: Path = FASHION) -> tuple[ModelEntry, ...]:
         try:
             resolved = folder.resolve()
             info = check_folder(folder)
-        except (OSError, ValueError) as e:
-            log.warning("%s entry %s skipped: %s", ENV if listed else "model folder", str(folder)[:200], e)
+        except Exception as e:  # noqa: BLE001 -- a hostile folder (symlink loop, odd JSON) must never stop start-up
+            line = " ".join(str(e).split())[:200] or type(e).__name__
+            log.warning("%s entry %s skipped: %s", ENV if listed else "model folder", str(folder)[:200], line)
             continue
         if resolved in seen:
             continue
         seen.add(resolved)
-        base = wanted_id or _slug(info.name or folder.name)
+        name = plain_name(info.name or folder.name)
+        base = wanted_id or _slug(name)
         ids = {e.id for e in entries}
         mid = base if base not in ids else next(f"{base}-{i}" for i in range(2, 10**6) if f"{base}-{i}" not in ids)
-        entries.append(ModelEntry(mid, info.name or folder.name, folder, info))
+        entries.append(ModelEntry(mid, name, folder, info))
     return tuple(entries)
 
 
@@ -293,6 +344,13 @@ def load_model_state(entry: ModelEntry, *, device: str = "cpu", heavy=None, jobs
     if not info.classes and k:  # no names: every embedding before the null class is a numbered class
         info = replace(info, classes=tuple(str(i) for i in range(info.null_class if info.null_class is not None else k)))
     den = den.with_conditioning(cond, null_row)
+    try:  # once, here: a folder that loads but cannot sample (a text-conditioned U-Net, a class-conditional
+        # transformer: inputs the app does not supply) is refused in one line instead of failing every Generate
+        with torch.no_grad():
+            den.sample(1, steps=1, seed=0, rows=[0] if cond is not None else None)
+    except Exception as e:  # noqa: BLE001 -- whatever the model raises, the registry answers in one line
+        line = " ".join(str(e).split())[:160]
+        raise ValueError(f"it loads but does not sample here ({type(e).__name__}: {line})") from None
     model = den.module.to(device)
     fm, note = _fisher_for(den, folder, info, quick_bins, quick_samples)
     extra = {k: v for k, v in (("heavy", heavy), ("jobs", jobs)) if v is not None}

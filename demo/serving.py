@@ -67,7 +67,8 @@ class RequestLimits:
         if upload:
             origin = _header(scope, b"origin")
             host = _header(scope, b"x-forwarded-host") or _header(scope, b"host")
-            if origin and origin != "null" and urlsplit(origin).netloc != host:
+            # "null" is the origin of a local file or a sandboxed frame: any page can send it, so it is no page of ours.
+            if origin and (origin == "null" or urlsplit(origin).netloc != host):
                 return 403, f"uploads are accepted from this app's own pages only (origin {origin[:80]})"
         limit = MAX_UPLOAD + 65536 if upload else MAX_BODY  # multipart framing adds a little
         length = _header(scope, b"content-length")

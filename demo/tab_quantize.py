@@ -353,8 +353,9 @@ def build(models, current, user, guard):
 
     def run_export(cur, usr, request: gr.Request):
         return export(models.state_for(usr), cur, usr, session=request.session_hash)
-    export_btn.click(guard(run_export), [current, user], files, api_name="export", concurrency_id="heavy",
-                     concurrency_limit=1)
+    # Its own queue: an export takes seconds and must not wait behind another user's long evaluation.
+    export_btn.click(guard(run_export), [current, user], files, api_name="export", concurrency_id="export",
+                     concurrency_limit=2)
 
     def on_upload(f, usr):
         try:

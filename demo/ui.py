@@ -26,8 +26,22 @@ from .zerogpu import describe
 log = logging.getLogger("lafq.app")
 
 
+def _without_server_paths(msg: str) -> str:
+    """A message as a visitor may read it: the server's own folders (the app's checkout, the home and temporary
+    folders) cut from every path, so a message says `data/fashion/...`, never where the server keeps it."""
+    import os
+    import tempfile
+
+    from lafq import paths
+
+    for root, shown_as in ((str(paths.REPO), ""), (tempfile.gettempdir(), "…"), (os.path.expanduser("~"), "~")):
+        if root and root != "/":
+            msg = msg.replace(root.rstrip("/") + "/", shown_as + ("/" if shown_as else "")).replace(root, shown_as or ".")
+    return msg
+
+
 def _one_line(e: Exception) -> str:
-    msg = " ".join(str(e).split()) or type(e).__name__
+    msg = _without_server_paths(" ".join(str(e).split())) or type(e).__name__
     return msg if len(msg) <= 300 else msg[:300] + "…"
 
 
@@ -92,8 +106,9 @@ def build_app(state: AppState, models: Registry | None = None) -> gr.Blocks:
             st = models.state_for(new)
             plan = cur if new.model == as_user(usr).model else tab_quantize.preset_current(st)
             return new, plan, "" if st.kind == "lafq" else f"{st.title}: {st.fisher_note}"
+        # Its own queue: a model's first selection loads it (seconds), which must not stall every user's readouts.
         ev = model.input(guard(select), [model, user, current], [user, current, model_status], api_name="select_model",
-                         concurrency_id="readout")
+                         concurrency_id="load", concurrency_limit=2)
         # `.success`: a model that fails to load leaves the session and every tab as they were (the error says why).
         for fn, inputs, outputs in (fisher_refresh, q_refresh, compare_refresh, quality_refresh, inside_refresh):
             ev = ev.success(guard(fn), inputs, outputs, api_visibility="private")

@@ -2,7 +2,7 @@
 without installing: the code runs under an interpreter that sees only requirements.txt's packages
 (tests/requirements_view.py), so an import of anything else (diffusers, torchao, quanto, transformers, ...)
 fails here as it would there. Every module of lafq/ and demo/ imports, and app.py serves every model it lists:
-each one is selected and compared through the API."""
+each one is selected and compared through the API, with hostile LAFQ_MODELS entries beside them skipped."""
 import os
 import pkgutil
 import subprocess
@@ -45,19 +45,25 @@ def test_every_module_of_the_library_and_the_app_imports_with_only_requirements_
 
 
 @pytest.fixture(scope="module")
-def app_url(only_requirements):
-    env = only_requirements.env({**os.environ, "LAFQ_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"})
-    env.pop("LAFQ_MODELS", None)
-    with serving(View.python() + ["app.py"], REPO, env, free_port(), "app.py under requirements.txt") as (url, _):
-        yield url
+def app_url(only_requirements, tiny_dir, tmp_path_factory):
+    from tests.app.test_models import _hostile_folders
+
+    # LAFQ_MODELS names folders that once stopped the app from starting: each is skipped with a log line.
+    hostile = _hostile_folders(tiny_dir, tmp_path_factory.mktemp("hostile"))
+    env = only_requirements.env({**os.environ, "LAFQ_DEVICE": "cpu", "HF_HUB_OFFLINE": "1",
+                                 "LAFQ_MODELS": os.pathsep.join(map(str, hostile.values()))})
+    with serving(View.python() + ["app.py"], REPO, env, free_port(), "app.py under requirements.txt") as (url, log):
+        yield url, log, len(hostile)
 
 
 def test_every_model_the_app_lists_is_selected_and_compared_with_only_requirements_txt(app_url):
     from demo.models import discover
 
+    url, log, hostile = app_url
+    assert sum("LAFQ_MODELS entry" in line and "skipped" in line for line in log) == hostile
     ids = [e.id for e in discover({})]
     assert ids[:2] == ["mnist", "fashion"]  # the shipped models; a checkout without checkpoints/fashion fails here
-    client = Client(app_url, verbose=False)
+    client = Client(url, verbose=False)
     for model_id in [*ids, ids[0]]:
         client.predict(model_id, api_name="/select_model")
         fp32, plan, uniform, _diff, timing = client.predict("0", 1.5, 2, 0, 1, True, api_name="/compare")

@@ -59,6 +59,71 @@ def test_malformed_lafq_models_entries_are_skipped_with_one_warning_line_each(ti
     assert "needs null_class" in warnings[2] and "scheduler_config.json" in warnings[3]
 
 
+def _hostile_folders(tiny_dir, root):
+    """LAFQ_MODELS entries that once stopped the app from starting or broke every Generate: name -> folder."""
+    out = {}
+
+    def copy(name, lafq_json=None):
+        out[name] = root / name
+        shutil.copytree(tiny_dir, out[name], symlinks=True)
+        if lafq_json is not None:
+            (out[name] / "lafq.json").write_text(lafq_json)
+        return out[name]
+
+    copy("classes-null", '{"classes": null}')
+    copy("classes-int", '{"classes": 5}')
+    copy("deep", "[" * 100_000 + "]" * 100_000)
+    copy("huge-json", json.dumps({"name": "x" * (2 << 20)}))
+    (copy("self-link") / "lafq.json").unlink()
+    (out["self-link"] / "lafq.json").symlink_to(out["self-link"] / "lafq.json")
+    (root / "loop-a").symlink_to(root / "loop-b")
+    (root / "loop-b").symlink_to(root / "loop-a")
+    out["loop"] = root / "loop-a"
+    big = copy("sample-size")
+    cfg = json.loads((big / "unet" / "config.json").read_text())
+    (big / "unet" / "config.json").write_text(json.dumps({**cfg, "sample_size": 23170}))
+    steps = copy("timesteps")
+    sched = json.loads((steps / "scheduler" / "scheduler_config.json").read_text())
+    (steps / "scheduler" / "scheduler_config.json").write_text(json.dumps({**sched, "num_train_timesteps": 10**8}))
+    return out
+
+
+def test_hostile_lafq_models_entries_are_skipped_and_the_other_models_still_listed(tiny_dir, tmp_path, caplog):
+    bad = _hostile_folders(tiny_dir, tmp_path)
+    listed = os.pathsep.join(str(p) for p in (*bad.values(), tiny_dir))
+    with caplog.at_level(logging.WARNING, logger="lafq.app"):
+        entries = discover({"LAFQ_MODELS": listed}, fashion=None)
+    assert [e.path for e in entries[1:]] == [tiny_dir]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == len(bad) and all("\n" not in w and len(w) < 600 for w in warnings)
+    for words, w in zip(["classes must be a list", "classes must be a list", "not readable JSON", "bytes; at most",
+                         "not a regular file", "Symlink loop", "sample_size must be", "num_train_timesteps must be"],
+                        warnings):
+        assert words in w, w
+
+
+def test_a_model_name_with_markup_is_shown_as_plain_text(tiny_dir, tmp_path):
+    folder = tmp_path / "markup"
+    shutil.copytree(tiny_dir, folder)
+    info = json.loads((tiny_dir / "lafq.json").read_text())
+    (folder / "lafq.json").write_text(json.dumps({**info, "name": "<img src=x onerror=alert(1)> **bold** [l](u)"}))
+    (entry,) = discover({"LAFQ_MODELS": str(folder)}, fashion=None)[1:]
+    assert entry.name == "img src x onerror alert(1) bold l (u)"
+    with pytest.raises(ValueError, match="class names must be plain text"):
+        ModelInfo(classes=("<b>a</b>",))
+
+
+def test_a_transformer_folder_that_loads_but_cannot_sample_is_refused_at_selection_in_one_line(app_state, tmp_path):
+    from tests.diffusers_tiny import save_pipeline_dir, tiny_dit
+
+    folder = save_pipeline_dir(tmp_path / "dit", tiny_dit())  # class-conditional: the app supplies no labels to it
+    reg = Registry(app_state, discover({"LAFQ_MODELS": str(folder)}, fashion=None))
+    with pytest.raises(InputError, match="loads but does not sample here") as e:
+        reg.select(UserSession(), reg.ids[1])
+    assert "\n" not in str(e.value)
+    assert reg.get(DEFAULT_MODEL) is app_state
+
+
 def test_a_model_that_fails_to_load_is_a_one_line_input_error_and_the_registry_keeps_serving(app_state, tiny_dir,
                                                                                               tmp_path):
     broken = tmp_path / "broken"

@@ -148,6 +148,7 @@ def test_oversized_bodies_and_cross_origin_uploads_are_refused_before_reaching_d
     cross = {"Content-Type": "multipart/form-data; boundary=x", "Content-Length": str(len(small)),
              "Origin": "http://evil.example"}
     assert raw_post(server, "/gradio_api/upload", cross, small) == 403
+    assert raw_post(server, "/gradio_api/upload", {**cross, "Origin": "null"}, small) == 403  # a local file's page
     same = {**cross, "Origin": server.rstrip("/")}
     assert raw_post(server, "/gradio_api/upload", same, small) == 200
     huge_json = {"Content-Type": "application/json", "Content-Length": str(10 * 2**20)}
@@ -203,3 +204,46 @@ def test_each_figure_and_readout_follows_its_controls_through_one_event(app_stat
     readout = [d for d in on_change if any(name.get(o) == "size-readout" for o in d["outputs"])]
     assert len(readout) == 1 and readout[0]["trigger_mode"] == "always_last"
     assert len(readout[0]["targets"]) == 11  # every control of the Quantize tab
+
+
+def test_a_long_evaluation_by_one_client_does_not_hold_up_another_clients_export(server, monkeypatch):
+    import threading
+
+    from demo import tab_quality
+
+    started, release = threading.Event(), threading.Event()
+
+    def slow_evaluate(st, cur, n, steps, seeds, fp32, *args, user=None, **kw):  # holds the heavy slot until released
+        started.set()
+        release.wait(timeout=600)
+        return "stand-in evaluation", None, user
+
+    monkeypatch.setattr(tab_quality, "evaluate", slow_evaluate)
+    a, b = Client(server, verbose=False), Client(server, verbose=False)
+    evaluation = a.submit(20, 2, 2, False, api_name="/fid")
+    try:
+        assert started.wait(timeout=300)
+        # Were the export queued behind the evaluation, it could not finish before the evaluation is released.
+        assert b.submit(api_name="/export").result(timeout=300)
+        assert not evaluation.done()
+    finally:
+        release.set()
+    assert evaluation.result(timeout=300)[0] == "stand-in evaluation"
+
+
+def test_error_messages_never_show_the_servers_folders():
+    import tempfile
+
+    import gradio as gr
+
+    from demo.ui import guard
+    from lafq import paths
+    from lafq.data import DataError
+
+    def fails():
+        raise DataError(f"missing data file {paths.REPO / 'data' / 'x.npz'}; upload kept in {tempfile.gettempdir()}/g/f")
+
+    with pytest.raises(gr.Error) as e:
+        guard(fails)()
+    assert str(paths.REPO) not in e.value.message and tempfile.gettempdir() not in e.value.message
+    assert "missing data file data/x.npz" in e.value.message
