@@ -58,7 +58,7 @@ deactivate
 if [ $app_ok = 1 ]; then results+=("PASS: app command"); else results+=("FAIL: app command (log: $work/app.log)"); tail -20 "$work/app.log"; fi
 
 "$python" -m venv "$work/venv-test" && . "$work/venv-test/bin/activate" || { echo "FAIL: venv"; exit 1; }
-if bash scripts/test.sh -q -p no:cacheprovider; then results+=("PASS: test command"); else results+=("FAIL: test command"); fi
+if bash scripts/test.sh -p no:cacheprovider -rs; then results+=("PASS: test command"); else results+=("FAIL: test command"); fi
 deactivate
 
 printf '%s\n' "${results[@]}"
