@@ -86,9 +86,54 @@ def compare(state: AppState, current: dict, digit, guidance, steps, seed, n, wit
 
 def example(state: AppState):
     """The arrival example (default preset vs uniform, same noise), computed once per process and kept."""
+    guidance = state.default_guidance if getattr(state, "guided", True) else 1.0
     return state.memo("compare-example", lambda: compare(
-        state, preset_current(state), DEFAULTS["digit"], DEFAULTS["guidance"], DEFAULTS["steps"], DEFAULTS["seed"],
+        state, preset_current(state), default_class(state), guidance, DEFAULTS["steps"], DEFAULTS["seed"],
         DEFAULTS["n"], True))
+
+
+def _kb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+
+
+def strip(panels: list[np.ndarray], labels: list[str], gap: int = 12) -> np.ndarray:
+    """Grids side by side on white, each under its label: one RGB picture, so a phone scales it to its width
+    instead of stacking three images below the fold."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=max(12, panels[0].shape[0] // 9))  # still legible scaled to a phone
+    ims = [Image.fromarray(p).convert("RGB") for p in panels]
+    lines = max(label.count("\n") + 1 for label in labels)
+    text_h = lines * (font.getbbox("Ag")[3] + 4) + 6
+    width = sum(im.width for im in ims) + gap * (len(ims) - 1)
+    out = Image.new("RGB", (width, max(im.height for im in ims) + text_h), "white")
+    draw, x = ImageDraw.Draw(out), 0
+    for im, label in zip(ims, labels):
+        draw.multiline_text((x + 2, 2), label, fill=(20, 20, 20), font=font, spacing=4)
+        out.paste(im, (x, text_h))
+        x += im.width + gap
+    return np.asarray(out)
+
+
+def hero(state: AppState) -> tuple[np.ndarray, str]:
+    """The first screen for a model: its arrival example (FP32 · the default Fisher plan · uniform at the plan's
+    lowest precision, same noise) as one labelled picture, with a line saying what it shows and what to do next.
+    Computed once per model and process (state.memo), like the example."""
+    fp32, plan_img, uniform_img, _diff, _md = example(state)  # its own memo (one lock: not inside another memo)
+
+    def compute():
+        plan = resolve_plan(state, preset_current(state))
+        u = uniform_plan(state, plan)
+        size, usize = state.size(plan), state.size(u)
+        target = u.policy["target"].upper()
+        labels = [f"FP32\n{_kb(size.fp32_bytes)}", f"Fisher plan\n{_kb(size.total_bytes)} ({size.pct_of_fp32:.0f}%)",
+                  f"uniform {target}\n{_kb(usize.total_bytes)} ({usize.pct_of_fp32:.0f}%)"]
+        what = state.class_word if state.classes else "image"
+        line = (f"**{state.title}**, one noise through three models. Where the Fisher plan keeps the {what} and "
+                f"uniform {target} at about the same size loses it, the Fisher map put the bits.  \n"
+                f"**Next:** build your own plan in **Quantize**, then generate any {what} with it in **Compare**.")
+        return strip([fp32, plan_img, uniform_img], labels), line
+    return state.memo("hero", compute)
 
 
 def class_choices(state: AppState) -> list[tuple[str, str]]:

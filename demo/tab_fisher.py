@@ -19,9 +19,8 @@ from .zerogpu import fisher_seconds, gpu
 
 COLORBAR = {"raw": "E[(dL/dθ)²]", "normalized": "F / max F", "log": "log10(F / max F)"}
 GROUPS = ["all"] + [str(d) for d in range(10)]
-HOW_TO = ("**Start here:** the heatmap shows where the denoising loss is most sensitive to each layer's weights "
-          "(bright = sensitive: keep it precise). Then open **Quantize** and pick a preset, or **Compare** to see "
-          "the result.")
+HOW_TO = ("**How to read it:** the heatmap shows where the denoising loss is most sensitive to each layer's weights "
+          "at each timestep (bright = sensitive: keep it precise). The plans in **Quantize** are built from it.")
 
 
 def group_choices(state: AppState) -> list[str]:

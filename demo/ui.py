@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 
 import gradio as gr
 
@@ -67,22 +68,33 @@ def guard(fn, *, keep: int | None = None):
     return wrapper
 
 
+def _quietly(fn, *args) -> None:
+    """A background warm-up: a failure is logged, and the handler that needs the result reports it again."""
+    try:
+        fn(*args)
+    except Exception:  # noqa: BLE001
+        log.exception("warm-up %s failed", getattr(fn, "__name__", fn))
+
+
 def build_app(state: AppState, models: Registry | None = None) -> gr.Blocks:
     """The app for the MNIST U-Net's `state` and the registry's other models (by default those
     demo.models.discover finds: checkpoints/fashion, LAFQ_MODELS)."""
     models = models if models is not None else Registry(state)
     with gr.Blocks(title="LAFQ: Fisher-guided quantization of a diffusion model", delete_cache=DELETE_CACHE) as demo:
-        gr.Markdown("# LAFQ — layer-adaptive, Fisher-guided quantization\nSee where precision matters in a "
-                    "class-conditional diffusion model (the MNIST U-Net first; pick another above the tabs), tune a "
-                    "quantization plan, and measure what it costs. "
-                    f"Computing on: {describe(state.device)}. **New here?** The Compare tab shows a 14%-size plan next to "
-                    "FP32 and uniform INT4; the Quantize tab has presets.")
+        # The first screen: a one-line title, the model selector, and the arrival example (FP32 · Fisher plan ·
+        # uniform at the same size, one labelled picture) before any tab; computed at start-up (below).
+        gr.Markdown("### LAFQ — Fisher-guided quantization of diffusion models\n"
+                    f"See where precision matters, tune a plan, measure what it costs (computing on "
+                    f"{describe(state.device)}).", elem_id="title")
         current = gr.State(tab_quantize.preset_current(state))
         user = gr.State(UserSession())
-        with gr.Row():
+        with gr.Row(equal_height=True):
             model = Choice(models.choices(), value=models.default.model_id, label="model", elem_id="model",
-                           interactive=len(models.entries) > 1, scale=3)
+                           interactive=len(models.entries) > 1, scale=1, min_width=220)
             model_status = gr.Markdown(elem_id="model-status")
+        hero_img = gr.Image(show_label=False, elem_id="hero", interactive=False, format="png", buttons=[],
+                            container=False)
+        hero_line = gr.Markdown(elem_id="hero-line")
         with gr.Tab("Fisher", id="fisher"):
             fisher_fn, fisher_in, fisher_out, fisher_refresh = tab_fisher.build(models, user, guard)
         with gr.Tab("Quantize", id="quantize"):
@@ -97,6 +109,10 @@ def build_app(state: AppState, models: Registry | None = None) -> gr.Blocks:
         # once per process and kept.
         demo.load(guard(fisher_fn), fisher_in, fisher_out, api_visibility="private")
         demo.load(guard(q_fn), q_in, q_out, api_visibility="private")
+        def show_hero(usr):
+            img, line = tab_compare.hero(models.state_for(usr))
+            return line, img
+        demo.load(guard(show_hero), user, [hero_line, hero_img], api_visibility="private", show_progress="minimal")
         for fn, out in ((example_fn, example_out), (inside_fn, inside_out)):
             demo.load(guard(fn), None, out, api_visibility="private", concurrency_id="sample", show_progress="minimal")
 
@@ -113,7 +129,12 @@ def build_app(state: AppState, models: Registry | None = None) -> gr.Blocks:
         for fn, inputs, outputs in (fisher_refresh, q_refresh, compare_refresh, quality_refresh, inside_refresh):
             ev = ev.success(guard(fn), inputs, outputs, api_visibility="private")
         ev = ev.success(guard(fisher_fn), fisher_in, fisher_out, api_visibility="private")
-        ev.success(guard(q_fn), q_in, q_out, api_visibility="private")
+        ev = ev.success(guard(q_fn), q_in, q_out, api_visibility="private")
+        ev.success(guard(show_hero), user, [hero_line, hero_img], api_visibility="private", concurrency_id="sample")
+
+        # The default model's first screen is computed while the server starts, so the first visitor waits for
+        # nothing (about 4 s on 2 cores otherwise); every page and user then shares it (state.memo).
+        threading.Thread(target=lambda: _quietly(tab_compare.hero, state), name="lafq-hero", daemon=True).start()
 
         def forget(request: gr.Request):  # a closed page's export folder goes at once, not at shutdown
             tab_quantize.EXPORTS.forget(request.session_hash)

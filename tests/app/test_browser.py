@@ -189,3 +189,42 @@ def test_the_shipped_fashion_model_is_one_switch_away_with_its_own_map_size_and_
     choose(browser, wait, "model", app_state.title)
     open_tab(browser, wait, "Fisher")
     wait.until(lambda d: "embed" in heatmap_rows(d))
+
+
+def _hero_in_first_screen(driver):
+    """The hero picture's box within the first screen (top of the page), once its image has loaded; else None."""
+    return driver.execute_script(
+        "const i = document.querySelector('#hero img[src]');"
+        "if (!i || !i.complete || i.naturalWidth === 0) return null;"
+        "const b = i.getBoundingClientRect(), y = window.scrollY;"
+        "return (b.top + y >= 0 && b.bottom + y <= window.innerHeight && b.width > 0) ? [i.src, b.width] : null;")
+
+
+@pytest.mark.parametrize("width, height, mobile", [(1440, 900, False), (390, 844, True)], ids=["desktop", "phone"])
+def test_the_side_by_side_example_is_on_the_first_screen_for_each_model(models_url, browser, app_state, width, height,
+                                                                        mobile):
+    from demo.models import FASHION
+
+    if not (FASHION / "lafq.json").is_file():
+        pytest.skip("checkpoints/fashion is not in this checkout")
+    fashion = json.loads((FASHION / "lafq.json").read_text())["name"]
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile})
+    try:
+        wait = WebDriverWait(browser, 180)
+        browser.get(models_url)
+        line = wait.until(EC.presence_of_element_located((By.ID, "hero-line")))
+        first = wait.until(_hero_in_first_screen, message="the example is not in the first screen on arrival")
+        assert browser.execute_script("return window.scrollY") == 0
+        assert app_state.title in line.text and "Next:" in line.text
+        if mobile:
+            assert first[1] >= 0.8 * width  # one picture across the phone, not three stacked below the fold
+        for title in (fashion, app_state.title):  # a switch brings that model's own example; and back
+            choose(browser, wait, "model", title)
+            wait.until(lambda d: title in d.find_element(By.ID, "hero-line").text)
+            browser.execute_script("window.scrollTo(0, 0)")
+            shown = wait.until(_hero_in_first_screen, message=f"no example in the first screen for {title}")
+            if title == fashion:
+                assert shown[0] != first[0]
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})

@@ -97,7 +97,7 @@ def test_app_refuses_a_bad_device_in_one_line():
 def test_header_names_the_device(app_state):
     from demo.ui import build_app
 
-    assert "Computing on: cpu" in build_app(app_state).config["components"][0]["props"]["value"]
+    assert "computing on cpu" in build_app(app_state).config["components"][0]["props"]["value"]
 
 
 def test_every_hostile_upload_gets_a_one_line_error_and_leaves_no_file(client, app_state, tmp_path):
