@@ -20,7 +20,7 @@ def main():
     import torch
 
     from demo.state import load_state
-    from demo.ui import LAUNCH_OPTIONS, QUEUE_OPTIONS, build_app
+    from demo.ui import LAUNCH_OPTIONS, QUEUE_OPTIONS, build_app, warm_up
     from lafq.data import DataError
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -29,6 +29,7 @@ def main():
     except (ValueError, OSError, DataError) as e:  # bad LAFQ_DEVICE, missing or invalid checkpoint: one line
         raise SystemExit(f"error: {e}") from None
     demo = build_app(state)
+    warm_up(state)
     demo.queue(**QUEUE_OPTIONS)
     demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), server_port=port, **LAUNCH_OPTIONS)
 

@@ -68,12 +68,18 @@ def guard(fn, *, keep: int | None = None):
     return wrapper
 
 
-def _quietly(fn, *args) -> None:
-    """A background warm-up: a failure is logged, and the handler that needs the result reports it again."""
-    try:
-        fn(*args)
-    except Exception:  # noqa: BLE001
-        log.exception("warm-up %s failed", getattr(fn, "__name__", fn))
+def warm_up(state: AppState) -> threading.Thread:
+    """Compute the default model's first screen in the background while the server starts (app.py), so the first
+    visitor waits for nothing (about 4 s on 2 cores otherwise); every page then shares it (state.memo). A failure
+    is logged, and the page's own load reports it again."""
+    def run():
+        try:
+            tab_compare.hero(state)
+        except Exception:  # noqa: BLE001
+            log.exception("warm-up of the first screen failed")
+    thread = threading.Thread(target=run, name="lafq-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def build_app(state: AppState, models: Registry | None = None) -> gr.Blocks:
@@ -132,14 +138,10 @@ def build_app(state: AppState, models: Registry | None = None) -> gr.Blocks:
         ev = ev.success(guard(q_fn), q_in, q_out, api_visibility="private")
         ev.success(guard(show_hero), user, [hero_line, hero_img], api_visibility="private", concurrency_id="sample")
 
-        # The default model's first screen is computed while the server starts, so the first visitor waits for
-        # nothing (about 4 s on 2 cores otherwise); every page and user then shares it (state.memo).
-        threading.Thread(target=lambda: _quietly(tab_compare.hero, state), name="lafq-hero", daemon=True).start()
-
         def forget(request: gr.Request):  # a closed page's export folder goes at once, not at shutdown
             tab_quantize.EXPORTS.forget(request.session_hash)
         demo.unload(forget)
     return demo
 
 
-__all__ = ["build_app", "guard", "LAUNCH_OPTIONS", "QUEUE_OPTIONS", "shown"]
+__all__ = ["build_app", "warm_up", "guard", "LAUNCH_OPTIONS", "QUEUE_OPTIONS", "shown"]
