@@ -188,9 +188,15 @@ def build(models, current, user, guard):
     diff = gr.Plot()
     timing = gr.Markdown(elem_id="compare-timing")
     outputs = [a, b, c, diff, timing]
-    go_btn.click(guard(lambda cur, *v: served(compare(models.state_for(v[-1]), cur, *v))),
-                 [current, digit, guidance, steps, seed, n, with_uniform, user],
-                 outputs, api_name="compare", concurrency_id="sample", concurrency_limit=2)
+    def run(cur, *v):
+        return served(compare(models.state_for(v[-1]), cur, *v))
+    inputs = [current, digit, guidance, steps, seed, n, with_uniform, user]
+    # In the page a refused value (a seed out of range) keeps the images and says why under them; the named
+    # endpoint (a hidden button, as the API sees it) answers an API client with an error instead.
+    go_btn.click(guard(run, keep=len(outputs) - 1), inputs, outputs, concurrency_id="sample", concurrency_limit=2,
+                 api_visibility="private")
+    api_btn = gr.Button("compare (API)", visible=False)
+    api_btn.click(guard(run), inputs, outputs, api_name="compare", concurrency_id="sample", concurrency_limit=2)
 
     def refresh(usr):
         st = models.state_for(usr)

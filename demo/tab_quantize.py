@@ -318,6 +318,7 @@ def build(models, current, user, guard):
             # folder; the handler names what is accepted and deletes every upload once read.
             upload = gr.File(label="load a plan (.json) or quantized model (.safetensors)", type="filepath",
                              elem_id="upload")
+            upload_note = gr.Markdown(elem_id="upload-note")
     controls = [strategy, target, statistic, log_thr, log_enc, log_mid, log_dec, p, k, bits, protect]
     outputs = [current, summary, table, pmap]
 
@@ -364,7 +365,14 @@ def build(models, current, user, guard):
         finally:
             discard_upload(f)
         return (cur, *readout(st, cur, usr))
-    upload.upload(guard(on_upload), [upload, user], outputs, api_name="load_plan", concurrency_id="readout")
+    def on_upload_inline(f, usr):
+        return (*on_upload(f, usr), gr.skip(), "")
+    # In the page a refused file leaves the readout as it was, empties the box and says why under it; the named
+    # endpoint (a hidden button) answers an API client with an error instead.
+    upload.upload(guard(on_upload_inline, keep=len(outputs), clear=1), [upload, user], [*outputs, upload, upload_note],
+                  concurrency_id="readout", api_visibility="private")
+    load_btn = gr.Button("load plan (API)", visible=False)
+    load_btn.click(guard(on_upload), [upload, user], outputs, api_name="load_plan", concurrency_id="readout")
 
     def refresh(usr):
         st = models.state_for(usr)

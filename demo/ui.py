@@ -46,22 +46,24 @@ def _one_line(e: Exception) -> str:
     return msg if len(msg) <= 300 else msg[:300] + "…"
 
 
-def guard(fn, *, keep: int | None = None):
+def guard(fn, *, keep: int | None = None, clear: int = 0):
     """Bad input -> gr.Error with the message; anything unexpected -> a short gr.Error, traceback in the log.
-    keep=n: a bad input instead leaves the first n outputs as they were and puts the message in the last
-    output (an inline warning that stays, beside the last good result)."""
+    keep=n: a bad input instead leaves the first n outputs as they were, empties the next `clear` (a refused
+    upload's box) and puts the message in the last output (an inline warning that stays, beside the last good
+    result). A cancelled job is news, not an error: an info line, and every output stays as it was."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except (ValueError, CheckpointError, DataError, FileNotFoundError) as e:
             if keep is not None:
-                return (*[gr.skip()] * keep, f"⚠️ {_one_line(e)}")
+                return (*[gr.skip()] * keep, *[None] * clear, f"⚠️ {_one_line(e)}")
             raise gr.Error(_one_line(e)) from None
         except gr.Error:
             raise
         except Cancelled:
-            raise gr.Error("cancelled") from None
+            gr.Info("Cancelled: nothing was recorded.")
+            return gr.skip()
         except Exception as e:  # the server keeps serving; the user sees what kind of failure it was
             log.exception("handler %s failed", getattr(fn, "__name__", fn))
             raise gr.Error(f"internal error ({type(e).__name__}); the server log has details") from None

@@ -125,6 +125,7 @@ def test_a_fisher_recompute_shows_a_moving_progress_bar_and_cancel_stops_it(url,
     wait.until(lambda d: "Cancelled" in d.find_element(By.ID, "fisher-status").text)
     assert app_state.heavy.acquire(timeout=300)  # the server job stopped too
     app_state.heavy.release()
+    assert not _error_toasts(browser)  # a cancel is news, not an error
 
 
 def heatmap_rows(driver) -> list:
@@ -228,3 +229,36 @@ def test_the_side_by_side_example_is_on_the_first_screen_for_each_model(models_u
                 assert shown[0] != first[0]
     finally:
         browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def _error_toasts(driver) -> list[str]:
+    return [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".toast-body") if "error" in e.text.lower()]
+
+
+def test_a_bad_seed_and_a_refused_upload_keep_the_last_results_and_say_why_beside_them(url, browser, tmp_path):
+    wait = WebDriverWait(browser, 120)
+    browser.get(url)
+    open_tab(browser, wait, "Compare")
+    timing = browser.find_element(By.ID, "compare-timing")
+    wait.until(lambda d: "ms/image" in timing.text)  # the arrival example's images
+    srcs = {i: browser.find_element(By.CSS_SELECTOR, f"#{i} img").get_attribute("src") for i in ("img-fp32", "img-plan")}
+    seed = browser.find_element(By.CSS_SELECTOR, "input[aria-label='seed']")
+    seed.clear()
+    seed.send_keys("-5", Keys.TAB)  # a typed value counts once the box loses focus, as for a person
+    browser.find_element(By.ID, "generate").click()
+    wait.until(lambda d: "seed must be in" in timing.text, message=f"no inline refusal under the images: {timing.text!r}")
+    assert {i: browser.find_element(By.CSS_SELECTOR, f"#{i} img").get_attribute("src") for i in srcs} == srcs
+    assert not _error_toasts(browser)
+
+    open_tab(browser, wait, "Quantize")
+    readout = wait.until(EC.visibility_of_element_located((By.ID, "size-readout")))
+    wait.until(lambda d: "% of FP32" in readout.text)
+    before = readout.text
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not a plan")
+    browser.find_element(By.CSS_SELECTOR, "#upload input[type='file']").send_keys(str(bad))
+    note = browser.find_element(By.ID, "upload-note")
+    wait.until(lambda d: "accepted files are" in note.text, message=f"no inline refusal: {note.text!r}")
+    assert readout.text == before  # the last good readout stays
+    wait.until(lambda d: "notes.txt" not in d.find_element(By.ID, "upload").text)  # the refused file is not shown
+    assert not _error_toasts(browser)
