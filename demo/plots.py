@@ -99,13 +99,19 @@ def image_panels(images: list, titles: list[str], colorscale: str = "gray", zmin
     return fig
 
 
-def diff_map(z, title: str) -> go.Figure:
-    """A 2-D absolute-difference image with a colour bar, pixels square."""
-    fig = go.Figure(go.Heatmap(z=np.asarray(z, dtype=float), colorscale="Inferno", zmin=0,
-                               colorbar=dict(title="|Δ|")))
-    fig.update_layout(title=title, height=360, **LAYOUT)
-    fig.update_yaxes(autorange="reversed", scaleanchor="x", showticklabels=False)
-    fig.update_xaxes(showticklabels=False)
+def diff_map(panels: dict, title: str) -> go.Figure:
+    """Absolute-difference images side by side ({name: 2-D array of 0-255}), pixels square, on one colour scale
+    fixed at 0-255 so that two panels, and two runs, compare by eye."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=list(panels), horizontal_spacing=0.04)
+    for i, (name, z) in enumerate(panels.items(), start=1):
+        fig.add_trace(go.Heatmap(z=np.asarray(z, dtype=float), coloraxis="coloraxis", name=name,
+                                 hovertemplate=f"{name}<br>|Δ| %{{z:.0f}} of 255<extra></extra>"), row=1, col=i)
+        fig.update_yaxes(autorange="reversed", scaleanchor=f"x{i if i > 1 else ''}", showticklabels=False, row=1, col=i)
+        fig.update_xaxes(showticklabels=False, row=1, col=i)
+    fig.update_layout(title=title, height=360, coloraxis=dict(colorscale="Inferno", cmin=0, cmax=255,
+                                                             colorbar=dict(title="|Δ|")), **LAYOUT)
     return fig
 
 

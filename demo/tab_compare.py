@@ -5,8 +5,6 @@ computed once per process and then served from memory to every page that opens.
 """
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 
@@ -21,13 +19,11 @@ from .tab_quantize import current_label, preset_current, resolve_plan
 from .zerogpu import gpu
 
 DEFAULTS = dict(digit="7", guidance=DEFAULT_GUIDANCE, steps=20, seed=0, n=4)
-HOW_TO = ("**How to:** pick a digit and press Generate: FP32, your plan and uniform quantization at the plan's lowest "
-          "precision start from the same noise, so any difference is the quantization's. The example below: the "
-          "budget plan (a seventh of FP32's size) next to uniform INT4 (the same size, no Fisher).")
-SPEED_NOTE = ("Quantized models are not faster per image here: their weights are stored small (memory, download) "
-              "and dequantized to FP32 for compute, so each step runs the same FP32 arithmetic. The library's opt-in "
-              "`int8-dynamic` compute mode (CPUs with VNNI) runs uniform INT8 at 0.82x FP32's time per step, with "
-              "8-bit activations; docs/benchmarks.md has its fidelity.")
+HOW_TO = ("**How to:** pick what to draw and press Generate: FP32, your plan (from the Quantize tab) and uniform "
+          "quantization at the plan's lowest precision start from the same noise, so any difference is the "
+          "quantization's. Each image is labelled with its size.")
+SPEED_NOTE = ("Size, not speed: the quantized weights are stored small (memory, download) and dequantized for "
+              "FP32 compute, so each image takes about FP32's time here.")
 
 
 def grid(images: torch.Tensor, nrow: int, scale: int = 3, pad_value: int = 255) -> np.ndarray:
@@ -64,20 +60,23 @@ def compare(state: AppState, current: dict, digit, guidance, steps, seed, n, wit
     if with_uniform:
         u = uniform_plan(state, plan)
         models[f"uniform {u.policy['target']}"] = state.quantized(u)
-    out, timing = {}, {}
-    for name, m in models.items():
-        t0 = time.perf_counter()
-        out[name] = state.images(m, spec)
-        timing[name] = (time.perf_counter() - t0) / spec.n
+    out = {name: state.images(m, spec) for name, m in models.items()}
     nrow = max(1, int(round(spec.n ** 0.5)))
-    diff = (out["plan"].float() - out["FP32"].float()).abs()
-    per_pixel = diff.amax(1, keepdim=True)  # colour images: the largest channel difference
-    diff_fig = plots.diff_map(grid(per_pixel.to(torch.uint8), nrow, scale=1, pad_value=0), "|plan − FP32| per pixel (0-255)")
-    md = f"Plan: **{current_label(current, plan)}**. "
-    md += " · ".join(f"**{k}** {1000 * v:.0f} ms/image" for k, v in timing.items())
+    # Per-run timings on a shared CPU varied 2-3x between identical runs: not shown (python -m lafq bench measures
+    # speed with warm-up and paired repeats). Sizes and the mean |Δ| to FP32 are exact.
+    diffs = {k: (v.float() - out["FP32"].float()).abs() for k, v in out.items() if k != "FP32"}
+    panels = {f"|{k} − FP32|": grid(d.amax(1, keepdim=True).to(torch.uint8), nrow, scale=1, pad_value=0)  # colour:
+              for k, d in diffs.items()}                                                           # largest channel
+    diff_fig = plots.diff_map(panels, "per-pixel difference from FP32, same noise (0-255)")
+    sizes = {"plan": state.size(plan)}
+    if with_uniform:
+        sizes[f"uniform {u.policy['target']}"] = state.size(u)
     guided = getattr(state, "guided", True)
-    md += (f" — {state.title}, DDIM-{spec.steps}, guidance {spec.guidance if guided else '1 (no null class)'}, "
-           f"seed {spec.seed}; mean |Δ| plan vs FP32: {diff.mean():.2f}/255.")
+    md = (f"Plan: **{current_label(current, plan)}**. FP32 {_kb(sizes['plan'].fp32_bytes)} · "
+          + " · ".join(f"**{k}** {_kb(r.total_bytes)} ({r.pct_of_fp32:.0f}% of FP32), mean |Δ| to FP32 "
+                       f"{diffs[k].mean():.2f}/255" for k, r in sizes.items())
+          + f" — {state.title}, DDIM-{spec.steps}, guidance {spec.guidance if guided else '1 (no null class)'}, "
+            f"seed {spec.seed}.")
     md += f"\n\n{SPEED_NOTE}"
     images = [grid(out["FP32"], nrow), grid(out["plan"], nrow)]
     images.append(grid(out[next(k for k in out if k.startswith("uniform"))], nrow) if with_uniform else None)
@@ -145,7 +144,16 @@ def default_class(state: AppState) -> str:
     return DEFAULTS["digit"] if state.kind == "lafq" else ("0" if state.classes else "any")
 
 
-def served(outputs):
+def panel_labels(state: AppState, current: dict, user=None) -> list[str]:
+    """The three image labels, each with its model's stored bytes and share of FP32."""
+    plan = resolve_plan(state, current, user)
+    u = uniform_plan(state, plan)
+    size, usize = state.size(plan), state.size(u)
+    return [f"FP32 · {_kb(size.fp32_bytes)}", f"current plan · {_kb(size.total_bytes)} ({size.pct_of_fp32:.0f}%)",
+            f"uniform {u.policy['target'].upper()} · {_kb(usize.total_bytes)} ({usize.pct_of_fp32:.0f}%)"]
+
+
+def served(outputs, labels=None):
     """Compare's outputs with the three grids as PNG-tagged PIL images, unique per response. Gradio writes an
     image output in place, at a path named by the image's hash: two users receiving identical images at once
     (the same seed, the arrival example) could download a half-written file. A per-response tag gives each
@@ -161,7 +169,10 @@ def served(outputs):
         img.info["lafq-response"] = uuid.uuid4().hex
         return img
     *images, diff_fig, md = outputs
-    return (*[tagged(a) for a in images], diff_fig, md)
+    if labels is None:
+        return (*[tagged(a) for a in images], diff_fig, md)
+    import gradio as gr
+    return (*[gr.Image(value=tagged(a), label=lab) for a, lab in zip(images, labels)], diff_fig, md)
 
 
 def build(models, current, user, guard):
@@ -185,16 +196,21 @@ def build(models, current, user, guard):
         a = gr.Image(label="FP32", elem_id="img-fp32", format="png")
         b = gr.Image(label="current plan", elem_id="img-plan", format="png")
         c = gr.Image(label="uniform", elem_id="img-uniform", format="png")
-    diff = gr.Plot()
+    diff = gr.Plot(show_label=False)
     timing = gr.Markdown(elem_id="compare-timing")
     outputs = [a, b, c, diff, timing]
-    def run(cur, *v):
+
+    def run(cur, *v):  # the API's answer: the images, as files
         return served(compare(models.state_for(v[-1]), cur, *v))
+
+    def run_labelled(cur, *v):  # the page's: each image labelled with its bytes and share of FP32
+        st = models.state_for(v[-1])
+        return served(compare(st, cur, *v), panel_labels(st, cur, v[-1]))
     inputs = [current, digit, guidance, steps, seed, n, with_uniform, user]
     # In the page a refused value (a seed out of range) keeps the images and says why under them; the named
     # endpoint (a hidden button, as the API sees it) answers an API client with an error instead.
-    go_btn.click(guard(run, keep=len(outputs) - 1), inputs, outputs, concurrency_id="sample", concurrency_limit=2,
-                 api_visibility="private")
+    go_btn.click(guard(run_labelled, keep=len(outputs) - 1), inputs, outputs, concurrency_id="sample",
+                 concurrency_limit=2, api_visibility="private")
     api_btn = gr.Button("compare (API)", visible=False)
     api_btn.click(guard(run), inputs, outputs, api_name="compare", concurrency_id="sample", concurrency_limit=2)
 
@@ -203,5 +219,7 @@ def build(models, current, user, guard):
         guided = getattr(st, "guided", True)
         return (gr.Dropdown(choices=class_choices(st), value=default_class(st), label=st.class_word),
                 gr.Slider(value=st.default_guidance if guided else 1.0, interactive=guided),
-                None, None, None, None, f"**{st.title}** selected: press Generate.")
-    return (lambda: served(example(state))), outputs, (refresh, [user], [digit, guidance, *outputs])
+                *[gr.Image(value=None, label=lab) for lab in ("FP32", "current plan", "uniform")], None,
+                f"**{st.title}** selected: press Generate.")
+    return ((lambda: served(example(state), panel_labels(state, preset_current(state)))), outputs,
+            (refresh, [user], [digit, guidance, *outputs]))

@@ -191,13 +191,13 @@ def build(models, user, guard):
         view = RadioChoice(list(VIEWS), value="log", label="view")
         level = RadioChoice(["layers", "tensors"], value="layers", label="rows")
         group = Choice(start["groups"], value="all", label="class")
-    heat = gr.Plot(elem_id="fisher-heatmap")
+    heat = gr.Plot(elem_id="fisher-heatmap", show_label=False)
     with gr.Row():
         layer = Choice(start["layers"], value=start["layer"], label="layer (bar chart)")
         t_bin = gr.Slider(0, start["bins"] - 1, value=0, step=1, label="timestep bin (0 = the final denoising steps)")
     with gr.Row():
-        bar = gr.Plot()
-        mag = gr.Plot()
+        bar = gr.Plot(show_label=False)
+        mag = gr.Plot(show_label=False)
     with gr.Accordion("Recompute the Fisher map (yours only)", open=False):
         with gr.Row():
             bins = gr.Slider(1, MAX_BINS, value=start["bins"], step=1, label="timestep bins")

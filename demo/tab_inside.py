@@ -92,14 +92,14 @@ def build(models, current, user, guard):
         seed = gr.Number(0, precision=0, label="seed")
         layer = Choice(OBSERVED, value="down1", label="layer for spatial maps")
     act_btn = gr.Button("Activations along the trajectory")
-    heat = gr.Plot()
-    maps = gr.Plot()
+    heat = gr.Plot(show_label=False)
+    maps = gr.Plot(show_label=False)
     with gr.Row():
         t = gr.Slider(0, state.schedule.T - 1, value=300, step=1, label="saliency timestep")
         sal_btn = gr.Button("Saliency map")
-    sal = gr.Plot()
+    sal = gr.Plot(show_label=False)
     qerr_btn = gr.Button("Quantization error along the trajectory (current plan)")
-    qerr = gr.Plot()
+    qerr = gr.Plot(show_label=False)
 
     def example():  # on arrival: the activations for the default controls, computed once per process and kept
         return state.memo("inside-example", lambda: activations(state, "3", 25, 0, "down1"))

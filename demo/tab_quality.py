@@ -269,7 +269,7 @@ def build(models, current, user, guard):
         go_btn = gr.Button("Evaluate", variant="primary", elem_id="evaluate")
         cancel = gr.Button("Cancel")
     result = gr.Markdown(elem_id="fid-result")
-    chart = gr.Plot(value=pareto_figure(state))
+    chart = gr.Plot(value=pareto_figure(state), show_label=False)
 
     # Annotations are evaluated here (no `from __future__ import annotations` in this module) so that
     # gradio recognises gr.Request and passes the session.
@@ -297,7 +297,7 @@ def build(models, current, user, guard):
                     "`docs/sensitivity.csv`.")
         predictor = gr.Dropdown([(v, k) for k, v in PREDICTOR_LABELS.items()], value="fisher_x_error",
                                 label="predictor")
-        sens_chart = gr.Plot(value=sensitivity_figure("fisher_x_error"))
+        sens_chart = gr.Plot(value=sensitivity_figure("fisher_x_error"), show_label=False)
     predictor.change(guard(sensitivity_figure), predictor, sens_chart, api_visibility="private",
                      show_progress="hidden")
     # The chart follows the chosen N and steps (one event for both, as in tab_quantize).

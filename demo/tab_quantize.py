@@ -310,7 +310,7 @@ def build(models, current, user, guard):
             protect = gr.Checkbox(start[10], label="protect the middle block", visible=vis[10])
         with gr.Column(scale=2, min_width=300):
             table = gr.Dataframe(headers=["dtype", "tensors", "params", "bytes"], interactive=False)
-            pmap = gr.Plot()
+            pmap = gr.Plot(show_label=False)
             with gr.Row():
                 export_btn = gr.Button("Export model + plan")
                 files = gr.File(label="downloads", file_count="multiple", interactive=False)

@@ -96,7 +96,7 @@ def phone(url) -> None:
         wait.until(lambda d: "% of FP32" in d.find_element(By.ID, "size-readout").text)
         shoot("quantize-phone")
         tab("Compare")
-        wait.until(lambda d: "ms/image" in d.find_element(By.ID, "compare-timing").text)
+        wait.until(lambda d: "mean |Δ| to FP32" in d.find_element(By.ID, "compare-timing").text)
         shoot("compare-phone")
         tab("Inside")  # the arrival example
         wait.until(lambda d: len([e for e in d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot") if e.is_displayed()]) >= 2
@@ -123,7 +123,7 @@ def desktop(url) -> None:
             shoot("quantize")
         if want("compare"):
             tab("Compare")  # the example a first visit sees
-            wait.until(lambda d: "ms/image" in d.find_element(By.ID, "compare-timing").text)
+            wait.until(lambda d: "mean |Δ| to FP32" in d.find_element(By.ID, "compare-timing").text)
             shoot("compare")
         if want("quality"):
             tab("Quality")

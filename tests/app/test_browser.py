@@ -61,7 +61,7 @@ def test_a_first_visit_shows_the_example_presets_and_how_to_lines(url, browser):
     open_tab(browser, wait, "Compare")  # the example is there without pressing Generate
     for elem_id in ("img-fp32", "img-plan", "img-uniform"):
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"#{elem_id} img[src]"))
-    wait.until(lambda d: "ms/image" in d.find_element(By.ID, "compare-timing").text)
+    wait.until(lambda d: "mean |Δ| to FP32" in d.find_element(By.ID, "compare-timing").text)
     assert "How to" in browser.find_element(By.ID, "howto-compare").text
     open_tab(browser, wait, "Inside")  # activations are drawn on arrival too
     wait.until(lambda d: len([e for e in d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot") if e.is_displayed()]) >= 2)
@@ -101,7 +101,7 @@ def test_tabs_slider_readout_and_generate(url, browser):
     browser.find_element(By.ID, "generate").click()
     for elem_id in ("img-fp32", "img-plan"):
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"#{elem_id} img[src]"))
-    wait.until(lambda d: "ms/image" in d.find_element(By.ID, "compare-timing").text)
+    wait.until(lambda d: "mean |Δ| to FP32" in d.find_element(By.ID, "compare-timing").text)
 
 
 def test_a_fisher_recompute_shows_a_moving_progress_bar_and_cancel_stops_it(url, browser, app_state):
@@ -154,7 +154,7 @@ def test_switching_the_model_switches_every_tab_and_back(models_url, browser, ap
     timing = browser.find_element(By.ID, "compare-timing")
     wait.until(lambda d: "press Generate" in timing.text)  # the previous model's images are cleared
     browser.find_element(By.ID, "generate").click()
-    wait.until(lambda d: "ms/image" in timing.text and tiny.title in timing.text)
+    wait.until(lambda d: "mean |Δ| to FP32" in timing.text and tiny.title in timing.text)
     for elem_id in ("img-fp32", "img-plan", "img-uniform"):
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"#{elem_id} img[src]"))
     open_tab(browser, wait, "Quality")
@@ -240,7 +240,7 @@ def test_a_bad_seed_and_a_refused_upload_keep_the_last_results_and_say_why_besid
     browser.get(url)
     open_tab(browser, wait, "Compare")
     timing = browser.find_element(By.ID, "compare-timing")
-    wait.until(lambda d: "ms/image" in timing.text)  # the arrival example's images
+    wait.until(lambda d: "mean |Δ| to FP32" in timing.text)  # the arrival example's images
     srcs = {i: browser.find_element(By.CSS_SELECTOR, f"#{i} img").get_attribute("src") for i in ("img-fp32", "img-plan")}
     seed = browser.find_element(By.CSS_SELECTOR, "input[aria-label='seed']")
     seed.clear()

@@ -167,7 +167,7 @@ def test_compare_gives_two_grids_a_diff_and_timings(app_state):
     fp32, plan, uni, diff, md = tab_compare.compare(app_state, cur, "3", 2.0, 3, 0, 4, True)
     assert fp32.shape == plan.shape == uni.shape and fp32.dtype == np.uint8
     assert not np.array_equal(fp32, plan)
-    assert "FP32" in md and "ms/image" in md and "uniform int4" in md
+    assert "FP32" in md and "mean |Δ| to FP32" in md and "uniform int4" in md
     assert "Plan: **uniform INT4" in md and "dequantized" in md  # named, and why it is not faster
     again = tab_compare.compare(app_state, cur, "3", 2.0, 3, 0, 4, False)
     assert np.array_equal(again[0], fp32) and again[2] is None  # same seed, same images

@@ -48,5 +48,5 @@ def test_a_built_space_answers_a_compare_call_for_each_model_it_ships(booted):
     for model_id in ("mnist", "fashion"):
         client.predict(model_id, api_name="/select_model")
         fp32, plan, uniform, _diff, timing = client.predict("0", 1.5, 2, 0, 1, True, api_name="/compare")
-        assert fp32 and plan and uniform and "ms/image" in timing, model_id
+        assert fp32 and plan and uniform and "mean |Δ| to FP32" in timing, model_id
     assert "0.0.0.0" in "".join(log)  # served on every interface, as a Space must

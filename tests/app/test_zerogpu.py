@@ -72,7 +72,7 @@ def test_compare_runs_in_the_worker_and_returns_its_images(on_zerogpu, state):
 
     wrap, durations = on_zerogpu
     fp32, plan, uniform, _fig, md = wrap(compare, 30)(state, None, "7", 1.5, 2, 0, 1, True)
-    assert fp32.shape == plan.shape == uniform.shape and "ms/image" in md
+    assert fp32.shape == plan.shape == uniform.shape and "mean |Δ| to FP32" in md
     assert durations == [30]
 
 
