@@ -148,8 +148,8 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, download: boo
                                     download=download)
             except Exception as e:  # torchvision raises RuntimeError / URLError offline
                 tried.append(f"torchvision cache/download in {tv_root} ({type(e).__name__}: {e})")
-        hint = ("install Debian's dataset-fashion-mnist package, or use the vendored 'fashion-train5k'" if name.startswith("fashion")
-                else f"use {OFFLINE_TRAIN!r} offline, or run once with a network")
+        hint = ("install Debian's dataset-fashion-mnist package, or use the vendored 'fashion-train5k'"
+                if name.startswith("fashion") else f"use {OFFLINE_TRAIN!r} offline, or run once with a network")
         raise DataError(f"could not load {name!r}; tried: " + "; ".join(tried) + f". To get it: {hint}")
     raise DataError(f"unknown dataset {name!r}; choose one of {DATASETS}")
 
