@@ -107,7 +107,7 @@ def diff_map(panels: dict, title: str) -> go.Figure:
     fig = make_subplots(rows=1, cols=len(panels), subplot_titles=list(panels), horizontal_spacing=0.04)
     for i, (name, z) in enumerate(panels.items(), start=1):
         fig.add_trace(go.Heatmap(z=np.asarray(z, dtype=float), coloraxis="coloraxis", name=name,
-                                 hovertemplate=f"{name}<br>|Δ| %{{z:.0f}} of 255<extra></extra>"), row=1, col=i)
+                                 hovertemplate=f"{name}<br>|Δ| to FP32 %{{z:.0f}} of 255<extra></extra>"), row=1, col=i)
         fig.update_yaxes(autorange="reversed", scaleanchor=f"x{i if i > 1 else ''}", showticklabels=False, row=1, col=i)
         fig.update_xaxes(showticklabels=False, row=1, col=i)
     fig.update_layout(title=title, height=360, coloraxis=dict(colorscale="Inferno", cmin=0, cmax=255,

@@ -65,9 +65,9 @@ def compare(state: AppState, current: dict, digit, guidance, steps, seed, n, wit
     # Per-run timings on a shared CPU varied 2-3x between identical runs: not shown (python -m lafq bench measures
     # speed with warm-up and paired repeats). Sizes and the mean |Δ| to FP32 are exact.
     diffs = {k: (v.float() - out["FP32"].float()).abs() for k, v in out.items() if k != "FP32"}
-    panels = {f"|{k} − FP32|": grid(d.amax(1, keepdim=True).to(torch.uint8), nrow, scale=1, pad_value=0)  # colour:
-              for k, d in diffs.items()}                                                           # largest channel
-    diff_fig = plots.diff_map(panels, "per-pixel difference from FP32, same noise (0-255)")
+    panels = {k: grid(d.amax(1, keepdim=True).to(torch.uint8), nrow, scale=1, pad_value=0)  # colour images: the
+              for k, d in diffs.items()}                                                 # largest channel difference
+    diff_fig = plots.diff_map(panels, "|Δ| to FP32 per pixel (0-255)")
     sizes = {"plan": state.size(plan)}
     if with_uniform:
         sizes[f"uniform {u.policy['target']}"] = state.size(u)

@@ -80,6 +80,9 @@ def _helpers(driver, wait):
         b.click()
 
     def shoot(name):
+        # The first screen's example picture (computed while the app starts) is in every shot: wait for it.
+        wait.until(lambda d: d.execute_script(
+            "const i = document.querySelector('#hero img[src]'); return !!i && i.complete && i.naturalWidth > 0;"))
         driver.execute_script("window.scrollTo(0, 0);")
         driver.save_screenshot(str(OUT / f"{name}.png"))
         print("wrote", OUT / f"{name}.png")
