@@ -57,11 +57,11 @@ MAX_CHANNELS = 64
 MAX_TRAIN_TIMESTEPS = 10_000
 MAX_CLASSES = 1_000
 MAX_NAME = 80
-PLAIN_TEXT = re.compile(r"[^\w .,:;()/+'#-]+")  # what a shown name keeps: no markup (HTML, Markdown) survives
+PLAIN_TEXT = re.compile(r"[^\w .,:;()/+'-]+")  # what a shown name keeps: no HTML, no links or headings
 
 
 def plain_name(text: str, default: str = "model") -> str:
-    """A name safe to show anywhere (Markdown, HTML, a dropdown): word characters, spaces and . , : ; ( ) / + ' # -,
+    """A name safe to show anywhere (Markdown, HTML, a dropdown): word characters, spaces and . , : ; ( ) / + ' -,
     whitespace folded, at most MAX_NAME characters."""
     text = " ".join(PLAIN_TEXT.sub(" ", str(text)).split())[:MAX_NAME].strip()
     return text or default
@@ -104,7 +104,7 @@ class ModelInfo:
             raise ValueError(f"classes must be a list of up to {MAX_CLASSES:,} names, got {shown(self.classes)}")
         if any(plain_name(c, "") != c for c in self.classes):
             bad = next(c for c in self.classes if plain_name(c, "") != c)
-            raise ValueError(f"class names must be plain text (letters, digits, spaces and .,:;()/+'#-, at most "
+            raise ValueError(f"class names must be plain text (letters, digits, spaces and .,:;()/+'-, at most "
                              f"{MAX_NAME} characters), got {shown(bad)}")
         object.__setattr__(self, "classes", tuple(self.classes))
         if self.null_class is not None and (isinstance(self.null_class, bool) or not isinstance(self.null_class, int)
@@ -348,6 +348,8 @@ def load_model_state(entry: ModelEntry, *, device: str = "cpu", heavy=None, jobs
         # transformer: inputs the app does not supply) is refused in one line instead of failing every Generate
         with torch.no_grad():
             den.sample(1, steps=1, seed=0, rows=[0] if cond is not None else None)
+    except ImportError:
+        raise  # a missing package: the registry says which
     except Exception as e:  # noqa: BLE001 -- whatever the model raises, the registry answers in one line
         line = " ".join(str(e).split())[:160]
         raise ValueError(f"it loads but does not sample here ({type(e).__name__}: {line})") from None
@@ -434,14 +436,17 @@ class Registry:
                 try:
                     self._states[entry.id] = load_model_state(entry, device=self.default.device,
                                                               heavy=self.default.heavy, jobs=self.default.jobs)
-                except ImportError as e:  # a package the model needs is not installed: say which, and how
+                except ImportError as e:  # a package the model needs is missing, or another version of it
                     missing = (e.name or "").split(".")[0]
-                    log.warning("model %s (%s) cannot import %s", entry.id, entry.path, e.name)
+                    log.warning("model %s (%s) cannot import %s: %s", entry.id, entry.path, e.name, e)
                     if missing in ("lafq", "demo"):  # our own code is incomplete: no install fixes that
                         raise InputError(f"model {entry.name!r} could not be loaded: this copy of the app lacks the "
                                          f"module {shown(e.name)}") from None
-                    raise InputError(f"model {entry.name!r} needs the package {shown(missing or str(e))}, which is not "
-                                     "installed here: pip install -r requirements.txt") from None
+                    if isinstance(e, ModuleNotFoundError):
+                        raise InputError(f"model {entry.name!r} needs the package {shown(missing or str(e))}, which "
+                                         "is not installed here: pip install -r requirements.txt") from None
+                    raise InputError(f"model {entry.name!r} could not be loaded: {shown(' '.join(str(e).split()))} "
+                                     "(another version of a package than requirements.txt pins?)") from None
                 except (OSError, ValueError, RuntimeError, CheckpointError, DataError) as e:
                     line = " ".join(str(e).split())[:200] or type(e).__name__
                     log.warning("model %s (%s) could not be loaded: %s", entry.id, entry.path, line)

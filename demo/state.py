@@ -26,6 +26,8 @@ import gc
 import hashlib
 import json
 import logging
+import os
+import re
 import math
 import threading
 from collections import OrderedDict
@@ -73,9 +75,25 @@ class InputError(ValueError):
     """A request value out of range or of the wrong kind; the message says what is accepted."""
 
 
+def public_text(msg: str) -> str:
+    """A message as a visitor may read it: the server's own folders (the app's checkout, the temporary and home
+    folders) cut from every path that starts with them, so it says `data/fashion/...`, never where the server
+    keeps it."""
+    import tempfile
+
+    from lafq import paths
+
+    for root, shown_as in ((str(paths.REPO), ""), (tempfile.gettempdir(), "…"), (os.path.expanduser("~"), "~")):
+        root = root.rstrip("/")
+        if root:
+            pattern = r"(?<![\w.~-])" + re.escape(root) + r"(/|(?![\w.-]))"
+            msg = re.sub(pattern, lambda m: (shown_as + "/" if shown_as else "") if m.group(1) else (shown_as or "."), msg)
+    return msg
+
+
 def shown(value) -> str:
-    """A rejected value as the error message quotes it: repr, cut to ECHO characters."""
-    r = repr(value)
+    """A rejected value as the error message quotes it: repr, cut to ECHO characters, server folders cut."""
+    r = public_text(repr(value))
     return r if len(r) <= ECHO else f"{r[:ECHO]}… ({len(r):,} characters)"
 
 
@@ -267,7 +285,8 @@ class AppState:
     _classifier: object = None
     _backend: object = None
     _memo: dict = field(default_factory=dict)
-    _memo_lock: threading.Lock = field(default_factory=threading.Lock)
+    _memo_lock: threading.Lock = field(default_factory=threading.Lock)  # guards _memo_keys only
+    _memo_keys: dict = field(default_factory=dict)  # key -> the lock its first caller computes under
 
     # -- what every tab asks of a model (class attributes: demo.models.DiffusersState answers for diffusers) --
     kind = "lafq"
@@ -392,9 +411,14 @@ class AppState:
                 release_memory()
 
     def memo(self, key, compute: Callable[[], object]):
-        """compute() once per key for the process (arrival examples, real-vs-real floors); later callers
-        wait for the first and share its result. Keys are few and fixed: no bound needed."""
+        """compute() once per key for the process (arrival examples, real-vs-real floors); later callers of a
+        key wait for its first and share its result, callers of other keys do not wait. Keys: the examples, and a
+        floor per (N, seeds) a user evaluated at (N <= MAX_FID_N, seeds <= MAX_FID_SEEDS: bounded)."""
+        if key in self._memo:  # done: no waiting behind another key's computation (a floor takes minutes)
+            return self._memo[key]
         with self._memo_lock:
+            lock = self._memo_keys.setdefault(key, threading.Lock())
+        with lock:
             if key not in self._memo:
                 self._memo[key] = compute()
             return self._memo[key]

@@ -125,9 +125,16 @@ def hero(state: AppState) -> tuple[np.ndarray, str]:
         u = uniform_plan(state, plan)
         size, usize = state.size(plan), state.size(u)
         target = u.policy["target"].upper()
-        labels = [f"FP32\n{_kb(size.fp32_bytes)}", f"Fisher plan\n{_kb(size.total_bytes)} ({size.pct_of_fp32:.0f}%)",
+        fisher = state.fisher is not None
+        labels = [f"FP32\n{_kb(size.fp32_bytes)}",
+                  f"{'Fisher plan' if fisher else 'plan'}\n{_kb(size.total_bytes)} ({size.pct_of_fp32:.0f}%)",
                   f"uniform {target}\n{_kb(usize.total_bytes)} ({usize.pct_of_fp32:.0f}%)"]
         what = state.class_word if state.classes else "image"
+        if not fisher:
+            return strip([fp32, plan_img, uniform_img], labels), (
+                f"**{state.title}**, one noise through FP32 and a quantized plan: this model has no Fisher map, so its "
+                f"default plan is uniform {target}.  \n**Next:** build another plan in **Quantize**, then generate "
+                f"with it in **Compare**.")
         line = (f"**{state.title}**, one noise through three models. Where the Fisher plan keeps the {what} and "
                 f"uniform {target} at about the same size loses it, the Fisher map put the bits.  \n"
                 f"**Next:** build your own plan in **Quantize**, then generate any {what} with it in **Compare**.")
@@ -144,6 +151,19 @@ def default_class(state: AppState) -> str:
     return DEFAULTS["digit"] if state.kind == "lafq" else ("0" if state.classes else "any")
 
 
+def tagged(a: np.ndarray | None):
+    """An image as a PNG-tagged PIL image, unique per response (see `served`)."""
+    import uuid
+
+    from PIL import Image
+
+    if a is None:
+        return None
+    img = Image.fromarray(a)
+    img.info["lafq-response"] = uuid.uuid4().hex
+    return img
+
+
 def panel_labels(state: AppState, current: dict, user=None) -> list[str]:
     """The three image labels, each with its model's stored bytes and share of FP32."""
     plan = resolve_plan(state, current, user)
@@ -158,16 +178,6 @@ def served(outputs, labels=None):
     image output in place, at a path named by the image's hash: two users receiving identical images at once
     (the same seed, the arrival example) could download a half-written file. A per-response tag gives each
     response its own file (Gradio deletes them after an hour)."""
-    import uuid
-
-    from PIL import Image
-
-    def tagged(a):
-        if a is None:
-            return None
-        img = Image.fromarray(a)
-        img.info["lafq-response"] = uuid.uuid4().hex
-        return img
     *images, diff_fig, md = outputs
     if labels is None:
         return (*[tagged(a) for a in images], diff_fig, md)
@@ -192,6 +202,7 @@ def build(models, current, user, guard):
         n = gr.Slider(1, 16, value=DEFAULTS["n"], step=1, label="images")
         with_uniform = gr.Checkbox(True, label="also uniform at the plan's lowest precision")
     go_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+    note = gr.Markdown(elem_id="compare-note")  # why a value was refused, beside the button; the last images stay
     with gr.Row():
         a = gr.Image(label="FP32", elem_id="img-fp32", format="png")
         b = gr.Image(label="current plan", elem_id="img-plan", format="png")
@@ -205,11 +216,14 @@ def build(models, current, user, guard):
 
     def run_labelled(cur, *v):  # the page's: each image labelled with its bytes and share of FP32
         st = models.state_for(v[-1])
-        return served(compare(st, cur, *v), panel_labels(st, cur, v[-1]))
+        labels = panel_labels(st, cur, v[-1])
+        if not v[-2]:  # no uniform column
+            labels[2] = "uniform"
+        return (*served(compare(st, cur, *v), labels), "")
     inputs = [current, digit, guidance, steps, seed, n, with_uniform, user]
     # In the page a refused value (a seed out of range) keeps the images and says why under them; the named
     # endpoint (a hidden button, as the API sees it) answers an API client with an error instead.
-    go_btn.click(guard(run_labelled, keep=len(outputs) - 1), inputs, outputs, concurrency_id="sample",
+    go_btn.click(guard(run_labelled, keep=len(outputs)), inputs, [*outputs, note], concurrency_id="sample",
                  concurrency_limit=2, api_visibility="private")
     api_btn = gr.Button("compare (API)", visible=False)
     api_btn.click(guard(run), inputs, outputs, api_name="compare", concurrency_id="sample", concurrency_limit=2)
@@ -220,6 +234,6 @@ def build(models, current, user, guard):
         return (gr.Dropdown(choices=class_choices(st), value=default_class(st), label=st.class_word),
                 gr.Slider(value=st.default_guidance if guided else 1.0, interactive=guided),
                 *[gr.Image(value=None, label=lab) for lab in ("FP32", "current plan", "uniform")], None,
-                f"**{st.title}** selected: press Generate.")
+                f"**{st.title}** selected: press Generate.", "")
     return ((lambda: served(example(state), panel_labels(state, preset_current(state)))), outputs,
-            (refresh, [user], [digit, guidance, *outputs]))
+            (refresh, [user], [digit, guidance, *outputs, note]))

@@ -17,32 +17,18 @@ import gradio as gr
 from lafq.checkpoint import CheckpointError
 from lafq.data import DataError
 
-from . import tab_compare, tab_fisher, tab_inside, tab_quality, tab_quantize
+from . import tab_compare, tab_fisher, tab_inside, tab_quality, tab_quantize, zerogpu
 from .components import Choice
 from .models import Registry
 from .serving import DELETE_CACHE, LAUNCH_OPTIONS, QUEUE_OPTIONS  # noqa: F401  (app.py and tests import them here)
-from .state import AppState, Cancelled, UserSession, as_user, shown
+from .state import AppState, Cancelled, UserSession, as_user, public_text, shown
 from .zerogpu import describe
 
 log = logging.getLogger("lafq.app")
 
 
-def _without_server_paths(msg: str) -> str:
-    """A message as a visitor may read it: the server's own folders (the app's checkout, the home and temporary
-    folders) cut from every path, so a message says `data/fashion/...`, never where the server keeps it."""
-    import os
-    import tempfile
-
-    from lafq import paths
-
-    for root, shown_as in ((str(paths.REPO), ""), (tempfile.gettempdir(), "…"), (os.path.expanduser("~"), "~")):
-        if root and root != "/":
-            msg = msg.replace(root.rstrip("/") + "/", shown_as + ("/" if shown_as else "")).replace(root, shown_as or ".")
-    return msg
-
-
 def _one_line(e: Exception) -> str:
-    msg = _without_server_paths(" ".join(str(e).split())) or type(e).__name__
+    msg = public_text(" ".join(str(e).split())) or type(e).__name__
     return msg if len(msg) <= 300 else msg[:300] + "…"
 
 
@@ -75,6 +61,8 @@ def warm_up(state: AppState) -> threading.Thread:
     visitor waits for nothing (about 4 s on 2 cores otherwise); every page then shares it (state.memo). A failure
     is logged, and the page's own load reports it again."""
     def run():
+        if zerogpu.ON_ZEROGPU:  # sampling there asks for a GPU slice: only inside a visitor's request
+            return
         try:
             tab_compare.hero(state)
         except Exception:  # noqa: BLE001
@@ -119,7 +107,7 @@ def build_app(state: AppState, models: Registry | None = None) -> gr.Blocks:
         demo.load(guard(q_fn), q_in, q_out, api_visibility="private")
         def show_hero(usr):
             img, line = tab_compare.hero(models.state_for(usr))
-            return line, img
+            return line, tab_compare.tagged(img)  # a file of its own per response, as every Compare image
         demo.load(guard(show_hero), user, [hero_line, hero_img], api_visibility="private", show_progress="minimal")
         for fn, out in ((example_fn, example_out), (inside_fn, inside_out)):
             demo.load(guard(fn), None, out, api_visibility="private", concurrency_id="sample", show_progress="minimal")

@@ -50,8 +50,11 @@ def inception_weights_path(path: str | os.PathLike | None = None) -> Path | None
     except ImportError:
         return None
 
-    candidates = [path, os.environ.get("LAFQ_INCEPTION_WEIGHTS"),
-                  Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_URL.rsplit("/", 1)[-1]]
+    from .data import system_data_allowed
+
+    candidates = [path, os.environ.get("LAFQ_INCEPTION_WEIGHTS")]
+    if system_data_allowed():  # LAFQ_SYSTEM_DATA=0: torch hub's cache is outside the repo, hidden like the datasets
+        candidates.append(Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_URL.rsplit("/", 1)[-1])
     for c in candidates:
         if c and Path(c).is_file():
             return Path(c)

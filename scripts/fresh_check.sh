@@ -11,7 +11,7 @@ repo="$(cd "$(dirname "$0")/.." && pwd)"
 work="${1:-}"
 if [ -z "$work" ]; then
   work="$(mktemp -d /tmp/lafq-fresh.XXXXXX)"
-  trap 'rm -rf "$work"' EXIT
+  trap '[ "${failed:-0}" = 1 ] && echo "kept $work for its logs" || rm -rf "$work"' EXIT
 fi
 mkdir -p "$work"
 python="${PYTHON:-python3}"
@@ -62,4 +62,4 @@ if bash scripts/test.sh -p no:cacheprovider -rs; then results+=("PASS: test comm
 deactivate
 
 printf '%s\n' "${results[@]}"
-for r in "${results[@]}"; do case "$r" in FAIL*) exit 1;; esac; done
+for r in "${results[@]}"; do case "$r" in FAIL*) failed=1; exit 1;; esac; done

@@ -22,12 +22,6 @@ def test_the_vendored_fashion_subset_is_500_images_per_class_of_the_training_spl
     assert len({img.tobytes() for img in d.images}) == 5000
 
 
-def test_the_test_suite_sees_only_the_repos_data_as_a_fresh_machine_would():
-    import os
-
-    assert os.environ.get(data.SYSTEM_DATA_ENV) == "0"  # tests/conftest.py: system datasets are hidden
-
-
 def _debian_fashion(folder):
     """A stand-in for Debian's dataset-fashion-mnist files: 3 images of the vendored subset as IDX files."""
     import gzip

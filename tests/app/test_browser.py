@@ -125,7 +125,7 @@ def test_a_fisher_recompute_shows_a_moving_progress_bar_and_cancel_stops_it(url,
     wait.until(lambda d: "Cancelled" in d.find_element(By.ID, "fisher-status").text)
     assert app_state.heavy.acquire(timeout=300)  # the server job stopped too
     app_state.heavy.release()
-    assert not _error_toasts(browser)  # a cancel is news, not an error
+    assert not _error_toasts(browser)
 
 
 def heatmap_rows(driver) -> list:
@@ -242,12 +242,15 @@ def test_a_bad_seed_and_a_refused_upload_keep_the_last_results_and_say_why_besid
     timing = browser.find_element(By.ID, "compare-timing")
     wait.until(lambda d: "mean |Δ| to FP32" in timing.text)  # the arrival example's images
     srcs = {i: browser.find_element(By.CSS_SELECTOR, f"#{i} img").get_attribute("src") for i in ("img-fp32", "img-plan")}
+    readout = timing.text
     seed = browser.find_element(By.CSS_SELECTOR, "input[aria-label='seed']")
     seed.clear()
     seed.send_keys("-5", Keys.TAB)  # a typed value counts once the box loses focus, as for a person
     browser.find_element(By.ID, "generate").click()
-    wait.until(lambda d: "seed must be in" in timing.text, message=f"no inline refusal under the images: {timing.text!r}")
+    note = browser.find_element(By.ID, "compare-note")
+    wait.until(lambda d: "seed must be in" in note.text, message=f"no refusal beside the button: {note.text!r}")
     assert {i: browser.find_element(By.CSS_SELECTOR, f"#{i} img").get_attribute("src") for i in srcs} == srcs
+    assert timing.text == readout  # the sizes and mean |Δ| of the images shown stay too
     assert not _error_toasts(browser)
 
     open_tab(browser, wait, "Quantize")

@@ -1,6 +1,7 @@
 """The model selector: the registry (shipped models, LAFQ_MODELS), every tab's handlers on a tiny diffusers
 folder given through LAFQ_MODELS, and per-session selections behind a real server."""
 import json
+import re
 import logging
 import os
 import shutil
@@ -96,10 +97,11 @@ def test_hostile_lafq_models_entries_are_skipped_and_the_other_models_still_list
     assert [e.path for e in entries[1:]] == [tiny_dir]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == len(bad) and all("\n" not in w and len(w) < 600 for w in warnings)
+    # A symlink loop: Python <= 3.12's resolve() names the loop, 3.13's resolves it and the folder is no directory.
     for words, w in zip(["classes must be a list", "classes must be a list", "not readable JSON", "bytes; at most",
-                         "not a regular file", "Symlink loop", "sample_size must be", "num_train_timesteps must be"],
-                        warnings):
-        assert words in w, w
+                         "not a regular file", "Symlink loop|not a directory", "sample_size must be",
+                         "num_train_timesteps must be"], warnings):
+        assert re.search(words, w), w
 
 
 def test_a_model_name_with_markup_is_shown_as_plain_text(tiny_dir, tmp_path):

@@ -247,3 +247,15 @@ def test_error_messages_never_show_the_servers_folders():
         guard(fails)()
     assert str(paths.REPO) not in e.value.message and tempfile.gettempdir() not in e.value.message
     assert "missing data file data/x.npz" in e.value.message
+
+
+def test_a_cancelled_job_leaves_every_output_as_it_was_and_raises_no_error():
+    import gradio as gr
+
+    from demo.state import Cancelled
+    from demo.ui import guard
+
+    def cancelled():
+        raise Cancelled("cancelled")
+
+    assert guard(cancelled)() == gr.skip()
