@@ -99,6 +99,15 @@ def controls_for(state: AppState, name: str) -> list:
             pol.protect_mid]
 
 
+def preset_shown(state: AppState, current: dict) -> str:
+    """The preset the controls' plan is (as the preset would set the controls for this model), else CUSTOM: the
+    preset box names what the controls hold as soon as one departs from a preset."""
+    for name in shown_presets(state):
+        if policy_from_controls(*controls_for(state, name)) == current:
+            return name
+    return CUSTOM
+
+
 def preset_current(state: AppState, name: str | None = None) -> dict:
     """The shared-state value a preset gives (the app's starting plan; by default the model's default preset)."""
     return policy_from_controls(*controls_for(state, name or default_preset(state.kind, state.fisher is not None)))
@@ -305,7 +314,8 @@ def build(models, current, user, guard):
             p = gr.Slider(0, 1, value=start[7], step=0.01, label="layer-ratio: p", visible=vis[7])
             k = gr.Slider(-3, 3, value=start[8], step=0.05, label="layer-std: k (below mean + k std of log Fisher)",
                           visible=vis[8])
-            bits = gr.Slider(floor, 32, value=start[9], step=0.1, visible=vis[9],
+            # Up to 8 bits: the useful range (16 and 32 bits are the uniform FP16 / FP32 plans).
+            bits = gr.Slider(floor, 8, value=start[9], step=0.1, visible=vis[9],
                              label=f"budget / random: average bits per weight (≥ {floor:.1f}: int4 everywhere possible)")
             protect = gr.Checkbox(start[10], label="protect the middle block", visible=vis[10])
         with gr.Column(scale=2, min_width=300):
@@ -328,14 +338,15 @@ def build(models, current, user, guard):
         return (cur, *readout(models.state_for(usr), cur, usr))
 
     def on_change_inline(*vals):
-        return (*on_change(*vals), "")  # clears an earlier inline warning
+        cur, *rest = on_change(*vals)
+        return (cur, *rest, preset_shown(models.state_for(vals[-1]), cur), "")  # and clears an earlier warning
     # One event for all the controls, not one per control: a preset sets up to 11 controls at once, and
     # separate events (each run with the values it saw when it fired) could finish out of order and leave a
     # readout of a half-applied preset. With one event, "always_last" runs it again after the running one,
     # with the final values. A refused value (a budget below the floor) keeps the last good readout and
     # says why inline.
-    gr.on([c.change for c in controls], guard(on_change_inline, keep=len(outputs)), [*controls, user],
-          [*outputs, warning], trigger_mode="always_last", concurrency_id="readout", concurrency_limit=4,
+    gr.on([c.change for c in controls], guard(on_change_inline, keep=len(outputs) + 1), [*controls, user],
+          [*outputs, preset, warning], trigger_mode="always_last", concurrency_id="readout", concurrency_limit=4,
           show_progress="hidden", api_visibility="private")
     strategy.change(lambda s: [gr.update(visible=v) for v in visibility(s)[1:]], strategy, controls[1:],
                     api_visibility="private", queue=False)

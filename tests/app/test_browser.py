@@ -265,3 +265,24 @@ def test_a_bad_seed_and_a_refused_upload_keep_the_last_results_and_say_why_besid
     assert readout.text == before  # the last good readout stays
     wait.until(lambda d: "notes.txt" not in d.find_element(By.ID, "upload").text)  # the refused file is not shown
     assert not _error_toasts(browser)
+
+
+def test_the_preset_box_says_custom_as_soon_as_a_control_departs_from_the_preset(url, browser):
+    from demo.presets import BUDGET_45, CUSTOM
+
+    wait = WebDriverWait(browser, 120)
+    browser.get(url)
+    open_tab(browser, wait, "Quantize")
+    readout = wait.until(EC.visibility_of_element_located((By.ID, "size-readout")))
+    wait.until(lambda d: "budget" in readout.text)
+    box = browser.find_element(By.CSS_SELECTOR, "input[role='combobox'][aria-label='preset']")
+    assert box.get_attribute("value") == BUDGET_45
+    slider = browser.find_element(By.CSS_SELECTOR, "input[aria-label^='range slider for budget']")
+    assert float(slider.get_attribute("max")) == 8  # the useful range: floor ... 8 bits
+    before = readout.text
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'}); arguments[0].focus();", slider)
+    slider.send_keys(Keys.ARROW_RIGHT)  # 4.6 bits: no preset any more
+    wait.until(lambda d: readout.text != before and box.get_attribute("value") == CUSTOM,
+               message=f"preset box: {box.get_attribute('value')!r}")
+    choose(browser, wait, "preset", BUDGET_45)  # and back: the box names it again
+    wait.until(lambda d: readout.text == before and box.get_attribute("value") == BUDGET_45)
