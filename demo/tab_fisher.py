@@ -200,7 +200,9 @@ def build(models, user, guard):
         mag = gr.Plot(show_label=False)
     with gr.Accordion("Recompute the Fisher map (yours only)", open=False):
         with gr.Row():
-            bins = gr.Slider(1, MAX_BINS, value=start["bins"], step=1, label="timestep bins")
+            # A number box, not a slider: a typed value out of range is refused with the range, never cut to it.
+            bins = gr.Number(start["bins"], precision=0, label="timestep bins", info=f"1 to {MAX_BINS}",
+                             elem_id="fisher-bins")
             samples = gr.Slider(1, MAX_FISHER_SAMPLES, value=16, step=1, label="samples per bin")
             per_class = gr.Checkbox(False, label="per digit (10x the work)")
         with gr.Row():
@@ -255,7 +257,7 @@ def build(models, user, guard):
         word = st.class_word
         return (model_note(st, usr), gr.Dropdown(choices=c["groups"], value="all"),
                 gr.Dropdown(choices=c["layers"], value=c["layer"]), gr.Slider(**bin_slider_update(st, usr)),
-                gr.Slider(value=c["bins"]), gr.Checkbox(value=False, interactive=c["per_class"],
+                gr.Number(value=c["bins"]), gr.Checkbox(value=False, interactive=c["per_class"],
                                                         label=f"per {word} (10x the work)" if c["per_class"] else
                                                         "per class (MNIST U-Net only)"), "")
     return figures, inputs, outputs, (refresh, [user], [note, group, layer, t_bin, bins, per_class, status])

@@ -95,7 +95,9 @@ def build(models, current, user, guard):
     heat = gr.Plot(show_label=False)
     maps = gr.Plot(show_label=False)
     with gr.Row():
-        t = gr.Slider(0, state.schedule.T - 1, value=300, step=1, label="saliency timestep")
+        # A number box, not a slider: a typed value out of range is refused with the range, never cut to it.
+        t = gr.Number(300, precision=0, label="saliency timestep", info=f"0 to {state.schedule.T - 1}",
+                      elem_id="saliency-t")
         sal_btn = gr.Button("Saliency map")
     sal = gr.Plot(show_label=False)
     qerr_btn = gr.Button("Quantization error along the trajectory (current plan)")

@@ -261,7 +261,8 @@ def build(models, current, user, guard):
     gr.Markdown(HOW_TO, elem_id="howto-quality")
     note = gr.Markdown(model_note(state), elem_id="quality-note")
     with gr.Row():
-        n = gr.Slider(10, MAX_FID_N, value=QUICK_N, step=10, label="N per seed")
+        # A number box, not a slider: a typed value out of range is refused with the range, never cut to it.
+        n = gr.Number(QUICK_N, precision=0, label="N per seed", info=f"10 to {MAX_FID_N:,}", elem_id="fid-n")
         steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="DDIM steps")
         seeds = gr.Slider(1, MAX_FID_SEEDS, value=2, step=1, label="seeds (for the interval)")
         fp32 = gr.Checkbox(True, label="compare with FP32 (paired, same noise)")

@@ -110,7 +110,8 @@ def test_a_fisher_recompute_shows_a_moving_progress_bar_and_cancel_stops_it(url,
     open_tab(browser, wait, "Fisher")
     browser.find_element(By.XPATH, "//button[contains(normalize-space(), 'Recompute the Fisher map')]").click()
     for label, value in (("timestep bins", 100), ("samples per bin", 256)):  # long enough to watch
-        box = wait.until(EC.visibility_of_element_located((By.CSS_SELECTOR, f"input[aria-label='number input for {label}']")))
+        box = wait.until(EC.visibility_of_element_located(
+            (By.CSS_SELECTOR, f"input[aria-label='number input for {label}'], input[aria-label='{label}']")))
         browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", box)
         box.clear()
         box.send_keys(str(value), Keys.ENTER)
@@ -286,3 +287,26 @@ def test_the_preset_box_says_custom_as_soon_as_a_control_departs_from_the_preset
                message=f"preset box: {box.get_attribute('value')!r}")
     choose(browser, wait, "preset", BUDGET_45)  # and back: the box names it again
     wait.until(lambda d: readout.text == before and box.get_attribute("value") == BUDGET_45)
+
+
+def test_an_out_of_range_n_bins_or_timestep_is_refused_with_its_range_never_cut_to_it(url, browser):
+    wait = WebDriverWait(browser, 120)
+    browser.get(url)
+    for tab, label, value, button, words in (
+            ("Quality", "N per seed", "99999", "//button[@id='evaluate']", "N must be in [10, 2000]"),
+            ("Fisher", "timestep bins", "100000", "//button[@id='recompute']", "bins must be in [1, 100]"),
+            ("Inside", "saliency timestep", "5000", "//button[normalize-space()='Saliency map']",
+             "timestep must be in [0, 999]")):
+        open_tab(browser, wait, tab)
+        if tab == "Fisher":
+            browser.find_element(By.XPATH, "//button[contains(normalize-space(), 'Recompute the Fisher map')]").click()
+        box = wait.until(EC.visibility_of_element_located((By.CSS_SELECTOR, f"input[aria-label='{label}']")))
+        browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", box)
+        box.clear()
+        box.send_keys(value, Keys.TAB)
+        browser.find_element(By.XPATH, button).click()
+        wait.until(lambda d: any(words in e.text for e in d.find_elements(By.CSS_SELECTOR, ".toast-body")),
+                   message=f"{tab}: no refusal naming the range {words!r}")
+        assert box.get_attribute("value") == value  # not cut to the range
+        for close in browser.find_elements(By.CSS_SELECTOR, ".toast-close"):
+            browser.execute_script("arguments[0].click();", close)
