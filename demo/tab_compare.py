@@ -121,14 +121,9 @@ def hero(state: AppState) -> tuple[np.ndarray, str]:
     fp32, plan_img, uniform_img, _diff, _md = example(state)  # its own memo (one lock: not inside another memo)
 
     def compute():
-        plan = resolve_plan(state, preset_current(state))
-        u = uniform_plan(state, plan)
-        size, usize = state.size(plan), state.size(u)
-        target = u.policy["target"].upper()
         fisher = state.fisher is not None
-        labels = [f"FP32\n{_kb(size.fp32_bytes)}",
-                  f"{'Fisher plan' if fisher else 'plan'}\n{_kb(size.total_bytes)} ({size.pct_of_fp32:.0f}%)",
-                  f"uniform {target}\n{_kb(usize.total_bytes)} ({usize.pct_of_fp32:.0f}%)"]
+        labels, target = panel_labels(state, preset_current(state), plan_name="Fisher plan" if fisher else "plan",
+                                      sep="\n")
         what = state.class_word if state.classes else "image"
         if not fisher:
             return strip([fp32, plan_img, uniform_img], labels), (
@@ -164,13 +159,15 @@ def tagged(a: np.ndarray | None):
     return img
 
 
-def panel_labels(state: AppState, current: dict, user=None) -> list[str]:
-    """The three image labels, each with its model's stored bytes and share of FP32."""
+def panel_labels(state: AppState, current: dict, user=None, plan_name: str = "current plan",
+                 sep: str = " · ") -> tuple[list[str], str]:
+    """The three image labels (FP32, the plan, uniform at its lowest precision), each with its model's stored
+    bytes and share of FP32; and that lowest precision's name."""
     plan = resolve_plan(state, current, user)
     u = uniform_plan(state, plan)
-    size, usize = state.size(plan), state.size(u)
-    return [f"FP32 · {_kb(size.fp32_bytes)}", f"current plan · {_kb(size.total_bytes)} ({size.pct_of_fp32:.0f}%)",
-            f"uniform {u.policy['target'].upper()} · {_kb(usize.total_bytes)} ({usize.pct_of_fp32:.0f}%)"]
+    size, usize, target = state.size(plan), state.size(u), u.policy["target"].upper()
+    return [f"FP32{sep}{_kb(size.fp32_bytes)}", f"{plan_name}{sep}{_kb(size.total_bytes)} ({size.pct_of_fp32:.0f}%)",
+            f"uniform {target}{sep}{_kb(usize.total_bytes)} ({usize.pct_of_fp32:.0f}%)"], target
 
 
 def served(outputs, labels=None):
@@ -216,7 +213,7 @@ def build(models, current, user, guard):
 
     def run_labelled(cur, *v):  # the page's: each image labelled with its bytes and share of FP32
         st = models.state_for(v[-1])
-        labels = panel_labels(st, cur, v[-1])
+        labels, _ = panel_labels(st, cur, v[-1])
         if not v[-2]:  # no uniform column
             labels[2] = "uniform"
         return (*served(compare(st, cur, *v), labels), "")
@@ -235,5 +232,5 @@ def build(models, current, user, guard):
                 gr.Slider(value=st.default_guidance if guided else 1.0, interactive=guided),
                 *[gr.Image(value=None, label=lab) for lab in ("FP32", "current plan", "uniform")], None,
                 f"**{st.title}** selected: press Generate.", "")
-    return ((lambda: served(example(state), panel_labels(state, preset_current(state)))), outputs,
+    return ((lambda: served(example(state), panel_labels(state, preset_current(state))[0])), outputs,
             (refresh, [user], [digit, guidance, *outputs, note]))

@@ -14,8 +14,8 @@ Datasets by name (images uint8 (N, 28, 28), labels int64 (N,)):
 Where a caller can do with a vendored subset of a split that is not installed (the app's Fisher recomputes and
 real-vs-real floors), `load_dataset_or_subset` reads it instead (`SUBSETS`); the Dataset's `name` says which
 was read, and callers show that name. `LAFQ_SYSTEM_DATA=0` hides every source outside the repo (Debian's
-/usr/share/datasets and torchvision's cache or download), so a machine with them can check what a fresh one
-sees (scripts/fresh_check.sh sets it).
+/usr/share/datasets, torchvision's cache or download, and torch hub's Inception weights: lafq.metrics), so a
+machine with them can check what a fresh one sees (the test suite and scripts/fresh_check.sh set it).
 """
 from __future__ import annotations
 

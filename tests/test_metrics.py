@@ -104,3 +104,20 @@ def test_without_pytorch_fid_auto_picks_the_classifier_and_fid_is_the_same_numbe
     assert get_backend("auto").name == "classifier"
     with pytest.raises(ValueError, match="the Inception backend needs pytorch-fid"):
         InceptionBackend()
+
+
+def test_cached_inception_weights_count_as_system_data_and_are_hidden_with_it(tmp_path, monkeypatch):
+    pytest.importorskip("pytorch_fid")
+    from pytorch_fid.inception import FID_WEIGHTS_URL
+
+    from lafq.metrics import inception_weights_path
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.delenv("LAFQ_INCEPTION_WEIGHTS", raising=False)
+    cached = tmp_path / "checkpoints" / FID_WEIGHTS_URL.rsplit("/", 1)[-1]
+    cached.parent.mkdir()
+    cached.write_bytes(b"weights")
+    monkeypatch.setenv("LAFQ_SYSTEM_DATA", "1")
+    assert inception_weights_path() == cached
+    monkeypatch.setenv("LAFQ_SYSTEM_DATA", "0")  # as the test suite runs: the weights in torch hub's cache are hidden
+    assert inception_weights_path() is None
