@@ -338,14 +338,18 @@ def build(models, current, user, guard):
         return (cur, *readout(models.state_for(usr), cur, usr))
 
     def on_change_inline(*vals):
-        cur, *rest = on_change(*vals)
-        return (cur, *rest, preset_shown(models.state_for(vals[-1]), cur), "")  # and clears an earlier warning
+        *ctrl, box, usr = vals
+        cur, *rest = on_change(*ctrl, usr)
+        name = preset_shown(models.state_for(usr), cur)
+        # The preset box is written only when its name changes: rewriting it on every readout re-renders an open
+        # list under the user's pointer. The last output clears an earlier inline warning.
+        return (cur, *rest, gr.skip() if name == box else name, "")
     # One event for all the controls, not one per control: a preset sets up to 11 controls at once, and
     # separate events (each run with the values it saw when it fired) could finish out of order and leave a
     # readout of a half-applied preset. With one event, "always_last" runs it again after the running one,
     # with the final values. A refused value (a budget below the floor) keeps the last good readout and
     # says why inline.
-    gr.on([c.change for c in controls], guard(on_change_inline, keep=len(outputs) + 1), [*controls, user],
+    gr.on([c.change for c in controls], guard(on_change_inline, keep=len(outputs) + 1), [*controls, preset, user],
           [*outputs, preset, warning], trigger_mode="always_last", concurrency_id="readout", concurrency_limit=4,
           show_progress="hidden", api_visibility="private")
     strategy.change(lambda s: [gr.update(visible=v) for v in visibility(s)[1:]], strategy, controls[1:],

@@ -70,7 +70,10 @@ def test_a_first_visit_shows_the_example_presets_and_how_to_lines(url, browser):
     wait.until(lambda d: "% of FP32" in readout.text and "budget" in readout.text)  # the default preset
     box = browser.find_element(By.CSS_SELECTOR, "input[role='combobox'][aria-label='preset']")
     box.click()
-    listed = [li.text for li in wait.until(lambda d: d.find_elements(By.XPATH, "//ul[@role='listbox']/li"))]
+    def options(d):  # once the list has rendered every option's text
+        texts = [li.text for li in d.find_elements(By.XPATH, "//ul[@role='listbox']/li")]
+        return texts if texts and all(texts) else False
+    listed = wait.until(options)
     assert all(any(t.endswith(name) for t in listed) for name in PRESETS), listed  # the chosen one has a ✓
     wait.until(EC.element_to_be_clickable(
         (By.XPATH, f"//ul[@role='listbox']/li[contains(normalize-space(), '{UNIFORM_INT4}')]"))).click()
