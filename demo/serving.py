@@ -88,8 +88,11 @@ class _LaunchOptions(Mapping):
     def build() -> dict:
         from starlette.middleware import Middleware
 
+        from .plots import theme_js
+
         return dict(ssr_mode=False, show_error=True, enable_monitoring=False, max_file_size=MAX_UPLOAD,
-                    state_session_capacity=STATE_SESSIONS, css=CSS, app_kwargs={"middleware": [Middleware(RequestLimits)]})
+                    state_session_capacity=STATE_SESSIONS, css=CSS, head=f"<script>{theme_js()}</script>",
+                    app_kwargs={"middleware": [Middleware(RequestLimits)]})
 
     def __getitem__(self, key):
         return self.build()[key]

@@ -28,14 +28,20 @@ def group_choices(state: AppState) -> list[str]:
     return ["all"] + [str(i) for i in range(len(state.classes))]
 
 
-def layer_rows(state: AppState, fm: FisherMap) -> list[tuple[str, list[int]]]:
-    """(layer, indices of its tensors in the map) in network order: the U-Net's layers as lafq orders
-    them; another model's grouped by `state.layer_key` in parameter order."""
-    names = fm.layer_names() if state.kind == "lafq" else _down_mid_up(dict.fromkeys(state.layer_key(n) for n in fm.names))
+def layer_rows(state: AppState, fm: FisherMap | None, names: list[str] | None = None) -> list[tuple[str, list[int]]]:
+    """(layer, indices of its tensors in `names`, by default the map's) in network order: the U-Net's layers
+    as lafq orders them; another model's grouped by `state.layer_key` in parameter order."""
+    names = list(fm.names) if names is None else list(names)
+    keys = dict.fromkeys(state.layer_key(n) for n in names)
+    if state.kind == "lafq":
+        from lafq.model import LAYERS
+        order = [layer for layer in LAYERS if layer in keys] + [layer for layer in keys if layer not in LAYERS]
+    else:
+        order = _down_mid_up(keys)
     by = {}
-    for i, n in enumerate(fm.names):
+    for i, n in enumerate(names):
         by.setdefault(state.layer_key(n), []).append(i)
-    return [(layer, by[layer]) for layer in names]
+    return [(layer, by[layer]) for layer in order]
 
 
 def _down_mid_up(layers) -> list[str]:
@@ -85,14 +91,17 @@ def fisher_figures(state: AppState, view: str, group: str, level: str, t_bin, la
         rows, m = fm.names, fm.fisher[g]
     cols = [int(c) for c in fm.bin_centers()]
     title = f"Fisher by {level[:-1]} and timestep ({view}; {state.class_word} {group})"
-    heat = plots.heatmap(rows, cols, _scaled(m, view).numpy(), title, COLORBAR[view])
+    heat = plots.heatmap(rows, cols, _scaled(m, view).numpy(), title, COLORBAR[view],
+                         y_title="layer" if level == "layers" else "weight tensor",
+                         mark=(layer, cols[b]) if level == "layers" else None)  # the cell the bar chart details
     mag = torch.stack([_weighted(fm.magnitude.double(), numel, i) for _, i in rows_of])
     mag_fig = plots.bars([name for name, _ in rows_of], mag.numpy(), "mean |w| per layer (weight magnitude)", "mean |w|")
     idx = dict(rows_of)[layer]
     raw = fm.fisher[g]
     lo, hi = fm.bin_edges[b], fm.bin_edges[b + 1] - 1
     bar = plots.bars([fm.names[i][len(layer) + 1:] for i in idx], raw[idx, b].numpy(),
-                     f"Fisher per weight tensor in {layer}, t in [{lo}, {hi}]", "E[(dL/dθ)²]", log=True)
+                     f"Fisher per weight tensor in {layer}, t in [{lo}, {hi}]", "E[(dL/dθ)²]", log=True,
+                     x_title="weight tensor")
     return heat, mag_fig, bar
 
 

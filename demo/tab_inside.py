@@ -41,7 +41,8 @@ def activations(state: AppState, digit, steps, seed, layer):
                          f"log10 mean |activation| per layer along one trajectory (digit {digit})", "log10 |a|")
     picks = sorted({round(i * (steps - 1) / 4) for i in range(5)})
     maps = plots.image_panels([tr.maps[layer][i].numpy() for i in picks] + [tr.image[0].numpy()],
-                              [f"{layer} t={tr.timesteps[i]}" for i in picks] + ["sample"], colorscale="Viridis")
+                              [f"{layer} t={tr.timesteps[i]}" for i in picks] + ["sample"],
+                              f"mean |activation| of {layer} over the channels, along the trajectory", colorscale="Viridis")
     return heat, maps
 
 
@@ -58,7 +59,8 @@ def saliency_panels(state: AppState, digit, t, seed):
     image = torch.from_numpy(d.images[idx]).float().div(127.5).sub(1)[None]
     r = saliency(state.model, image, label, t, seed=seed, schedule=state.schedule)
     return plots.image_panels([image[0].numpy(), r["x_t"].numpy(), r["x0_hat"].numpy(), r["saliency"].numpy()],
-                              ["real x0", f"x_t (t={t})", "model's x0 estimate", "saliency |dL/dx_t|"])
+                              ["real x0", f"x_t (t={t})", "model's x0 estimate", "saliency |dL/dx_t|"],
+                              f"saliency at t={t}: which pixels of the noisy input move the loss")
 
 
 @gpu(duration=30)

@@ -21,7 +21,7 @@ from lafq.sensitivity import summarize as sensitivity_summary
 
 from . import plots
 from .state import (MAX_FID_N, MAX_FID_SEEDS, MAX_STEPS, REPORT_CSV, SENSITIVITY_CSV, AppState, FIDPoint, InputError,
-                    UserSession, as_choice, as_number, as_user, cancellable, plan_key, shown)
+                    Stages, UserSession, as_choice, as_number, as_user, cancellable, duration, plan_key, shown)
 from .tab_quantize import current_label, resolve_plan
 from .zerogpu import fid_seconds, gpu
 
@@ -29,9 +29,9 @@ QUICK_N = 200
 FIDELITY_N = 64  # images per seed: paired per-image differences resolve at small N (the report uses 64 too)
 PREDICTOR_LABELS = {"fisher": "Fisher score", "fisher_x_error": "Fisher × ‖Q(w) − w‖²", "error": "‖Q(w) − w‖² alone",
                     "magnitude": "weight magnitude"}
-HOW_TO = ("**How to:** press Evaluate. The first number is the plan's FID minus FP32's from the same noise "
-          "(paired: near 0 means FP32 quality; its interval needs 2+ seeds). Quick settings take seconds on a GPU, "
-          "about a minute on 2 CPU cores.")
+HOW_TO = ("**How to:** press Evaluate. The headline says whether the plan's FID differs measurably from FP32's "
+          "from the same noise (paired; the interval needs 2+ seeds). A run longer than about 30 s here shows its "
+          "estimate first and starts on a second press.")
 
 
 def report_points(path=REPORT_CSV) -> list[dict]:
@@ -40,9 +40,19 @@ def report_points(path=REPORT_CSV) -> list[dict]:
         rows = summarize(read_csv(path))
     except (OSError, KeyError, ValueError, TypeError, StopIteration):
         return []
-    return [{"label": f"{r['name']} (report, N={r['n']:,}, DDIM-{r['steps']})", "pct_of_fp32": r["pct_of_fp32"],
-             "fid_mean": r["fid"], "fid_ci95": 0.0 if math.isnan(r["fid_ci95"]) else r["fid_ci95"],
-             "source": "fp32" if r["name"] == "fp32" else "report"} for r in rows if not math.isnan(r["fid"])]
+    return [{"label": r["name"], "pct_of_fp32": r["pct_of_fp32"], "fid_mean": r["fid"],
+             "fid_ci95": 0.0 if math.isnan(r["fid_ci95"]) else r["fid_ci95"], "fp32": r["name"] == "fp32"}
+            for r in rows if not math.isnan(r["fid"])]
+
+
+def report_setting(path=REPORT_CSV) -> str:
+    """The committed report's setting in words (N per seed, sampler steps, seeds, backend)."""
+    try:
+        rows = summarize(read_csv(path))
+        r = rows[0]
+        return f"N={r['n']:,} per seed, DDIM-{r['steps']}, {r.get('seeds', '?')} seeds, {r.get('backend', '')}".rstrip(", ")
+    except (OSError, KeyError, ValueError, TypeError, StopIteration, IndexError):
+        return "its own setting"
 
 
 def sensitivity_data(path=SENSITIVITY_CSV) -> dict:
@@ -73,20 +83,24 @@ def settings(n, steps, seeds) -> tuple[int, int, int]:
 NO_CLASSIFIER = "not available for this model: no classifier shipped"
 
 
-def _fid(state: AppState, model_plan, n, steps, seeds, progress, i, of):
-    """One model's FIDResult at these settings (cached process-wide: same plan and settings, same numbers)."""
+def _fid(state: AppState, model_plan, n, steps, seeds, progress):
+    """One model's FIDResult at these settings (cached process-wide: same plan and settings, same numbers).
+    `progress(done, total)` follows the sampling."""
+    import time
+
     key = (plan_key(model_plan) if model_plan else "fp32", n, steps, seeds)
     cached = state.fid_result(key)
     if cached is not None:
         return cached
     model = state.quantized(model_plan) if model_plan else state.model
-    prog = (lambda d, t: progress((i + d / t) / of)) if progress is not None else None
+    t0 = time.perf_counter()
     if state.kind == "lafq":
         r = evaluate_fid(model, SampleSpec(n=n, steps=steps, batch_size=100), list(range(seeds)),
                          backend=state.backend(), classifier=state.classifier(),
-                         num_classes=state.model.cfg.num_classes, progress=prog, device=state.device)
+                         num_classes=state.model.cfg.num_classes, progress=progress, device=state.device)
     else:
-        r = _fid_any(state, model, n, steps, seeds, prog)
+        r = _fid_any(state, model, n, steps, seeds, progress)
+    state.record_pace(n * steps * seeds, time.perf_counter() - t0)
     state.keep_fid_result(key, r)
     return r
 
@@ -110,7 +124,7 @@ def _fid_any(state, model, n: int, steps: int, seeds: int, progress):
     k = len(state.classes)
     for seed in range(seeds):
         spec = SampleSpec(n=n, steps=steps, seed=seed, guidance=state.default_guidance, batch_size=100)
-        images = state.images(model, spec)
+        images = state.sample(model, spec)
         r.values.append(frechet_distance(statistics(state.backend().features(images)), ref))
         if k:
             import torch
@@ -151,7 +165,7 @@ def _images(state: AppState, plan, steps: int, seed: int):
     cached = state.fid_result(key)
     if cached is None:
         model = state.quantized(plan) if plan else state.model
-        cached = state.images(model, SampleSpec(n=FIDELITY_N, steps=steps, seed=seed, batch_size=FIDELITY_N,
+        cached = state.sample(model, SampleSpec(n=FIDELITY_N, steps=steps, seed=seed, batch_size=FIDELITY_N,
                                                 guidance=state.default_guidance))
         state.keep_fid_result(key, cached)
     return cached
@@ -162,29 +176,67 @@ def fidelity_lines(state: AppState, plan, n: int, steps: int, seeds: int, progre
     mean ± 95% interval over seeds of mean |Δ|, PSNR, feature distance and class agreement."""
     per_seed = []
     for seed in range(seeds):
-        per_seed.append(fidelity(_images(state, None, steps, seed), _images(state, plan, steps, seed),
-                                 state.classifier()))
-        if progress is not None:
-            progress(seed + 1, seeds)
+        pair = []
+        for k, p in enumerate((None, plan)):
+            pair.append(_images(state, p, steps, seed))
+            if progress is not None:
+                progress(2 * seed + k + 1, 2 * seeds)
+        per_seed.append(fidelity(*pair, state.classifier()))
 
     def stat(name, scale, unit, digits):
         m, ci = mean_ci95([getattr(f, name) * scale for f in per_seed])
-        return f"{m:.{digits}f}{unit} {_interval(ci, seeds, digits)}"
+        return f"{m:.{digits}f}{unit} {_interval(ci, seeds, digits)}".rstrip()
     return [f"**Fidelity to FP32** ({FIDELITY_N} images × {seeds} seed{'s' if seeds > 1 else ''}, same noise): "
             f"mean |Δ| {stat('mad', 1000, ' ‰', 3)}; PSNR {stat('psnr', 1, ' dB', 2)}; feature distance "
             f"{stat('feature_distance', 100, ' %', 3)}; class agreement {stat('agreement', 100, ' %', 1)}."]
 
 
 def _interval(ci: float, seeds: int, digits: int = 3) -> str:
-    return f"± {ci:.{digits}f}" if seeds > 1 else "(one seed: no interval; use 2+ seeds)"
+    return f"± {ci:.{digits}f}" if seeds > 1 else ""  # one seed: said once, at the top (ONE_SEED)
+
+
+ONE_SEED = "One seed: no number below has an interval, and there is no verdict; use 2+ seeds for one."
+CONFIRM_SECONDS = 30  # a job estimated longer than this on this machine starts on a second press
+
+
+def verdict(d: float, dci: float, n: int, seeds: int) -> str:
+    """The paired ΔFID in words: whether it is distinguishable from 0 at this N and number of seeds."""
+    where = f"at N={n:,} × {seeds} seeds (paired ΔFID {d:+.3f} ± {dci:.3f})"
+    if abs(d) <= dci:
+        return f"No measurable difference from FP32 {where}"
+    return f"{'Worse' if d > 0 else 'Better'} than FP32 by {abs(d):.3f} ± {dci:.3f} FID {where[:where.index(' (')]}"
+
+
+def work(state: AppState, plan, n: int, steps: int, seeds: int, include_fp32: bool) -> dict[str, int]:
+    """Images × denoising steps each stage of an evaluation still has to sample (cached results: none)."""
+    def fid(p):
+        return 0 if state.fid_result((plan_key(p) if p else "fp32", n, steps, seeds)) is not None else n * steps * seeds
+    fidelity_work = sum(FIDELITY_N * steps for seed in range(seeds) for p in (None, plan)
+                        if state.fid_result(("images", plan_key(p) if p else "fp32", steps, seed)) is None)
+    return {"plan": fid(plan), "fp32": fid(None) if include_fp32 else 0, "fidelity": fidelity_work}
+
+
+def estimate(state: AppState, current: dict, n, steps, seeds, include_fp32: bool, user=None) -> tuple[float, str]:
+    """(seconds, a line) an evaluation would take here: the images it still has to sample × the measured pace."""
+    n, steps, seeds = settings(n, steps, seeds)
+    if not state.has_classifier:
+        return 0.0, ""
+    plan = resolve_plan(state, current, user)
+    image_steps = sum(work(state, plan, n, steps, seeds, bool(include_fp32)).values())
+    pace = state.seconds_per_image_step()
+    seconds = image_steps * pace
+    return seconds, (f"This evaluation samples {image_steps // max(1, steps):,} images × DDIM-{steps}: about "
+                     f"**{duration(seconds)}** here (measured {1000 * pace:.1f} ms per image per step). Press "
+                     f"**Start** to run it, or lower N or seeds.")
 
 
 @gpu(duration=fid_seconds)
 def evaluate(state: AppState, current: dict, n, steps, seeds, include_fp32: bool, progress=None, cancel=None,
              user: UserSession | None = None):
-    """Paired ΔFID to FP32 (lead), unpaired FIDs, accuracy and the real-vs-real floor for the current plan.
-    Returns (markdown, chart, the user's session with this evaluation added).
-    Setting `cancel` (a Job or Event) stops the job at its next denoising step (raises Cancelled)."""
+    """Paired ΔFID to FP32 (lead, with its verdict in words), unpaired FIDs, accuracy and the real-vs-real floor
+    for the current plan. Returns (markdown, chart, the user's session with this evaluation added).
+    `progress(fraction, desc=...)` moves with every stage's sampling and says the time left; setting `cancel`
+    (a Job or Event) stops the job at its next denoising step (raises Cancelled)."""
     n, steps, seeds = settings(n, steps, seeds)
     if not isinstance(include_fp32, bool):
         raise InputError(f"'compare with FP32' must be true or false, got {shown(include_fp32)}")
@@ -193,29 +245,35 @@ def evaluate(state: AppState, current: dict, n, steps, seeds, include_fp32: bool
         return NO_CLASSIFIER, pareto_figure(state, user, n, steps), user
     plan = resolve_plan(state, current, user)
     label = current_label(current, plan)
-    progress_of = cancellable((lambda f: progress(f, desc="sampling and scoring")) if progress is not None else None,
-                              cancel)
-    parts = 3 if include_fp32 else 2
-    r = _fid(state, plan, n, steps, seeds, progress_of, 0, parts)
-    base = _fid(state, None, n, steps, seeds, progress_of, 1, parts) if include_fp32 else None
-    fidelity_progress = (lambda d, t: progress_of((parts - 1 + d / t) / parts)) if progress_of is not None else None
+    stages = Stages(cancellable(progress, cancel), work(state, plan, n, steps, seeds, include_fp32),
+                    "sampling and scoring")
+    r = _fid(state, plan, n, steps, seeds, stages.stage("plan"))
+    base = _fid(state, None, n, steps, seeds, stages.stage("fp32")) if include_fp32 else None
     size = state.size(plan)
     acc = (100 * sum(r.accuracy) / len(r.accuracy)) if r.accuracy else None
     lines, d, dci = [], None, None
     if base is not None:
         d, dci = paired_delta(r.values, base.values)
-        lines.append(f"### ΔFID to FP32 (paired, same noise): **{d:+.3f}** {_interval(dci, seeds)}")
-        lines.append(f"**{label}** at {size.pct_of_fp32:.1f}% of FP32's size; negative is better than FP32, "
-                     f"an interval covering 0 means no measurable difference.")
-    lines += fidelity_lines(state, plan, n, steps, seeds, fidelity_progress)
+        lines.append(f"### {verdict(d, dci, n, seeds)}" if seeds > 1 else
+                     f"### ΔFID to FP32 {d:+.3f} (paired, same noise; one seed)")
+        lines.append(f"**{label}** at {size.pct_of_fp32:.1f}% of FP32's size. The paired ΔFID is the plan's FID minus "
+                     f"FP32's from the same noise: negative is better than FP32, and an interval covering 0 means no "
+                     f"measurable difference.")
+    else:
+        lines.append(f"### FID of **{label}**: {r.mean:.3f} {_interval(r.ci95, seeds)}".rstrip())
+        lines.append("Tick 'compare with FP32' for the paired difference and its verdict.")
+    if seeds == 1:
+        lines.append(ONE_SEED)
+    lines += fidelity_lines(state, plan, n, steps, seeds, stages.stage("fidelity"))
     lines.append(f"Unpaired: plan {r.describe()}" + (f"; FP32 {base.describe()}" if base is not None else ""))
+    stages.report(1.0)
     try:
         f = floor(state, n, seeds)
     except DataError as e:  # a diffusers model's dataset may be absent where its reference statistics are cached
         lines.append(f"Real-vs-real floor: not available here ({shown(str(e))}).")
     else:
-        lines.append(f"Real-vs-real floor at this backend and N: {f.mean:.3f} {_interval(f.ci95, seeds)}: "
-                     "absolute FIDs near it are mostly small-N bias; the paired difference carries the comparison.")
+        lines.append(f"Real-vs-real floor at this backend and N: {f.mean:.3f} {_interval(f.ci95, seeds)}: ".replace(" :", ":")
+                     + "absolute FIDs near it are mostly small-N bias; the paired difference carries the comparison.")
     point = FIDPoint(label, size.total_bytes, size.pct_of_fp32, r.mean, r.ci95, r.backend, r.n, steps, seeds, acc, d, dci,
                      model=state.model_id)
     points = [point]
@@ -228,14 +286,18 @@ def evaluate(state: AppState, current: dict, n, steps, seeds, include_fp32: bool
 
 
 def pareto_figure(state: AppState, user: UserSession | None = None, n: int = QUICK_N, steps: int = 20):
-    """The user's evaluations of the state's model at this N and steps, with the committed report's plans
-    (the MNIST U-Net's) for context."""
-    pts = report_points() if state.kind == "lafq" else []
+    """The user's evaluations of the state's model at this N and steps in one panel; for the MNIST U-Net, the
+    committed report's plans (another N and sampler: another FID scale) in a panel of their own."""
     mine = [p for p in as_user(user).evaluations if p.n == n and p.steps == steps and p.model == state.model_id]
-    for p in mine:
-        pts.append({"label": f"{p.label} ({p.backend}, N={p.n}, {p.seeds} seeds)", "pct_of_fp32": p.pct_of_fp32,
-                    "fid_mean": p.fid_mean, "fid_ci95": p.fid_ci95, "source": "you"})
-    return plots.pareto(pts, f"size vs FID: your evaluations at N={n}, DDIM-{steps} (red); the report's plans (grey)")
+    backend = mine[0].backend if mine else state.backend().name if state.has_classifier else "no classifier"
+    panels = {f"your evaluations: N={n:,} per seed, DDIM-{steps}, {backend}": [
+        {"label": f"{p.label} ({p.seeds} seed{'s' if p.seeds > 1 else ''})", "pct_of_fp32": p.pct_of_fp32,
+         "fid_mean": p.fid_mean, "fid_ci95": p.fid_ci95, "fp32": p.label == "fp32"} for p in mine]}
+    report = report_points() if state.kind == "lafq" else []
+    if report:
+        r = report_setting()
+        panels = {f"the report's plans: {r}": report, **panels}
+    return plots.pareto(panels, f"size vs FID for {state.title}: each setting on its own axes")
 
 
 def model_note(state: AppState) -> str:
@@ -255,7 +317,7 @@ def build(models, current, user, guard):
     the tab for the selected model and shows that model's evaluations."""
     import gradio as gr
 
-    from . import serving
+    from . import serving, zerogpu
 
     state = models.default
     gr.Markdown(HOW_TO, elem_id="howto-quality")
@@ -269,8 +331,10 @@ def build(models, current, user, guard):
     with gr.Row():
         go_btn = gr.Button("Evaluate", variant="primary", elem_id="evaluate")
         cancel = gr.Button("Cancel")
+    estimate_note = gr.Markdown(elem_id="fid-estimate")  # the estimate before a long job, beside its button
     result = gr.Markdown(elem_id="fid-result")
     chart = gr.Plot(value=pareto_figure(state), show_label=False)
+    armed = gr.State(None)  # the settings the page showed an estimate for: a second press starts them
 
     # Annotations are evaluated here (no `from __future__ import annotations` in this module) so that
     # gradio recognises gr.Request and passes the session.
@@ -283,13 +347,37 @@ def build(models, current, user, guard):
         with st.job(request.session_hash, serving.event_alive(), heavy=True) as job:
             return evaluate(st, cur, n_, s_, k_, f_, progress, cancel=job, user=usr)
 
+    def run_page(cur, n_, s_, k_, f_, usr, arm, request: gr.Request, progress=gr.Progress()):
+        # In the page a job estimated over CONFIRM_SECONDS here waits for a second press (the button then says
+        # how long); the named endpoint runs what an API client asked for at once.
+        st = models.state_for(usr)
+        key = (st.model_id, repr(cur), n_, s_, k_, f_)
+        if arm != key and not zerogpu.ON_ZEROGPU:  # ZeroGPU: the GPU call's own duration bounds the job
+            seconds, line = estimate(st, cur, n_, s_, k_, f_, usr)
+            if seconds > CONFIRM_SECONDS:
+                return (gr.skip(), gr.skip(), gr.skip(), key, gr.Button(value=f"Start (about {duration(seconds)})"),
+                        line)
+        md, fig, new = run(cur, n_, s_, k_, f_, usr, request, progress)
+        return md, fig, new, None, gr.Button(value="Evaluate"), ""
+
+    def disarm():
+        return None, gr.Button(value="Evaluate"), ""
+
     def stop(request: gr.Request):
         if state.jobs.cancel(request.session_hash):
-            return "Cancelled: the evaluation stops at its next step; nothing was recorded."
-        return "Nothing to cancel."
-    ev = go_btn.click(guard(run), [current, n, steps, seeds, fp32, user], [result, chart, user], api_name="fid",
-                      concurrency_id="heavy", concurrency_limit=1)
-    cancel.click(stop, None, result, cancels=[ev], api_visibility="private")
+            gr.Info("Cancelled: the evaluation stops at its next step; nothing was recorded.")
+    inputs = [current, n, steps, seeds, fp32, user]
+    # A refused setting keeps the last result and says why beside the button (the last output).
+    # Not in the heavy queue: the estimate must not wait behind another user's job (the job itself waits for the
+    # heavy slot inside, with "waiting for other jobs" on its bar).
+    ev = go_btn.click(guard(run_page, keep=5), [*inputs, armed], [result, chart, user, armed, go_btn, estimate_note],
+                      concurrency_id="evaluate", concurrency_limit=4, api_visibility="private")
+    api_btn = gr.Button("fid (API)", visible=False)
+    api_ev = api_btn.click(guard(run), inputs, [result, chart, user], api_name="fid", concurrency_id="heavy",
+                           concurrency_limit=1)
+    cancel.click(stop, None, None, cancels=[ev, api_ev], api_visibility="private")
+    gr.on([n.change, steps.change, seeds.change, fp32.change], disarm, None, [armed, go_btn, estimate_note],
+          queue=False, api_visibility="private")
     with gr.Accordion("Where precision matters: each weight matrix lowered alone to INT4 (shipped validation)",
                       open=False):
         gr.Markdown("Measured: the paired mean |Δ| to FP32's images from the same noise with only that tensor at "

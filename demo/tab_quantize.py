@@ -160,9 +160,7 @@ def readout(state: AppState, current: dict, user=None) -> tuple[str, list[list],
     """Size summary (markdown), per-dtype table rows, and the precision map figure."""
     plan = resolve_plan(state, current, user)
     rep = state.size(plan)
-    names = list(state.shapes)
-    fig = plots.precision_map(names, [plan.precisions.get(n, "fp32") for n in names],
-                              [numel(state.shapes[n]) for n in names])
+    fig = plan_figure(state, plan, user)
     md = (f"### {rep.total_bytes:,} bytes = **{rep.pct_of_fp32:.1f}% of FP32** ({rep.reduction_pct:.1f}% smaller)\n"
           f"{rep.avg_bits:.2f} bits per weight; FP32 is {rep.fp32_bytes:,} bytes; scales {rep.scale_bytes:,} bytes.\n\n"
           f"Plan: **{current_label(current, plan)}** (id `{plan_key(plan)}`).")
@@ -172,6 +170,29 @@ def readout(state: AppState, current: dict, user=None) -> tuple[str, list[list],
     rows = [[p, rep.tensors_by_dtype[p], rep.params_by_dtype[p], rep.bytes_by_dtype[p]]
             for p in PRECISIONS if rep.tensors_by_dtype[p]]
     return md, rows, fig
+
+
+def plan_figure(state: AppState, plan: Plan, user=None):
+    """The plan layer by layer (rows in the Fisher heatmap's order) beside the Fisher score that chose it: the
+    layer's element-weighted mean over tensors of the policy's timestep statistic (the mean without one)."""
+    from .tab_fisher import layer_rows
+
+    names = list(state.shapes)
+    rows = layer_rows(state, None, names)
+    sizes = [numel(state.shapes[n]) for n in names]
+    params = {p: [sum(sizes[i] for i in idx if plan.precisions.get(names[i], "fp32") == p) for _, idx in rows]
+              for p in PRECISIONS}
+    fm = state.fisher_of(user)
+    statistic = plan.policy.get("statistic", "mean") if isinstance(plan.policy, dict) else "mean"
+    signal = None
+    if fm is not None:
+        score = fm.score(statistic if statistic in STATISTICS else "mean")
+        top = max(score.values()) or 1.0
+        signal = [sum(score.get(names[i], 0.0) * sizes[i] for i in idx) / max(1, sum(sizes[i] for i in idx)) / top
+                  for _, idx in rows]
+    title = (f"the plan by layer, beside the Fisher score that chose it ({len(names)} weight tensors)" if signal
+             else f"the plan by layer ({len(names)} weight tensors; no Fisher map)")
+    return plots.plan_by_layer([layer for layer, _ in rows], signal, f"Fisher ({statistic} over t) / max", params, title)
 
 
 def visibility(strategy) -> list[bool]:
@@ -323,7 +344,8 @@ def build(models, current, user, guard):
             pmap = gr.Plot(show_label=False)
             with gr.Row():
                 export_btn = gr.Button("Export model + plan")
-                files = gr.File(label="downloads", file_count="multiple", interactive=False)
+                files = gr.File(label="downloads", file_count="multiple", interactive=False, visible=False)  # until
+                # there is something to download: an empty box took 190 px
             # No file_types: Gradio would refuse other files before the handler, leaving them in its upload
             # folder; the handler names what is accepted and deletes every upload once read.
             upload = gr.File(label="load a plan (.json) or quantized model (.safetensors)", type="filepath",
@@ -368,7 +390,7 @@ def build(models, current, user, guard):
                       concurrency_id="readout", concurrency_limit=4)
 
     def run_export(cur, usr, request: gr.Request):
-        return export(models.state_for(usr), cur, usr, session=request.session_hash)
+        return gr.File(value=export(models.state_for(usr), cur, usr, session=request.session_hash), visible=True)
     # Its own queue: an export takes seconds and must not wait behind another user's long evaluation.
     export_btn.click(guard(run_export), [current, user], files, api_name="export", concurrency_id="export",
                      concurrency_limit=2)
