@@ -170,9 +170,10 @@ def pareto(panels: dict[str, list[dict]], title: str) -> go.Figure:
                     showlegend=False, name="FP32" if fp32 else "plans",
                     error_y=dict(type="data", array=[p.get("fid_ci95", 0) for p in sel], visible=True),
                     hovertemplate="%{text}<br>size %{x:.1f}% of FP32<br>FID %{y:.3f}<extra></extra>"), 1, i)
-        if not pts:
+        if not pts:  # in paper coordinates: Plotly does not draw the axes of a panel without traces
+            lo, hi = fig.layout[f"xaxis{i if i > 1 else ''}"].domain
             fig.add_annotation(text="nothing at this setting yet:<br>press Evaluate", showarrow=False,
-                               xref=f"x{i if i > 1 else ''} domain", yref=f"y{i if i > 1 else ''} domain", x=0.5, y=0.5)
+                               xref="paper", yref="paper", x=(lo + hi) / 2, y=0.5)
         fig.update_xaxes(title="size, % of FP32", row=1, col=i)
         fig.update_yaxes(title="FID (lower is better)", row=1, col=i)
     fig.update_annotations(font_size=12)

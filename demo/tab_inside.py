@@ -10,7 +10,7 @@ from lafq.inside import OBSERVED, activation_trace, quantization_error_trace, sa
 
 from . import plots
 from .state import MAX_STEPS, AppState, InputError, as_choice, as_number, digit_or_none
-from .tab_quantize import current_label, resolve_plan
+from .tab_quantize import current_label, preset_current, resolve_plan
 from .zerogpu import gpu
 
 
@@ -105,9 +105,11 @@ def build(models, current, user, guard):
     qerr_btn = gr.Button("Quantization error along the trajectory (current plan)")
     qerr = gr.Plot(show_label=False)
 
-    def example():  # on arrival: the activations for the default controls, computed once per process and kept
-        return state.memo("inside-example", lambda: activations(state, "3", 25, 0, "down1"))
-    arrival = example, [heat, maps]
+    def example():  # on arrival: every view for the default controls (the default plan's error), computed once
+        return state.memo("inside-example", lambda: (  # per process and kept
+            *activations(state, "3", 25, 0, "down1"), saliency_panels(state, "3", 300, 0),
+            quant_error(state, preset_current(state), "3", 25, 0)))
+    arrival = example, [heat, maps, sal, qerr]
     act_btn.click(guard(lambda *v: activations(models.state_for(v[-1]), *v[:-1])), [digit, steps, seed, layer, user],
                   [heat, maps], api_name="activations", concurrency_id="sample", concurrency_limit=2)
     sal_btn.click(guard(lambda *v: saliency_panels(models.state_for(v[-1]), *v[:-1])), [digit, t, seed, user], sal,
@@ -117,6 +119,6 @@ def build(models, current, user, guard):
 
     def refresh(usr):
         st = models.state_for(usr)
-        figs = example() if st.kind == "lafq" else (None, None)
-        return (model_note(st), *figs, None, None)
+        figs = example() if st.kind == "lafq" else (None, None, None, None)
+        return (model_note(st), *figs)
     return arrival, (refresh, [user], [note, heat, maps, sal, qerr])

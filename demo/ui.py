@@ -25,6 +25,7 @@ from .state import AppState, Cancelled, UserSession, as_user, public_text, shown
 from .zerogpu import describe
 
 log = logging.getLogger("lafq.app")
+RESIZE_JS = "() => { requestAnimationFrame(() => window.dispatchEvent(new Event('resize'))); }"
 
 
 def _one_line(e: Exception) -> str:
@@ -54,6 +55,16 @@ def guard(fn, *, keep: int | None = None, clear: int = 0):
             log.exception("handler %s failed", getattr(fn, "__name__", fn))
             raise gr.Error(f"internal error ({type(e).__name__}); the server log has details") from None
     return wrapper
+
+
+def switch_note(old: AppState, new: AppState, current) -> str:
+    """The line beside the model selector after a switch: where the new model's map comes from, and, when the
+    user had a plan of their own, that it stayed with the old model (a plan names one model's tensors)."""
+    lines = [] if new.kind == "lafq" else [f"{new.title}: {new.fisher_note}"]
+    if isinstance(current, dict) and current != tab_quantize.preset_current(old):
+        lines.insert(0, f"**Your plan was reset:** it was made for {old.title}, and a plan names one model's tensors. "
+                        f"{new.title} starts from its default plan (as {old.title} will if you switch back).")
+    return "  \n".join(lines)
 
 
 def warm_up(state: AppState) -> threading.Thread:
@@ -91,16 +102,20 @@ def build_app(state: AppState, models: Registry | None = None) -> gr.Blocks:
         hero_img = gr.Image(show_label=False, elem_id="hero", interactive=False, format="png", buttons=[],
                             container=False)
         hero_line = gr.Markdown(elem_id="hero-line")
-        with gr.Tab("Fisher", id="fisher"):
+        with gr.Tab("Fisher", id="fisher") as t1:
             fisher_fn, fisher_in, fisher_out, fisher_refresh = tab_fisher.build(models, user, guard)
-        with gr.Tab("Quantize", id="quantize"):
+        with gr.Tab("Quantize", id="quantize") as t2:
             q_in, q_fn, q_out, q_refresh = tab_quantize.build(models, current, user, guard)
-        with gr.Tab("Compare", id="compare"):
+        with gr.Tab("Compare", id="compare") as t3:
             example_fn, example_out, compare_refresh = tab_compare.build(models, current, user, guard)
-        with gr.Tab("Quality", id="quality"):
+        with gr.Tab("Quality", id="quality") as t4:
             quality_refresh = tab_quality.build(models, current, user, guard)
-        with gr.Tab("Inside", id="inside"):
+        with gr.Tab("Inside", id="inside") as t5:
             (inside_fn, inside_out), inside_refresh = tab_inside.build(models, current, user, guard)
+        for tab in (t1, t2, t3, t4, t5):
+            # A figure drawn while its tab was hidden (a model switch redraws every tab) took a default width
+            # (half the page): re-measure once the tab shows.
+            tab.select(None, None, None, js=RESIZE_JS, api_visibility="private", queue=False)
         # First paint: figures and readouts when a page opens; the Compare and Inside examples are computed
         # once per process and kept.
         demo.load(guard(fisher_fn), fisher_in, fisher_out, api_visibility="private")
@@ -114,10 +129,12 @@ def build_app(state: AppState, models: Registry | None = None) -> gr.Blocks:
 
         # A model switch: this user's session only, then each tab follows (its controls, then its figures).
         def select(model_id, usr, cur):
+            old = models.state_for(usr)
             new = models.select(usr, model_id)
             st = models.state_for(new)
-            plan = cur if new.model == as_user(usr).model else tab_quantize.preset_current(st)
-            return new, plan, "" if st.kind == "lafq" else f"{st.title}: {st.fisher_note}"
+            if new.model == as_user(usr).model:
+                return new, cur, gr.skip()
+            return new, tab_quantize.preset_current(st), switch_note(old, st, cur)
         # Its own queue: a model's first selection loads it (seconds), which must not stall every user's readouts.
         ev = model.input(guard(select), [model, user, current], [user, current, model_status], api_name="select_model",
                          concurrency_id="load", concurrency_limit=2)

@@ -4,7 +4,8 @@
     python scripts/screenshots.py quantize phone   # only these (desktop tab names, "phone")
 
 Desktop (1400 px wide): every tab, Compare as a first visit shows it (the example, no click). Phone
-(390 CSS px wide, emulated; 2400 px of the page): Quantize, Compare and Inside as `<tab>-phone.png`.
+(390 CSS px wide, emulated; 2400 px of the page): Fisher, Quantize, Compare and Inside as `<tab>-phone.png`.
+Dark (desktop, ?__theme=dark): Fisher and Quantize as `<tab>-dark.png`.
 """
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ def main() -> None:
             desktop(url)
         if want("phone"):
             phone(url)
+        if want("dark"):
+            dark(url)
     finally:
         app.terminate()
         app.wait(timeout=30)
@@ -95,6 +98,9 @@ def phone(url) -> None:
     tab, click, shoot = _helpers(driver, wait)
     try:
         wait.until(lambda d: _get(d, url))
+        tab("Fisher")
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")) >= 3 and idle(d))
+        shoot("fisher-phone")
         tab("Quantize")
         wait.until(lambda d: "% of FP32" in d.find_element(By.ID, "size-readout").text)
         shoot("quantize-phone")
@@ -131,6 +137,11 @@ def desktop(url) -> None:
         if want("quality"):
             tab("Quality")
             click("Evaluate")
+            # Over 30 s here: the first press shows the estimate, the second starts the run.
+            start = wait.until(lambda d: d.find_element(By.ID, "fid-result").text
+                               or d.find_element(By.ID, "evaluate").text.startswith("Start"))
+            if start is True:
+                driver.find_element(By.ID, "evaluate").click()
             wait.until(lambda d: "ΔFID" in d.find_element(By.ID, "fid-result").text)
             shoot("quality")
         if want("inside"):
@@ -140,6 +151,24 @@ def desktop(url) -> None:
             wait.until(lambda d: len([e for e in d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot") if e.is_displayed()]) >= 4
                        and idle(d))
             shoot("inside")
+    finally:
+        driver.quit()
+
+
+def dark(url) -> None:
+    driver = _driver()
+    wait = WebDriverWait(driver, 600)
+    tab, click, shoot = _helpers(driver, wait)
+    themes = "return Array.from(document.querySelectorAll('.js-plotly-plot')).map(g => (g.layout.meta || {}).lafq_theme)"
+    try:
+        wait.until(lambda d: _get(d, url + "?__theme=dark"))
+        tab("Fisher")
+        wait.until(lambda d: len(d.execute_script(themes)) >= 3 and set(d.execute_script(themes)) == {"dark"})
+        shoot("fisher-dark")
+        tab("Quantize")
+        wait.until(lambda d: "% of FP32" in d.find_element(By.ID, "size-readout").text
+                   and set(d.execute_script(themes)) == {"dark"})
+        shoot("quantize-dark")
     finally:
         driver.quit()
 

@@ -308,8 +308,44 @@ def test_an_out_of_range_n_bins_or_timestep_is_refused_with_its_range_never_cut_
         box.clear()
         box.send_keys(value, Keys.TAB)
         browser.find_element(By.XPATH, button).click()
-        wait.until(lambda d: any(words in e.text for e in d.find_elements(By.CSS_SELECTOR, ".toast-body")),
+        # Quality says it beside its button (the last result stays); the others in a message.
+        where = "#fid-estimate" if tab == "Quality" else ".toast-body"
+        wait.until(lambda d: any(words in e.text for e in d.find_elements(By.CSS_SELECTOR, where)),
                    message=f"{tab}: no refusal naming the range {words!r}")
         assert box.get_attribute("value") == value  # not cut to the range
         for close in browser.find_elements(By.CSS_SELECTOR, ".toast-close"):
             browser.execute_script("arguments[0].click();", close)
+
+
+def test_in_dark_mode_every_figure_takes_the_dark_layout_and_in_light_mode_none_does(url, browser):
+    wait = WebDriverWait(browser, 120)
+    themes = "return Array.from(document.querySelectorAll('.js-plotly-plot')).map(g => (g.layout.meta || {}).lafq_theme || 'none')"
+    browser.get(url + "?__theme=dark")
+    wait.until(lambda d: d.execute_script("return document.body.classList.contains('dark')"))
+    wait.until(lambda d: len(d.execute_script(themes)) >= 3 and set(d.execute_script(themes)) == {"dark"},
+               message="figures not in the dark layout")
+    font = browser.execute_script("return document.querySelector('.js-plotly-plot')._fullLayout.font.color")
+    assert font == "#f2f5fa"  # plotly_dark's light text on the page's dark background
+    open_tab(browser, wait, "Quantize")  # a figure drawn later (the readout) follows too
+    wait.until(lambda d: set(d.execute_script(themes)) == {"dark"} and len(d.execute_script(themes)) >= 4)
+    browser.get(url + "?__theme=light")
+    wait.until(lambda d: len(d.execute_script(themes)) >= 3)
+    assert set(browser.execute_script(themes)) == {"none"}  # as the server built them
+
+
+def test_a_long_evaluation_shows_its_estimate_and_starts_only_on_a_second_press(url, browser, app_state, monkeypatch):
+    monkeypatch.setattr(app_state, "seconds_per_image_step", lambda: 1.0)  # this machine made slow: minutes
+    wait = WebDriverWait(browser, 120)
+    browser.get(url)
+    open_tab(browser, wait, "Quality")
+    button = browser.find_element(By.ID, "evaluate")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", button)
+    button.click()
+    note = browser.find_element(By.ID, "fid-estimate")
+    wait.until(lambda d: "Press Start" in note.text and button.text.startswith("Start (about"),
+               message=f"no estimate: {note.text!r}, button {button.text!r}")
+    assert "images × DDIM-20" in note.text and browser.find_element(By.ID, "fid-result").text == ""  # nothing ran
+    box = browser.find_element(By.CSS_SELECTOR, "input[aria-label='N per seed']")
+    box.clear()
+    box.send_keys("10", Keys.TAB)  # another setting: the estimate no longer applies
+    wait.until(lambda d: button.text == "Evaluate" and note.text == "")

@@ -346,3 +346,32 @@ def test_two_responses_with_identical_images_get_files_of_their_own():
     first, second = tab_compare.served((grid, grid, None, "fig", "md")), tab_compare.served((grid, grid, None, "fig", "md"))
     assert encode_pil_to_bytes(first[0]) != encode_pil_to_bytes(second[0]) and first[2] is None
     assert np.array_equal(np.asarray(first[0]), grid)  # the pixels are unchanged
+
+
+def test_an_evaluation_is_estimated_from_the_measured_pace_and_cached_work_costs_nothing(app_state):
+    cur = tab_quantize.policy_from_controls(*controls(strategy="uniform", target="int8"))
+    plan = tab_quantize.resolve_plan(app_state, cur)
+    assert tab_quality.work(app_state, plan, 30, 3, 2, True) == {"plan": 180, "fp32": 180, "fidelity": 4 * 64 * 3}
+    seconds, line = tab_quality.estimate(app_state, cur, 30, 3, 2, True)
+    assert seconds == pytest.approx(1128 * app_state.seconds_per_image_step()) and "376 images × DDIM-3" in line
+    tab_quality.evaluate(app_state, cur, 30, 3, 2, True)
+    assert tab_quality.work(app_state, plan, 30, 3, 2, True) == {"plan": 0, "fp32": 0, "fidelity": 0}
+    assert tab_quality.estimate(app_state, cur, 30, 3, 2, True)[0] == 0  # all cached: nothing to confirm
+
+
+def test_progress_over_stages_moves_by_their_work_and_says_the_time_left():
+    from demo.state import Stages
+
+    seen, now = [], [0.0]
+    stages = Stages(lambda f, desc: seen.append((round(f, 3), desc)), {"a": 300, "cached": 0, "b": 100}, "job",
+                    clock=lambda: now[0])
+    now[0] = 30.0
+    stages.stage("a")(1, 2)  # half of a = 3/8 of the job in 30 s: 50 s left
+    stages.stage("b")(1, 1)
+    assert seen == [(0.375, "job · about 50 s left"), (1.0, "job · about 0 s left")]
+
+
+def test_verdicts_say_whether_the_paired_difference_is_measurable():
+    assert tab_quality.verdict(0.5, 1.0, 200, 3).startswith("No measurable difference from FP32 at N=200 × 3 seeds")
+    assert tab_quality.verdict(2.0, 1.0, 200, 3) == "Worse than FP32 by 2.000 ± 1.000 FID at N=200 × 3 seeds"
+    assert tab_quality.verdict(-2.0, 1.0, 1000, 3).startswith("Better than FP32 by 2.000")

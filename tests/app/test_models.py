@@ -392,3 +392,12 @@ def test_the_shipped_fashion_model_is_listed_second_and_compares_with_its_own_cl
     assert tab_compare.class_choices(state)[1] == ("T-shirt/top", "0")
     fp32, plan, _, _, md = tab_compare.compare(state, uniform("int8"), "9", 1.5, 2, 0, 1, False, user)
     assert fp32.shape == plan.shape and "Fashion-MNIST" in md
+
+
+def test_a_switch_says_when_the_users_own_plan_was_reset_and_is_silent_otherwise(app_state, tiny):
+    from demo.ui import switch_note
+
+    other, _ = tiny
+    assert switch_note(app_state, other, uniform("int8")).startswith("**Your plan was reset:** it was made for MNIST")
+    assert "reset" not in switch_note(app_state, other, tab_quantize.preset_current(app_state))
+    assert switch_note(other, app_state, tab_quantize.preset_current(other)) == ""  # back to the U-Net: nothing to say
