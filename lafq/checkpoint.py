@@ -58,6 +58,24 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _sweep_stale(path)
+
+
+STALE_SECONDS = 3600  # a temporary file this old is no writer's: a process killed (kill -9) mid-write left it
+
+
+def _sweep_stale(path: Path) -> None:
+    """Delete temporary files of earlier writes of `path` that a killed process left behind."""
+    import glob
+    import time
+
+    now = time.time()
+    for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            if now - p.stat().st_mtime > STALE_SECONDS:
+                p.unlink()
+        except OSError:  # gone already, or not ours to delete: the write itself succeeded
+            pass
 
 
 def save_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> None:

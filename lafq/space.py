@@ -198,16 +198,29 @@ def build(out, hardware: str = "cpu-basic", *, license: str = "other", force: bo
     out = Path(out).resolve()
     if out == repo or out in repo.parents:
         raise SpaceError(f"OUT {out} would replace the project itself; choose another folder (e.g. /tmp/lafq-space)")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise SpaceError(f"{out} exists and is not an empty folder; pass --force to replace it, or choose another OUT")
     missing = [f for f in APP_FILES if not (repo / f).is_file()]
     if missing:
         raise SpaceError(f"the project lacks {', '.join(missing)}, which the app reads; restore them (git checkout -- PATH)")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        lock = _lock(out)
     except OSError as e:
         raise SpaceError(f"cannot write beside {out}: {e.strerror}; choose a folder you can write to") from None
+    try:
+        _recover(out)  # first: a build killed mid-swap had moved the old OUT aside
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+            raise SpaceError(f"{out} exists and is not an empty folder; pass --force to replace it, or choose "
+                             "another OUT")
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        except OSError as e:
+            raise SpaceError(f"cannot write beside {out}: {e.strerror}; choose a folder you can write to") from None
+        return _assemble(out, tmp, hw, hardware, license, repo)
+    finally:
+        os.close(lock)  # releases the lock
+
+
+def _assemble(out: Path, tmp: Path, hw, hardware: str, license: str, repo: Path) -> BuildResult:
     try:
         sources = [repo / f for f in (*APP_FILES, *optional_app_files(repo))]
         for pkg in PACKAGES:
@@ -234,6 +247,36 @@ def build(out, hardware: str = "cpu-basic", *, license: str = "other", force: bo
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return BuildResult(out, hardware, len(files), sum(b for _, b in sizes), sizes[:5], lfs)
+
+
+def _lock(out: Path) -> int:
+    """An exclusive lock on OUT's parent folder (flock on the folder itself: no lock file left behind), so that
+    `_recover` never touches a running build's folders; a second build there at the same time is refused."""
+    import fcntl
+
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SpaceError(f"another `space build` into {out.parent} is running; wait for it or choose another "
+                         "folder") from None
+    return fd
+
+
+def _recover(out: Path) -> None:
+    """Undo what a build killed mid-way left beside OUT: the old OUT moved aside but the new one not yet in its
+    place (moved back), and half-built or old copies (deleted)."""
+    import glob
+
+    name = glob.escape(out.name)
+    for old in sorted(out.parent.glob(f".{name}.old.*")):
+        if not out.exists() and (old / "x").is_dir():
+            os.replace(old / "x", out)
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in out.parent.glob(f".{name}.*"):  # mkdtemp's names: the prefix and 8 random characters
+        if tmp.is_dir() and re.fullmatch(re.escape(f".{out.name}.") + r"[a-z0-9_]{8}", tmp.name):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_front_matter(folder: Path) -> dict:

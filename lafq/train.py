@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, config_mismatch, load_file, save_file, save_unet
+from .checkpoint import CheckpointError, atomic_write_bytes, config_mismatch, load_file, save_file, save_unet
 from .data import OFFLINE_TRAIN, load_dataset
 from .diffusion import linear_schedule, q_sample, sample
 from .model import UNet, UNetConfig, count_parameters
@@ -191,6 +191,23 @@ def run_steps(out: Path, model, ema, opt, gen, data: tuple[torch.Tensor, torch.T
     return record
 
 
+def trim_log(path: Path, step: int) -> None:
+    """Keep the log's lines up to `step` (where a run resumes; 0 for a fresh one): a run killed after logging
+    and before its next checkpoint logged steps it will do again, and their lines would be doubled. A line cut
+    short by the kill is dropped too."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
+    atomic_write_bytes(path, "".join(k + "\n" for k in kept).encode())
+
+
 def train(out: str | Path, cfg: TrainConfig = TrainConfig(), model_cfg: UNetConfig = UNetConfig(),
           resume: bool = True, progress: bool = True, channels_last: bool = True, data_root=None,
           until: int | None = None, device="cpu") -> dict:
@@ -219,6 +236,7 @@ def train(out: str | Path, cfg: TrainConfig = TrainConfig(), model_cfg: UNetConf
         check_same_run(state_path, meta, cfg)
         step, wall = meta["step"], meta["wall_seconds"]
         _restore_train_state(tensors, model, ema, opt, gen, step)
+    trim_log(out / "train_log.jsonl", step)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
 

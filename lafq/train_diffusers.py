@@ -33,7 +33,7 @@ from torch import nn
 from .checkpoint import CheckpointError, atomic_write_bytes, config_mismatch, load_file, save_file
 from .data import load_dataset
 from .diffusion import DEFAULT_GUIDANCE, sample
-from .train import (TrainConfig, _restore_train_state, _train_state_tensors, check_same_run, run_steps,
+from .train import (TrainConfig, _restore_train_state, _train_state_tensors, check_same_run, run_steps, trim_log,
                     save_grid)
 
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -170,6 +170,7 @@ def train_diffusers(out: str | Path, cfg: TrainConfig, model_cfg: UNet2DConfig =
         check_same_run(state_path, meta, cfg)
         step, wall = meta["step"], meta["wall_seconds"]
         _restore_train_state(tensors, model, ema, opt, gen, step)
+    trim_log(out / "train_log.jsonl", step)
 
     data = load_dataset(cfg.dataset, data_root)
     x_all, y_all = data.tensors()

@@ -57,3 +57,18 @@ def test_save_is_atomic_on_failure(tmp_path, tiny_model, monkeypatch):
         save_unet(path, UNet(TINY))
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_a_write_deletes_the_temporary_files_that_killed_writers_left_hours_ago(tmp_path):
+    import os
+    import time
+
+    from lafq.checkpoint import STALE_SECONDS, atomic_write_bytes
+
+    stale, fresh = tmp_path / ".x.bin.a1b2c3.tmp", tmp_path / ".x.bin.d4e5f6.tmp"
+    stale.write_bytes(b"half"), fresh.write_bytes(b"being written")
+    old = time.time() - STALE_SECONDS - 60
+    os.utime(stale, (old, old))
+    atomic_write_bytes(tmp_path / "x.bin", b"data")
+    assert (tmp_path / "x.bin").read_bytes() == b"data"
+    assert not stale.exists() and fresh.exists()  # a write in progress elsewhere is not touched

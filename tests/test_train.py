@@ -1,3 +1,5 @@
+import json
+
 import torch
 
 from lafq.diffusion import linear_schedule
@@ -46,3 +48,16 @@ def test_lr_schedule_warms_up_then_decays():
     assert lr_at(0, cfg) < lr_at(99, cfg) == 1e-3
     assert lr_at(999, cfg) < lr_at(500, cfg) < 1e-3
     assert abs(lr_at(1000, cfg) - 1e-4) < 1e-9
+
+
+def test_a_resumed_run_drops_the_log_lines_it_will_write_again(tmp_path):
+    """Killed after logging step 300 and before the checkpoint at step 200's successor: steps 201-300 are
+    trained again, so their lines (and a line cut short by the kill) go."""
+    from lafq.train import trim_log
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (100, 200, 300)) + '{"step": 4')
+    trim_log(log, 200)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [100, 200]
+    trim_log(log, 0)  # a fresh run in the same folder starts an empty log
+    assert log.read_text() == ""
