@@ -11,6 +11,7 @@ Contracts:
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
@@ -23,6 +24,11 @@ CSS = """
 /* Phones: less padding, so plots keep their width and the readout stays close to the controls. */
 @media (max-width: 700px) { .gradio-container { padding: 4px !important; } }
 """
+
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+API_PATH = re.compile(r"^/gradio_api/(call|run)/([^/]+)")
 
 
 def port_from_env(environ=os.environ) -> int:
@@ -44,15 +50,18 @@ def _header(scope, name: bytes) -> str | None:
 
 
 class RequestLimits:
-    """ASGI middleware: refuse oversized bodies (413), bodies of unknown length (411) and cross-origin
-    uploads (403) with a one-line reason, before Gradio reads or stores anything."""
+    """ASGI middleware: refuse oversized bodies (413), bodies of unknown length (411), cross-origin uploads
+    (403), a foreign Host on a loopback server (421) and unknown API names (404) with a one-line reason,
+    before Gradio reads or stores anything."""
 
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope.get("method") == "POST":
-            refusal = self.refusal(scope)
+        if scope["type"] == "http":
+            refusal = self.host_refusal(scope) or self.api_refusal(scope)
+            if refusal is None and scope.get("method") == "POST":
+                refusal = self.refusal(scope)
             if refusal is not None:
                 code, text = refusal
                 await send({"type": "http.response.start", "status": code,
@@ -60,6 +69,36 @@ class RequestLimits:
                 await send({"type": "http.response.body", "body": text.encode()})
                 return
         await self.app(scope, receive, send)
+
+    @staticmethod
+    def host_refusal(scope) -> tuple[int, str] | None:
+        """Served on a loopback address, only loopback names are answered: a page on another site that makes
+        its own name resolve to 127.0.0.1 (DNS rebinding) sends its own name as Host."""
+        server = scope.get("server") or ("", None)
+        if server[0] not in LOOPBACK:
+            return None
+        host = (_header(scope, b"host") or "").strip()
+        name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+        if name.lower() in LOOPBACK_NAMES:
+            return None
+        return 421, f"this server answers to localhost and 127.0.0.1 only (Host {host[:80]!r})"
+
+    @staticmethod
+    def api_refusal(scope) -> tuple[int, str] | None:
+        """An API name the app does not have: 404 and the names it has (Gradio answered HTTP 500)."""
+        m = API_PATH.match(scope.get("path", ""))
+        app = scope.get("app")
+        if m is None or app is None or not hasattr(app, "get_blocks"):
+            return None
+        try:
+            fns = [fn for fn in app.get_blocks().fns.values() if fn.api_name]
+            callable_ = {fn.api_name for fn in fns if getattr(fn, "api_visibility", "public") != "private"}
+            listed = {fn.api_name for fn in fns if getattr(fn, "api_visibility", "public") == "public"}
+        except Exception:  # noqa: BLE001  (another Gradio's internals: let Gradio answer)
+            return None
+        if m.group(2) in callable_:
+            return None
+        return 404, f"no API named {m.group(2)[:40]!r}; this app has /" + ", /".join(sorted(listed))
 
     @staticmethod
     def refusal(scope) -> tuple[int, str] | None:

@@ -308,7 +308,7 @@ def build(models, current, user, guard):
     sets the presets and controls to the selected model's default after a model switch."""
     import gradio as gr
 
-    from .components import Choice, RadioChoice
+    from .components import Choice, RadioChoice, UploadPath
 
     state = models.default
     start = controls_for(state, DEFAULT_PRESET)
@@ -348,8 +348,7 @@ def build(models, current, user, guard):
                 # there is something to download: an empty box took 190 px
             # No file_types: Gradio would refuse other files before the handler, leaving them in its upload
             # folder; the handler names what is accepted and deletes every upload once read.
-            upload = gr.File(label="load a plan (.json) or quantized model (.safetensors)", type="filepath",
-                             elem_id="upload")
+            upload = UploadPath(label="load a plan (.json) or quantized model (.safetensors)", elem_id="upload")
             upload_note = gr.Markdown(elem_id="upload-note")
     controls = [strategy, target, statistic, log_thr, log_enc, log_mid, log_dec, p, k, bits, protect]
     outputs = [current, summary, table, pmap]

@@ -112,6 +112,8 @@ def test_every_hostile_upload_gets_a_one_line_error_and_leaves_no_file(client, a
 
     cur = tab_quantize.policy_from_controls("layer-ratio", "int8", "final", -2, -10, 0, 0, 0.5, 0, 6, False)
     model_path, _ = tab_quantize.export(app_state, cur, session="hostile-server")
+    empties = lambda: {p for p in Path(get_upload_folder()).glob("tmp*") if p.is_file()}  # noqa: E731
+    before = empties()
     for name, (data, message) in hostile_files(Path(model_path).read_bytes()).items():
         (tmp_path / name).write_bytes(data)
         with pytest.raises(AppError) as e:
@@ -121,6 +123,7 @@ def test_every_hostile_upload_gets_a_one_line_error_and_leaves_no_file(client, a
     assert "% of FP32" in md
     left = {p.name for p in Path(get_upload_folder()).rglob("*") if p.is_file()}
     assert not left & set(hostile_files(Path(model_path).read_bytes()))  # refused uploads are deleted
+    assert empties() == before  # and no empty temporary file per upload (Gradio's File made one)
 
 
 def raw_post(server: str, path: str, headers: dict, body: bytes = b"") -> int:
@@ -153,6 +156,18 @@ def test_oversized_bodies_and_cross_origin_uploads_are_refused_before_reaching_d
     assert raw_post(server, "/gradio_api/upload", same, small) == 200
     huge_json = {"Content-Type": "application/json", "Content-Length": str(10 * 2**20)}
     assert raw_post(server, "/gradio_api/queue/join", huge_json) == 413
+
+
+def test_a_foreign_host_and_an_unknown_api_name_get_one_line_refusals(server):
+    import httpx
+
+    r = httpx.get(server, headers={"Host": "evil.example"})  # DNS rebinding: another site's name for 127.0.0.1
+    assert (r.status_code, r.text) == (421, "this server answers to localhost and 127.0.0.1 only (Host 'evil.example')")
+    assert httpx.get(server, headers={"Host": "localhost"}).status_code == 200
+    for verb in ("call", "run"):
+        r = httpx.post(server + f"gradio_api/{verb}/nosuch", json={"data": []})
+        assert r.status_code == 404 and r.text.startswith("no API named 'nosuch'; this app has /activations, /compare")
+        assert "figures_inline" not in r.text  # the page's own events are not advertised
 
 
 def test_gradio_defaults_that_leak_are_off(server, client):
