@@ -23,6 +23,8 @@ QUEUE_OPTIONS = dict(default_concurrency_limit=2, max_size=64)
 CSS = """
 /* Phones: less padding, so plots keep their width and the readout stays close to the controls. */
 @media (max-width: 700px) { .gradio-container { padding: 4px !important; } }
+/* A job's status line carries its progress bar beside its buttons: room for the bar while the line is empty. */
+#fisher-status, #fid-result { min-height: 3.2em; }
 """
 
 
@@ -88,8 +90,8 @@ class RequestLimits:
         """An API name the app does not have: 404 and the names it has (Gradio answered HTTP 500)."""
         m = API_PATH.match(scope.get("path", ""))
         app = scope.get("app")
-        if m is None or app is None or not hasattr(app, "get_blocks"):
-            return None
+        if m is None or m.group(2) == "predict" or app is None or not hasattr(app, "get_blocks"):
+            return None  # run/predict: the page's unqueued events (fn_index in the body)
         try:
             fns = [fn for fn in app.get_blocks().fns.values() if fn.api_name]
             callable_ = {fn.api_name for fn in fns if getattr(fn, "api_visibility", "public") != "private"}

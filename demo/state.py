@@ -196,6 +196,9 @@ def cancellable(progress, cancel: Job | threading.Event | None):
     return check
 
 
+CONFIRM_SECONDS = 30  # a page job estimated longer than this here starts on a second press (components.two_press)
+
+
 def duration(seconds: float) -> str:
     """Seconds in words at a useful precision: '40 s', '3 min', '1 h 20 min'."""
     s = max(0, int(round(seconds)))
@@ -219,16 +222,19 @@ class Stages:
             acc += w
         self.t0 = clock()
 
-    def stage(self, name: str):
+    def stage(self, name: str, detail=None):
+        """The stage's (done, total) callback; `detail(done, total)` adds to the description (e.g. "bin 3/50")."""
         lo, width = self.span[name]
-        return lambda done, total: self.report(lo + width * done / max(total, 1))
+        return lambda done, total: self.report(lo + width * done / max(total, 1),
+                                               detail(done, total) if detail else "")
 
-    def report(self, fraction: float) -> None:
+    def report(self, fraction: float, detail: str = "") -> None:
         if self.progress is None:
             return
         elapsed = self.clock() - self.t0
         left = f" · about {duration(elapsed * (1 - fraction) / fraction)} left" if fraction >= 0.02 else ""
-        self.progress(min(1.0, fraction), desc=self.desc + left)
+        desc = f"{self.desc} {detail}".strip() if detail else self.desc
+        self.progress(min(1.0, fraction), desc=desc + left)
 
 
 def release_memory() -> None:
@@ -324,6 +330,7 @@ class AppState:
     _memo_lock: threading.Lock = field(default_factory=threading.Lock)  # guards _memo_keys only
     _memo_keys: dict = field(default_factory=dict)  # key -> the lock its first caller computes under
     _step_seconds: float | None = None  # measured seconds per image per denoising step (`sample`)
+    _fisher_seconds: float | None = None  # measured seconds per per-sample gradient (the last Fisher recompute)
 
     # -- what every tab asks of a model (class attributes: demo.models.DiffusersState answers for diffusers) --
     kind = "lafq"

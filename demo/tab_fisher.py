@@ -14,7 +14,7 @@ from lafq.fisher import VIEWS, FisherMap, compute_fisher
 
 from . import plots
 from .state import (MAX_BINS, MAX_FISHER_SAMPLES, AppState, InputError, UserSession, as_choice, as_number, as_user,
-                    cancellable)
+                    Stages, cancellable, duration)
 from .zerogpu import fisher_seconds, gpu
 
 COLORBAR = {"raw": "E[(dL/dθ)²]", "normalized": "F / max F", "log": "log10(F / max F)"}
@@ -118,7 +118,7 @@ def recompute(state: AppState, bins, samples, per_class: bool, progress=None, ca
     The shared model and map are untouched; `cancel` (a Job or Event) stops it at its next bin."""
     bins, samples = fisher_settings(bins, samples)
     # `is not None`: gr.Progress() is falsy (its __len__ is 0 before any tracking), so `if progress` dropped it.
-    report = (lambda d, t: progress(d / t, desc=f"bin {d}/{t}")) if progress is not None else None
+    report = Stages(progress, {"map": 1.0}, "Fisher").stage("map", lambda d, t: f"bin {d}/{t}")  # and the time left
     if state.kind != "lafq":
         return _recompute_any(state, bins, samples, per_class, cancellable(report, cancel), user)
     from lafq.data import load_dataset
@@ -131,8 +131,23 @@ def recompute(state: AppState, bins, samples, per_class: bool, progress=None, ca
     finally:
         del model
     note = f"your recomputed map: {bins} bins x {samples} samples{' per digit' if per_class else ''}"
+    state._fisher_seconds = fm.meta["seconds"] / (bins * samples * (len(state.classes) if per_class else 1))
     new = replace(as_user(user), fisher=fm, fisher_note=note)
     return new, f"{note}, in {fm.meta['seconds']:.1f}s. Only your plans use it; other users keep theirs."
+
+
+FISHER_STEP_FACTOR = 5.1  # one per-sample gradient costs about 5.1 image-steps of sampling (MNIST U-Net, 2 AMD
+# EPYC cores: 24 ms against 4.8 ms): the estimate before a first recompute; later ones use the measured pace
+
+
+def estimate(state: AppState, bins, samples, per_class) -> tuple[float, str]:
+    """(seconds, a line) a recompute would take here: per-sample gradients × their measured (or derived) pace."""
+    bins, samples = fisher_settings(bins, samples)
+    gradients = bins * samples * (len(state.classes) if per_class and state.kind == "lafq" else 1)
+    pace = state._fisher_seconds or FISHER_STEP_FACTOR * state.seconds_per_image_step()
+    seconds = gradients * pace
+    return seconds, (f"This recompute takes {gradients:,} per-sample gradients: about **{duration(seconds)}** here. "
+                     "Press **Start** to run it, or lower the bins or samples.")
 
 
 def _recompute_any(state, bins: int, samples: int, per_class, progress, user) -> tuple[UserSession, str]:
@@ -188,7 +203,7 @@ def build(models, user, guard):
     model-dependent controls after a model switch."""
     import gradio as gr
 
-    from .components import Choice, RadioChoice
+    from .components import Choice, RadioChoice, disarm, two_press
 
     from . import serving
 
@@ -243,15 +258,31 @@ def build(models, user, guard):
         with st.job(request.session_hash, serving.event_alive(), heavy=True) as job:
             new, msg = recompute(st, b, s, pc, progress, cancel=job, user=usr)
         return new, msg, gr.Slider(**bin_slider_update(st, new)), model_note(st, new)
-    ev = go_btn.click(guard(run), [bins, samples, per_class, user], [user, status, t_bin, note],
-                      api_name="recompute_fisher", concurrency_id="heavy", concurrency_limit=1)
-    ev.then(guard(figures), inputs, outputs, api_visibility="private")
+    api_btn = gr.Button("recompute (API)", visible=False)
+    api_ev = api_btn.click(guard(run), [bins, samples, per_class, user], [user, status, t_bin, note],
+                           api_name="recompute_fisher", concurrency_id="heavy", concurrency_limit=1)
+    api_ev.then(guard(figures), inputs, outputs, api_visibility="private")
+
+    # In the page: a recompute estimated over 30 s here shows its estimate and starts on a second press; a
+    # refused setting keeps the map and says why beside the buttons (the status line).
+    def run_page(b, s, pc, usr, request: gr.Request, progress=gr.Progress()):
+        new, msg, slider, note_ = run(b, s, pc, usr, request, progress)
+        return new, slider, note_, msg
+    page = two_press(run_page, lambda b, s, pc, usr: estimate(models.state_for(usr), b, s, pc), "Recompute",
+                     outputs=3, says=True)
+    armed = gr.State(None)
+    ev = go_btn.click(guard(page, keep=5), [bins, samples, per_class, user, armed],
+                      [user, t_bin, note, armed, go_btn, status], concurrency_id="evaluate", concurrency_limit=4,
+                      api_visibility="private", show_progress_on=[status])
+    ev.success(guard(figures), inputs, outputs, api_visibility="private")
+    gr.on([bins.change, samples.change, per_class.change], disarm("Recompute"), None, [armed, go_btn, status],
+          queue=False, api_visibility="private")
 
     def stop(request: gr.Request):
         if state.jobs.cancel(request.session_hash):  # one job table for every model (demo.models)
             return "Cancelled: the recompute stops at its next bin; your map is unchanged."
         return "Nothing to cancel."
-    cancel.click(stop, None, status, cancels=[ev], api_visibility="private")
+    cancel.click(stop, None, status, cancels=[ev, api_ev], api_visibility="private")
 
     def back_to_shipped(usr):
         st = models.state_for(usr)

@@ -196,7 +196,6 @@ def _interval(ci: float, seeds: int, digits: int = 3) -> str:
 
 
 ONE_SEED = "One seed: no number below has an interval, and there is no verdict; use 2+ seeds for one."
-CONFIRM_SECONDS = 30  # a job estimated longer than this on this machine starts on a second press
 
 
 def verdict(d: float, dci: float, n: int, seeds: int) -> str:
@@ -317,7 +316,8 @@ def build(models, current, user, guard):
     the tab for the selected model and shows that model's evaluations."""
     import gradio as gr
 
-    from . import serving, zerogpu
+    from . import serving
+    from .components import disarm, two_press
 
     state = models.default
     gr.Markdown(HOW_TO, elem_id="howto-quality")
@@ -347,22 +347,6 @@ def build(models, current, user, guard):
         with st.job(request.session_hash, serving.event_alive(), heavy=True) as job:
             return evaluate(st, cur, n_, s_, k_, f_, progress, cancel=job, user=usr)
 
-    def run_page(cur, n_, s_, k_, f_, usr, arm, request: gr.Request, progress=gr.Progress()):
-        # In the page a job estimated over CONFIRM_SECONDS here waits for a second press (the button then says
-        # how long); the named endpoint runs what an API client asked for at once.
-        st = models.state_for(usr)
-        key = (st.model_id, repr(cur), n_, s_, k_, f_)
-        if arm != key and not zerogpu.ON_ZEROGPU:  # ZeroGPU: the GPU call's own duration bounds the job
-            seconds, line = estimate(st, cur, n_, s_, k_, f_, usr)
-            if seconds > CONFIRM_SECONDS:
-                return (gr.skip(), gr.skip(), gr.skip(), key, gr.Button(value=f"Start (about {duration(seconds)})"),
-                        line)
-        md, fig, new = run(cur, n_, s_, k_, f_, usr, request, progress)
-        return md, fig, new, None, gr.Button(value="Evaluate"), ""
-
-    def disarm():
-        return None, gr.Button(value="Evaluate"), ""
-
     def stop(request: gr.Request):
         if state.jobs.cancel(request.session_hash):
             gr.Info("Cancelled: the evaluation stops at its next step; nothing was recorded.")
@@ -370,13 +354,15 @@ def build(models, current, user, guard):
     # A refused setting keeps the last result and says why beside the button (the last output).
     # Not in the heavy queue: the estimate must not wait behind another user's job (the job itself waits for the
     # heavy slot inside, with "waiting for other jobs" on its bar).
-    ev = go_btn.click(guard(run_page, keep=5), [*inputs, armed], [result, chart, user, armed, go_btn, estimate_note],
-                      concurrency_id="evaluate", concurrency_limit=4, api_visibility="private")
+    page = two_press(run, lambda cur, n_, s_, k_, f_, usr: estimate(models.state_for(usr), cur, n_, s_, k_, f_, usr),
+                     "Evaluate", outputs=3)
+    ev = go_btn.click(guard(page, keep=5), [*inputs, armed], [result, chart, user, armed, go_btn, estimate_note],
+                      concurrency_id="evaluate", concurrency_limit=4, api_visibility="private", show_progress_on=[result])
     api_btn = gr.Button("fid (API)", visible=False)
     api_ev = api_btn.click(guard(run), inputs, [result, chart, user], api_name="fid", concurrency_id="heavy",
                            concurrency_limit=1)
     cancel.click(stop, None, None, cancels=[ev, api_ev], api_visibility="private")
-    gr.on([n.change, steps.change, seeds.change, fp32.change], disarm, None, [armed, go_btn, estimate_note],
+    gr.on([n.change, steps.change, seeds.change, fp32.change], disarm("Evaluate"), None, [armed, go_btn, estimate_note],
           queue=False, api_visibility="private")
     with gr.Accordion("Where precision matters: each weight matrix lowered alone to INT4 (shipped validation)",
                       open=False):

@@ -118,7 +118,11 @@ def test_a_fisher_recompute_shows_a_moving_progress_bar_and_cancel_stops_it(url,
         browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", box)
         box.clear()
         box.send_keys(str(value), Keys.ENTER)
-    browser.find_element(By.ID, "recompute").click()
+    button = browser.find_element(By.ID, "recompute")
+    button.click()  # 25,600 gradients: the first press shows the estimate, the second starts
+    wait.until(lambda d: button.text.startswith("Start (about")
+               and "per-sample gradients" in d.find_element(By.ID, "fisher-status").text)
+    button.click()
 
     def progress(d):
         texts = [e.text for e in d.find_elements(By.CSS_SELECTOR, ".progress-level") if "bin " in e.text]
@@ -308,8 +312,8 @@ def test_an_out_of_range_n_bins_or_timestep_is_refused_with_its_range_never_cut_
         box.clear()
         box.send_keys(value, Keys.TAB)
         browser.find_element(By.XPATH, button).click()
-        # Quality says it beside its button (the last result stays); the others in a message.
-        where = "#fid-estimate" if tab == "Quality" else ".toast-body"
+        # Quality and Fisher say it beside their buttons (the last result stays); Inside in a message.
+        where = {"Quality": "#fid-estimate", "Fisher": "#fisher-status"}.get(tab, ".toast-body")
         wait.until(lambda d: any(words in e.text for e in d.find_elements(By.CSS_SELECTOR, where)),
                    message=f"{tab}: no refusal naming the range {words!r}")
         assert box.get_attribute("value") == value  # not cut to the range

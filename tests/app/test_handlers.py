@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import inspect
 import re
 
 import numpy as np
@@ -375,3 +376,36 @@ def test_verdicts_say_whether_the_paired_difference_is_measurable():
     assert tab_quality.verdict(0.5, 1.0, 200, 3).startswith("No measurable difference from FP32 at N=200 × 3 seeds")
     assert tab_quality.verdict(2.0, 1.0, 200, 3) == "Worse than FP32 by 2.000 ± 1.000 FID at N=200 × 3 seeds"
     assert tab_quality.verdict(-2.0, 1.0, 1000, 3).startswith("Better than FP32 by 2.000")
+
+
+def test_a_recompute_is_estimated_from_the_sampling_pace_then_from_its_own(app_state):
+    seconds, line = tab_fisher.estimate(app_state, 4, 4, True)  # per digit: 10 maps' worth
+    assert seconds == pytest.approx(160 * tab_fisher.FISHER_STEP_FACTOR * app_state.seconds_per_image_step())
+    assert "160 per-sample gradients" in line
+    user, _ = tab_fisher.recompute(app_state, 2, 2, False)
+    assert tab_fisher.estimate(app_state, 4, 4, False)[0] == pytest.approx(16 * user.fisher.meta["seconds"] / 4)
+
+
+def test_a_two_press_button_runs_a_long_job_on_the_second_press_with_the_same_settings():
+    import gradio as gr
+
+    from demo.components import two_press
+
+    ran = []
+
+    def run(a, b, request: gr.Request, progress=gr.Progress()):
+        ran.append((a, b, request))
+        return f"done {a}", b
+
+    page = two_press(run, lambda a, b: (60.0 * a, f"about {a} min"), "Go", outputs=2)
+    assert list(inspect.signature(page).parameters) == ["a", "b", "armed", "request", "progress"]
+    from gradio.helpers import special_args
+    filled, progress_at, _, _ = special_args(page, [1, "x", None], request="the request")  # as Gradio calls it
+    assert filled[3] == "the request" and progress_at == 4
+    *skipped, armed, button, line = page(2, "x", None, "req", None)  # 120 s: an estimate, nothing run
+    assert not ran and line == "about 2 min" and button.value == "Start (about 2 min)"
+    assert page(3, "x", armed, "req", None)[-1] == "about 3 min" and not ran  # other settings: a new estimate
+    out = page(2, "x", armed, "req", None)  # the same settings again: it runs
+    assert out[:3] == ("done 2", "x", None) and out[3].value == "Go" and out[4] == "" and ran == [(2, "x", "req")]
+    out = page(0.1, "y", None, "req", None)  # 6 s: at once
+    assert out[:3] == ("done 0.1", "y", None) and out[-1] == ""
