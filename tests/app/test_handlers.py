@@ -378,7 +378,8 @@ def test_verdicts_say_whether_the_paired_difference_is_measurable():
     assert tab_quality.verdict(-2.0, 1.0, 1000, 3).startswith("Better than FP32 by 2.000")
 
 
-def test_a_recompute_is_estimated_from_the_sampling_pace_then_from_its_own(app_state):
+def test_a_recompute_is_estimated_from_the_sampling_pace_then_from_its_own(app_state, monkeypatch):
+    monkeypatch.setattr(app_state, "_fisher_seconds", None)  # no recompute measured yet
     seconds, line = tab_fisher.estimate(app_state, 4, 4, True)  # per digit: 10 maps' worth
     assert seconds == pytest.approx(160 * tab_fisher.FISHER_STEP_FACTOR * app_state.seconds_per_image_step())
     assert "160 per-sample gradients" in line
