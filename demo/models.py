@@ -21,9 +21,7 @@ Contracts:
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import re
 import threading
@@ -33,6 +31,7 @@ from pathlib import Path
 import torch
 
 from lafq import paths
+from lafq.card import ModelCard, plain_name, read_json
 from lafq.checkpoint import CheckpointError
 from lafq.data import DataError
 from lafq.fisher import FisherMap, state_digest
@@ -51,86 +50,12 @@ NO_FISHER = ("no Fisher map for this model: its folder has no fisher.safetensors
              "dataset to compute one from")
 # Bounds a listed folder must keep (its JSON files are read before anything loads): what the app can sample on
 # a CPU in seconds, far above any model it is for (28x28 pixels, 1,000 steps, 1-4 channels, 10 classes).
-MAX_JSON_BYTES = 1 << 20
 MAX_SAMPLE_SIZE = 512
 MAX_CHANNELS = 64
 MAX_TRAIN_TIMESTEPS = 10_000
-MAX_CLASSES = 1_000
-MAX_NAME = 80
-PLAIN_TEXT = re.compile(r"[^\w .,:;()/+'-]+")  # what a shown name keeps: no HTML, no links or headings
 
 
-def plain_name(text: str, default: str = "model") -> str:
-    """A name safe to show anywhere (Markdown, HTML, a dropdown): word characters, spaces and . , : ; ( ) / + ' -,
-    whitespace folded, at most MAX_NAME characters."""
-    text = " ".join(PLAIN_TEXT.sub(" ", str(text)).split())[:MAX_NAME].strip()
-    return text or default
-
-
-def read_json(path: Path, what: str):
-    """A small JSON file's value; ValueError (one line) for anything else: too large, not a regular file,
-    undecodable, nested too deep."""
-    if path.is_symlink() and not path.exists() or path.exists() and not path.is_file():
-        raise ValueError(f"{what} is not a regular file")
-    size = path.stat().st_size
-    if size > MAX_JSON_BYTES:
-        raise ValueError(f"{what} has {size:,} bytes; at most {MAX_JSON_BYTES:,} are read")
-    try:
-        return json.loads(path.read_bytes())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ValueError(f"{what} is not readable JSON ({type(e).__name__})") from None
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """A model folder's `lafq.json` (every key optional). `classes` are the class names in index order;
-    `null_class` the unconditional (classifier-free guidance) index, if trained with one."""
-    name: str = ""
-    dataset: str | None = None
-    reference: str | None = None
-    classes: tuple[str, ...] = ()
-    null_class: int | None = None
-    guidance: float = 1.0
-
-    def __post_init__(self):
-        if not isinstance(self.name, str):
-            raise ValueError(f"name must be a string, got {shown(self.name)}")
-        for key in ("dataset", "reference"):
-            v = getattr(self, key)
-            if v is not None and (not isinstance(v, str) or not v):
-                raise ValueError(f"{key} must be a dataset name, got {shown(v)}")
-        if not isinstance(self.classes, (list, tuple)) or not all(isinstance(c, str) and c for c in self.classes) \
-                or len(self.classes) > MAX_CLASSES:
-            raise ValueError(f"classes must be a list of up to {MAX_CLASSES:,} names, got {shown(self.classes)}")
-        if any(plain_name(c, "") != c for c in self.classes):
-            bad = next(c for c in self.classes if plain_name(c, "") != c)
-            raise ValueError(f"class names must be plain text (letters, digits, spaces and .,:;()/+'-, at most "
-                             f"{MAX_NAME} characters), got {shown(bad)}")
-        object.__setattr__(self, "classes", tuple(self.classes))
-        if self.null_class is not None and (isinstance(self.null_class, bool) or not isinstance(self.null_class, int)
-                                            or self.null_class < len(self.classes)):
-            raise ValueError(f"null_class must be an index after the {len(self.classes)} classes, got {shown(self.null_class)}")
-        g = self.guidance
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or not 0 <= g <= 10:
-            raise ValueError(f"guidance must be a number in [0, 10], got {shown(g)}")
-        object.__setattr__(self, "guidance", float(g))
-        if self.guidance != 1.0 and self.null_class is None:
-            raise ValueError("guidance other than 1 needs null_class (the unconditional class index)")
-
-    @classmethod
-    def read(cls, folder: Path) -> "ModelInfo":
-        """The folder's lafq.json, or defaults when it has none; ValueError (one line) when it is invalid."""
-        path = Path(folder) / INFO_FILE
-        if not (path.exists() or path.is_symlink()):
-            return cls()
-        data = read_json(path, INFO_FILE)
-        if not isinstance(data, dict):
-            raise ValueError(f"{INFO_FILE} must hold an object, got {type(data).__name__}")
-        known = set(cls.__dataclass_fields__)
-        try:
-            return cls(**{k: v for k, v in data.items() if k in known})
-        except ValueError as e:
-            raise ValueError(f"{INFO_FILE}: {e}") from None
+ModelInfo = ModelCard  # the app's name for a folder's lafq.json (lafq.card)
 
 
 @dataclass(frozen=True)

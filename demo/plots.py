@@ -22,6 +22,7 @@ LAYOUT = dict(margin=dict(l=10, r=10, t=60, b=10), template="plotly_white")
 LOG_AXIS = dict(type="log", exponentformat="power", dtick=1, minor=dict(showgrid=False, ticks=""))
 NUMBER_FORMAT = dict(exponentformat="power")  # colour bars and linear axes: 1e-5 as a power, never an SI prefix
 TITLE_CHARS = 52
+IMAGE_AXIS = dict(showticklabels=False, showgrid=False, zeroline=False)  # images: no ticks, no grid over them
 COLORBAR = dict(thickness=10, **NUMBER_FORMAT)  # Plotly's default 30 px bar took ~40% of a phone-wide heatmap
 
 
@@ -209,8 +210,8 @@ def image_panels(images: list, titles: list[str], title: str, colorscale: str = 
                                  zmax=zmax, name=titles[i],
                                  hovertemplate=f"{titles[i]}<br>value %{{z:.3g}} at (%{{x}}, %{{y}})<extra></extra>"),
                       r + 1, c + 1)
-        fig.update_yaxes(autorange="reversed", showticklabels=False, scaleanchor=f"x{i + 1}", row=r + 1, col=c + 1)
-        fig.update_xaxes(showticklabels=False, row=r + 1, col=c + 1)
+        fig.update_yaxes(autorange="reversed", scaleanchor=f"x{i + 1}", row=r + 1, col=c + 1, **IMAGE_AXIS)
+        fig.update_xaxes(row=r + 1, col=c + 1, **IMAGE_AXIS)
     for i in range(len(images), rows * cols):  # the last row's empty cells: no axes
         r, c = divmod(i, cols)
         fig.update_xaxes(visible=False, row=r + 1, col=c + 1)
@@ -228,8 +229,8 @@ def diff_map(panels: dict, title: str) -> go.Figure:
     for i, (name, z) in enumerate(panels.items(), start=1):
         fig.add_trace(go.Heatmap(z=np.asarray(z, dtype=float), coloraxis="coloraxis", name=name,
                                  hovertemplate=f"{name}<br>|Δ| to FP32 %{{z:.0f}} of 255<extra></extra>"), row=1, col=i)
-        fig.update_yaxes(autorange="reversed", scaleanchor=f"x{i if i > 1 else ''}", showticklabels=False, row=1, col=i)
-        fig.update_xaxes(showticklabels=False, row=1, col=i)
+        fig.update_yaxes(autorange="reversed", scaleanchor=f"x{i if i > 1 else ''}", row=1, col=i, **IMAGE_AXIS)
+        fig.update_xaxes(row=1, col=i, **IMAGE_AXIS)
     return _titled(fig, title, 360, top=50, coloraxis=dict(colorscale="Inferno", cmin=0, cmax=255,
                                                           colorbar=dict(title=dict(text="|Δ|", side="right"), **COLORBAR)))
 

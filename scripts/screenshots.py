@@ -138,9 +138,9 @@ def desktop(url) -> None:
             tab("Quality")
             click("Evaluate")
             # Over 30 s here: the first press shows the estimate, the second starts the run.
-            start = wait.until(lambda d: d.find_element(By.ID, "fid-result").text
-                               or d.find_element(By.ID, "evaluate").text.startswith("Start"))
-            if start is True:
+            wait.until(lambda d: "ΔFID" in d.find_element(By.ID, "fid-result").text
+                       or d.find_element(By.ID, "evaluate").text.startswith("Start"))
+            if driver.find_element(By.ID, "evaluate").text.startswith("Start"):
                 driver.find_element(By.ID, "evaluate").click()
             wait.until(lambda d: "ΔFID" in d.find_element(By.ID, "fid-result").text)
             shoot("quality")
