@@ -115,7 +115,7 @@ def cmd_sample(args):
         from .cli_diffusers import _card, load_folder
         from .train_diffusers import ClassUNet
 
-        classes = int(_card(args.model)["null_class"])
+        classes = _card(args.model).null_class
         den = load_folder(args.model)
         model, device = _model_on(ClassUNet(den.module).eval(), args)
         schedule = den.schedule

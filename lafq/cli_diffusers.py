@@ -60,17 +60,15 @@ def register(sub) -> None:
     t.set_defaults(func=cmd_train_diffusers)
 
 
-def _card(model: Path) -> dict:
-    import json
+def _card(model: Path):
+    """The folder's ModelCard with what the folder commands need (dataset, reference, null_class); one-line
+    errors for a missing, invalid or incomplete lafq.json."""
+    from .card import CARD_FILE, ModelCard
 
-    path = model / "lafq.json"
-    if not path.is_file():
-        raise ValueError(f"{model} has no lafq.json: not a folder written by train-diffusers")
-    card = json.loads(path.read_text(encoding="utf-8"))
-    missing = [k for k in ("dataset", "reference", "null_class") if card.get(k) is None]
-    if missing:
-        raise ValueError(f"{path} lacks {', '.join(missing)}")
-    return card
+    path = Path(model) / CARD_FILE
+    if not (path.exists() or path.is_symlink()):
+        raise ValueError(f"{model} has no {CARD_FILE}: not a folder written by train-diffusers")
+    return ModelCard.read(model).require("dataset", "reference", "null_class", folder=model)
 
 
 def load_folder(model: Path):
@@ -106,22 +104,22 @@ def cmd_fid_model(args):
     backend = ClassifierBackend(path=classifier)
     seeds = list(range(args.seed, args.seed + args.seeds))
     res = {"command": "fid-model", "model": str(args.model), "classifier": str(classifier), "backend": backend.name,
-           "n": args.n, "seeds": seeds, "reference": card["reference"]}
+           "n": args.n, "seeds": seeds, "reference": card.reference}
     lines = []
     if not args.floor_only:
         den = load_folder(args.model)
         spec = SampleSpec(n=args.n, steps=args.steps, guidance=args.guidance, seed=seeds[0], batch_size=args.batch_size)
         log(f"FID: {args.n} class-balanced samples x {len(seeds)} seeds, ddim-{spec.steps}, guidance {spec.guidance}, "
-            f"classifier {classifier}, reference {card['reference']}")
+            f"classifier {classifier}, reference {card.reference}")
         r = evaluate_fid(ClassUNet(den.module), spec, seeds, backend=backend, classifier=backend.model,
-                         num_classes=int(card["null_class"]), reference=card["reference"], log=log,
+                         num_classes=int(card.null_class), reference=card.reference, log=log,
                          cache_dir=out_dir, schedule=den.schedule, stats_dir=stats_dir)
         res.update(r.to_dict(), steps=spec.steps, sampler=spec.sampler, guidance=spec.guidance)
         lines.append(r.describe())
     if args.real_floor or args.floor_only:
-        f = real_floor(backend, args.n, seeds, train=card["dataset"], reference=card["reference"], stats_dir=stats_dir)
-        res["real_floor"] = {**f.to_dict(), "train": card["dataset"]}
-        lines.append(f"real-vs-real floor ({card['dataset']} draws vs {card['reference']}): " + f.describe())
+        f = real_floor(backend, args.n, seeds, train=card.dataset, reference=card.reference, stats_dir=stats_dir)
+        res["real_floor"] = {**f.to_dict(), "train": card.dataset}
+        lines.append(f"real-vs-real floor ({card.dataset} draws vs {card.reference}): " + f.describe())
     name = "floor" if args.floor_only else f"fid-n{args.n}-ddim{args.steps}-w{args.guidance:g}"
     atomic_write_bytes(out_dir / f"{name}.json", (json.dumps(res, indent=2, sort_keys=True) + "\n").encode())
     _emit(args, res, "\n".join(lines) + f"\nwrote {out_dir / (name + '.json')}")

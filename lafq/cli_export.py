@@ -87,7 +87,7 @@ def _dataset_draws(args):
         raise ValueError("--dataset conditions on the images' class labels: leave out --conditioning")
     from .cli_diffusers import _card
 
-    null = int(_card(Path(args.model))["null_class"])  # one-line errors for a missing or incomplete lafq.json
+    null = _card(Path(args.model)).null_class  # one-line errors for a missing or incomplete lafq.json
     images, labels = load_dataset(args.dataset).tensors()
     return images, labels, Conditioning({"class_labels": torch.arange(null + 1)}, null + 1), null
 

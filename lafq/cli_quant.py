@@ -232,14 +232,14 @@ def _report_subject(args) -> _ReportInputs:
     den = load_folder(folder)
     model = den.module.eval()
     backend = ClassifierBackend(path=folder / "classifier.safetensors")
-    subject = Subject(name=f"{card.get('name', folder.name)} (`{folder}`)",
+    subject = Subject(name=f"{card.name or folder.name} (`{folder}`)",
                       classifier=f"the features of the folder's classifier, `{folder / 'classifier.safetensors'}`",
-                      reference=card["reference"], floor_images=card["dataset"], edge_layers=edge_layers(model),
+                      reference=card.reference, floor_images=card.dataset, edge_layers=edge_layers(model),
                       source_strategies=False)
     return _ReportInputs(model=model, fisher=load_fisher(args.fisher or folder / "fisher.safetensors"),
                          subject=subject, classifier=backend.model, backend=backend,
-                         evaluator=dict(num_classes=int(card["null_class"]), schedule=den.schedule, wrap=ClassUNet,
-                                        reference=card["reference"], stats_dir=folder / "stats"),
+                         evaluator=dict(num_classes=card.null_class, schedule=den.schedule, wrap=ClassUNet,
+                                        reference=card.reference, stats_dir=folder / "stats"),
                          cache=Path(args.cache_dir or folder / "eval" / "report"),
                          out=Path(args.out_dir or folder / "report"))
 

@@ -109,14 +109,15 @@ class ClassUNet(nn.Module):
 
 
 def model_card(dataset: str, null_class: int, train: dict | None = None) -> dict:
-    """The lafq.json contract the app reads: name, dataset, reference, classes, null_class, guidance."""
+    """The lafq.json a trained folder gets (lafq.card.ModelCard, validated): name, dataset, reference, classes,
+    null_class, guidance, and the training facts under "train"."""
+    from .card import ModelCard
+
     known = DATASET_CARDS.get(dataset, {"name": f"{dataset} UNet2DModel (diffusers)", "reference": None,
                                         "classes": [str(i) for i in range(null_class)]})
-    card = {"name": known["name"], "dataset": dataset, "reference": known["reference"],
-            "classes": list(known["classes"]), "null_class": null_class, "guidance": DEFAULT_GUIDANCE}
-    if train is not None:
-        card["train"] = train
-    return card
+    card = ModelCard(name=known["name"], dataset=dataset, reference=known["reference"], classes=tuple(known["classes"]),
+                     null_class=null_class, guidance=DEFAULT_GUIDANCE, extra={} if train is None else {"train": train})
+    return card.to_dict()
 
 
 def _save_pretrained(obj, folder: Path, **kw) -> None:
