@@ -8,6 +8,7 @@ bad input, unreadable or unwritable paths, or interruption.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -256,16 +257,24 @@ def with_model_command(argv: list[str]) -> list[str]:
     return argv
 
 
+def _fail(message: str, as_json: bool) -> int:
+    """One error line on stderr, exit 2; under --json also the error as the JSON line on stdout, where the
+    result would have been."""
+    print(f"error: {message}", file=sys.stderr)
+    if as_json:
+        print(json.dumps({"error": message, "exit_code": 2}), flush=True)
+    return 2
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = build_parser().parse_args(with_model_command(list(sys.argv[1:] if argv is None else argv)))
+        args = build_parser().parse_args(with_model_command(argv))
         args.func(args)
     except (CLIError, CheckpointError, DataError, ValueError) as e:
-        print(f"error: {' '.join(str(e).split())[:500]}", file=sys.stderr)
-        return 2
+        return _fail(" ".join(str(e).split())[:500], "--json" in argv)
     except OSError as e:  # unreadable input, unwritable output, a directory where a file belongs
-        print(f"error: {_os_error(e)}", file=sys.stderr)
-        return 2
+        return _fail(_os_error(e), "--json" in argv)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -34,20 +34,23 @@ def _load_model(path: str):
 
 def cmd_export(args):
     from .export import export_plan
-    from .policy import Plan
+    from .planfile import read_plan
+    from .policy import param_shapes
 
     plan_path = Path(args.plan)
     if not plan_path.is_file():
         raise FileNotFoundError(f"no such plan file: {plan_path}")
-    plan = Plan.from_json(plan_path.read_text(encoding="utf-8"))
+    plan = read_plan(plan_path.read_bytes(), str(plan_path))  # the strict reader every command uses
     model, kind = _load_model(args.model)
     if args.to == "diffusers" and kind != "diffusers":
         raise ValueError("--to diffusers writes a diffusers TorchAoConfig: --model must be a diffusers model folder "
                          "(for the lafq U-Net use --to torchao or --to quanto)")
-    exp = export_plan(plan, model, args.to, component=args.component, int4_kernel=args.int4_kernel)
+    plan.validate(param_shapes(model))  # names the model lacks, integer formats on vectors: refused here
+    component = _component(args.model, model, args.component)
+    exp = export_plan(plan, model, args.to, component=component, int4_kernel=args.int4_kernel)
     out = Path(args.out) if args.out else plan_path.with_suffix(f".{args.to}.json")
     exp.save(out)
-    res = {"command": "export", "out": str(out), "to": args.to, "model": str(args.model),
+    res = {"command": "export", "out": str(out), "to": args.to, "model": str(args.model), "component": component,
            "converted": len(exp.converted), "not_converted": len(exp.not_converted),
            "approximations": exp.approximations}
     human = [(f"wrote {out}: {len(exp.converted)} modules converted for {args.to}, {len(exp.not_converted)} kept "
@@ -56,7 +59,31 @@ def cmd_export(args):
     _emit(args, res, "\n".join(human))
 
 
+def _component(path, model, asked: str | None) -> str:
+    """The pipeline component a diffusers export is for: the one asked for, which a pipeline folder must have;
+    by default the pipeline's denoiser (transformer/ or unet/), or for a bare model its class's kind. A fixed
+    "unet" default made a DiT pipeline print one warning and sample in FP32: the export silently ignored."""
+    import json
+
+    folder = Path(str(path))
+    index = folder / "model_index.json"
+    if index.is_file():
+        try:
+            listed = [k for k, v in json.loads(index.read_text(encoding="utf-8")).items() if isinstance(v, list)]
+        except (ValueError, AttributeError):
+            raise ValueError(f"{index} is not a diffusers model_index.json") from None
+        found = "transformer" if (folder / "transformer").is_dir() else "unet"
+        if asked is None:
+            return found
+        if asked not in listed:
+            raise ValueError(f"{folder} is a pipeline without a {asked!r} component (it has {', '.join(listed)}; "
+                             f"its denoiser is {found!r})")
+        return asked
+    return asked or ("transformer" if "Transformer" in type(model).__name__ else "unet")
+
+
 def _images(path: str, key: str | None):
+    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -71,7 +98,14 @@ def _images(path: str, key: str | None):
     name = key or ("images" if "images" in tensors else min(tensors))
     if name not in tensors:
         raise ValueError(f"{path} has no tensor {name!r}; it has {sorted(tensors)}")
-    return tensors[name]
+    images = tensors[name]
+    if images.dim() < 2 or not images.is_floating_point():
+        raise ValueError(f"{path}: tensor {name!r} is {tuple(images.shape)} {images.dtype}; images are a float tensor "
+                         "(N, C, H, W) or latents")
+    bad = int((~torch.isfinite(images)).sum())
+    if bad:  # a map from them would be all NaN, written with exit 0
+        raise ValueError(f"{path}: tensor {name!r} holds {bad:,} NaN or infinite values; give finite images")
+    return images
 
 
 def _dataset_draws(args):
@@ -94,6 +128,8 @@ def _dataset_draws(args):
 
 def cmd_fisher_model(args):
     import time
+
+    import torch
 
     from .device import resolve_device
     from .fisher_any import fisher_map
@@ -122,6 +158,9 @@ def cmd_fisher_model(args):
     fm = fisher_map(den, images, bins=args.bins, samples_per_bin=args.samples, seed=args.seed, method=args.method,
                     image_rows=image_rows, p_null=args.p_null if args.dataset else 0.0, chunk=args.chunk)
     fm.meta["images"] = str(args.images or args.dataset)
+    if not torch.isfinite(fm.fisher).all():  # finite images, and still: the model's own overflow
+        raise ValueError("the Fisher map has NaN or infinite values (the model overflows on these inputs); "
+                         "nothing was written")
     main = distributed.is_main()
     distributed.finish()
     if not main:  # rank 0 writes and reports; the map is the same on every process
@@ -136,7 +175,7 @@ def cmd_fisher_model(args):
 
 
 def register_fisher_model(sub) -> None:
-    from .cliutil import chunk_arg, number
+    from .cliutil import chunk_arg, fisher_size_args, number
     from .fisher_any import METHODS
 
     f = sub.add_parser("fisher-model", help="Fisher map of a diffusers model (UNet2D, UNet2DCondition, DiT, ...)")
@@ -150,8 +189,7 @@ def register_fisher_model(sub) -> None:
                    help="with --dataset: how often the null class replaces the label (training's label dropout)")
     f.add_argument("--key", default=None, help="tensor name in --images (default: 'images', else the first)")
     f.add_argument("--conditioning", default=None, help="captured conditioning (lafq.models.save_conditioning)")
-    f.add_argument("--bins", type=int, default=20)
-    f.add_argument("--samples", type=int, default=16, help="samples per timestep bin")
+    fisher_size_args(f, bins=20, samples=16)
     chunk_arg(f)
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--method", choices=METHODS, default="hooks")
@@ -165,7 +203,7 @@ def cmd_quantize_model(args):
     from .cli_quant import policy_from_args
     from .fisher import FisherMap
     from .models.diffusers_models import load_diffusers_model
-    from .policy import Plan, make_plan, param_shapes
+    from .policy import make_plan, param_shapes
     from .qmodel import quantize, save_quantized_model
     from .quantize import size_report
 
@@ -176,7 +214,9 @@ def cmd_quantize_model(args):
     except OSError as e:
         raise ValueError(f"cannot load {args.model}: {str(e).splitlines()[0]}") from None
     if args.plan:
-        plan = Plan.from_json(Path(args.plan).read_text(encoding="utf-8"))
+        from .planfile import read_plan
+        plan = read_plan(Path(args.plan).read_bytes(), str(args.plan))
+        plan.validate(param_shapes(model))  # as `quantize` and the app refuse them
     else:
         if not args.fisher:
             raise ValueError("give --fisher (from fisher-model) for a policy, or --plan")
@@ -227,7 +267,8 @@ def register(sub) -> None:
     e.add_argument("--to", required=True, choices=TARGETS)
     e.add_argument("--model", default=DEFAULT_MODEL,
                    help="the FP32 model the plan is for: a lafq .safetensors or a diffusers model/pipeline folder")
-    e.add_argument("--component", default="unet", help="diffusers: the pipeline component (unet, transformer)")
+    e.add_argument("--component", default=None,
+                   help="diffusers: the pipeline component (default: the pipeline's denoiser, unet or transformer)")
     e.add_argument("--int4-kernel", choices=INT4_KERNELS, default="intx",
                    help="torchao int4: intx (CPU and GPU) or tinygemm (GPU, bfloat16 models)")
     e.add_argument("--out", default=None, help="output JSON (default: PLAN.<to>.json)")

@@ -61,5 +61,13 @@ def chunk_arg(p):
                    help="samples per backward pass, 1..4096 (lower it when per-sample gradients run out of memory)")
 
 
+def fisher_size_args(p, bins: int, samples: int) -> None:
+    """--bins and --samples of a Fisher map, the same ranges for every command (defaults per command)."""
+    p.add_argument("--bins", type=number("--bins", 1, 1000, integer=True), default=bins,
+                   help="timestep bins over [0, T), 1..1000")
+    p.add_argument("--samples", type=number("--samples", 1, 100_000, integer=True), default=samples,
+                   help="samples per timestep bin, 1..100000")
+
+
 def device_arg(p):
     p.add_argument("--device", default="auto", help="auto (the GPU where there is one), cpu, cuda or cuda:N")

@@ -16,6 +16,7 @@ import copy
 import hashlib
 import io
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -107,7 +108,7 @@ class Evaluator:
         what = "fid+fidelity" if self.backend is not None else "fidelity"
         path = self.cache_dir / f"{what}-{self._key(what, plan, spec)}.json"
         if path.is_file():
-            rec = json.loads(path.read_text())
+            rec = _cached_record(path, self.backend is not None)
             rec["name"] = name  # the same plan may appear under another row name
             return rec
         if self.cached_only:
@@ -138,3 +139,23 @@ class Evaluator:
         atomic_write_bytes(path, json.dumps(rec, sort_keys=True).encode())
         del q
         return rec
+
+
+RECORD_NUMBERS = ("seed", "n", "steps", "mad", "psnr", "feature_distance", "agreement")
+
+
+def _cached_record(path: Path, with_fid: bool) -> dict:
+    """A record the evaluator wrote, checked: a damaged one (edited, or from another version) is one error line
+    naming the file, not a KeyError later in the report."""
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"cached record {path} is not readable JSON ({type(e).__name__}); delete it to measure "
+                         "that row again") from None
+    need = RECORD_NUMBERS + (("fid",) if with_fid else ())
+    bad = [k for k in need if not isinstance(rec, dict) or isinstance(rec.get(k), bool)
+           or not isinstance(rec.get(k), (int, float)) or not math.isfinite(rec[k])] if isinstance(rec, dict) else ["all"]
+    if bad:
+        raise ValueError(f"cached record {path} is damaged (missing or not a finite number: {', '.join(bad[:4])}); "
+                         "delete it to measure that row again")
+    return rec

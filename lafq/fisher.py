@@ -122,10 +122,16 @@ class FisherMap:
 
     @classmethod
     def load(cls, path) -> "FisherMap":
+        """The map in a file `save` wrote; a one-line CheckpointError for a file that is not a complete map."""
+        from .checkpoint import CheckpointError
+
         tensors, meta = load_file(path, kind="fisher")
-        channel = {k[8:]: v for k, v in tensors.items() if k.startswith("channel.")}
-        return cls(meta["names"], meta["numels"], meta["bin_edges"], meta["groups"], tensors["fisher"],
-                   tensors["magnitude"], channel, meta.get("info", {}))
+        try:
+            channel = {k[8:]: v for k, v in tensors.items() if k.startswith("channel.")}
+            return cls(meta["names"], meta["numels"], meta["bin_edges"], meta["groups"], tensors["fisher"],
+                       tensors["magnitude"], channel, meta.get("info", {}))
+        except (KeyError, TypeError, IndexError) as e:
+            raise CheckpointError(f"{path} is not a complete Fisher map (missing or malformed {str(e)[:60]})") from None
 
 
 def bin_edges(bins: int, T: int = 1000) -> list[int]:

@@ -95,3 +95,69 @@ def test_fisher_model_then_quantize_model_run_on_a_diffusers_folder_with_saved_c
     save_file({"images": torch.randn(6, 1, 8, 8)}, str(tmp_path / "wrong.safetensors"))
     assert main([*argv[:4], str(tmp_path / "wrong.safetensors"), *argv[5:]]) == 2
     assert "the model takes (2, 8, 8)" in capsys.readouterr().err
+
+
+def test_a_diffusers_export_of_a_dit_pipeline_is_for_its_transformer_and_a_missing_component_is_refused(tmp_path,
+                                                                                                         capsys):
+    """A fixed "unet" default made diffusers warn once and sample a DiT pipeline in FP32 (the export ignored)."""
+    pytest.importorskip("torchao", reason="torchao is optional (requirements-export.txt)")
+    from tests.diffusers_tiny import save_pipeline_dir, tiny_dit
+
+    model = tiny_dit()
+    root = save_pipeline_dir(tmp_path / "dit", model)
+    plan = _plan_file(model, tmp_path, "int8")
+    assert main(["export", "--plan", str(plan), "--to", "diffusers", "--model", str(root), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["component"] == "transformer"
+    assert json.loads((tmp_path / "plan.diffusers.json").read_text())["config"]["component"] == "transformer"
+    assert main(["export", "--plan", str(plan), "--to", "diffusers", "--model", str(root), "--component", "unet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {root} is a pipeline without a 'unet' component (it has transformer, scheduler; its "
+                   "denoiser is 'transformer')")
+
+
+@pytest.mark.parametrize("plan, message", [
+    ('{"precisions": ["fp16"]}', "'precisions' must be"),  # the weak reader took a list and crashed later
+    ('{"precisions": {"nope.weight": "int8"}}', "plan names 1 parameters the model lacks"),
+    ('{"precisions": {"conv_in.bias": "int4"}}', "plan asks for integer formats on vectors"),
+])
+def test_export_and_quantize_model_read_plans_as_strictly_as_quantize(tmp_path, capsys, plan, message):
+    from tests.diffusers_tiny import save_pipeline_dir, tiny_unet2d
+
+    root = save_pipeline_dir(tmp_path / "pipe", tiny_unet2d())
+    (tmp_path / "p.json").write_text(plan)
+    for argv in (["export", "--to", "quanto"], ["quantize-model", "--out", str(tmp_path / "q.safetensors")]):
+        assert main([*argv, "--plan", str(tmp_path / "p.json"), "--model", str(root)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and message in err and "\n" not in err, err
+    assert not (tmp_path / "q.safetensors").exists()
+
+
+def test_fisher_model_refuses_nan_images_and_out_of_range_sizes_in_one_line(tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    from tests.diffusers_tiny import save_pipeline_dir, tiny_unet2d
+
+    root = save_pipeline_dir(tmp_path / "pipe", tiny_unet2d())
+    images = torch.randn(4, 2, 8, 8)
+    images[1, 0, 2, 2] = float("nan")
+    save_file({"images": images}, str(tmp_path / "x.safetensors"))
+    out = tmp_path / "f.safetensors"
+    assert main(["fisher-model", "--model", str(root), "--images", str(tmp_path / "x.safetensors"), "--bins", "2",
+                 "--samples", "2", "--out", str(out)]) == 2
+    assert "holds 1 NaN or infinite values" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(SystemExit):  # argparse: the range, exit 2
+        main(["fisher-model", "--model", str(root), "--images", str(tmp_path / "x.safetensors"), "--samples",
+              "1000000000", "--out", str(out)])
+    assert "--samples must be in [1, 100000]" in capsys.readouterr().err
+
+
+def test_a_misspelled_local_path_is_refused_at_once_and_json_errors_are_json(tmp_path, capsys):
+    plan = tmp_path / "p.json"
+    plan.write_text('{"precisions": {}}')
+    missing = tmp_path / "no-such" / "pipe"  # cannot be a Hub id (owner/name): no Hub round trips
+    assert main(["export", "--plan", str(plan), "--to", "quanto", "--model", str(missing), "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert err.strip() == f"error: no such folder: {missing} (a Hub model is named owner/name)"
+    assert json.loads(out) == {"error": f"no such folder: {missing} (a Hub model is named owner/name)", "exit_code": 2}

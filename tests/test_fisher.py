@@ -117,3 +117,13 @@ def test_the_null_class_branch_that_guided_sampling_runs_gets_fisher():
     with pytest.raises(ValueError, match="p_null"):
         compute_fisher(m, x[:4], y[:4], bins=1, samples_per_bin=1, p_null=1.5)
 
+
+
+def test_a_file_that_is_not_a_complete_fisher_map_is_one_error_naming_it(tmp_path):
+    from lafq.checkpoint import CheckpointError, save_file
+    from lafq.fisher import FisherMap
+
+    path = tmp_path / "f.safetensors"
+    save_file(path, {"fisher": torch.zeros(1, 2, 3)}, {"kind": "fisher", "numels": [1]})  # no names
+    with pytest.raises(CheckpointError, match=r"f.safetensors is not a complete Fisher map \(missing or malformed 'names'"):
+        FisherMap.load(path)

@@ -1,3 +1,4 @@
+import re
 from dataclasses import replace
 
 import pytest
@@ -197,3 +198,17 @@ def test_edge_layers_are_the_first_and_last_convolutions_and_a_wrapper_is_refuse
     wrapped = nn.Sequential(tiny_model)  # every layer under one top-level module "0"
     with pytest.raises(ValueError, match="share the top-level module '0'"):
         edge_layers(wrapped)
+
+
+def test_a_damaged_cached_record_is_one_error_naming_its_file(tiny_fisher, tmp_path):
+    m, fm = tiny_fisher
+    backend = ClassifierBackend()
+    rows = grid(m, fm, SMALL)[:1]  # fp32
+    evaluate(rows, Evaluator(m, backend.model, backend, tmp_path / "cache", log=lambda _: None), SMALL,
+             log=lambda _: None)
+    cached = sorted((tmp_path / "cache").glob("fid+fidelity-*.json"))
+    cached[0].write_text("{}")  # edited, or written by another version
+    with pytest.raises(ValueError, match=rf"cached record {re.escape(str(cached[0]))} is damaged \(missing or not a "
+                                         r"finite number: seed, n, steps, mad\); delete it to measure that row again"):
+        evaluate(rows, Evaluator(m, backend.model, backend, tmp_path / "cache", log=lambda _: None), SMALL,
+                 log=lambda _: None)

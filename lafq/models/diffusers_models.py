@@ -11,6 +11,7 @@ on the prediction half, as diffusers' pipelines split it.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -99,11 +100,23 @@ def _layout(path_or_repo: str, subfolder: str | None) -> tuple[str | None, str |
                      f"(the prediction type and noise schedule come from it)")
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name, as the Hub spells repo ids
+
+
+def local_or_hub(path_or_repo: str | Path) -> str:
+    """The argument as from_pretrained gets it; a missing path that cannot be a Hub id (owner/name) is refused
+    here in one line: from_pretrained tried the Hub for it, 5 times over 39 s, before failing."""
+    text = str(path_or_repo)
+    if not Path(text).exists() and not HUB_ID.fullmatch(text):
+        raise ValueError(f"no such folder: {text} (a Hub model is named owner/name)")
+    return text
+
+
 def load_diffusers_model(path_or_repo: str | Path, *, subfolder: str | None = None, dtype: torch.dtype = torch.float32):
     """Only the model (no scheduler needed): a model folder, a pipeline folder (its unet/transformer) or a Hub repo."""
     from diffusers import AutoModel, ModelMixin
 
-    path_or_repo = str(path_or_repo)
+    path_or_repo = local_or_hub(path_or_repo)
     p = Path(path_or_repo)
     if p.is_dir():
         if subfolder is None and (p / "model_index.json").is_file():
@@ -132,7 +145,7 @@ def load_diffusers(path_or_repo: str | Path, *, subfolder: str | None = None, co
     """Load a diffusers denoiser and its scheduler with `from_pretrained` (safetensors only)."""
     from diffusers import AutoModel, ModelMixin
 
-    path_or_repo = str(path_or_repo)
+    path_or_repo = local_or_hub(path_or_repo)
     model_sub, sched_sub = _layout(path_or_repo, subfolder)
     model = AutoModel.from_pretrained(path_or_repo, subfolder=model_sub, use_safetensors=True, dtype=dtype)
     if not isinstance(model, ModelMixin):
