@@ -275,7 +275,7 @@ def build(models, user, guard):
                       [user, t_bin, note, armed, go_btn, status], concurrency_id="evaluate", concurrency_limit=4,
                       api_visibility="private", show_progress_on=[status])
     ev.success(guard(figures), inputs, outputs, api_visibility="private")
-    gr.on([bins.change, samples.change, per_class.change], disarm("Recompute"), None, [armed, go_btn, status],
+    gr.on([bins.input, samples.input, per_class.input], disarm("Recompute"), None, [armed, go_btn, status],
           queue=False, api_visibility="private")
 
     def stop(request: gr.Request):
@@ -299,5 +299,6 @@ def build(models, user, guard):
                 gr.Dropdown(choices=c["layers"], value=c["layer"]), gr.Slider(**bin_slider_update(st, usr)),
                 gr.Number(value=c["bins"]), gr.Checkbox(value=False, interactive=c["per_class"],
                                                         label=f"per {word} (10x the work)" if c["per_class"] else
-                                                        "per class (MNIST U-Net only)"), "")
-    return figures, inputs, outputs, (refresh, [user], [note, group, layer, t_bin, bins, per_class, status])
+                                                        "per class (MNIST U-Net only)"), "",
+                *disarm("Recompute")()[:2])
+    return figures, inputs, outputs, (refresh, [user], [note, group, layer, t_bin, bins, per_class, status, armed, go_btn])

@@ -362,7 +362,7 @@ def build(models, current, user, guard):
     api_ev = api_btn.click(guard(run), inputs, [result, chart, user], api_name="fid", concurrency_id="heavy",
                            concurrency_limit=1)
     cancel.click(stop, None, None, cancels=[ev, api_ev], api_visibility="private")
-    gr.on([n.change, steps.change, seeds.change, fp32.change], disarm("Evaluate"), None, [armed, go_btn, estimate_note],
+    gr.on([n.input, steps.input, seeds.input, fp32.input], disarm("Evaluate"), None, [armed, go_btn, estimate_note],
           queue=False, api_visibility="private")
     with gr.Accordion("Where precision matters: each weight matrix lowered alone to INT4 (shipped validation)",
                       open=False):
@@ -382,5 +382,5 @@ def build(models, current, user, guard):
 
     def refresh(usr, n_, s_):
         st = models.state_for(usr)
-        return model_note(st), "", pareto_figure(st, usr, *settings(n_, s_, 1)[:2])
-    return refresh, [user, n, steps], [note, result, chart]
+        return (model_note(st), "", pareto_figure(st, usr, *settings(n_, s_, 1)[:2]), *disarm("Evaluate")())
+    return refresh, [user, n, steps], [note, result, chart, armed, go_btn, estimate_note]
