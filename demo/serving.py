@@ -30,7 +30,8 @@ CSS = """
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
-API_PATH = re.compile(r"^/gradio_api/(call|run)/([^/]+)")
+ALLOWED_HOSTS = "LAFQ_ALLOWED_HOSTS"  # comma-separated Host names a loopback server also answers (a reverse proxy's)
+API_PATH = re.compile(r"^/gradio_api/(call(?:/v2)?|run)/([^/]+)")  # /call/v2/<name>: the "Use via API" curl form
 
 
 def port_from_env(environ=os.environ) -> int:
@@ -81,9 +82,11 @@ class RequestLimits:
             return None
         host = (_header(scope, b"host") or "").strip()
         name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
-        if name.lower() in LOOPBACK_NAMES:
+        extra = {h.strip().lower() for h in os.environ.get(ALLOWED_HOSTS, "").split(",") if h.strip()}
+        if name.lower() in LOOPBACK_NAMES or name.lower() in extra:
             return None
-        return 421, f"this server answers to localhost and 127.0.0.1 only (Host {host[:80]!r})"
+        return 421, (f"this server answers to localhost and 127.0.0.1 only (Host {host[:80]!r}); behind a reverse "
+                     f"proxy that keeps the Host, name it in {ALLOWED_HOSTS}")
 
     @staticmethod
     def api_refusal(scope) -> tuple[int, str] | None:

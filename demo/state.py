@@ -156,30 +156,35 @@ class Job:
 
 
 class Jobs:
-    """The running job of each session. Gradio's `cancels=` stops the page from waiting but cannot
-    stop a worker thread; the job's progress callback checks its Job and stops it."""
+    """The running job of each session, by kind ("evaluation", "recompute"). Gradio's `cancels=` stops the page
+    from waiting but cannot stop a worker thread; the job's progress callback checks its Job and stops it. A
+    session runs one job at a time (a second is refused in one line), and a tab's Cancel stops only its kind."""
 
     def __init__(self):
-        self._jobs: dict[str, Job] = {}
+        self._jobs: dict[str, tuple[str, Job]] = {}
         self._lock = threading.Lock()
 
-    def start(self, session: str, alive: Callable[[], bool] | None = None) -> Job:
+    def start(self, session: str, alive: Callable[[], bool] | None = None, kind: str = "job") -> Job:
         job = Job(alive)
         with self._lock:
-            self._jobs[session] = job
+            running = self._jobs.get(session)
+            if running is not None and not running[1].is_set():
+                raise InputError(f"your {running[0]} is still running: cancel it or wait for it, then start this one")
+            self._jobs[session] = (kind, job)
         return job
 
-    def cancel(self, session: str) -> bool:
-        """Stop the session's running job; False if it has none."""
+    def cancel(self, session: str, kind: str | None = None) -> bool:
+        """Stop the session's running job (of this kind, if given); False if it has none."""
         with self._lock:
-            job = self._jobs.get(session)
-        if job is not None:
-            job.set()
-        return job is not None
+            running = self._jobs.get(session)
+        if running is None or kind is not None and running[0] != kind:
+            return False
+        running[1].set()
+        return True
 
     def finish(self, session: str, job: Job) -> None:
         with self._lock:
-            if self._jobs.get(session) is job:
+            if self._jobs.get(session, (None, None))[1] is job:
                 del self._jobs[session]
 
 
@@ -330,6 +335,7 @@ class AppState:
     _memo_lock: threading.Lock = field(default_factory=threading.Lock)  # guards _memo_keys only
     _memo_keys: dict = field(default_factory=dict)  # key -> the lock its first caller computes under
     _step_seconds: float | None = None  # measured seconds per image per denoising step (`sample`)
+    _pace_batch: int = 0  # the batch size it was measured at
     _fisher_seconds: float | None = None  # measured seconds per per-sample gradient (the last Fisher recompute)
 
     # -- what every tab asks of a model (class attributes: demo.models.DiffusersState answers for diffusers) --
@@ -372,14 +378,20 @@ class AppState:
         """`images`, timed: the pace on this machine feeds the estimate shown before a long job."""
         t0 = time.perf_counter()
         out = self.images(model, spec)
-        self.record_pace(spec.n * spec.steps, time.perf_counter() - t0)
+        self.record_pace(spec.n * spec.steps, time.perf_counter() - t0, min(spec.n, spec.batch_size))
         return out
 
-    def record_pace(self, image_steps: int, seconds: float) -> None:
-        if image_steps > 0 and seconds > 0:
-            rate = seconds / image_steps
-            old = self._step_seconds
-            self._step_seconds = rate if old is None else 0.7 * old + 0.3 * rate  # recent runs count most
+    def record_pace(self, image_steps: int, seconds: float, batch: int) -> None:
+        """A measured pace at this batch size. A larger batch replaces a smaller one's pace (long jobs sample in
+        batches of 64-100, and a GPU is many times faster per image there than at 4); at the same batch size
+        recent runs count most; a smaller batch's is ignored once a larger one's is known."""
+        if image_steps <= 0 or seconds <= 0:
+            return
+        rate, (old, old_batch) = seconds / image_steps, (self._step_seconds, self._pace_batch)
+        if old is None or batch > old_batch:
+            self._step_seconds, self._pace_batch = rate, batch
+        elif batch == old_batch:
+            self._step_seconds = 0.7 * old + 0.3 * rate
 
     def seconds_per_image_step(self) -> float:
         """Measured sampling pace (seconds per image per step); a first call with nothing measured samples 4
@@ -458,10 +470,10 @@ class AppState:
                 self.fid_cache.popitem(last=False)
 
     @contextmanager
-    def job(self, session: str, alive: Callable[[], bool] | None = None, heavy: bool = False):
+    def job(self, session: str, alive: Callable[[], bool] | None = None, heavy: bool = False, kind: str = "job"):
         """Run a job for `session`: yields its Job. heavy=True waits for the heavy slot (one job computing
         at a time, even a cancelled one that is still winding down) and frees memory afterwards."""
-        job = self.jobs.start(session, alive)
+        job = self.jobs.start(session, alive, kind)
         held = False
         try:
             if heavy:

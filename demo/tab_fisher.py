@@ -255,7 +255,7 @@ def build(models, user, guard):
         fisher_settings(b, s)  # bad settings fail at once, not after waiting for the heavy slot
         st = models.state_for(usr)
         progress(0, desc="waiting for other jobs")
-        with st.job(request.session_hash, serving.event_alive(), heavy=True) as job:
+        with st.job(request.session_hash, serving.event_alive(), heavy=True, kind="recompute") as job:
             new, msg = recompute(st, b, s, pc, progress, cancel=job, user=usr)
         return new, msg, gr.Slider(**bin_slider_update(st, new)), model_note(st, new)
     api_btn = gr.Button("recompute (API)", visible=False)
@@ -272,14 +272,14 @@ def build(models, user, guard):
                      outputs=3, says=True)
     armed = gr.State(None)
     ev = go_btn.click(guard(page, keep=5), [bins, samples, per_class, user, armed],
-                      [user, t_bin, note, armed, go_btn, status], concurrency_id="evaluate", concurrency_limit=4,
+                      [user, t_bin, note, armed, go_btn, status], concurrency_id="evaluate", concurrency_limit=16,
                       api_visibility="private", show_progress_on=[status])
     ev.success(guard(figures), inputs, outputs, api_visibility="private")
     gr.on([bins.input, samples.input, per_class.input], disarm("Recompute"), None, [armed, go_btn, status],
           queue=False, api_visibility="private")
 
     def stop(request: gr.Request):
-        if state.jobs.cancel(request.session_hash):  # one job table for every model (demo.models)
+        if state.jobs.cancel(request.session_hash, "recompute"):  # one job table for every model (demo.models)
             return "Cancelled: the recompute stops at its next bin; your map is unchanged."
         return "Nothing to cancel."
     cancel.click(stop, None, status, cancels=[ev, api_ev], api_visibility="private")

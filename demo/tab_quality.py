@@ -100,7 +100,7 @@ def _fid(state: AppState, model_plan, n, steps, seeds, progress):
                          num_classes=state.model.cfg.num_classes, progress=progress, device=state.device)
     else:
         r = _fid_any(state, model, n, steps, seeds, progress)
-    state.record_pace(n * steps * seeds, time.perf_counter() - t0)
+    state.record_pace(n * steps * seeds, time.perf_counter() - t0, min(n, 100))
     state.keep_fid_result(key, r)
     return r
 
@@ -174,13 +174,17 @@ def _images(state: AppState, plan, steps: int, seed: int):
 def fidelity_lines(state: AppState, plan, n: int, steps: int, seeds: int, progress=None) -> list[str]:
     """Per-image fidelity of the plan to FP32 from the same noise (FIDELITY_N images per seed), one line:
     mean ± 95% interval over seeds of mean |Δ|, PSNR, feature distance and class agreement."""
-    per_seed = []
+    def cached(p, seed):
+        return state.fid_result(("images", plan_key(p) if p else "fp32", steps, seed)) is not None
+    todo = [(seed, k) for seed in range(seeds) for k, p in enumerate((None, plan)) if not cached(p, seed)]
+    per_seed, done = [], 0
     for seed in range(seeds):
         pair = []
         for k, p in enumerate((None, plan)):
             pair.append(_images(state, p, steps, seed))
-            if progress is not None:
-                progress(2 * seed + k + 1, 2 * seeds)
+            if progress is not None and (seed, k) in todo:  # only sampled sets move the bar (work() counts them)
+                done += 1
+                progress(done, len(todo))
         per_seed.append(fidelity(*pair, state.classifier()))
 
     def stat(name, scale, unit, digits):
@@ -344,11 +348,11 @@ def build(models, current, user, guard):
         if not st.has_classifier:  # a line, not an error, and no wait for the heavy slot
             return evaluate(st, cur, n_, s_, k_, f_, user=usr)
         progress(0, desc="waiting for other jobs")
-        with st.job(request.session_hash, serving.event_alive(), heavy=True) as job:
+        with st.job(request.session_hash, serving.event_alive(), heavy=True, kind="evaluation") as job:
             return evaluate(st, cur, n_, s_, k_, f_, progress, cancel=job, user=usr)
 
     def stop(request: gr.Request):
-        if state.jobs.cancel(request.session_hash):
+        if state.jobs.cancel(request.session_hash, "evaluation"):
             gr.Info("Cancelled: the evaluation stops at its next step; nothing was recorded.")
     inputs = [current, n, steps, seeds, fp32, user]
     # A refused setting keeps the last result and says why beside the button (the last output).
@@ -357,7 +361,7 @@ def build(models, current, user, guard):
     page = two_press(run, lambda cur, n_, s_, k_, f_, usr: estimate(models.state_for(usr), cur, n_, s_, k_, f_, usr),
                      "Evaluate", outputs=3)
     ev = go_btn.click(guard(page, keep=5), [*inputs, armed], [result, chart, user, armed, go_btn, estimate_note],
-                      concurrency_id="evaluate", concurrency_limit=4, api_visibility="private", show_progress_on=[result])
+                      concurrency_id="evaluate", concurrency_limit=16, api_visibility="private", show_progress_on=[result])
     api_btn = gr.Button("fid (API)", visible=False)
     api_ev = api_btn.click(guard(run), inputs, [result, chart, user], api_name="fid", concurrency_id="heavy",
                            concurrency_limit=1)

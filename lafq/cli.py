@@ -269,7 +269,12 @@ def _fail(message: str, as_json: bool) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = build_parser().parse_args(with_model_command(argv))
+        try:
+            args = build_parser().parse_args(with_model_command(argv))
+        except SystemExit as e:  # argparse refused an argument: its usage line is on stderr
+            if e.code == 2 and "--json" in argv:
+                print(json.dumps({"error": "invalid arguments (the reason is on stderr)", "exit_code": 2}), flush=True)
+            raise
         args.func(args)
     except (CLIError, CheckpointError, DataError, ValueError) as e:
         return _fail(" ".join(str(e).split())[:500], "--json" in argv)

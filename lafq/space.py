@@ -212,7 +212,7 @@ def build(out, hardware: str = "cpu-basic", *, license: str = "other", force: bo
             raise SpaceError(f"{out} exists and is not an empty folder; pass --force to replace it, or choose "
                              "another OUT")
         try:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{BUILD_TAG}", dir=out.parent))
         except OSError as e:
             raise SpaceError(f"cannot write beside {out}: {e.strerror}; choose a folder you can write to") from None
         return _assemble(out, tmp, hw, hardware, license, repo)
@@ -237,7 +237,7 @@ def _assemble(out: Path, tmp: Path, hw, hardware: str, license: str, repo: Path)
         sizes = sorted(((p.relative_to(tmp).as_posix(), p.stat().st_size) for p in files), key=lambda x: -x[1])
         lfs = _lfs_paths(tmp, files)
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.{OLD_TAG}", dir=out.parent))
             os.replace(out, old / "x")
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
@@ -247,6 +247,9 @@ def _assemble(out: Path, tmp: Path, hw, hardware: str, license: str, repo: Path)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return BuildResult(out, hardware, len(files), sum(b for _, b in sizes), sizes[:5], lfs)
+
+
+BUILD_TAG, OLD_TAG = "lafq-build-", "lafq-old-"  # the names of a build's temporary folders beside OUT
 
 
 def _lock(out: Path) -> int:
@@ -266,16 +269,19 @@ def _lock(out: Path) -> int:
 
 def _recover(out: Path) -> None:
     """Undo what a build killed mid-way left beside OUT: the old OUT moved aside but the new one not yet in its
-    place (moved back), and half-built or old copies (deleted)."""
+    place (moved back, the newest if there are several), and half-built or old copies (deleted). Only folders
+    with a build's own names (BUILD_TAG, OLD_TAG) are touched."""
     import glob
 
     name = glob.escape(out.name)
-    for old in sorted(out.parent.glob(f".{name}.old.*")):
-        if not out.exists() and (old / "x").is_dir():
-            os.replace(old / "x", out)
+    olds = sorted(out.parent.glob(f".{name}.{OLD_TAG}*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in olds:
+        aside = old / "x"
+        if not (out.exists() or out.is_symlink()) and (aside.exists() or aside.is_symlink()):
+            os.replace(aside, out)  # a folder, or a file an earlier --force replaced
         shutil.rmtree(old, ignore_errors=True)
-    for tmp in out.parent.glob(f".{name}.*"):  # mkdtemp's names: the prefix and 8 random characters
-        if tmp.is_dir() and re.fullmatch(re.escape(f".{out.name}.") + r"[a-z0-9_]{8}", tmp.name):
+    for tmp in out.parent.glob(f".{name}.{BUILD_TAG}*"):
+        if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -161,3 +161,11 @@ def test_a_misspelled_local_path_is_refused_at_once_and_json_errors_are_json(tmp
     out, err = capsys.readouterr()
     assert err.strip() == f"error: no such folder: {missing} (a Hub model is named owner/name)"
     assert json.loads(out) == {"error": f"no such folder: {missing} (a Hub model is named owner/name)", "exit_code": 2}
+
+
+def test_an_argument_argparse_refuses_under_json_still_answers_json_on_stdout(capsys):
+    with pytest.raises(SystemExit):
+        main(["fisher-model", "--model", "x", "--samples", "0", "--json"])
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"error": "invalid arguments (the reason is on stderr)", "exit_code": 2}
+    assert "--samples must be in [1, 100000]" in err

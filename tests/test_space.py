@@ -201,16 +201,17 @@ def test_a_build_killed_mid_way_is_undone_by_the_next_one(tmp_path):
     """kill -9 can strike between the two renames (the old OUT moved aside, the new one not yet in place) or
     while copying (a half-built hidden folder): the next build puts the old OUT back and deletes the copies."""
     out = tmp_path / "space"
-    aside = tmp_path / ".space.old.ab12cd34" / "x"
+    aside = tmp_path / ".space.lafq-old-ab12cd34" / "x"
     aside.mkdir(parents=True)
     (aside / "app.py").write_text("# the earlier build")
-    (tmp_path / ".space.q1w2e3r4").mkdir()  # a half-built copy
-    (tmp_path / ".space.q1w2e3r4" / "big.bin").write_bytes(b"0" * 1000)
-    (tmp_path / ".space.keep").mkdir()  # not a name a build makes: left alone
+    (tmp_path / ".space.lafq-build-q1w2e3r4").mkdir()  # a half-built copy
+    (tmp_path / ".space.lafq-build-q1w2e3r4" / "big.bin").write_bytes(b"0" * 1000)
+    for mine in (".space.keep", ".space.old.2024"):  # not names a build makes (a backup by hand): left alone
+        (tmp_path / mine).mkdir()
     with pytest.raises(space.SpaceError, match="exists and is not an empty folder"):
         space.build(out, "cpu-basic")  # without --force the restored folder is kept as it is
     assert (out / "app.py").read_text() == "# the earlier build"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".space.keep", "space"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".space.keep", ".space.old.2024", "space"]
     space.build(out, "cpu-basic", force=True)
     assert "the earlier build" not in (out / "app.py").read_text()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".space.keep", "space"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".space.keep", ".space.old.2024", "space"]

@@ -410,3 +410,28 @@ def test_a_two_press_button_runs_a_long_job_on_the_second_press_with_the_same_se
     assert out[:3] == ("done 2", "x", None) and out[3].value == "Go" and out[4] == "" and ran == [(2, "x", "req")]
     out = page(0.1, "y", None, "req", None)  # 6 s: at once
     assert out[:3] == ("done 0.1", "y", None) and out[-1] == ""
+
+
+def test_a_session_runs_one_job_at_a_time_and_each_tabs_cancel_stops_only_its_own_kind():
+    from demo.state import Jobs
+
+    jobs = Jobs()
+    job = jobs.start("a", kind="evaluation")
+    with pytest.raises(InputError, match="your evaluation is still running: cancel it or wait for it"):
+        jobs.start("a", kind="recompute")
+    assert jobs.start("b", kind="recompute") is not None  # another session is not held up
+    assert not jobs.cancel("a", "recompute") and not job.is_set()  # Fisher's Cancel leaves the evaluation alone
+    assert jobs.cancel("a", "evaluation") and job.is_set()
+    jobs.finish("a", job)
+    assert jobs.start("a", kind="recompute") is not None
+
+
+def test_the_pace_behind_estimates_prefers_the_largest_batch_measured(app_state, monkeypatch):
+    monkeypatch.setattr(app_state, "_step_seconds", None)
+    monkeypatch.setattr(app_state, "_pace_batch", 0)
+    app_state.record_pace(80, 8.0, batch=4)  # the first screen's 4 images: 0.1 s per image-step
+    app_state.record_pace(2000, 20.0, batch=100)  # a FID run's batches: 0.01 s (a GPU's batching wins)
+    assert app_state.seconds_per_image_step() == pytest.approx(0.01)
+    app_state.record_pace(80, 8.0, batch=4)  # a later small batch does not drag it back
+    app_state.record_pace(2000, 40.0, batch=100)  # the same batch size: recent runs count most
+    assert app_state.seconds_per_image_step() == pytest.approx(0.7 * 0.01 + 0.3 * 0.02)

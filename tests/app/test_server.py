@@ -158,13 +158,18 @@ def test_oversized_bodies_and_cross_origin_uploads_are_refused_before_reaching_d
     assert raw_post(server, "/gradio_api/queue/join", huge_json) == 413
 
 
-def test_a_foreign_host_and_an_unknown_api_name_get_one_line_refusals(server):
+def test_a_foreign_host_and_an_unknown_api_name_get_one_line_refusals(server, monkeypatch):
     import httpx
 
     r = httpx.get(server, headers={"Host": "evil.example"})  # DNS rebinding: another site's name for 127.0.0.1
-    assert (r.status_code, r.text) == (421, "this server answers to localhost and 127.0.0.1 only (Host 'evil.example')")
+    assert r.status_code == 421 and r.text.startswith("this server answers to localhost and 127.0.0.1 only (Host "
+                                                      "'evil.example'); behind a reverse proxy")
     assert httpx.get(server, headers={"Host": "localhost"}).status_code == 200
-    for verb in ("call", "run"):
+    monkeypatch.setenv("LAFQ_ALLOWED_HOSTS", "demo.example.org")  # a reverse proxy that keeps the Host
+    assert httpx.get(server, headers={"Host": "demo.example.org"}).status_code == 200
+    r = httpx.post(server + "gradio_api/call/v2/quantize_readout", json={"data": []})  # the "Use via API" form
+    assert r.status_code != 404
+    for verb in ("call", "run", "call/v2"):
         r = httpx.post(server + f"gradio_api/{verb}/nosuch", json={"data": []})
         assert r.status_code == 404 and r.text.startswith("no API named 'nosuch'; this app has /activations, /compare")
         assert "figures_inline" not in r.text  # the page's own events are not advertised
