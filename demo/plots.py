@@ -1,12 +1,12 @@
 """Plotly figures as pure functions of plain data: tests call them directly.
 
 Readability rules: every figure has a title, a title on each visible axis and a hover template that
-names the quantity under the pointer; log axes label every decade as a power of ten (10⁻⁵, not "10μ") with
-no minor-tick labels; titles wrap at TITLE_CHARS (a 390-px phone shows about 50 characters a line); heatmap
-colour bars are narrow and their time axes carry at least four ticks; image grids wrap at three panels.
+names the quantity under the pointer; log axes label decades as powers of ten (10⁻⁵, not "10μ") with no
+minor-tick labels; titles wrap at TITLE_CHARS (a 390-px phone fits about 46 characters of a 14-px title);
+heatmap colour bars are narrow and their time axes carry at least four ticks; image grids wrap at three panels.
 
-Dark mode: the figures are built light (plotly_white); THEME_JS, run in the page, re-lays out every figure
-with DARK_LAYOUT while Gradio's page is dark (its <body> has the class `dark`) and back when it is not.
+Dark mode: the figures are built light (plotly_white); `theme_js()`, run in the page, re-lays out every figure
+with Plotly's dark template while Gradio's page is dark (its <body> has the class `dark`) and back when it is not.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ PRECISION_COLORS = {"fp32": "#1f77b4", "fp16": "#2ca02c", "bf16": "#17becf", "in
 LAYOUT = dict(margin=dict(l=10, r=10, t=60, b=10), template="plotly_white")
 LOG_AXIS = dict(type="log", exponentformat="power", dtick=1, minor=dict(showgrid=False, ticks=""))
 NUMBER_FORMAT = dict(exponentformat="power")  # colour bars and linear axes: 1e-5 as a power, never an SI prefix
-TITLE_CHARS = 52
+TITLE_CHARS = 46
 IMAGE_AXIS = dict(showticklabels=False, showgrid=False, zeroline=False)  # images: no ticks, no grid over them
 COLORBAR = dict(thickness=10, **NUMBER_FORMAT)  # Plotly's default 30 px bar took ~40% of a phone-wide heatmap
 
@@ -136,7 +136,8 @@ def plan_by_layer(layers: list[str], signal: list[float] | None, signal_title: s
         fig.add_trace(go.Bar(y=layers, x=np.asarray(signal, dtype=float), orientation="h", marker_color="#7f7f7f",
                              showlegend=False, name="Fisher",
                              hovertemplate=f"layer %{{y}}<br>{signal_title} %{{x:.3g}}<extra></extra>"), 1, 1)
-        fig.update_xaxes(title=signal_title, row=1, col=1, **LOG_AXIS)
+        fig.update_xaxes(title=signal_title, row=1, col=1, **{**LOG_AXIS, "dtick": 2}, tickangle=0)  # a narrow
+        # panel: every other decade, upright (every decade turned sideways and ran into the titles on a phone)
     for p, color in PRECISION_COLORS.items():
         counts = np.asarray(params.get(p, [0] * len(layers)), dtype=float)
         if counts.any():
@@ -144,11 +145,11 @@ def plan_by_layer(layers: list[str], signal: list[float] | None, signal_title: s
                                  customdata=counts,
                                  hovertemplate="layer %{y}<br>" + p + ": %{x:.0f}% of its weights "
                                                "(%{customdata:,} parameters)<extra></extra>"), 1, col)
-    fig.update_xaxes(title="weights at each precision, % of the layer", range=[0, 100], row=1, col=col)
+    fig.update_xaxes(title="% of weights", range=[0, 100], row=1, col=col)
     fig.update_yaxes(title="layer", autorange="reversed", automargin=True, tickfont=dict(size=10), row=1, col=1)
     _titled(fig, title, max(320, 20 * len(layers) + 170), barmode="stack", bargap=0.15,
-            legend=dict(orientation="h", yanchor="top", y=-0.2, x=0, title_text="precision"))
-    fig.update_layout(margin=dict(b=110))  # the legend under the axis titles
+            legend=dict(orientation="h", yanchor="top", y=-0.22, x=0, title_text="precision"))
+    fig.update_layout(margin=dict(b=120))  # the legend under the axis titles
     return fig
 
 

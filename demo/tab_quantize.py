@@ -190,9 +190,9 @@ def plan_figure(state: AppState, plan: Plan, user=None):
         top = max(score.values()) or 1.0
         signal = [sum(score.get(names[i], 0.0) * sizes[i] for i in idx) / max(1, sum(sizes[i] for i in idx)) / top
                   for _, idx in rows]
-    title = (f"the plan by layer, beside the Fisher score that chose it ({len(names)} weight tensors)" if signal
-             else f"the plan by layer ({len(names)} weight tensors; no Fisher map)")
-    return plots.plan_by_layer([layer for layer, _ in rows], signal, f"Fisher ({statistic} over t) / max", params, title)
+    title = (f"the plan by layer, beside the Fisher score that chose it ({statistic} over timesteps; "
+             f"{len(names)} weight tensors)" if signal else f"the plan by layer ({len(names)} weight tensors; no Fisher map)")
+    return plots.plan_by_layer([layer for layer, _ in rows], signal, "Fisher / max", params, title)
 
 
 def visibility(strategy) -> list[bool]:
