@@ -83,12 +83,22 @@ def settings(n, steps, seeds) -> tuple[int, int, int]:
 NO_CLASSIFIER = "not available for this model: no classifier shipped"
 
 
+def fid_key(plan, n: int, steps: int, seeds: int) -> tuple:
+    """The process-wide cache key of a model's FIDResult (plan None: FP32); `work` asks the same keys."""
+    return (plan_key(plan) if plan else "fp32", n, steps, seeds)
+
+
+def images_key(plan, steps: int, seed: int) -> tuple:
+    """The cache key of one seed's fidelity images (plan None: FP32)."""
+    return ("images", plan_key(plan) if plan else "fp32", steps, seed)
+
+
 def _fid(state: AppState, model_plan, n, steps, seeds, progress):
     """One model's FIDResult at these settings (cached process-wide: same plan and settings, same numbers).
     `progress(done, total)` follows the sampling."""
     import time
 
-    key = (plan_key(model_plan) if model_plan else "fp32", n, steps, seeds)
+    key = fid_key(model_plan, n, steps, seeds)
     cached = state.fid_result(key)
     if cached is not None:
         return cached
@@ -161,7 +171,7 @@ def floor(state: AppState, n: int, seeds: int):
 
 
 def _images(state: AppState, plan, steps: int, seed: int):
-    key = ("images", plan_key(plan) if plan else "fp32", steps, seed)
+    key = images_key(plan, steps, seed)
     cached = state.fid_result(key)
     if cached is None:
         model = state.quantized(plan) if plan else state.model
@@ -175,7 +185,7 @@ def fidelity_lines(state: AppState, plan, n: int, steps: int, seeds: int, progre
     """Per-image fidelity of the plan to FP32 from the same noise (FIDELITY_N images per seed), one line:
     mean ± 95% interval over seeds of mean |Δ|, PSNR, feature distance and class agreement."""
     def cached(p, seed):
-        return state.fid_result(("images", plan_key(p) if p else "fp32", steps, seed)) is not None
+        return state.fid_result(images_key(p, steps, seed)) is not None
     todo = [(seed, k) for seed in range(seeds) for k, p in enumerate((None, plan)) if not cached(p, seed)]
     per_seed, done = [], 0
     for seed in range(seeds):
@@ -213,9 +223,9 @@ def verdict(d: float, dci: float, n: int, seeds: int) -> str:
 def work(state: AppState, plan, n: int, steps: int, seeds: int, include_fp32: bool) -> dict[str, int]:
     """Images × denoising steps each stage of an evaluation still has to sample (cached results: none)."""
     def fid(p):
-        return 0 if state.fid_result((plan_key(p) if p else "fp32", n, steps, seeds)) is not None else n * steps * seeds
+        return 0 if state.fid_result(fid_key(p, n, steps, seeds)) is not None else n * steps * seeds
     fidelity_work = sum(FIDELITY_N * steps for seed in range(seeds) for p in (None, plan)
-                        if state.fid_result(("images", plan_key(p) if p else "fp32", steps, seed)) is None)
+                        if state.fid_result(images_key(p, steps, seed)) is None)
     return {"plan": fid(plan), "fp32": fid(None) if include_fp32 else 0, "fidelity": fidelity_work}
 
 
@@ -275,8 +285,9 @@ def evaluate(state: AppState, current: dict, n, steps, seeds, include_fp32: bool
     except DataError as e:  # a diffusers model's dataset may be absent where its reference statistics are cached
         lines.append(f"Real-vs-real floor: not available here ({shown(str(e))}).")
     else:
-        lines.append(f"Real-vs-real floor at this backend and N: {f.mean:.3f} {_interval(f.ci95, seeds)}: ".replace(" :", ":")
-                     + "absolute FIDs near it are mostly small-N bias; the paired difference carries the comparison.")
+        floor_value = " ".join(filter(None, (f"{f.mean:.3f}", _interval(f.ci95, seeds))))
+        lines.append(f"Real-vs-real floor at this backend and N: {floor_value}: absolute FIDs near it are mostly "
+                     "small-N bias; the paired difference carries the comparison.")
     point = FIDPoint(label, size.total_bytes, size.pct_of_fp32, r.mean, r.ci95, r.backend, r.n, steps, seeds, acc, d, dci,
                      model=state.model_id)
     points = [point]
