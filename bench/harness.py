@@ -300,23 +300,24 @@ def bench_compile(s: BenchSettings) -> dict:
 def bench_fisher(model, s: BenchSettings) -> dict:
     """The whole bins x samples map per method, interleaved bin by bin (same draws for every method)."""
     from lafq.data import load_dataset
-    from lafq.fisher import bin_edges, hooked_sq_grads, naive_sq_grads, per_sample_sq_grads
+    from lafq.fisher import bin_edges
+    from lafq.models import from_lafq_unet
+    from lafq.persample import METHODS, sq_grads
 
     x_all, y_all = load_dataset("mnist-train5k").tensors()
-    schedule = linear_schedule()
+    den = from_lafq_unet(model, linear_schedule())
     edges = bin_edges(s.fisher_bins)
     gen = torch.Generator().manual_seed(0)
-    methods = {"hooks": hooked_sq_grads, "vmap": per_sample_sq_grads, "naive": naive_sq_grads}
-    total = {k: 0.0 for k in methods}
+    total = {k: 0.0 for k in METHODS}
     was = model.training
     model.eval()
     for b in range(s.fisher_bins):
         idx = torch.randint(len(x_all), (s.fisher_samples,), generator=gen)
         t = torch.randint(edges[b], edges[b + 1], (s.fisher_samples,), generator=gen)
-        args = (model, schedule, x_all[idx], y_all[idx], t, torch.randn(s.fisher_samples, 1, 28, 28, generator=gen))
-        for k, fn in methods.items():
+        args = (x_all[idx], torch.randn(s.fisher_samples, 1, 28, 28, generator=gen), t, y_all[idx])
+        for k in METHODS:
             t0 = time.perf_counter()
-            fn(*args)
+            sq_grads(den, *args, method=k)
             total[k] += time.perf_counter() - t0
     model.train(was)
     return {"map": f"{s.fisher_bins} bins x {s.fisher_samples} samples", "seconds": total,
@@ -325,14 +326,14 @@ def bench_fisher(model, s: BenchSettings) -> dict:
 
 def bench_fisher_diffusers(s: BenchSettings) -> dict:
     """Fisher map throughput on a diffusers UNet2DModel (the parameter-matched one the sampling section
-    uses, class-conditional with a null class): lafq.fisher_any's layer hooks vs its naive per-sample
+    uses, class-conditional with a null class): lafq.persample's layer hooks vs its naive per-sample
     loop on the same draws, and the hooks' useful FLOP/s (forward + backward ≈ 3 × forward FLOPs per
     sample) against the machine's fp32 matmul peak measured in the same run."""
     from diffusers import DDPMScheduler
 
     from lafq.data import load_dataset
     from lafq.fisher import bin_edges
-    from lafq.fisher_any import sq_grads
+    from lafq.persample import sq_grads
     from lafq.models import Conditioning, from_diffusers
 
     unet = diffusers_unet()

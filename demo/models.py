@@ -285,17 +285,23 @@ def load_model_state(entry: ModelEntry, *, device: str = "cpu", heavy=None, jobs
                           den=den, info=info, folder=folder, model_id=entry.id, title=entry.name, **extra)
 
 
-def quick_fisher(den, dataset: str, bins: int, samples: int, progress=None) -> FisherMap:
+def quick_fisher(den, dataset: str, bins: int, samples: int, per_class: bool = False, progress=None) -> FisherMap:
     """A Fisher map of `den` on real images of `dataset` (lafq.data; offline, its vendored subset when the full
-    split is not installed: the map's meta["images"] names what was read)."""
+    split is not installed: the map's meta["images"] names what was read). A class-conditional model (one
+    with a null row) is scored on each image's own label, the null class at the training dropout rate;
+    `per_class` adds one map per class."""
     from lafq.data import load_dataset_or_subset
-    from lafq.fisher_any import fisher_map
+    from lafq.fisher import fisher_map
 
     data = load_dataset_or_subset(dataset)
-    x, _ = data.tensors()
+    x, y = data.tensors()
     if tuple(x.shape[1:]) != den.sample_shape:
         raise ValueError(f"{data.name} images are {tuple(x.shape[1:])}; the model samples {den.sample_shape}")
-    fm = fisher_map(den, x, bins=bins, samples_per_bin=samples, method="hooks", progress=progress)
+    labelled = den.null_row is not None and y is not None
+    if per_class and not labelled:
+        raise ValueError("per-class maps need a class-conditional model and labelled images")
+    fm = fisher_map(den, x, labels=y if labelled else None, per_class=per_class, bins=bins, samples_per_bin=samples,
+                    method="hooks", progress=progress)
     fm.meta["images"] = data.name
     return fm
 

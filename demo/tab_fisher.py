@@ -143,7 +143,7 @@ FISHER_STEP_FACTOR = 5.1  # one per-sample gradient costs about 5.1 image-steps 
 def estimate(state: AppState, bins, samples, per_class) -> tuple[float, str]:
     """(seconds, a line) a recompute would take here: per-sample gradients × their measured (or derived) pace."""
     bins, samples = fisher_settings(bins, samples)
-    gradients = bins * samples * (len(state.classes) if per_class and state.kind == "lafq" else 1)
+    gradients = bins * samples * (len(state.classes) if per_class else 1)
     pace = state._fisher_seconds or FISHER_STEP_FACTOR * state.seconds_per_image_step()
     seconds = gradients * pace
     return seconds, (f"This recompute takes {gradients:,} per-sample gradients: about **{duration(seconds)}** here. "
@@ -151,20 +151,22 @@ def estimate(state: AppState, bins, samples, per_class) -> tuple[float, str]:
 
 
 def _recompute_any(state, bins: int, samples: int, per_class, progress, user) -> tuple[UserSession, str]:
-    """A diffusers model's map (lafq.fisher_any) on its dataset's real images, on a private copy."""
+    """A diffusers model's map (lafq.fisher.fisher_map) on its dataset's labelled images, on a private copy."""
     from .models import quick_fisher
 
-    if per_class:
-        raise InputError("per-class Fisher maps are computed for the MNIST U-Net only; untick 'per class'")
+    if per_class and not state.classes:
+        raise InputError(f"{state.title} has no classes: untick 'per class'")
     if state.info.dataset is None:
         raise InputError(f"{state.title} names no dataset (lafq.json \"dataset\"): its Fisher map cannot be "
                          "computed here")
     den = replace(state.den, module=state.private_model())
     try:
-        fm = quick_fisher(den, state.info.dataset, bins, samples, progress=progress)
+        fm = quick_fisher(den, state.info.dataset, bins, samples, per_class=bool(per_class), progress=progress)
     finally:
         del den
-    note = f"your recomputed map: {bins} bins x {samples} samples of {fm.meta['images']}"
+    note = (f"your recomputed map: {bins} bins x {samples} samples{' per class' if per_class else ''} "
+            f"of {fm.meta['images']}")
+    state._fisher_seconds = fm.meta["seconds"] / (bins * samples * (len(state.classes) if per_class else 1))
     new = replace(as_user(user), fisher=fm, fisher_note=note)
     return new, f"{note}, in {fm.meta['seconds']:.1f}s. Only your plans use it; other users keep theirs."
 
@@ -194,7 +196,7 @@ def model_controls(state: AppState, user=None) -> dict:
     layers = [name for name, _ in layer_rows(state, fm)] if fm is not None else []
     return dict(groups=group_choices(state), layers=layers,
                 layer="down1" if "down1" in layers else (layers[0] if layers else None),
-                bins=fm.bins if fm is not None else 10, per_class=state.kind == "lafq")
+                bins=fm.bins if fm is not None else 10, per_class=bool(state.classes))
 
 
 def build(models, user, guard):
@@ -298,7 +300,7 @@ def build(models, user, guard):
         return (model_note(st, usr), gr.Dropdown(choices=c["groups"], value="all"),
                 gr.Dropdown(choices=c["layers"], value=c["layer"]), gr.Slider(**bin_slider_update(st, usr)),
                 gr.Number(value=c["bins"]), gr.Checkbox(value=False, interactive=c["per_class"],
-                                                        label=f"per {word} (10x the work)" if c["per_class"] else
-                                                        "per class (MNIST U-Net only)"), "",
+                                                        label=f"per {word} ({len(st.classes)}x the work)"
+                                                        if c["per_class"] else "per class (this model has none)"), "",
                 *disarm("Recompute")()[:2])
     return figures, inputs, outputs, (refresh, [user], [note, group, layer, t_bin, bins, per_class, status, armed, go_btn])

@@ -1,7 +1,7 @@
 """CLI commands for models of any architecture:
 
     export        a plan as torchao, diffusers or optimum-quanto load it (lafq.export)
-    fisher-model  the Fisher map of a diffusers model on clean samples (lafq.fisher_any), replaying
+    fisher-model  the Fisher map of a diffusers model on clean samples (lafq.fisher), replaying
                   conditioning captured with lafq.models.capture_conditioning + save_conditioning
     quantize-model  policy (or plan) -> quantized diffusers model file (lafq.qmodel), with its size table
 """
@@ -132,7 +132,7 @@ def cmd_fisher_model(args):
     import torch
 
     from .device import resolve_device
-    from .fisher_any import fisher_map
+    from .fisher import fisher_map
     from .models import load_conditioning, load_diffusers
 
     if (args.images is None) == (args.dataset is None):
@@ -156,7 +156,7 @@ def cmd_fisher_model(args):
     den.module.to(device)
     t0 = time.perf_counter()
     fm = fisher_map(den, images, bins=args.bins, samples_per_bin=args.samples, seed=args.seed, method=args.method,
-                    image_rows=image_rows, p_null=args.p_null if args.dataset else 0.0, chunk=args.chunk)
+                    labels=image_rows, p_null=args.p_null if args.dataset else 0.0, chunk=args.chunk)
     fm.meta["images"] = str(args.images or args.dataset)
     if not torch.isfinite(fm.fisher).all():  # finite images, and still: the model's own overflow
         raise ValueError("the Fisher map has NaN or infinite values (the model overflows on these inputs); "
@@ -176,7 +176,7 @@ def cmd_fisher_model(args):
 
 def register_fisher_model(sub) -> None:
     from .cliutil import chunk_arg, fisher_size_args, number
-    from .fisher_any import METHODS
+    from .persample import METHODS
 
     f = sub.add_parser("fisher-model", help="Fisher map of a diffusers model (UNet2D, UNet2DCondition, DiT, ...)")
     f.add_argument("--model", required=True, help="a diffusers pipeline or model folder (or Hub repo id) with its scheduler")

@@ -7,27 +7,32 @@ would give the squared *mean* gradient instead). Three exact methods: layer hook
 lafq.persample), `torch.func.vmap` over `grad`, and a naive per-sample loop as the reference.
 Also kept: the same mean per output channel (what INT8/INT4 per-channel quantization perturbs
 together), and the mean |w| of every tensor (the weight-magnitude map).
+
+One function for every model: `fisher_map(den, images, labels=..., draws=..., per_class=..., p_null=...)`
+takes a `lafq.models.Denoiser` (the project U-Net through `from_lafq_unet`, a diffusers model through
+`from_diffusers`), scores the model's own training target and keys the map by its parameter names.
+`compute_fisher(unet, images, labels)` is the shipped map's recipe on that path (class-balanced draws,
+null class at 0.1): recomputing it gives the shipped map's numbers.
 """
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
-import torch.nn.functional as F
-from torch.func import functional_call, grad, vmap
 
 from .checkpoint import load_file, save_file, state_digest  # noqa: F401 (state_digest: re-exported)
-from .device import model_device
 from .distributed import all_reduce_sum_, shard, world
-from .diffusion import Schedule, linear_schedule, q_sample
+from .diffusion import Schedule
 from .model import LAYERS, layer_of
-from .persample import hook_sq_grads
+from .persample import METHODS, param_dtype, sq_grads
+
+if TYPE_CHECKING:
+    from .models.base import Denoiser
 
 STATISTICS = ("final", "mean", "max")
-METHODS = ("hooks", "vmap", "naive")  # all exact; hooks is the fastest on CPU (docs/benchmarks.md)
+DRAWS = ("uniform", "balanced")
 VIEWS = ("raw", "normalized", "log")
 MAX_BINS = 1000
 DEFAULT_P_NULL = 0.1  # the training label dropout (TrainConfig.p_uncond): how often sampling's null branch is seen
@@ -140,56 +145,6 @@ def bin_edges(bins: int, T: int = 1000) -> list[int]:
     return torch.linspace(0, T, bins + 1).round().long().tolist()
 
 
-def _loss_fn(model, schedule):
-    def loss(params, x0, y, t, noise):
-        xt = q_sample(schedule, x0[None], t[None], noise[None])
-        pred = functional_call(model, params, (xt, t[None], y[None]))
-        return F.mse_loss(pred, noise[None])
-    return loss
-
-
-def per_sample_sq_grads(model, schedule, x0, y, t, noise, chunk: int = 64) -> dict[str, torch.Tensor]:
-    """Sum over samples of squared per-sample gradients, {name: tensor shaped like the parameter}."""
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    g = vmap(grad(_loss_fn(model, schedule)), in_dims=(None, 0, 0, 0, 0))
-    acc = {k: torch.zeros_like(v) for k, v in params.items()}
-    for i in range(0, len(x0), chunk):
-        with warnings.catch_warnings():  # functorch's "no batching rule for CPU attention": known, measured
-            warnings.filterwarnings("ignore", message="There is a performance drop")
-            grads = g(params, x0[i:i + chunk], y[i:i + chunk], t[i:i + chunk], noise[i:i + chunk])
-        for k, v in grads.items():
-            acc[k] += v.pow(2).sum(0)
-    return acc
-
-
-def hooked_sq_grads(model, schedule, x0, y, t, noise, chunk: int = 64) -> dict[str, torch.Tensor]:
-    """The same sum from batched backward passes with layer hooks (lafq.persample): fastest on a CPU."""
-    acc: dict[str, torch.Tensor] = {}
-    for i in range(0, len(x0), chunk):
-        sl = slice(i, i + chunk)
-
-        def losses(sl=sl):
-            pred = model(q_sample(schedule, x0[sl], t[sl], noise[sl]), t[sl], y[sl])
-            return F.mse_loss(pred, noise[sl], reduction="none").flatten(1).mean(1)
-
-        for k, v in hook_sq_grads(model, losses).items():
-            acc[k] = acc[k] + v if k in acc else v
-    return acc
-
-
-def naive_sq_grads(model, schedule, x0, y, t, noise) -> dict[str, torch.Tensor]:
-    """The same sum by one backward pass per sample: the reference the vectorised path is tested against."""
-    acc = {k: torch.zeros_like(v) for k, v in model.named_parameters()}
-    for i in range(len(x0)):
-        model.zero_grad(set_to_none=True)
-        xt = q_sample(schedule, x0[i:i + 1], t[i:i + 1], noise[i:i + 1])
-        F.mse_loss(model(xt, t[i:i + 1], y[i:i + 1]), noise[i:i + 1]).backward()
-        for k, p in model.named_parameters():
-            acc[k] += p.grad.pow(2)
-    model.zero_grad(set_to_none=True)
-    return acc
-
-
 def _balanced_draw(labels: torch.Tensor, classes: list[int], n: int, gen: torch.Generator) -> torch.Tensor:
     """n indices into the dataset, cycling through `classes` so each is equally represented."""
     pools = {c: (labels == c).nonzero().flatten() for c in classes}
@@ -200,55 +155,101 @@ def _balanced_draw(labels: torch.Tensor, classes: list[int], n: int, gen: torch.
     return torch.stack([pools[int(c)][torch.randint(len(pools[int(c)]), (1,), generator=gen)][0] for c in want])
 
 
-def compute_fisher(model, images: torch.Tensor, labels: torch.Tensor, *, bins: int = 50, samples_per_bin: int = 64,
-                   per_class: bool = False, schedule: Schedule | None = None, seed: int = 0, chunk: int = 64,
-                   progress: Callable[[int, int], None] | None = None, method: str = "hooks",
-                   p_null: float = DEFAULT_P_NULL) -> FisherMap:
-    """Fisher map of `model` on data (images float (N,1,28,28) in [-1,1], labels long (N,)).
+def classes_of(den: Denoiser) -> list[int]:
+    """The conditioning rows that are classes: every captured row but the unconditional one."""
+    if den.conditioning is None:
+        return []
+    return [r for r in range(den.conditioning.rows) if r != den.null_row]
 
-    Per bin, `samples_per_bin` (x0, class, t, noise) draws: t uniform in the bin, x0 class-balanced.
-    Each draw's label is replaced by the null class with probability `p_null` (the training label
-    dropout, 0.1): guided sampling runs the null-class branch at every step, so its weights (the
-    null row of the class embedding) must be scored too; p_null=0 gives the conditional-only map.
-    per_class=True computes each digit's map with that many samples each; "all" is their mean.
-    The loss is the unweighted eps-MSE (training used min-SNR-5 weighting; the map does not).
+
+def _check_labels(den: Denoiser, images: torch.Tensor, labels: torch.Tensor, p_null: float) -> None:
+    if den.conditioning is None:
+        raise ValueError("labels pick conditioning rows: this model has no conditioning")
+    if tuple(labels.shape) != (len(images),):
+        raise ValueError(f"labels need one row per image: {len(images)}, got shape {tuple(labels.shape)}")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= den.conditioning.rows):
+        raise ValueError(f"labels must be conditioning rows in [0, {den.conditioning.rows}), got "
+                         f"{int(labels.min())}..{int(labels.max())}")
+    if p_null > 0 and den.null_row is None:
+        raise ValueError("p_null > 0 needs the unconditional conditioning row (null_row); this model has none")
+
+
+def fisher_map(den: Denoiser, images: torch.Tensor, *, labels: torch.Tensor | None = None, draws: str = "uniform",
+               per_class: bool = False, p_null: float | None = None, bins: int = 50, samples_per_bin: int = 64,
+               seed: int = 0, chunk: int = 64, method: str = "hooks",
+               progress: Callable[[int, int], None] | None = None) -> FisherMap:
+    """Fisher map of any denoiser on clean samples `images` (N, *den.sample_shape), e.g. VAE latents.
+
+    Per bin, `samples_per_bin` draws (x0, conditioning row, t, noise), all from one CPU generator seeded
+    with `seed` (the same draws on any device): x0 from the images, t uniform in the bin, Gaussian noise.
+      labels     (N,), optional: each image's conditioning row (its class for a class-conditional model).
+                 Without labels, rows are drawn uniformly from the captured ones, independently of x0.
+      draws      "uniform": x0 uniform over the images; "balanced": cycling through the classes
+                 (`classes_of(den)`) so each is equally represented (needs labels).
+      per_class  one map per class with `samples_per_bin` draws each; group "all" is their mean.
+      p_null     each labelled draw's row is replaced by the unconditional row with this probability:
+                 guided sampling runs the null branch at every step, so its weights must be scored.
+                 None: 0.1 (the training label dropout) where labels are given and the model has a
+                 null row, else 0. Its uniform draw comes after the others, only when p_null > 0.
+    The loss is the unweighted MSE to the model's training target (`Denoiser.losses`).
     """
     if samples_per_bin < 1:
         raise ValueError(f"samples_per_bin must be at least 1, got {samples_per_bin}")
-    if not 0 <= p_null <= 1:
+    if draws not in DRAWS:
+        raise ValueError(f"unknown draws {draws!r}; choose one of {DRAWS}")
+    if tuple(images.shape[1:]) != den.sample_shape:
+        raise ValueError(f"images have shape {tuple(images.shape[1:])} per sample; the model takes {den.sample_shape}")
+    if p_null is None:
+        p_null = DEFAULT_P_NULL if labels is not None and den.null_row is not None else 0.0
+    if not 0.0 <= p_null <= 1.0:
         raise ValueError(f"p_null must be in [0, 1], got {p_null}")
-    schedule = schedule or linear_schedule()
-    edges = bin_edges(bins, schedule.T)
-    was_training = model.training
-    model.eval()  # no dropout: the Fisher of the deterministic network
-    gen = torch.Generator().manual_seed(seed)  # draws on the CPU: the same samples whatever the model's device
-    dev = model_device(model)
-    names = [k for k, _ in model.named_parameters()]
-    params = dict(model.named_parameters())
-    classes = list(range(model.cfg.num_classes)) if model.cfg.num_classes else [None]
-    groups = [[c] for c in classes] if per_class else [classes]
-    fisher = torch.zeros(len(groups), len(names), bins, dtype=torch.float64)
-    channel = {k: torch.zeros(len(groups), bins, p.shape[0], dtype=torch.float64) for k, p in params.items() if p.dim() > 1}
+    if labels is not None:
+        labels = torch.as_tensor(labels).long()
+        _check_labels(den, images, labels, p_null)
+    elif draws == "balanced" or per_class:
+        raise ValueError("class-balanced draws and per-class maps need labels (each image's class)")
+    elif p_null > 0:
+        raise ValueError("p_null replaces the rows of labelled draws: give labels, or p_null=0")
     if method not in METHODS:
         raise ValueError(f"unknown per-sample gradient method {method!r}; choose one of {METHODS}")
-    sq = {"hooks": hooked_sq_grads, "vmap": per_sample_sq_grads,
-          "naive": lambda m, s, *a, chunk: naive_sq_grads(m, s, *a)}[method]
+    classes = classes_of(den)
+    groups = [[c] for c in classes] if per_class else [classes]
+    module = den.module
+    edges = bin_edges(bins, den.T)
+    dtype = param_dtype(module)
+    dev = next(module.parameters()).device
+    gen = torch.Generator().manual_seed(seed)  # draws on the CPU: the same samples on any device
+    params = dict(module.named_parameters())
+    names = list(params)
+    fisher = torch.zeros(len(groups), len(names), bins, dtype=torch.float64)
+    channel = {k: torch.zeros(len(groups), bins, p.shape[0], dtype=torch.float64) for k, p in params.items() if p.dim() > 1}
+    was_training = module.training
+    module.eval()  # no dropout: the Fisher of the deterministic network
+    methods = None
     total, done = len(groups) * bins, 0
     t0 = time.perf_counter()
     try:
         for gi, group in enumerate(groups):
             for b in range(bins):
-                idx = _balanced_draw(labels, group, samples_per_bin, gen) if group != [None] else \
-                    torch.randint(len(images), (samples_per_bin,), generator=gen)
-                x0 = images[idx]
-                y = labels[idx] if group != [None] else torch.full((samples_per_bin,), 0)
+                if per_class or draws == "balanced":
+                    idx = _balanced_draw(labels, group, samples_per_bin, gen)
+                else:
+                    idx = torch.randint(len(images), (samples_per_bin,), generator=gen)
                 t = torch.randint(edges[b], edges[b + 1], (samples_per_bin,), generator=gen)
-                noise = torch.randn(x0.shape, generator=gen)
-                if p_null > 0 and model.cfg.num_classes:  # drawn after the rest: p_null=0 keeps earlier maps' draws
-                    y = torch.where(torch.rand(samples_per_bin, generator=gen) < p_null, model.cfg.num_classes, y)
+                noise = torch.randn((samples_per_bin, *den.sample_shape), generator=gen, dtype=dtype)
+                if labels is not None:  # each image's own row; the null row at the label-dropout rate
+                    rows = labels[idx].clone()
+                    if p_null > 0:
+                        rows[torch.rand(samples_per_bin, generator=gen) < p_null] = den.null_row
+                else:
+                    rows = (torch.randint(den.conditioning.rows, (samples_per_bin,), generator=gen)
+                            if den.conditioning is not None else None)
                 part = shard(samples_per_bin)  # every process drew the whole batch; this one scores its share
                 if len(t[part]):
-                    acc = sq(model, schedule, *(v[part].to(dev) for v in (x0, y, t, noise)), chunk=chunk)
+                    x0 = images[idx[part]].to(device=dev, dtype=dtype)
+                    acc, methods = sq_grads(den, x0, noise[part].to(dev), t[part].to(dev),
+                                            rows[part] if rows is not None else None, method=method, chunk=chunk,
+                                            methods=methods)
                     for k, name in enumerate(names):
                         g2 = acc[name].double().cpu() / samples_per_bin
                         fisher[gi, k, b] = g2.mean()
@@ -258,14 +259,38 @@ def compute_fisher(model, images: torch.Tensor, labels: torch.Tensor, *, bins: i
                 if progress:
                     progress(done, total)
     finally:  # a cancelled run (progress raising) leaves the model as it found it
-        model.train(was_training)
+        module.train(was_training)
     all_reduce_sum_(fisher, *channel.values())  # the shards' partial sums: one process's map, to float32 rounding
     if per_class:  # "all" = the class-balanced mean, first
         fisher = torch.cat([fisher.mean(0, keepdim=True), fisher])
         channel = {k: torch.cat([v.mean(0, keepdim=True), v]) for k, v in channel.items()}
     group_names = ["all"] + ([str(c) for c in classes] if per_class else [])
+    methods = methods or {}
     magnitude = torch.stack([p.detach().abs().mean().double().cpu() for p in params.values()])
-    info = {"samples_per_bin": samples_per_bin, "seed": seed, "method": method, "checkpoint_digest": state_digest(model),
-            "seconds": round(time.perf_counter() - t0, 2), "loss": f"eps-MSE, unweighted; null class with probability {p_null:g}", "p_null": p_null,
-            "processes": world()}
+    by_method = {m: sorted(n for n, v in methods.items() if v == m) for m in METHODS}
+    info = {"samples_per_bin": samples_per_bin, "seed": seed, "method": method, "draws": draws, "p_null": p_null,
+            "methods": {m: len(v) for m, v in by_method.items()},
+            "fallback": {m: v for m, v in by_method.items() if m != method and v},
+            "checkpoint_digest": state_digest(module), "seconds": round(time.perf_counter() - t0, 2),
+            "prediction_type": den.prediction_type, "processes": world(),
+            "loss": f"MSE to the {den.prediction_type} target, unweighted; " + (
+                f"each image's conditioning row, the null row with p={p_null:g}" if labels is not None
+                else "conditioning rows uniform" if den.conditioning is not None else "unconditional"),
+            "model": {k: v for k, v in den.source.items() if k != "config"}}
     return FisherMap(names, [p.numel() for p in params.values()], edges, group_names, fisher, magnitude, channel, info)
+
+
+def compute_fisher(model, images: torch.Tensor, labels: torch.Tensor, *, bins: int = 50, samples_per_bin: int = 64,
+                   per_class: bool = False, schedule: Schedule | None = None, seed: int = 0, chunk: int = 64,
+                   progress: Callable[[int, int], None] | None = None, method: str = "hooks",
+                   p_null: float = DEFAULT_P_NULL) -> FisherMap:
+    """The project U-Net's map as shipped: `fisher_map` through its adapter, class-balanced draws, the
+    null class at the training dropout rate (0.1). Images (N,1,28,28) in [-1,1], labels (N,) class ids."""
+    from .models.lafq_unet import from_lafq_unet
+
+    den = from_lafq_unet(model, schedule)
+    conditional = den.conditioning is not None
+    return fisher_map(den, images, labels=labels if conditional else None,
+                      draws="balanced" if conditional else "uniform", per_class=per_class,
+                      p_null=p_null if conditional else 0.0, bins=bins, samples_per_bin=samples_per_bin, seed=seed,
+                      chunk=chunk, method=method, progress=progress)

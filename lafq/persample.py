@@ -9,14 +9,30 @@ functorch batching rules (vmap falls back to a slow path for CPU attention).
 
 Supported parameter owners: Linear, Conv2d (groups=1), GroupNorm, LayerNorm, Embedding; any other
 parameter raises, so a new layer type can never be silently left out of a Fisher map. `owners=`
-restricts the pass to chosen modules (lafq.fisher_any computes the rest another way).
+restricts the pass to chosen modules.
+
+`sq_grads(den, x0, noise, t, rows)` is what Fisher maps call for any `lafq.models.Denoiser`; it picks
+an exact method per parameter:
+    hooks   this one batched backward, for every module the hooks can split and that runs once per forward
+    vmap    `torch.func.vmap(grad)` over the remaining parameters (other layer types, reused modules)
+    naive   one backward per sample: where vmap fails on an operation, and the reference
+`method="hooks"` falls back parameter by parameter (vmap, else naive); "vmap" and "naive" apply to all.
 """
 from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
+if TYPE_CHECKING:
+    from .models.base import Denoiser
+
+METHODS = ("hooks", "vmap", "naive")  # all exact; hooks is the fastest on CPU (docs/benchmarks.md)
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm, nn.Embedding)
 
 
@@ -155,4 +171,153 @@ def hook_sq_grads(model: nn.Module, loss_per_sample, owners: list[tuple[str, nn.
             continue
         for pname, per_sample in _weight_grads(mod, x, g).items():
             acc[prefix + pname] = per_sample.pow(2).sum(0)
+    return acc
+
+
+def param_dtype(module: torch.nn.Module) -> torch.dtype:
+    p = next(module.parameters(), None)
+    return p.dtype if p is not None else torch.float32
+
+
+def _call_counts(den: Denoiser, x0, noise, t, rows) -> dict[str, int]:
+    """How often each parameterised module runs in one forward of one sample (an embedding looked up
+    more than once per sample, e.g. a token sequence, counts as its number of lookups)."""
+    counts, handles = {}, []
+
+    def count(mod, args, _out, name):
+        n = args[0].numel() if isinstance(mod, torch.nn.Embedding) and args and torch.is_tensor(args[0]) else 1
+        counts[name] += n
+
+    for name, mod in den.module.named_modules():
+        if list(mod.parameters(recurse=False)):
+            counts[name] = 0
+            handles.append(mod.register_forward_hook(lambda m, a, o, name=name: count(m, a, o, name)))
+    try:
+        with torch.no_grad():
+            den.losses(x0[:1], noise[:1], t[:1], None if rows is None else rows[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return counts
+
+
+def plan_methods(den: Denoiser, x0, noise, t, rows, method: str = "hooks") -> dict[str, str]:
+    """Each parameter's per-sample gradient method: `method` where it applies, else the next exact one."""
+    if method not in METHODS:
+        raise ValueError(f"unknown per-sample gradient method {method!r}; choose one of {METHODS}")
+    names = [n for n, _ in den.module.named_parameters()]
+    if method != "hooks":
+        return dict.fromkeys(names, method)
+    counts = _call_counts(den, x0, noise, t, rows)
+    out = {}
+    for mod_name, mod in den.module.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        for pname, _ in mod.named_parameters(recurse=False):
+            ok = hookable(mod) and counts.get(mod_name, 0) == 1
+            out[prefix + pname] = "hooks" if ok else "vmap"
+    return {n: out[n] for n in names}
+
+
+def _naive(den: Denoiser, names: list[str], x0, noise, t, rows) -> dict[str, torch.Tensor]:
+    params = dict(den.module.named_parameters())
+    acc = {n: torch.zeros_like(params[n]) for n in names}
+    wanted = [params[n] for n in names]
+    for i in range(len(x0)):
+        r = None if rows is None else rows[i:i + 1]
+        with torch.enable_grad():
+            loss = den.losses(x0[i:i + 1], noise[i:i + 1], t[i:i + 1], r).sum()
+            gs = torch.autograd.grad(loss, wanted, allow_unused=True)
+        for n, g in zip(names, gs):
+            if g is not None:
+                acc[n] += g.pow(2)
+    return acc
+
+
+def _one_sample_loss(den: Denoiser, module, leaves, per_row, spec):
+    """loss(params, x0, noise, t, per-row conditioning leaves) of one sample, for vmap(grad(...))."""
+    def loss(p, x, n, tt, batched_leaves):
+        it = iter(batched_leaves)
+        kwargs = tree_unflatten([next(it)[None] if b else v for v, b in zip(leaves, per_row)], spec)
+
+        def fn(*a, **k):
+            return functional_call(module, p, a, k)
+
+        pred = den.call(fn, den.noisy(x[None], n[None], tt[None]), tt[None], kwargs)
+        return (pred - den.target(x[None], n[None], tt[None])).pow(2).mean()
+    return loss
+
+
+def _vmap(den: Denoiser, names: list[str], x0, noise, t, rows, chunk: int) -> dict[str, torch.Tensor]:
+    params = {n: p.detach() for n, p in den.module.named_parameters() if n in set(names)}
+    acc = {n: torch.zeros_like(p) for n, p in params.items()}
+    module = den.module
+
+    for i in range(0, len(x0), chunk):
+        sl = slice(i, i + chunk)
+        kw = den.kwargs_for(None if rows is None else rows[sl], x0[sl])
+        leaves, spec = tree_flatten(kw)
+        per_row = [torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == len(x0[sl]) for v in leaves]
+        batched = [v for v, b in zip(leaves, per_row) if b]
+        g = vmap(grad(_one_sample_loss(den, module, leaves, per_row, spec)), in_dims=(None, 0, 0, 0, 0))
+        # no_grad keeps the parameters not substituted here (which require grad) from recording an outer
+        # graph; torch.func.grad computes its own gradients regardless.
+        with warnings.catch_warnings(), torch.no_grad():  # functorch's "no batching rule" notices: slower, still exact
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            grads = g(params, x0[sl], noise[sl], t[sl], batched)
+        for k, v in grads.items():
+            acc[k] += v.pow(2).sum(0)
+    return acc
+
+
+def _hooks(den: Denoiser, names: list[str], x0, noise, t, rows, chunk: int) -> dict[str, torch.Tensor]:
+    wanted = set(names)
+    owners = []
+    for mod_name, mod in den.module.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        own = [prefix + p for p, _ in mod.named_parameters(recurse=False)]
+        if own and all(n in wanted for n in own):
+            owners.append((mod_name, mod))
+    acc: dict[str, torch.Tensor] = {}
+    for i in range(0, len(x0), chunk):
+        sl = slice(i, i + chunk)
+
+        def losses(sl=sl):
+            return den.losses(x0[sl], noise[sl], t[sl], None if rows is None else rows[sl])
+
+        for k, v in hook_sq_grads(den.module, losses, owners=owners).items():
+            acc[k] = acc[k] + v if k in acc else v
+    return {n: acc[n] for n in names}
+
+
+def sq_grads(den: Denoiser, x0, noise, t, rows=None, *, method: str = "hooks", chunk: int = 64,
+             methods: dict[str, str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Sum over samples of squared per-sample gradients {name: like the parameter}, and each name's method."""
+    methods = dict(methods or plan_methods(den, x0, noise, t, rows, method))
+    flags = [(p, p.requires_grad) for p in den.module.parameters()]
+    for p, _ in flags:  # a frozen model (requires_grad False) still has gradients to score
+        p.requires_grad_(True)
+    try:
+        return _sq_grads(den, x0, noise, t, rows, method, chunk, methods), methods
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _sq_grads(den, x0, noise, t, rows, method, chunk, methods) -> dict[str, torch.Tensor]:
+    acc: dict[str, torch.Tensor] = {}
+    hooked = [n for n, m in methods.items() if m == "hooks"]
+    if hooked:
+        acc.update(_hooks(den, hooked, x0, noise, t, rows, chunk))
+    vm = [n for n, m in methods.items() if m == "vmap"]
+    if vm:
+        try:
+            acc.update(_vmap(den, vm, x0, noise, t, rows, chunk))
+        except (RuntimeError, NotImplementedError, TypeError) as e:  # an op without a functorch rule
+            if method == "vmap":
+                raise ValueError(f"vmap cannot run this model ({str(e).splitlines()[0]}); use method='naive'") from None
+            for n in vm:
+                methods[n] = "naive"
+    naive = [n for n, m in methods.items() if m == "naive"]
+    if naive:
+        acc.update(_naive(den, naive, x0, noise, t, rows))
     return acc

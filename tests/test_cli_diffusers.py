@@ -23,7 +23,7 @@ def folder(tmp_path):
 
 
 def _seen_labels(den, images, **kw):
-    from lafq.fisher_any import fisher_map
+    from lafq.fisher import fisher_map
 
     seen = []
     h = den.module.register_forward_pre_hook(lambda m, a, k: seen.append(k["class_labels"].clone()), with_kwargs=True)
@@ -34,15 +34,15 @@ def _seen_labels(den, images, **kw):
     return torch.cat(seen[1:])  # the first call counts module calls on one sample
 
 
-def test_image_rows_condition_each_draw_on_its_image_label_and_p_null_one_on_the_null_class(folder):
+def test_labels_condition_each_draw_on_its_image_label_and_p_null_one_on_the_null_class(folder):
     from lafq.models import Conditioning, load_diffusers
 
     den = load_diffusers(folder).with_conditioning(Conditioning({"class_labels": torch.arange(11)}, 11), null_row=10)
     images = torch.zeros(5, 1, 28, 28)
-    assert set(_seen_labels(den, images, image_rows=torch.full((5,), 3)).tolist()) == {3}
-    assert set(_seen_labels(den, images, image_rows=torch.full((5,), 3), p_null=1.0).tolist()) == {10}
+    assert set(_seen_labels(den, images, labels=torch.full((5,), 3), p_null=0.0).tolist()) == {3}
+    assert set(_seen_labels(den, images, labels=torch.full((5,), 3), p_null=1.0).tolist()) == {10}
     with pytest.raises(ValueError, match="one row per image"):
-        _seen_labels(den, images, image_rows=torch.zeros(4, dtype=torch.long))
+        _seen_labels(den, images, labels=torch.zeros(4, dtype=torch.long))
 
 
 def test_fisher_model_takes_a_dataset_and_records_the_label_dropout(folder, tmp_path, capsys):

@@ -49,7 +49,8 @@ def test_gpu_sampling_matches_cpu_from_the_same_seed(tiny_model):
 
 @cuda
 def test_gpu_fisher_equals_cpu_in_float64():
-    from lafq.fisher import hooked_sq_grads
+    from lafq.models import from_lafq_unet
+    from lafq.persample import sq_grads
 
     torch.manual_seed(0)
     m = UNet(TINY).double().eval()
@@ -57,8 +58,8 @@ def test_gpu_fisher_equals_cpu_in_float64():
     x0 = torch.randn(5, 1, 28, 28, generator=g, dtype=torch.float64)
     y, t = torch.tensor([0, 1, 2, 10, 9]), torch.randint(0, 1000, (5,), generator=g)
     noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
-    cpu = hooked_sq_grads(m, linear_schedule(), x0, y, t, noise, chunk=2)
-    gpu = hooked_sq_grads(m.cuda(), linear_schedule(), *(v.cuda() for v in (x0, y, t, noise)), chunk=2)
+    cpu, _ = sq_grads(from_lafq_unet(m), x0, noise, t, y, chunk=2)
+    gpu, _ = sq_grads(from_lafq_unet(m.cuda()), *(v.cuda() for v in (x0, noise, t)), y.cuda(), chunk=2)
     for k in cpu:
         # rtol: the sinusoidal embedding is float32 (sin of t * freq, t up to 999) and CUDA's sin rounds
         # differently from the CPU's; measured 3e-5 relative on embed.time_mlp.0.weight, 1e-9 elsewhere.

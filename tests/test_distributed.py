@@ -70,7 +70,7 @@ def test_torchrun_with_two_gloo_processes_gives_the_one_process_fisher_map(tiny_
 def test_torchrun_shards_the_fisher_map_of_a_diffusers_model_too(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from lafq.fisher_any import fisher_map
+    from lafq.fisher import fisher_map
     from lafq.models import capture_conditioning, load_conditioning, load_diffusers, save_conditioning
     from tests.diffusers_tiny import save_pipeline_dir, tiny_unet2d
 

@@ -2,12 +2,28 @@ import pytest
 import torch
 
 from lafq.diffusion import linear_schedule
-from lafq.fisher import FisherMap, bin_edges, compute_fisher, hooked_sq_grads, naive_sq_grads, per_sample_sq_grads
+from lafq.fisher import FisherMap, bin_edges, compute_fisher
 from lafq.model import UNet
+from lafq.models import from_lafq_unet
+from lafq.persample import sq_grads
 from tests.conftest import TINY
 
 
-def test_vectorised_fisher_equals_naive_loop():
+def naive_unet_sq_grads(m, s, x0, y, t, noise):
+    """One backward per sample with the U-Net's own call and eps-MSE: no adapter involved."""
+    acc = {k: torch.zeros_like(v) for k, v in m.named_parameters()}
+    for i in range(len(x0)):
+        m.zero_grad(set_to_none=True)
+        abar = s.alphas_cumprod[t[i]].to(x0.dtype)  # float64 here (q_sample rounds abar to float32)
+        xt = abar.sqrt() * x0[i:i + 1] + (1 - abar).sqrt() * noise[i:i + 1]
+        torch.nn.functional.mse_loss(m(xt, t[i:i + 1], y[i:i + 1]), noise[i:i + 1]).backward()
+        for k, p in m.named_parameters():
+            acc[k] += p.grad.pow(2)
+    m.zero_grad(set_to_none=True)
+    return acc
+
+
+def test_every_per_sample_method_through_the_unet_adapter_equals_a_naive_loop():
     torch.manual_seed(0)
     m = UNet(TINY).double().eval()
     s = linear_schedule()
@@ -16,9 +32,11 @@ def test_vectorised_fisher_equals_naive_loop():
     y = torch.tensor([0, 1, 2, 3, 4, 10, 9])
     t = torch.randint(0, 1000, (7,), generator=g)
     noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
-    slow = naive_sq_grads(m, s, x0, y, t, noise)
-    for fast in (per_sample_sq_grads(m, s, x0, y, t, noise, chunk=3),  # chunking must not matter
-                 hooked_sq_grads(m, s, x0, y, t, noise, chunk=3)):
+    slow = naive_unet_sq_grads(m, s, x0, y, t, noise)
+    den = from_lafq_unet(m, s)
+    for method in ("hooks", "vmap", "naive"):  # chunk=3: chunking must not matter
+        fast, used = sq_grads(den, x0, noise, t, y, method=method, chunk=3)
+        assert set(used.values()) == {method}  # every U-Net layer splits by hooks: no fallback
         assert fast.keys() == slow.keys()
         for k in slow:
             assert torch.allclose(fast[k], slow[k], rtol=1e-9, atol=1e-20), k
@@ -127,3 +145,45 @@ def test_a_file_that_is_not_a_complete_fisher_map_is_one_error_naming_it(tmp_pat
     save_file(path, {"fisher": torch.zeros(1, 2, 3)}, {"kind": "fisher", "numels": [1]})  # no names
     with pytest.raises(CheckpointError, match=r"f.safetensors is not a complete Fisher map \(missing or malformed 'names'"):
         FisherMap.load(path)
+
+
+def test_the_one_fisher_path_reproduces_maps_made_by_both_former_recipes():
+    """The shipped map's recipe (class-balanced, null class at 0.1) and the labelled / unlabelled draws for other
+    models, against values the two former implementations wrote: the draws (and so every map and plan made
+    from them) did not change when they became one function. rtol: float32 gradients summed in another order
+    on another CPU differ by about 1e-6; a changed draw changes the values by orders of magnitude more."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from lafq.data import load_dataset
+    from lafq.fisher import fisher_map
+
+    with safe_open(str(Path(__file__).parent / "golden" / "fisher_tiny.safetensors"), "pt") as f:
+        golden = {k: f.get_tensor(k) for k in f.keys()}
+    torch.manual_seed(0)
+    m = UNet(TINY)
+    x, y = load_dataset("mnist-train5k").tensors()
+    x, y = x[::50], y[::50]
+    kw = dict(bins=3, samples_per_bin=5, seed=2, chunk=3)
+    den = from_lafq_unet(m)
+    got = {"per_class_balanced": compute_fisher(m, x, y, per_class=True, **kw).fisher,
+           "labelled_uniform": fisher_map(den, x, labels=y, p_null=0.1, **kw).fisher,
+           "rows_uniform": fisher_map(den, x, **kw).fisher}
+    for k, v in golden.items():
+        assert torch.allclose(got[k], v, rtol=1e-4, atol=0), k
+
+
+def test_draw_options_are_checked_before_any_work():
+    m = UNet(TINY)
+    den = from_lafq_unet(m)
+    x, y = torch.zeros(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    from lafq.fisher import fisher_map
+    with pytest.raises(ValueError, match="need labels"):
+        fisher_map(den, x, per_class=True, bins=1, samples_per_bin=1)
+    with pytest.raises(ValueError, match="choose one of"):
+        fisher_map(den, x, labels=y, draws="stratified", bins=1, samples_per_bin=1)
+    with pytest.raises(ValueError, match=r"conditioning rows in \[0, 11\)"):
+        fisher_map(den, x, labels=torch.tensor([0, 1, 2, 11]), bins=1, samples_per_bin=1)
+    with pytest.raises(ValueError, match="give labels, or p_null=0"):
+        fisher_map(den, x, p_null=0.5, bins=1, samples_per_bin=1)

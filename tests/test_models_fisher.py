@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from lafq.fisher_any import fisher_map, sq_grads
+from lafq.fisher import fisher_map
+from lafq.persample import sq_grads
 from lafq.models import (
     capture_conditioning,
     from_diffusers,
@@ -122,22 +123,6 @@ def test_the_sample_target_and_the_eps_conversion_invert_each_other():
         type(den)(**{**den.__dict__, "prediction_type": "flow"})
 
 
-def test_the_project_unet_scores_the_same_through_its_adapter():
-    from lafq.fisher import naive_sq_grads
-    from lafq.model import UNet
-    torch.manual_seed(0)
-    m = UNet(TINY).double().eval()
-    den = from_lafq_unet(m)
-    g = torch.Generator().manual_seed(2)
-    x0, noise = (torch.randn(3, 1, 28, 28, generator=g, dtype=torch.float64) for _ in range(2))
-    t, y = torch.tensor([5, 400, 900]), torch.tensor([3, 10, 7])
-    ref = naive_sq_grads(m, den.schedule, x0, y, t, noise)
-    got, methods = sq_grads(den, x0, noise, t, rows=y, method="hooks")
-    assert set(methods.values()) == {"hooks"}
-    for k in ref:  # lafq's q_sample rounds abar to float32; the adapter keeps the sample's dtype
-        assert (got[k] - ref[k]).norm() <= 1e-5 * ref[k].norm(), k
-
-
 def test_conditioning_captured_from_a_real_guided_pipeline_call_scores_both_branches():
     """DiTPipeline batches the class labels with its null class (1000) for guidance; capturing its first
     transformer call and replaying the rows gives the null row of the class table Fisher too."""
@@ -166,3 +151,42 @@ def test_conditioning_captured_from_a_real_guided_pipeline_call_scores_both_bran
     assert table[0] == 0 and table[3] == 0  # labels the call never used
     x = den.sample(2, steps=2, rows=[0, 1], guidance=4.0)  # guided sampling replays the null row
     assert x.shape == (2, 2, 8, 8) and torch.isfinite(x).all()
+
+
+def _unet_adapter():
+    from lafq.model import UNet
+    torch.manual_seed(0)
+    return from_lafq_unet(UNet(TINY).eval()), "y", 28
+
+
+def _diffusers_adapter():
+    from lafq.models import Conditioning
+    model = tiny_unet2d().eval()  # class-conditional: 3 class embeddings, the last the null class
+    k = model.config.num_class_embeds
+    cond = Conditioning({"class_labels": torch.arange(k)}, k)
+    return from_diffusers(model, scheduler(), conditioning=cond, null_row=k - 1), "class_labels", 8
+
+
+@pytest.mark.parametrize("adapter", [_unet_adapter, _diffusers_adapter], ids=["lafq-UNet", "diffusers-UNet2DModel"])
+def test_per_class_maps_score_each_class_on_its_own_images_for_every_class_conditional_model(adapter):
+    den, key, size = adapter()
+    classes = list(range(den.conditioning.rows - 1))
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(4 * len(classes), *den.sample_shape, generator=g) * 2 - 1
+    labels = torch.arange(len(images)) % len(classes)
+    seen = []
+    h = den.module.register_forward_pre_hook(
+        lambda m, a, k: seen.append((k.get(key) if key in k else a[2]).clone()), with_kwargs=True)
+    try:
+        fm = fisher_map(den, images, labels=labels, per_class=True, p_null=0.0, bins=2, samples_per_bin=3,
+                        method="naive")
+    finally:
+        h.remove()
+    assert fm.groups == ["all"] + [str(c) for c in classes]
+    assert torch.allclose(fm.fisher[0], fm.fisher[1:].mean(0))
+    calls = torch.cat(seen).tolist()  # method="naive": one call per draw, in draw order
+    per_group = 2 * 3  # bins x samples, one call per sample (naive)
+    for gi, c in enumerate(classes):  # each class's draws condition on that class only
+        assert set(calls[gi * per_group:(gi + 1) * per_group]) == {c}
+    balanced = fisher_map(den, images, labels=labels, draws="balanced", p_null=1.0, bins=1, samples_per_bin=4)
+    assert balanced.meta["draws"] == "balanced" and balanced.meta["p_null"] == 1.0

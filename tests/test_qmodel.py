@@ -165,7 +165,7 @@ def test_unquantized_models_and_foreign_classes_are_refused_in_one_line(tmp_path
 def test_a_fisher_budget_plan_for_a_diffusers_model_runs_end_to_end_from_map_to_reloaded_samples(tmp_path):
     """Adapter -> Fisher map -> budget plan -> quantized model -> file -> samples, on a UNet2DConditionModel."""
     from lafq.fisher import FisherMap
-    from lafq.fisher_any import fisher_map
+    from lafq.fisher import fisher_map
     from lafq.models import capture_conditioning, from_diffusers
     from lafq.policy import Policy, make_plan, param_shapes
     from lafq.quantize import size_report

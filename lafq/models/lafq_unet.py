@@ -1,8 +1,8 @@
 """Adapter for the project's own class-conditional U-Net (lafq.model.UNet).
 
 Conditioning rows are the class ids 0..num_classes, the last being the learned null class, so a
-row index is the label itself. The shipped Fisher map keeps coming from `lafq.fisher.compute_fisher`
-(its class-balanced draws and null-label dropout); this adapter lets the generic paths run on it too.
+row index is the label itself. `lafq.fisher.compute_fisher` runs the shipped map's recipe (class-balanced
+draws, null-label dropout) through this adapter.
 """
 from __future__ import annotations
 

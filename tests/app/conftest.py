@@ -44,7 +44,7 @@ def tiny_diffusers_dir(root):
     import json
 
     from demo.models import _conditioning, ModelInfo
-    from lafq.fisher_any import fisher_map
+    from lafq.fisher import fisher_map
     from lafq.models.diffusers_models import load_diffusers
     from tests.diffusers_tiny import save_pipeline_dir, tiny_unet2d
 

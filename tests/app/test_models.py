@@ -204,7 +204,7 @@ def test_a_fisher_recompute_on_a_model_without_a_dataset_is_refused_in_one_line(
     state, user = tiny
     with pytest.raises(InputError, match="names no dataset"):
         tab_fisher.recompute(state, 2, 2, False, user=user)
-    with pytest.raises(InputError, match="MNIST U-Net only"):
+    with pytest.raises(InputError, match="names no dataset"):
         tab_fisher.recompute(state, 2, 2, True, user=user)
 
 
@@ -377,6 +377,11 @@ def test_a_model_with_a_dataset_and_classifier_gets_a_quick_map_on_load_and_a_pa
     assert any("press Evaluate" in a.text for a in mnist_fig.layout.annotations)  # no Fashion evaluations on it
     new, msg = tab_fisher.recompute(state, 2, 2, False, user=user)
     assert new.fisher.bins == 2 and new.model == "fashion" and "2 bins x 2 samples" in msg
+    assert new.fisher.meta["p_null"] == 0.1 and "each image's conditioning row" in new.fisher.meta["loss"]
+    per, msg = tab_fisher.recompute(state, 2, 1, True, user=user)  # per-class maps: any class-conditional model
+    assert per.fisher.groups == ["all"] + [str(c) for c in range(10)] and "per class" in msg
+    heat, _, _ = tab_fisher.fisher_figures(state, "log", "3", "layers", 0, "conv_in", per)
+    assert heat.data[0].z is not None
 
 
 def test_the_shipped_fashion_model_is_listed_second_and_compares_with_its_own_classes_and_fisher_map(app_state):

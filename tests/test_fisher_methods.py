@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 from lafq.diffusion import linear_schedule
-from lafq.fisher_any import fisher_map, sq_grads
+from lafq.fisher import fisher_map
+from lafq.persample import sq_grads
 from lafq.models import Conditioning, Denoiser
 
 
