@@ -410,7 +410,7 @@ def bench_plans(model, fisher) -> dict:
 
 
 # Rows of the quantized section: (plan, compute). "dequantize" is the default path; "int8-dynamic" the
-# opt-in torch.ao kernels (lafq.quantize); "bf16" runs every op in bfloat16 (set_compute_dtype).
+# opt-in torch.ao kernels (lafq.int8); "bf16" runs every op in bfloat16 (a quantized model's .to(bfloat16)).
 QUANTIZED_ROWS = {"fp32": ("fp32", "dequantize"),
                   "fp16 layer-ratio p=0.25": ("fp16 layer-ratio p=0.25", "dequantize"),
                   "int8 uniform": ("int8 uniform", "dequantize"),
@@ -437,13 +437,13 @@ def build_variant(model, plan, compute: str):
     """The runnable denoiser for one QUANTIZED_ROWS entry (a copy; `model` is left as it is)."""
     import copy
 
-    from lafq.quantize import quantize_, set_compute_dtype
+    from lafq.quantize import quantize
 
     if compute == "bf16":
-        return CastInput(set_compute_dtype(quantize_(copy.deepcopy(model), plan), torch.bfloat16), torch.bfloat16)
+        return CastInput(quantize(copy.deepcopy(model), plan).to(torch.bfloat16), torch.bfloat16)
     if all(p == "fp32" for p in plan.precisions.values()):
         return model
-    return quantize_(copy.deepcopy(model), plan, compute=compute)
+    return quantize(copy.deepcopy(model), plan, compute=compute)
 
 
 _MEMORY_PROBE = """
@@ -496,7 +496,7 @@ def bench_quantized(model, fisher, s: BenchSettings) -> dict:
     from lafq.diffusion import guided_eps
     from lafq.metrics import DEFAULT_CLASSIFIER, fidelity
     from lafq.pipeline import SampleSpec, generate
-    from lafq.quantize import hold_dequantized, set_compute_dtype, size_report, to_device
+    from lafq.quantize import hold_dequantized, size_report
 
     plans = bench_plans(model, fisher)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
@@ -541,8 +541,7 @@ def bench_quantized(model, fisher, s: BenchSettings) -> dict:
             if compute != "dequantize":
                 continue
             for dtype in (torch.float32, torch.float16, torch.bfloat16):
-                g = set_compute_dtype(to_device(copy.deepcopy(m), "cuda"), dtype) if k != "fp32" else \
-                    copy.deepcopy(m).cuda().to(dtype)
+                g = copy.deepcopy(m).cuda().to(dtype)  # a quantized model keeps its stored forms
                 fn = lambda g=g, dtype=dtype: (torch.inference_mode()(guided_eps)(g, xs[0].to(dtype), xs[1], xs[2], GUIDANCE, 10),
                                                torch.cuda.synchronize())
                 gpu[f"{k}, {str(dtype)[6:]} compute"] = 1000 * interleaved({"g": fn}, s.latency_reps)["g"] / b

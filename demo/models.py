@@ -187,14 +187,6 @@ class DiffusersState(AppState):
             fm = self._structure
         return make_plan(policy, fm, self.weights)
 
-    def _quantize(self, model, plan: Plan):
-        from lafq.qmodel import quantize
-        return quantize(model, plan)
-
-    def save_quantized(self, path, model) -> None:
-        from lafq.qmodel import save_quantized_model
-        save_quantized_model(path, model)
-
     def rows(self, spec) -> list[int] | None:
         """Conditioning rows for a SampleSpec: labels () -> unconditional (the null row where there is one),
         None -> classes in turn, (k,) -> class k."""

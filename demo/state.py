@@ -45,7 +45,7 @@ from lafq.diffusion import linear_schedule
 from lafq.fisher import FisherMap, compute_fisher, state_digest
 from lafq.pipeline import load_denoiser
 from lafq.policy import Plan, Policy, make_plan, param_shapes
-from lafq.quantize import quantize_, size_report, to_device
+from lafq.quantize import quantize, size_report
 
 log = logging.getLogger("lafq.app")
 
@@ -409,7 +409,7 @@ class AppState:
         save_quantized(path, model)
 
     def _quantize(self, model: torch.nn.Module, plan: Plan) -> torch.nn.Module:
-        return quantize_(model, plan)
+        return quantize(model, plan)
 
     @property
     def shapes(self) -> dict:
@@ -446,7 +446,7 @@ class AppState:
                 return self._quantized[key]
         base = copy.deepcopy(self.model).cpu()
         hooked = _hooked(base)  # never expected (the shared model is never hooked); a hooked copy must not be shared
-        q = to_device(self._quantize(base, plan), self.device)  # quantized on the CPU, then moved
+        q = self._quantize(base, plan).to(self.device)  # quantized on the CPU, then moved
         if hooked:
             log.warning("the FP32 model carries hooks; not caching the quantized model for plan %s", key)
             return q

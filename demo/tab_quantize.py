@@ -269,14 +269,11 @@ def load_upload(state: AppState, path: str | None) -> dict:
     try:
         if suffix == ".json":
             plan = read_plan(data, name)
-        elif state.kind != "lafq":
-            raise InputError(f"{name}: for {state.title}, upload a plan .json (quantized model files are read "
-                             "for the MNIST U-Net)")
         else:
             tensors, meta = read_bytes_checked(data, name)
             if meta.get("kind") != "quantized":
                 raise InputError(f"{name} holds a {shown(meta.get('kind'))}; upload a quantized model (or a plan .json)")
-            plan = quantized_from_file(tensors, meta, name, expect_config=state.model.cfg).lafq_plan
+            plan = quantized_from_file(tensors, meta, name, like=state.model).lafq_plan
         plan.validate(param_shapes(state.model))
     except (CheckpointError, ValueError) as e:
         msg = str(e)

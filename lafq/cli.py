@@ -55,11 +55,10 @@ def _sampling_args(p):
 def _model_on(model, args):
     """Move a U-Net or quantized model to --device (FP32 without TF32 on a GPU); returns (model, device)."""
     from .device import resolve_device, strict_fp32
-    from .quantize import to_device
 
     device = resolve_device(args.device)
     strict_fp32(device)
-    return to_device(model, device), device
+    return model.to(device), device  # a quantized model's stored forms move with it
 
 
 def _spec(args, n: int, seed: int):

@@ -3,7 +3,7 @@
     export        a plan as torchao, diffusers or optimum-quanto load it (lafq.export)
     fisher-model  the Fisher map of a diffusers model on clean samples (lafq.fisher), replaying
                   conditioning captured with lafq.models.capture_conditioning + save_conditioning
-    quantize-model  policy (or plan) -> quantized diffusers model file (lafq.qmodel), with its size table
+    quantize-model  policy (or plan) -> quantized diffusers model file (lafq.quantize), with its size table
 """
 from __future__ import annotations
 
@@ -204,8 +204,7 @@ def cmd_quantize_model(args):
     from .fisher import FisherMap
     from .models.diffusers_models import load_diffusers_model
     from .policy import make_plan, param_shapes
-    from .qmodel import quantize, save_quantized_model
-    from .quantize import size_report
+    from .quantize import quantize, save_quantized, size_report
 
     try:
         model = load_diffusers_model(args.model, subfolder=args.subfolder)
@@ -223,7 +222,7 @@ def cmd_quantize_model(args):
         plan = make_plan(policy_from_args(args), FisherMap.load(args.fisher), dict(model.named_parameters()))
     report = size_report(plan, param_shapes(model))
     if args.out:
-        report.file_bytes = save_quantized_model(args.out, quantize(model, plan))
+        report.file_bytes = save_quantized(args.out, quantize(model, plan))
     if args.plan_out:
         from .checkpoint import atomic_write_bytes
         atomic_write_bytes(args.plan_out, plan.to_json().encode())

@@ -106,7 +106,7 @@ def cmd_quantize(args):
 
     from .pipeline import load_denoiser
     from .policy import make_plan, param_shapes
-    from .quantize import quantize_, save_quantized, size_report
+    from .quantize import quantize, save_quantized, size_report
 
     from .planfile import read_plan
 
@@ -123,7 +123,7 @@ def cmd_quantize(args):
         plan = make_plan(policy, fisher, dict(model.named_parameters()))
     report = size_report(plan, shapes)
     if args.out:
-        q = quantize_(copy.deepcopy(model), plan)
+        q = quantize(copy.deepcopy(model), plan)
         report.file_bytes = save_quantized(args.out, q)
     if args.plan_out:
         atomic_write_bytes(args.plan_out, plan.to_json().encode())

@@ -28,9 +28,7 @@ from .checkpoint import atomic_write_bytes
 from .metrics import classifier_accuracy, fidelity, frechet_distance, reference_statistics, statistics
 from .pipeline import SampleSpec, generate
 from .policy import Plan
-from .model import UNet
-from .qmodel import quantize
-from .quantize import quantize_, to_device
+from .quantize import quantize
 
 
 def machine() -> str:
@@ -119,11 +117,8 @@ class Evaluator:
             images = ref
             q = self.model
         else:
-            # Quantized on the CPU and then moved: the stored weights are the same bits on every device. Another
-            # model than the project U-Net goes through lafq.qmodel, which keeps its float dtype visible to code
-            # that reads it from the first parameter (diffusers' `self.dtype`).
-            cpu = copy.deepcopy(self._cpu_model)
-            q = to_device(quantize_(cpu, plan) if isinstance(cpu, UNet) else quantize(cpu, plan), self.device)
+            # Quantized on the CPU and then moved: the stored weights are the same bits on every device.
+            q = quantize(copy.deepcopy(self._cpu_model), plan).to(self.device)
             images = self._generate(q, spec)
         from .pipeline import resolve_labels
 

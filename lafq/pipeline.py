@@ -27,7 +27,8 @@ MAX_BATCH = 256
 
 
 def load_denoiser(path=DEFAULT_CHECKPOINT):
-    """Load an FP32 U-Net or a quantized one (by the file's `kind`); returns (model in eval mode, metadata)."""
+    """Load an FP32 U-Net or a quantized model of any class (by the file's `kind`); returns (model in eval mode,
+    metadata)."""
     from .checkpoint import CheckpointError, load_file, unet_from_file
 
     tensors, meta = load_file(path)

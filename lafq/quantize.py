@@ -1,37 +1,37 @@
-"""Apply a Plan to a model so it really stores low-precision weights; save, load, and measure it.
+"""Quantized models of any architecture (the project's U-Net, diffusers models, any nn.Module): apply a
+Plan so the model really stores low-precision weights; save, load and measure it.
 
-`quantize_(model, plan)` replaces every parameter not kept in fp32 by its stored form (buffers
-`<name>_q` and `<name>_scale` on the owning module) and registers a forward pre-hook that
-dequantizes it to the compute dtype just before the module runs. Memory holds the small form;
-compute runs in fp32 on a CPU (or fp16 on a GPU with `compute_dtype`).
+`quantize(model, plan)` replaces every parameter not kept in fp32 by its stored form (buffers
+`<name>_q` and `<name>_scale` on the owning module), registers a forward pre-hook that dequantizes it
+to the compute dtype just before the module runs, and gives the model a `Quantized<Class>` subclass of
+its own class, so it still is what it was (a pipeline takes a quantized UNet2DConditionModel as its
+unet) and, by construction of that class:
+    .to(device) / .cuda() / .cpu()      move the stored forms with it
+    .half() / .bfloat16() / .to(dtype)  set the compute dtype; the stored forms keep theirs (int8 stays
+                                        int8, fp32 scales stay fp32, a bf16 weight stays bf16)
+Memory holds the small form. The plan is keyed by parameter name; any module that reads its weights as
+attributes in forward works (Linear, Conv1d/2d/3d, Embedding, attention projections, norms).
 
-File: `.safetensors`, kind "quantized", metadata {"config", "plan", "format"}; tensors are the
-fp32 parameters under their names, float-cast ones under their names in their dtype, and integer
-ones as `<name>.qdata` (int8, or uint8 with two int4 per byte) plus `<name>.scale` (fp32 per output
-channel, or fp16 per group for int4-g32 / int4-g64).
-
-Compute modes (`quantize_(model, plan, compute=...)`):
-    "dequantize"    (default) the pre-hook above: FP32 (or `set_compute_dtype`) math on the dequantized
+Compute modes (`quantize(model, plan, compute=...)`):
+    "dequantize"    (default) the pre-hook above: FP32 (or the compute dtype's) math on the dequantized
                     weights. Every shipped number uses this mode; speed work changes its outputs at most by
                     float rounding (lafq.model's CPU fast paths, pinned in tests/test_fast_path.py).
-    "int8-dynamic"  CPU only, opt-in: each Linear whose weight is stored int8 or per-channel int4 runs
-                    torch.ao's dynamically quantized int8 Linear (fbgemm via the `x86` engine): the stored
-                    integer codes and scales are the weight (int4 codes are valid int8 codes), activations
-                    are quantized per tensor on the fly. Convolutions other than 1x1 with at least
-                    INT8_CONV_MIN_CHANNELS (32) input channels run oneDNN's int8 convolution with an fp32
-                    output (`_Int8Conv2d`: the stored codes and scales, activations quantized per call to
-                    uint8 over their min..max); 1x1 convs and narrower convs keep the dequantize path,
-                    where int8 measured slower (see INT8_CONV_MIN_CHANNELS). (torch.ao's dynamic Conv2d is not
-                    used: it returns wrong values in torch 2.14.1, max |error| 2.6-4.7 on one conv of
-                    non-negative inputs where the FP32 conv of its own dequantized weight is off by 0.02.)
-                    Outputs differ from FP32 math: fidelity is measured (docs/benchmarks.md).
-                    Group-wise int4 and the class embedding keep the dequantize path. Such a model cannot
-                    be saved: save the default one and call `use_int8_kernels` after loading.
-                    torch 2.14 warns that torch.ao's quantized tensors are deprecated (pytorch#184982):
-                    the mode is an experiment to measure, not a dependency of anything shipped.
+    "int8-dynamic"  CPU only, opt-in: integer kernels on the stored codes (lafq.int8).
+
+One file format (`save_quantized`, `load_quantized`): `.safetensors`, kind "quantized", metadata
+{"model": {"library", "class", "config"}, "compute_dtype", "plan"}; tensors: unquantized parameters and
+persistent buffers under their names (in the compute dtype, or float32), float-cast parameters under
+their names in their dtype, integer ones as `<name>.qdata` (int8, or uint8 with two int4 per byte) plus
+`<name>.scale` (fp32 per output channel, or fp16 per group for int4-g32 / int4-g64). The architecture
+is rebuilt from "model": the project U-Net from its config, a diffusers model with
+`<Class>.from_config(config)` (looked up in the diffusers namespace only); a plain torch module needs the
+caller to pass an unquantized instance (`into=`). Files written before this format (the U-Net's, with
+metadata "config") still load. Every tensor is checked before use (`check_tensors`), and loading never
+re-quantizes: the stored tensors come back bit-identical.
 """
 from __future__ import annotations
 
+import json
 import os
 import threading
 from contextlib import contextmanager
@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, save_file
+from .checkpoint import CheckpointError, load_file, save_file
 from .plan import Plan, param_shapes
 from .precision import (FLOAT_DTYPES, GROUP, PACKED, PRECISIONS, QMAX, Stored, data_bytes, load, numel, scale_bytes,
                         scale_shape, store)
@@ -148,138 +148,117 @@ def _sync_buffers(model: nn.Module) -> None:
 
 
 COMPUTE_MODES = ("dequantize", "int8-dynamic")
-# oneDNN's int8 convolution with an fp32 output (the op inductor's x86 quantization lowers to). Only with
-# VNNI: without it oneDNN's u8 x s8 products saturate in int16 (47% error on all-positive inputs against
-# weights at +-127, measured with ONEDNN_MAX_CPU_ISA=AVX512_CORE), so such CPUs keep the dequantize path.
-ONEDNN_CONV = (hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qconv2d_pointwise")
-               and getattr(torch.cpu, "_is_vnni_supported", lambda: False)())
-# Guided DDIM-5 sampling of 64 images, uniform INT8, 2 threads, idle Intel Xeon with AVX-512 VNNI, medians
-# of 7 interleaved repeats, time relative to FP32 (both with lafq.model's CPU fast paths): int8 3x3 convs from
-# 32 input channels 0.79x, from 64 channels 0.83x; 1x1 convs as torch.ao int8 Linears over pixels 0.88x
-# (with the 64 rule), as oneDNN int8 convs 0.81x (with the 32 rule): slower than their FP32 GEMMs, so they
-# keep the dequantize path. (Before the channels-last min/max fix in _Int8Conv2d the 64 rule gave 1.00x.)
-INT8_CONV_MIN_CHANNELS = 32
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def quantize_(model: nn.Module, plan: Plan, compute: str = "dequantize") -> nn.Module:
-    """Quantize `model` in place following `plan` (names not in the plan stay fp32); returns it, in eval mode.
-    `compute`: one of COMPUTE_MODES (module docstring)."""
+def _stored_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "_lafq_stored")]
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype quantized weights are dequantized to (an unquantized model's float dtype)."""
+    mods = _stored_modules(model)
+    if mods:
+        return getattr(mods[0], "_lafq_dtype", torch.float32)
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    for m in _stored_modules(model):
+        m._lafq_dtype = dtype
+    _mark_stale(model)
+
+
+class QuantizedMixin:
+    """Mixed into a quantized model's class: device moves carry the stored forms, dtype casts do not touch them."""
+
+    _lafq_base_class: type = nn.Module
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (diffusers models cast their time embeddings to `self.dtype`, which would
+        otherwise be read from whatever parameter or scale comes first)."""
+        return compute_dtype(self)
+
+    def _apply(self, fn, recurse=True):
+        current = compute_dtype(self)
+        cpu_only = getattr(self, "lafq_compute", "dequantize") == "int8-dynamic"
+        try:
+            probe = fn(torch.zeros(1, dtype=current))  # where float tensors go, and as which dtype
+        except RuntimeError:  # e.g. .cuda() without a GPU: torch's own error, unless the model is CPU-only anyway
+            if not cpu_only:
+                raise
+            probe = torch.empty(0, device="meta")
+        if cpu_only and probe.device.type != "cpu":
+            raise ValueError("the int8-dynamic compute mode runs CPU kernels; keep the model on the CPU")
+        held = {}
+        for m in _stored_modules(self):
+            for attr in m._lafq_stored:
+                for key in (f"{attr}_q", f"{attr}_scale"):
+                    if key in m._buffers:
+                        held[(m, key)] = m._buffers.pop(key)
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for (m, key), buf in held.items():
+                m._buffers[key] = buf.to(probe.device)
+        _sync_buffers(self)
+        _set_compute_dtype(self, probe.dtype if probe.is_floating_point() else current)
+        return self
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _quantized_class(cls: type) -> type:
+    if issubclass(cls, QuantizedMixin):
+        return cls
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f"Quantized{cls.__name__}", (QuantizedMixin, cls),
+                             {"_lafq_base_class": cls, "__module__": cls.__module__, "__qualname__": f"Quantized{cls.__name__}"})
+    return _CLASSES[cls]
+
+
+def base_class(model: nn.Module) -> type:
+    """The class a quantized model was made from (its own class for any other model)."""
+    return getattr(type(model), "_lafq_base_class", type(model))
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _finish(model: nn.Module, plan: Plan, stored: dict[str, Stored], dtype: torch.dtype) -> nn.Module:
+    _install(model, stored)
+    model.lafq_plan = plan
+    model.lafq_stored = stored
+    model.__class__ = _quantized_class(type(model))
+    _set_compute_dtype(model, dtype)
+    return model.eval().requires_grad_(False)
+
+
+def quantize(model: nn.Module, plan: Plan, compute: str = "dequantize") -> nn.Module:
+    """Quantize any model in place following `plan` (names not in the plan stay as they are); returns it,
+    in eval mode. A float64 (or half) model computes in its own dtype. `compute`: one of COMPUTE_MODES."""
     if compute not in COMPUTE_MODES:
         raise ValueError(f"unknown compute mode {compute!r}; choose one of {COMPUTE_MODES}")
     if getattr(model, "lafq_plan", None) is not None:
         raise ValueError("model is already quantized; quantize a fresh copy of the FP32 model")
     from .model import to_inference_layout
 
-    shapes = param_shapes(model)
-    plan.validate(shapes)
-    to_inference_layout(model)  # the layout quantized_from_file builds, so a reload is bit-identical
+    plan.validate(param_shapes(model))
+    dtype = _float_dtype(model)
+    to_inference_layout(model)  # the layout load_quantized builds, so a reload is bit-identical
     params = dict(model.named_parameters())
     stored = {n: store(params[n], p) for n, p in plan.precisions.items() if p != "fp32"}
-    _install(model, stored)
-    model.lafq_plan = plan
-    model.lafq_stored = stored
-    model.eval().requires_grad_(False)
-    return use_int8_kernels(model) if compute == "int8-dynamic" else model
-
-
-class _Int8Conv2d(nn.Module):
-    """A Conv2d on oneDNN's int8 convolution (`torch.ops.onednn.qconv2d_pointwise`, VNNI on x86) with an
-    fp32 output: the weight is the stored int8 codes and per-channel scales, unchanged; activations are
-    quantized per call, per tensor, asymmetric uint8 over their own min..max (one `aminmax` and one
-    `quantize_per_tensor`). Per conv this adds ~1.2% mean relative error against the FP32 conv of
-    the same dequantized weight (8-bit activations), measured on random inputs."""
-
-    def __init__(self, conv: nn.Conv2d, codes: torch.Tensor, scale: torch.Tensor):
-        super().__init__()
-        self.stride, self.padding, self.dilation, self.groups = (list(conv.stride), list(conv.padding),
-                                                                 list(conv.dilation), conv.groups)
-        self.w_scale = scale.float().contiguous()
-        self.w_zero = torch.zeros(len(scale), dtype=torch.int32)
-        bias = conv.bias  # already dequantized to fp32 when stored small
-        self.bias = None if bias is None else bias.detach().float().contiguous()
-        self.codes = codes.reshape(conv.weight.shape).to(torch.int8).contiguous(memory_format=torch.channels_last)
-        self.int8_bytes = self.codes.numel()  # the packed weight is opaque to torch: its size, for memory reports
-        self._pack()
-
-    def _pack(self) -> None:
-        self.packed = torch.ops.onednn.qconv_prepack(self.codes, self.w_scale, 1.0, 0, self.stride, self.padding,
-                                                     self.dilation, self.groups, None)
-
-    # The packed weight is an opaque oneDNN tensor that cannot be copied or pickled: copies re-pack the codes.
-    def __getstate__(self):
-        return {k: v for k, v in super().__getstate__().items() if k != "packed"}
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self._pack()
-
-    def forward(self, x):
-        # On a channels-last tensor aminmax first makes a contiguous copy (0.82 vs 0.20 ms at 128 x 64 x 14 x 14):
-        # the permuted view is contiguous, so reduce that.
-        lo, hi = torch.aminmax(x.permute(0, 2, 3, 1) if x.is_contiguous(memory_format=torch.channels_last) else x)
-        lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)  # the range must hold 0 (zero padding)
-        scale = (hi - lo) / 255 or 1.0
-        zero = int(round(-lo / scale))
-        q = torch.quantize_per_tensor(x.float(), scale, zero, torch.quint8).int_repr()
-        return torch.ops.onednn.qconv2d_pointwise(q, scale, zero, self.packed, self.w_scale, self.w_zero, self.bias,
-                                                  self.stride, self.padding, self.dilation, self.groups, 1.0, 0,
-                                                  torch.float32, "none", [], "")
-
-
-def use_int8_kernels(model: nn.Module) -> nn.Module:
-    """Switch a quantized model (in place) to the "int8-dynamic" compute mode; returns it."""
-    from torch.ao.nn.quantized import dynamic as nnqd
-
-    from .precision import unpack_int4
-
-    if getattr(model, "lafq_plan", None) is None:
-        raise ValueError("int8 kernels need a quantized model: quantize_ it first")
-    if getattr(model, "lafq_compute", "dequantize") == "int8-dynamic":
-        return model
-    if any(b.device.type != "cpu" for b in model.buffers()):
-        raise ValueError("the int8-dynamic compute mode runs torch.ao CPU kernels; keep the model on the CPU")
-    for name, mod in list(model.named_modules()):
-        s = getattr(mod, "_lafq_stored", {}).get("weight")
-        if s is None or s.precision not in ("int8", "int4"):
-            continue
-        codes = unpack_int4(s.data, s.shape) if s.precision in PACKED else s.data
-        if isinstance(mod, nn.Conv2d) and mod.kernel_size != (1, 1) and mod.padding_mode == "zeros" and ONEDNN_CONV \
-                and mod.in_channels >= INT8_CONV_MIN_CHANNELS and not isinstance(mod.padding, str):
-            parent, attr = _owner(model, name)
-            setattr(parent, attr, _Int8Conv2d(mod, codes, s.scale))
-            continue
-        if not isinstance(mod, nn.Linear):
-            continue
-        qweight = torch._make_per_channel_quantized_tensor(
-            codes.reshape(s.shape[0], -1).contiguous(), s.scale.double(), torch.zeros(len(s.scale), dtype=torch.long), 0)
-        bias = mod.bias  # already dequantized to fp32 when stored small
-        bias = None if bias is None else bias.detach().float().contiguous()
-        fast = nnqd.Linear(qweight.shape[1], qweight.shape[0], bias_=bias is not None, dtype=torch.qint8)
-        fast.set_weight_bias(qweight, bias)
-        parent, attr = _owner(model, name)
-        setattr(parent, attr, fast)
-    model.lafq_compute = "int8-dynamic"
+    _finish(model, plan, stored, dtype)
+    if compute == "int8-dynamic":
+        from .int8 import use_int8_kernels
+        return use_int8_kernels(model)
     return model
 
 
-def set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Run a quantized model in `dtype` (e.g. fp16 on a GPU): remaining parameters cast, stored ones dequantized to it."""
-    model.to(dtype=dtype) if dtype != torch.float32 else model.float()
-    _sync_buffers(model)
-    _mark_stale(model)
-    for mod in model.modules():
-        if hasattr(mod, "_lafq_stored"):
-            mod._lafq_dtype = dtype
-    return model
-
-
-def to_device(model: nn.Module, device) -> nn.Module:
-    if getattr(model, "lafq_compute", "dequantize") == "int8-dynamic" and torch.device(device).type != "cpu":
-        raise ValueError("the int8-dynamic compute mode runs CPU kernels; keep the model on the CPU")
-    model.to(device)
-    _sync_buffers(model)
-    _mark_stale(model)
-    return model
+quantize_ = quantize  # torchao's name for the same in-place call
 
 
 # -- size --------------------------------------------------------------------------------------
@@ -345,43 +324,72 @@ def size_report(plan: Plan, shapes: dict[str, tuple]) -> SizeReport:
 
 # -- files -------------------------------------------------------------------------------------
 
+def model_info(model: nn.Module) -> dict:
+    """What a file needs to rebuild the architecture: library, class and config."""
+    from .model import UNet
+
+    cls = base_class(model)
+    if issubclass(cls, UNet):
+        return {"library": "lafq", "class": "UNet", "config": json.loads(json.dumps(model.cfg.to_dict()))}
+    try:
+        from diffusers import ModelMixin
+    except ImportError:
+        ModelMixin = ()
+    if ModelMixin and issubclass(cls, ModelMixin):
+        from .models.diffusers_models import config_dict
+        return {"library": "diffusers", "class": cls.__name__, "config": config_dict(model)}
+    return {"library": "torch", "class": f"{cls.__module__}.{cls.__qualname__}"}
+
+
 def quantized_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    out = {k: v for k, v in model.named_parameters()}
+    """Every tensor the file holds: stored forms, the other parameters and the persistent buffers."""
+    out = {}
     for name, s in model.lafq_stored.items():
         if s.precision in FLOAT_DTYPES:
             out[name] = s.data
         else:
             out[f"{name}.qdata"] = s.data
             out[f"{name}.scale"] = s.scale
+    out.update({k: v for k, v in model.state_dict().items() if k not in out})
     return out
 
 
 def save_quantized(path: str | os.PathLike, model: nn.Module) -> int:
-    """Write the quantized model atomically; returns the file size in bytes."""
+    """Write a quantized model of any class atomically; returns the file size in bytes."""
+    if getattr(model, "lafq_plan", None) is None:
+        raise ValueError("the model is not quantized: quantize(model, plan) first")
     if getattr(model, "lafq_compute", "dequantize") != "dequantize":
         raise ValueError("save a model quantized with the default compute mode; call use_int8_kernels after loading")
     plan: Plan = model.lafq_plan
-    save_file(path, quantized_tensors(model), {"kind": "quantized", "config": model.cfg.to_dict(),
+    dtype = {v: k for k, v in DTYPES.items()}[compute_dtype(model)]
+    save_file(path, quantized_tensors(model), {"kind": "quantized", "model": model_info(model), "compute_dtype": dtype,
                                                "plan": {"precisions": plan.precisions, "policy": plan.policy}})
     return Path(path).stat().st_size
 
 
-def _expected_tensors(plan: Plan, shapes: dict[str, tuple]) -> dict[str, tuple[tuple, tuple]]:
-    """File tensor name -> (shape, allowed dtypes) for a plan."""
+def expected_tensors(plan: Plan, model: nn.Module, dtype: torch.dtype) -> dict[str, tuple[tuple, tuple]]:
+    """File tensor name -> (shape, allowed dtypes) for `plan` on the (unquantized) architecture `model`."""
+    floats = (dtype,) if dtype == torch.float32 else (dtype, torch.float32)
     out = {}
-    for n, shape in shapes.items():
+    for n, shape in param_shapes(model).items():
         p = plan.precisions.get(n, "fp32")
         if p in QMAX:
             out[f"{n}.qdata"] = ((data_bytes(shape, p),) if p in PACKED else shape,
                                  (torch.uint8,) if p in PACKED else (torch.int8,))
             out[f"{n}.scale"] = (scale_shape(shape, p), (torch.float16,) if p in GROUP else (torch.float32,))
         else:
-            out[n] = (shape, (FLOAT_DTYPES[p],))
+            out[n] = (shape, floats if p == "fp32" else (FLOAT_DTYPES[p],))
+    params = set(param_shapes(model))
+    for k, v in model.state_dict().items():
+        if k not in params:  # persistent buffers
+            out[k] = (tuple(v.shape), floats if v.is_floating_point() else (v.dtype,))
     return out
 
 
-def _check_stored_tensors(tensors: dict, plan: Plan, shapes: dict[str, tuple], name: str) -> None:
-    want = _expected_tensors(plan, shapes)
+def check_tensors(tensors: dict, plan: Plan, model: nn.Module, dtype: torch.dtype, name: str) -> None:
+    """The file's tensors are exactly those `plan` implies for `model` (no more, no fewer), with their shapes,
+    dtypes, finite values and positive scales; raises CheckpointError naming the first problem."""
+    want = expected_tensors(plan, model, dtype)
     missing = sorted(set(want) - set(tensors))
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
@@ -402,44 +410,82 @@ def _check_stored_tensors(tensors: dict, plan: Plan, shapes: dict[str, tuple], n
             raise CheckpointError(f"{name}: {k} holds scales <= 0")
 
 
-def quantized_from_file(tensors: dict, meta: dict, name: str, expect_config=None):
-    """Rebuild a quantized U-Net from file contents without re-quantizing (bit-identical reload).
+def _build(info: dict, name: str) -> nn.Module:
+    if info.get("library") == "lafq":
+        from .model import UNet, UNetConfig
+        try:
+            return UNet(UNetConfig.from_dict(info["config"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{name}: invalid quantized-model metadata ({str(e)[:160]})") from None
+    if info.get("library") != "diffusers":
+        raise CheckpointError(f"{name} holds a quantized {info.get('class')!r}; pass an unquantized instance to "
+                              f"load into: load_quantized(path, into=model)")
+    try:
+        import diffusers
+    except ImportError:
+        raise CheckpointError(f"{name} holds a diffusers {info.get('class')}; install diffusers to load it") from None
+    cls = getattr(diffusers, str(info.get("class")), None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+        raise CheckpointError(f"{name}: {info.get('class')!r} is not a diffusers model class")
+    try:
+        return cls.from_config(info["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{name}: cannot build {cls.__name__} from its config ({e})") from None
 
-    Every tensor is checked before use: the names the plan implies (no more, no fewer), shapes, dtypes
-    (fp32 / fp16 / bf16 data, int8 or packed uint8 codes, fp32 per-channel or fp16 per-group scales) and finite
-    values; `expect_config`
-    (a UNetConfig) rejects another network's file. Raises CheckpointError naming the first problem.
-    """
-    from .model import UNet, UNetConfig, to_inference_layout
+
+def file_model(meta: dict) -> dict:
+    """The "model" entry of a quantized file's metadata (a U-Net file in the earlier format has "config")."""
+    if isinstance(meta.get("model"), dict):
+        return meta["model"]
+    if "config" in meta:
+        return {"library": "lafq", "class": "UNet", "config": meta["config"]}
+    return {}
+
+
+def quantized_from_file(tensors: dict, meta: dict, name: str, into: nn.Module | None = None,
+                        like: nn.Module | None = None) -> nn.Module:
+    """Rebuild a quantized model from file contents without re-quantizing (bit-identical reload).
+    `into`: an unquantized instance to load into (needed for plain torch modules); `like`: a model whose
+    architecture the file must have (another network's file is refused, naming the difference)."""
+    from .model import to_inference_layout
     from .planfile import plan_from_dict
 
+    info = file_model(meta)
     try:
-        cfg = UNetConfig.from_dict(meta["config"])
         plan = plan_from_dict(meta["plan"], "quantized model's plan")
+        dtype = DTYPES[meta.get("compute_dtype", "float32")]
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{name}: invalid quantized-model metadata ({str(e)[:160]})") from None
-    if expect_config is not None and cfg != expect_config:
-        from .checkpoint import config_mismatch
-        diff = config_mismatch(expect_config.to_dict(), cfg.to_dict())
-        raise CheckpointError(f"{name} is another network: " + "; ".join(diff[:3]))
-    model = to_inference_layout(UNet(cfg))  # the same layout as a freshly loaded FP32 model
-    shapes = param_shapes(model)
+    if like is not None:
+        want = model_info(like)
+        if (want.get("class"), want.get("config")) != (info.get("class"), json.loads(json.dumps(info.get("config")))):
+            from .checkpoint import config_mismatch
+            diff = (config_mismatch(want.get("config") or {}, info.get("config") or {})
+                    if want.get("class") == info.get("class") else [f"a {info.get('class')}, not a {want.get('class')}"])
+            raise CheckpointError(f"{name} is another network: " + "; ".join(diff[:3]))
+    model = into if into is not None else _build(info, name)
     try:
-        plan.validate(shapes)
+        plan.validate(param_shapes(model))
     except ValueError as e:
         raise CheckpointError(f"{name}: {e}") from None
-    _check_stored_tensors(tensors, plan, shapes, name)
-    stored, plain = {}, {}
-    for n, shape in shapes.items():
-        p = plan.precisions.get(n, "fp32")
+    check_tensors(tensors, plan, model, dtype, name)
+    shapes = param_shapes(model)
+    stored = {}
+    for n, p in plan.precisions.items():
         if p in QMAX:
-            stored[n] = Stored(p, shape, tensors[f"{n}.qdata"], tensors[f"{n}.scale"])
-        elif p == "fp32":
-            plain[n] = tensors[n]
-        else:
-            stored[n] = Stored(p, shape, tensors[n])
-    model.load_state_dict(plain, strict=False)
-    _install(model, stored)
-    model.lafq_plan = plan
-    model.lafq_stored = stored
-    return model.eval().requires_grad_(False)
+            stored[n] = Stored(p, shapes[n], tensors[f"{n}.qdata"], tensors[f"{n}.scale"])
+        elif p != "fp32":
+            stored[n] = Stored(p, shapes[n], tensors[n])
+    used = {k for n, s in stored.items() for k in ((f"{n}.qdata", f"{n}.scale") if s.scale is not None else (n,))}
+    plain = {k: v for k, v in tensors.items() if k not in used}
+    # assign=True keeps the file's dtypes (a float64 model reloads as float64, bit for bit)
+    model.load_state_dict(plain, strict=False, assign=True)
+    to_inference_layout(model.eval())  # the layout quantize gave the original before storing
+    return _finish(model, plan, stored, dtype)
+
+
+def load_quantized(path: str | os.PathLike, into: nn.Module | None = None,
+                   like: nn.Module | None = None) -> tuple[nn.Module, dict]:
+    """Load any quantized model file; returns (model in eval mode, metadata). See `quantized_from_file`."""
+    tensors, meta = load_file(path, kind="quantized")
+    return quantized_from_file(tensors, meta, str(path), into=into, like=like), meta

@@ -90,7 +90,7 @@ def test_fisher_model_then_quantize_model_run_on_a_diffusers_folder_with_saved_c
                  "--plan-out", str(tmp_path / "plan.json"), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["size"]["avg_bits"] <= 6 and res["size"]["file_bytes"] == q.stat().st_size
-    from lafq.qmodel import load_quantized
+    from lafq.quantize import load_quantized
     assert type(load_quantized(q)[0]).__name__ == "QuantizedUNet2DConditionModel"
     save_file({"images": torch.randn(6, 1, 8, 8)}, str(tmp_path / "wrong.safetensors"))
     assert main([*argv[:4], str(tmp_path / "wrong.safetensors"), *argv[5:]]) == 2

@@ -86,15 +86,15 @@ def test_quantized_model_runs_on_gpu_like_on_cpu(tiny_model):
 
     from lafq.policy import Plan
     from lafq.precision import fallback
-    from lafq.quantize import quantize_, to_device
+    from lafq.quantize import quantize
 
     kinds = ("int8", "int4", "fp16", "bf16")  # every storage kind, each dequantized on the GPU
     plan = Plan({n: fallback(tuple(p.shape), kinds[i % 4]) for i, (n, p) in enumerate(tiny_model.named_parameters())})
-    q = quantize_(copy.deepcopy(tiny_model), plan)
+    q = quantize(copy.deepcopy(tiny_model), plan)
     x, t, y = torch.randn(3, 1, 28, 28), torch.tensor([10, 500, 990]), torch.tensor([1, 2, 10])
     with torch.no_grad():
         cpu = q(x, t, y)
-        gpu = to_device(q, "cuda")(x.cuda(), t.cuda(), y.cuda()).cpu()
+        gpu = q.to("cuda")(x.cuda(), t.cuda(), y.cuda()).cpu()
     assert torch.allclose(gpu, cpu, atol=1e-2)
 
 

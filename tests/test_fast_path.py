@@ -191,9 +191,9 @@ def test_a_hooked_layer_sees_the_whole_batch_once(tiny_model, chunked):
 
 def test_a_quantized_model_takes_the_fast_paths_with_its_own_weights(tiny_model, chunked):
     from lafq.plan import Plan, param_shapes
-    from lafq.quantize import hold_dequantized, quantize_
+    from lafq.quantize import hold_dequantized, quantize
 
-    q = quantize_(tiny_model, Plan({n: "int4" if len(s) > 1 else "fp32" for n, s in param_shapes(tiny_model).items()}))
+    q = quantize(tiny_model, Plan({n: "int4" if len(s) > 1 else "fp32" for n, s in param_shapes(tiny_model).items()}))
     x, t, y = _inputs()
     plain = _forward(q, x, t, y, False)
     # The same function with the weights the plain forward dequantized, as an ordinary model, in float64.
@@ -215,9 +215,9 @@ def test_int8_dynamic_chunks_get_their_own_activation_scales_within_int8_error(t
     """Its activation scales span the tensor, so the chunked tail moves outputs by int8 error, as a different
     batch size would; the fidelity in docs/benchmarks.md is measured this way."""
     from lafq.plan import Plan, param_shapes
-    from lafq.quantize import quantize_
+    from lafq.quantize import quantize
 
-    q = quantize_(tiny_model, Plan({n: "int8" if len(s) > 1 else "fp32" for n, s in param_shapes(tiny_model).items()}),
+    q = quantize(tiny_model, Plan({n: "int8" if len(s) > 1 else "fp32" for n, s in param_shapes(tiny_model).items()}),
                   compute="int8-dynamic")
     x, t, y = _inputs()
     fast, plain = _forward(q, x, t, y, True), _forward(q, x, t, y, False)

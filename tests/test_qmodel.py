@@ -1,5 +1,6 @@
 """Quantized models of any architecture: storage, moves and casts, files that reload bit-identically."""
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,14 +9,14 @@ from torch import nn
 from lafq.checkpoint import CheckpointError, load_file
 from lafq.policy import Plan
 from lafq.precision import fallback
-from lafq.qmodel import (
+from lafq.quantize import (
     base_class,
     compute_dtype,
     load_quantized,
     quantize,
-    save_quantized_model,
+    quantized_tensors,
+    save_quantized,
 )
-from lafq.quantize import quantized_tensors
 
 MIXED = ["int8", "int4", "int4-g32", "fp16", "bf16", "fp32", "int4-g64"]
 
@@ -60,7 +61,7 @@ def test_a_diffusers_model_reloads_with_bit_identical_stored_tensors_and_samples
     q = quantize(copy.deepcopy(model), _mixed_plan(model))
     assert isinstance(q, type(model))  # still the class a pipeline expects
     path = tmp_path / "q.safetensors"
-    save_quantized_model(path, q)
+    save_quantized(path, q)
     meta = load_file(path)[1]
     assert meta["model"]["library"] == "diffusers" and meta["model"]["class"] == type(model).__name__
     back, _ = load_quantized(path)
@@ -128,7 +129,7 @@ def test_any_torch_module_with_conv1d_embedding_and_attention_quantizes_and_relo
     ref, got = model(ids), q(ids)
     assert not torch.equal(ref, got) and torch.allclose(ref, got, atol=0.1)
     path = tmp_path / "m.safetensors"
-    save_quantized_model(path, q)
+    save_quantized(path, q)
     with pytest.raises(CheckpointError, match="into=model"):
         load_quantized(path)
     back, meta = load_quantized(path, into=Mixed())
@@ -137,24 +138,43 @@ def test_any_torch_module_with_conv1d_embedding_and_attention_quantizes_and_relo
     assert torch.equal(back(ids), got)
 
 
-def test_the_shipped_unet_format_still_loads_and_is_still_what_is_written(tiny_model, tmp_path):
-    from lafq.pipeline import load_denoiser
-    from lafq.quantize import quantize_, save_quantized
+GOLDEN = Path(__file__).parent / "golden"
 
-    old = tmp_path / "old.safetensors"
-    save_quantized(old, quantize_(copy.deepcopy(tiny_model), _mixed_plan(tiny_model)))
-    back, meta = load_quantized(old)
-    assert "model" not in meta and "config" in meta
-    ref, _ = load_denoiser(old)
-    _assert_same_storage(ref, back)
+
+@pytest.mark.parametrize("name, build", [("quantized_unet_v1.safetensors", "unet"),
+                                         ("quantized_unet2d.safetensors", "unet2d")])
+def test_files_written_by_earlier_versions_load_bit_identically_and_rewrite_to_one_format(name, build, tmp_path):
+    """The U-Net's first format (metadata "config") and the diffusers models' format, as earlier versions wrote
+    them (every precision, mixed): the stored tensors come back bit for bit, the model computes what a fresh
+    quantization of the same weights computes, and a re-save in the one format reloads identically."""
+    from lafq.model import UNet
+    from lafq.pipeline import load_denoiser
+    from tests.conftest import TINY
+    from tests.diffusers_tiny import tiny_unet2d
+
+    path = GOLDEN / name
+    tensors, meta = load_file(path, kind="quantized")
+    back, _ = load_quantized(path)
+    got = quantized_tensors(back)
+    assert got.keys() == tensors.keys() and all(torch.equal(got[k], tensors[k]) for k in tensors)
+    torch.manual_seed(0)
+    fresh = quantize((UNet(TINY) if build == "unet" else tiny_unet2d()).eval(), back.lafq_plan)
+    assert all(torch.equal(v, got[k]) for k, v in quantized_tensors(fresh).items())  # what the weights quantize to
+    if build == "unet":
+        assert "model" not in meta and "config" in meta
+        _assert_same_storage(load_denoiser(path)[0], back)  # `sample --checkpoint` reads it the same way
     new = tmp_path / "new.safetensors"
-    save_quantized_model(new, back)
-    assert new.read_bytes() == old.read_bytes()  # the generic writer keeps the U-Net's format byte for byte
+    save_quantized(new, back)
+    new_meta = load_file(new, kind="quantized")[1]
+    assert new_meta["model"]["library"] == ("lafq" if build == "unet" else "diffusers")
+    again, _ = load_quantized(new)
+    _assert_same_storage(back, again)
+    assert type(again) is type(back) and base_class(again).__name__ == ("UNet" if build == "unet" else "UNet2DModel")
 
 
 def test_unquantized_models_and_foreign_classes_are_refused_in_one_line(tmp_path):
     with pytest.raises(ValueError, match="not quantized"):
-        save_quantized_model(tmp_path / "x.safetensors", nn.Linear(2, 2))
+        save_quantized(tmp_path / "x.safetensors", nn.Linear(2, 2))
     from lafq.checkpoint import save_file
     save_file(tmp_path / "evil.safetensors", {}, {"kind": "quantized", "plan": {"precisions": {}},
                                                   "model": {"library": "diffusers", "class": "os.system", "config": {}}})
@@ -181,7 +201,7 @@ def test_a_fisher_budget_plan_for_a_diffusers_model_runs_end_to_end_from_map_to_
     plan = make_plan(Policy(strategy="budget", avg_bits=6.0, statistic="mean"), fm, dict(model.named_parameters()))
     assert size_report(plan, param_shapes(model)).avg_bits <= 6.0
     q = quantize(copy.deepcopy(model), plan)
-    save_quantized_model(tmp_path / "q.safetensors", q)
+    save_quantized(tmp_path / "q.safetensors", q)
     back, _ = load_quantized(tmp_path / "q.safetensors")
     a, b = (from_diffusers(m, scheduler("v_prediction"), conditioning=cond).sample(2, steps=3, rows=[0, 1]) for m in (q, back))
     assert torch.equal(a, b)

@@ -8,7 +8,7 @@ from lafq.diffusion import linear_schedule, sample
 from lafq.pipeline import load_denoiser
 from lafq.policy import Plan, param_shapes
 from lafq.precision import fallback
-from lafq.quantize import quantize_, save_quantized, size_report
+from lafq.quantize import quantize, save_quantized, size_report
 
 
 def _plan(model, precision):
@@ -17,7 +17,7 @@ def _plan(model, precision):
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16", "int8", "int4", "int4-g64", "int4-g32"])
 def test_saved_file_is_smaller_and_reloads_bit_identically(tiny_model, tiny_ckpt, tmp_path, precision):
-    q = quantize_(copy.deepcopy(tiny_model), _plan(tiny_model, precision))
+    q = quantize(copy.deepcopy(tiny_model), _plan(tiny_model, precision))
     path = tmp_path / f"{precision}.safetensors"
     size = save_quantized(path, q)
     # A tiny model's JSON header weighs more than a real one's, hence the slack over 0.5 / 0.25.
@@ -32,7 +32,7 @@ def test_saved_file_is_smaller_and_reloads_bit_identically(tiny_model, tiny_ckpt
 
 
 def test_memory_holds_the_stored_form(tiny_model):
-    q = quantize_(copy.deepcopy(tiny_model), _plan(tiny_model, "int4"))
+    q = quantize(copy.deepcopy(tiny_model), _plan(tiny_model, "int4"))
     assert not any(p.dim() > 1 for p in q.parameters())  # every matrix left the parameter list
     assert q.down1.res[0].conv1.weight_q.dtype == torch.uint8
     assert q.down1.res[0].conv1.weight_scale.dtype == torch.float32
@@ -51,19 +51,19 @@ def test_size_report_counts_dtypes_and_scales(tiny_model):
 
 
 def test_quantizing_twice_and_bad_plans_are_refused(tiny_model):
-    q = quantize_(copy.deepcopy(tiny_model), _plan(tiny_model, "fp16"))
+    q = quantize(copy.deepcopy(tiny_model), _plan(tiny_model, "fp16"))
     with pytest.raises(ValueError, match="already quantized"):
-        quantize_(q, _plan(tiny_model, "fp16"))
+        quantize(q, _plan(tiny_model, "fp16"))
     with pytest.raises(ValueError, match="lacks"):
-        quantize_(copy.deepcopy(tiny_model), Plan({"nope.weight": "fp16"}))
+        quantize(copy.deepcopy(tiny_model), Plan({"nope.weight": "fp16"}))
     with pytest.raises(ValueError, match="integer formats on vectors"):
-        quantize_(copy.deepcopy(tiny_model), Plan({"stem.bias": "int8"}))
+        quantize(copy.deepcopy(tiny_model), Plan({"stem.bias": "int8"}))
 
 
 def test_tampered_quantized_file_is_refused(tiny_model, tmp_path):
     from lafq.checkpoint import load_file, save_file
     path = tmp_path / "q.safetensors"
-    save_quantized(path, quantize_(copy.deepcopy(tiny_model), _plan(tiny_model, "int8")))
+    save_quantized(path, quantize(copy.deepcopy(tiny_model), _plan(tiny_model, "int8")))
     tensors, meta = load_file(path)
     tensors.pop("stem.weight.scale")
     meta.pop("format")
@@ -76,7 +76,7 @@ def test_hold_dequantizes_once_per_sampling_call_with_identical_outputs(tiny_mod
     import lafq.quantize as qz
     from lafq.quantize import hold_dequantized
 
-    q = quantize_(copy.deepcopy(tiny_model), _plan(tiny_model, "int4"))
+    q = quantize(copy.deepcopy(tiny_model), _plan(tiny_model, "int4"))
     s = linear_schedule()
     per_step = sample(q, s, 2, steps=3, seed=1, labels=[4, 5])
     calls = []
@@ -96,10 +96,10 @@ def test_hold_dequantizes_once_per_sampling_call_with_identical_outputs(tiny_mod
 
 
 def test_low_precision_compute_runs_a_quantized_model(tiny_model):
-    """set_compute_dtype(bf16) on the CPU (fp16 on a GPU): the time embedding must follow the input's dtype."""
-    from lafq.quantize import set_compute_dtype
-
-    q = set_compute_dtype(quantize_(copy.deepcopy(tiny_model), _plan(tiny_model, "int8")), torch.bfloat16)
+    """.to(bfloat16) on the CPU (fp16 on a GPU): the time embedding must follow the input's dtype, and the int8
+    codes stay int8."""
+    q = quantize(copy.deepcopy(tiny_model), _plan(tiny_model, "int8")).to(torch.bfloat16)
+    assert q.lafq_stored["stem.weight"].data.dtype == torch.int8 and q.dtype == torch.bfloat16
     x, t, y = torch.randn(2, 1, 28, 28), torch.tensor([10, 900]), torch.tensor([3, 10])
     with torch.no_grad():
         out = q(x.to(torch.bfloat16), t, y)

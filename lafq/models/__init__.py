@@ -6,7 +6,7 @@
     capture_conditioning(model, run)           the conditioning inputs of one real call, to replay
     save_conditioning / load_conditioning      ... kept in a .safetensors file (what `fisher-model` reads)
 
-Fisher maps (lafq.fisher), quantization (lafq.qmodel) and sampling take a Denoiser, so they do not
+Fisher maps (lafq.fisher), quantization (lafq.quantize) and sampling take a Denoiser, so they do not
 depend on which architecture runs.
 """
 from .base import (

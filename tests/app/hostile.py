@@ -29,7 +29,9 @@ def hostile_files(model_bytes: bytes) -> dict[str, tuple[bytes, str]]:
         return _raw(t, json.dumps(m))
 
     other_cfg = json.loads(json.dumps(meta))
-    other_cfg["config"]["base_channels"] = 2 * other_cfg["config"]["base_channels"]
+    other_cfg["model"]["config"]["base_channels"] = 2 * other_cfg["model"]["config"]["base_channels"]
+    foreign = json.loads(json.dumps(meta))
+    foreign["model"] = {"library": "torch", "class": "os.system"}
     return {
         "precisions-list.json": (b'{"precisions": ["fp16"]}', "'precisions' must be a JSON object"),
         "precisions-null.json": (b'{"precisions": null}', "got null"),
@@ -52,6 +54,7 @@ def hostile_files(model_bytes: bytes) -> dict[str, tuple[bytes, str]]:
                                      "does not account for"),
         "missing-tensor.safetensors": (variant(lambda t: t.pop(fp32_name)), "missing tensor"),
         "other-network.safetensors": (_raw(tensors, json.dumps(other_cfg)), "is another network"),
+        "foreign-class.safetensors": (_raw(tensors, json.dumps(foreign)), "a os.system, not a UNet"),
         "policy-garbage.safetensors": (variant(change_meta=lambda m: m["plan"].__setitem__("policy", {"avg_bits": "x"})),
                                        "not a valid lafq policy"),
         "unet-kind.safetensors": (variant(change_meta=lambda m: m.__setitem__("kind", "unet")), "upload a quantized model"),

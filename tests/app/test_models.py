@@ -8,6 +8,7 @@ import shutil
 
 import plotly.graph_objects as go
 import pytest
+from pathlib import Path
 import torch
 
 from demo import tab_compare, tab_fisher, tab_inside, tab_quality, tab_quantize
@@ -226,8 +227,10 @@ def test_the_quantize_tab_reads_out_the_diffusers_model_and_hides_mnist_presets(
         tab_quantize.readout(state, groups, user)
 
 
-def test_an_export_of_a_diffusers_plan_loads_back_as_that_model(tiny, tmp_path):
-    from lafq.qmodel import load_quantized
+def test_an_export_of_a_diffusers_plan_loads_back_as_that_model_and_uploads_as_its_plan(tiny, tmp_path):
+    import shutil
+
+    from lafq.quantize import load_quantized
 
     state, user = tiny
     model_path, plan_path = tab_quantize.export(state, uniform(), user, session="models-test")
@@ -235,8 +238,11 @@ def test_an_export_of_a_diffusers_plan_loads_back_as_that_model(tiny, tmp_path):
     assert type(q).__name__ == "QuantizedUNet2DModel"
     cur = tab_quantize.load_upload(state, plan_path)
     assert set(cur["plan"]) == set(state.shapes)
-    with pytest.raises(InputError, match="upload a plan .json"):
-        tab_quantize.load_upload(state, model_path)
+    assert tab_quantize.load_upload(state, model_path)["plan"] == cur["plan"]  # quantized uploads: any model
+    other = tmp_path / "unet-q.safetensors"
+    shutil.copy(Path(__file__).parents[1] / "golden" / "quantized_unet_v1.safetensors", other)
+    with pytest.raises(InputError, match="is another network: a UNet, not a UNet2DModel"):
+        tab_quantize.load_upload(state, str(other))
 
 
 def test_compare_samples_the_diffusers_model_by_class_with_guidance_from_the_same_noise(tiny):
