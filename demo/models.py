@@ -68,7 +68,7 @@ class ModelEntry:
 
 
 def _component(folder: Path) -> str | None:
-    return next((c for c in ("unet", "transformer") if (folder / c / "config.json").is_file()), None)
+    return next((c for c in ("transformer", "unet") if (folder / c / "config.json").is_file()), None)
 
 
 def _bounded(value, name: str, hi: int) -> None:
@@ -187,36 +187,23 @@ class DiffusersState(AppState):
             fm = self._structure
         return make_plan(policy, fm, self.weights)
 
-    def rows(self, spec) -> list[int] | None:
-        """Conditioning rows for a SampleSpec: labels () -> unconditional (the null row where there is one),
-        None -> classes in turn, (k,) -> class k."""
-        k = len(self.classes)
-        if self.den.conditioning is None or k == 0:
-            return None
-        if spec.labels == ():
-            return [self.den.null_row] * spec.n if self.guided else [i % k for i in range(spec.n)]
-        if spec.labels is None:
-            return [i % k for i in range(spec.n)]
-        return [int(spec.labels[i % len(spec.labels)]) for i in range(spec.n)]
+    @property
+    def reference(self) -> str:
+        name = self.info.reference or self.info.dataset
+        if name is None:
+            raise InputError(f"{self.title} names no reference dataset (lafq.json \"reference\"): no FID")
+        return name
 
-    def images(self, model, spec) -> torch.Tensor:
-        """uint8 images; batch b of the spec draws its noise from seed + b * 2**31, so every model
-        sampled with the same spec starts from the same noise."""
-        from lafq.diffusion import to_uint8
-        from lafq.quantize import hold_dequantized
+    @property
+    def floor_images(self) -> str:
+        return self.info.dataset or self.reference
 
-        rows = self.rows(spec)
-        unconditional = rows is not None and spec.labels == () and self.guided
-        guidance = 1.0 if (not self.guided or unconditional) else float(spec.guidance)
-        den = self.den if model is self.model else replace(self.den, module=model)
-        out = []
-        with hold_dequantized(model):
-            for b, start in enumerate(range(0, spec.n, spec.batch_size)):
-                n = min(spec.batch_size, spec.n - start)
-                x = den.sample(n, steps=spec.steps, seed=spec.seed + b * 2**31, guidance=guidance, clip=True,
-                               rows=None if rows is None else rows[start:start + n])
-                out.append(to_uint8(x).cpu())
-        return torch.cat(out)
+    @property
+    def stats_dir(self):
+        return self.folder / "stats" if self.folder is not None else None
+
+    def denoiser(self, model):
+        return self.den if model is self.model else replace(self.den, module=model)
 
     def classifier(self):
         if self._classifier is None:
@@ -233,38 +220,27 @@ class DiffusersState(AppState):
         return self._backend
 
 
-def _conditioning(model, info: ModelInfo):
-    """Class conditioning for a class-conditional UNet2DModel (`num_class_embeds`): one row per class
-    embedding; None for any other model (sampled unconditionally)."""
-    from lafq.models.base import Conditioning
-
-    k = model.config.get("num_class_embeds") if hasattr(model, "config") else None
-    if not k:
-        return None, None
-    return Conditioning({"class_labels": torch.arange(int(k))}, int(k)), info.null_class
-
-
 def load_model_state(entry: ModelEntry, *, device: str = "cpu", heavy=None, jobs=None,
                      quick_bins: int = QUICK_BINS, quick_samples: int = QUICK_SAMPLES) -> DiffusersState:
     """Load a diffusers folder into its own DiffusersState (see the module docstring)."""
-    from lafq.models.diffusers_models import load_diffusers
+    from lafq.models.diffusers_models import load_diffusers, with_class_conditioning
 
     folder = Path(entry.path)
     info = check_folder(folder)
     den = load_diffusers(folder, subfolder=_component(folder))  # no model_index.json needed
-    cond, null_row = _conditioning(den.module, info)
-    k = cond.rows if cond is not None else 0
-    if info.null_class is not None and info.null_class >= k:
+    plain = den
+    den = with_class_conditioning(den, info.null_class)
+    k = den.conditioning.rows if den.conditioning is not None else 0
+    if info.null_class is not None and den is plain:
         raise ValueError(f"null_class {info.null_class} is not a class embedding of this model ({k} embeddings)")
     if len(info.classes) > k:
         raise ValueError(f"{INFO_FILE} names {len(info.classes)} classes; the model has {k} class embeddings")
     if not info.classes and k:  # no names: every embedding before the null class is a numbered class
         info = replace(info, classes=tuple(str(i) for i in range(info.null_class if info.null_class is not None else k)))
-    den = den.with_conditioning(cond, null_row)
     try:  # once, here: a folder that loads but cannot sample (a text-conditioned U-Net, a class-conditional
         # transformer: inputs the app does not supply) is refused in one line instead of failing every Generate
         with torch.no_grad():
-            den.sample(1, steps=1, seed=0, rows=[0] if cond is not None else None)
+            den.sample(1, steps=1, seed=0)
     except ImportError:
         raise  # a missing package: the registry says which
     except Exception as e:  # noqa: BLE001 -- whatever the model raises, the registry answers in one line

@@ -343,6 +343,9 @@ class AppState:
     model_id = DEFAULT_MODEL
     title = "MNIST U-Net (lafq)"
     class_word = "digit"
+    reference = "mnist-train5k"  # FID reference statistics of this dataset (lafq.metrics.reference_statistics)
+    floor_images = "mnist-test10k"  # the real images of the real-vs-real floor
+    stats_dir = None  # where the reference statistics are cached (None: checkpoints/stats)
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -367,12 +370,17 @@ class AppState:
         """A class control's value -> a class index, or None for 'any' (unconditional)."""
         return class_or_none(value, len(self.classes), self.class_word)
 
+    def denoiser(self, model: torch.nn.Module):
+        """`model` (the FP32 model or a quantized copy) as the lafq.models.Denoiser that samples it."""
+        from lafq.pipeline import as_denoiser
+        return as_denoiser(model)
+
     def images(self, model: torch.nn.Module, spec) -> torch.Tensor:
         """uint8 (n, C, H, W) images from `model` (the FP32 model or a quantized copy) for a
-        lafq.pipeline.SampleSpec: the same spec and seed give the same noise for every model."""
+        lafq.pipeline.SampleSpec: lafq.pipeline.generate, whose one noise rule the CLI and the report share,
+        so the same spec and seed give the same noise for every model and plan."""
         from lafq.pipeline import generate
-        return generate(model, spec, num_classes=self.model.cfg.num_classes, schedule=self.schedule,
-                        device=self.device)[0]
+        return generate(self.denoiser(model), spec, device=self.device)[0]
 
     def sample(self, model: torch.nn.Module, spec) -> torch.Tensor:
         """`images`, timed: the pace on this machine feeds the estimate shown before a long job."""

@@ -104,70 +104,20 @@ def _fid(state: AppState, model_plan, n, steps, seeds, progress):
         return cached
     model = state.quantized(model_plan) if model_plan else state.model
     t0 = time.perf_counter()
-    if state.kind == "lafq":
-        r = evaluate_fid(model, SampleSpec(n=n, steps=steps, batch_size=100), list(range(seeds)),
-                         backend=state.backend(), classifier=state.classifier(),
-                         num_classes=state.model.cfg.num_classes, progress=progress, device=state.device)
-    else:
-        r = _fid_any(state, model, n, steps, seeds, progress)
+    spec = SampleSpec(n=n, steps=steps, guidance=state.default_guidance, batch_size=100)
+    r = evaluate_fid(state.denoiser(model), spec, list(range(seeds)), backend=state.backend(),
+                     classifier=state.classifier(), reference=state.reference, stats_dir=state.stats_dir,
+                     progress=progress, device=state.device)
     state.record_pace(n * steps * seeds, time.perf_counter() - t0, min(n, 100))
     state.keep_fid_result(key, r)
     return r
 
 
-def _reference(state):
-    """A diffusers model's FID reference statistics (cached in its folder's stats/)."""
-    from lafq.metrics import reference_statistics
-
-    name = state.info.reference or state.info.dataset
-    if name is None:
-        raise InputError(f"{state.title} names no reference dataset (lafq.json \"reference\"): no FID")
-    return name, reference_statistics(state.backend(), name, cache_dir=state.folder / "stats")
-
-
-def _fid_any(state, model, n: int, steps: int, seeds: int, progress):
-    """FID and accuracy of class-balanced samples of a diffusers model, against its reference dataset."""
-    from lafq.metrics import FIDResult, classifier_accuracy, frechet_distance, statistics
-
-    name, ref = _reference(state)
-    r = FIDResult(backend=state.backend().name, n=n, values=[], reference=name)
-    k = len(state.classes)
-    for seed in range(seeds):
-        spec = SampleSpec(n=n, steps=steps, seed=seed, guidance=state.default_guidance, batch_size=100)
-        images = state.sample(model, spec)
-        r.values.append(frechet_distance(statistics(state.backend().features(images)), ref))
-        if k:
-            import torch
-            r.accuracy.append(classifier_accuracy(state.classifier(), images, torch.arange(n) % k))
-        if progress is not None:
-            progress(seed + 1, seeds)
-    return r
-
-
-def _floor_any(state, n: int, seeds: list[int]):
-    from lafq.data import load_dataset_or_subset
-    from lafq.metrics import FIDResult, frechet_distance, statistics
-
-    import torch
-
-    name, ref = _reference(state)
-    data = load_dataset_or_subset(state.info.dataset or name)
-    if n > len(data):
-        raise DataError(f"{data.name} has {len(data):,} images, fewer than N = {n:,}")
-    images = torch.from_numpy(data.images)
-    feats = state.backend().features(images)
-    r = FIDResult(backend=state.backend().name, n=n, values=[], reference=name)
-    for seed in seeds:
-        idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
-        r.values.append(frechet_distance(statistics(feats[idx.numpy()]), ref))
-    return r
-
-
 def floor(state: AppState, n: int, seeds: int):
-    """Real-vs-real FID at this backend and N: what small-N bias alone scores."""
-    if state.kind != "lafq":
-        return state.memo(("floor", n, seeds), lambda: _floor_any(state, n, list(range(seeds))))
-    return state.memo(("floor", n, seeds), lambda: real_floor(state.backend(), n, list(range(seeds))))
+    """Real-vs-real FID at this backend and N: what small-N bias alone scores (the model's dataset, offline)."""
+    return state.memo(("floor", n, seeds), lambda: real_floor(
+        state.backend(), n, list(range(seeds)), train=state.floor_images, reference=state.reference,
+        stats_dir=state.stats_dir, offline=True))
 
 
 def _images(state: AppState, plan, steps: int, seed: int):

@@ -110,20 +110,16 @@ def cmd_sample(args):
     from .train import save_grid
 
     spec = _spec(args, args.n, args.seed)
-    schedule = None
     if args.model:  # a train-diffusers folder: its UNet2DModel, scheduler and classes (lafq.json)
-        from .cli_diffusers import _card, load_folder
-        from .train_diffusers import ClassUNet
+        from .cli_diffusers import load_folder
 
-        classes = _card(args.model).null_class
         den = load_folder(args.model)
-        model, device = _model_on(ClassUNet(den.module).eval(), args)
-        schedule = den.schedule
+        _, device = _model_on(den.module, args)
+        model = den
     else:
         model, device = _model_on(load_denoiser(args.checkpoint)[0], args)
-        classes = model.cfg.num_classes
     t0 = time.perf_counter()
-    images, labels = generate(model, spec, num_classes=classes, schedule=schedule, device=device)
+    images, labels = generate(model, spec, device=device)
     dt = time.perf_counter() - t0
     nrow = args.nrow or max(1, int(round(args.n ** 0.5)))
     save_grid(images.float() / 127.5 - 1, args.out, nrow=nrow)
@@ -147,15 +143,14 @@ def cmd_fid(args):
     if not args.floor_only:
         spec = _spec(args, args.n, seeds[0])
         model, device = _model_on(load_denoiser(args.checkpoint)[0], args)
-        num_classes = model.cfg.num_classes
         if args.compile:  # 46-100 s of compilation in a first process, seconds in later ones (lafq/compile_cache.py)
             from .compile_cache import compile_model
             model = compile_model(model)
         log(f"FID: {args.n} samples x {len(seeds)} seeds, {spec.sampler}-{spec.steps}, guidance {spec.guidance}, "
             f"backend {backend.name}, sampling on {device}")
         clf = load_classifier(DEFAULT_CLASSIFIER)[0]
-        r = evaluate_fid(model, spec, seeds, backend=backend, classifier=clf, num_classes=num_classes, log=log,
-                         cache_dir=args.cache_dir, device=device)
+        r = evaluate_fid(model, spec, seeds, backend=backend, classifier=clf, log=log, cache_dir=args.cache_dir,
+                         device=device)
         res.update(r.to_dict(), steps=spec.steps, sampler=spec.sampler, guidance=spec.guidance, device=str(device))
         lines.append(r.describe())
     if args.real_floor or args.floor_only:

@@ -72,11 +72,15 @@ def _card(model: Path):
 
 
 def load_folder(model: Path):
-    """`load_diffusers(model)` with one-line errors: diffusers missing, or a folder it cannot read."""
-    try:
-        from .models import load_diffusers
+    """`load_diffusers(model)` with one-line errors (diffusers missing, or a folder it cannot read), replaying its
+    class labels as conditioning with the lafq.json's null class (train-diffusers folders)."""
+    from .card import CARD_FILE, ModelCard
 
-        return load_diffusers(model)
+    try:
+        from .models import load_diffusers, with_class_conditioning
+
+        null = ModelCard.read(model).null_class if (Path(model) / CARD_FILE).is_file() else None
+        return with_class_conditioning(load_diffusers(model), null)
     except ImportError:
         raise ValueError("diffusers models need diffusers: pip install -r requirements.txt") from None
     except OSError as e:
@@ -92,7 +96,6 @@ def cmd_fid_model(args):
     from .cliutil import emit as _emit, log_to as _log
     from .metrics import ClassifierBackend
     from .pipeline import SampleSpec, evaluate_fid, real_floor
-    from .train_diffusers import ClassUNet
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,9 +114,8 @@ def cmd_fid_model(args):
         spec = SampleSpec(n=args.n, steps=args.steps, guidance=args.guidance, seed=seeds[0], batch_size=args.batch_size)
         log(f"FID: {args.n} class-balanced samples x {len(seeds)} seeds, ddim-{spec.steps}, guidance {spec.guidance}, "
             f"classifier {classifier}, reference {card.reference}")
-        r = evaluate_fid(ClassUNet(den.module), spec, seeds, backend=backend, classifier=backend.model,
-                         num_classes=int(card.null_class), reference=card.reference, log=log,
-                         cache_dir=out_dir, schedule=den.schedule, stats_dir=stats_dir)
+        r = evaluate_fid(den, spec, seeds, backend=backend, classifier=backend.model, reference=card.reference,
+                         log=log, cache_dir=out_dir, stats_dir=stats_dir)
         res.update(r.to_dict(), steps=spec.steps, sampler=spec.sampler, guidance=spec.guidance)
         lines.append(r.describe())
     if args.real_floor or args.floor_only:

@@ -198,6 +198,7 @@ class _ReportInputs:
     evaluator: dict  # extra Evaluator fields for a model other than the project U-Net
     cache: Path
     out: Path
+    den: object = None  # the lafq.models.Denoiser around `model` (None: the project U-Net, adapted by Evaluator)
 
 
 def _report_subject(args) -> _ReportInputs:
@@ -215,7 +216,6 @@ def _report_subject(args) -> _ReportInputs:
                              evaluator={}, cache=Path(args.cache_dir or paths.REPORT_CACHE),
                              out=Path(args.out_dir or paths.DOCS))
     from .cli_diffusers import _card, load_folder
-    from .train_diffusers import ClassUNet
 
     if args.checkpoint is not None:
         raise CLIError("--checkpoint and --model name two models; give one")
@@ -231,9 +231,8 @@ def _report_subject(args) -> _ReportInputs:
                       reference=card.reference, floor_images=card.dataset, edge_layers=edge_layers(model),
                       source_strategies=False)
     return _ReportInputs(model=model, fisher=load_fisher(args.fisher or folder / "fisher.safetensors"),
-                         subject=subject, classifier=backend.model, backend=backend,
-                         evaluator=dict(num_classes=card.null_class, schedule=den.schedule, wrap=ClassUNet,
-                                        reference=card.reference, stats_dir=folder / "stats"),
+                         subject=subject, classifier=backend.model, backend=backend, den=den,
+                         evaluator=dict(reference=card.reference, stats_dir=folder / "stats"),
                          cache=Path(args.cache_dir or folder / "eval" / "report"),
                          out=Path(args.out_dir or folder / "report"))
 
@@ -281,7 +280,7 @@ def cmd_report(args):
     t0 = time.perf_counter()
     sens = []
     if not args.skip_sensitivity:
-        sens = run_sensitivity(Evaluator(model, classifier, None, cache / "sensitivity", device=device, log=log,
+        sens = run_sensitivity(Evaluator(sub.den or model, classifier, None, cache / "sensitivity", device=device, log=log,
                                          cached_only=args.render, **sub.evaluator),
                                fisher, s.sensitivity, s.guidance, log=log)
     floor = real_floor(backend, s.n, list(range(s.seeds)), train=subject.floor_images, reference=subject.reference,
@@ -291,7 +290,7 @@ def cmd_report(args):
     on_record = lambda recs: write(recs, s, command, out_dir, total_rows=len(rows), floor=floor,  # noqa: E731
                                    sensitivity=sens, sensitivity_units=n_units, subject=subject,
                                    budget_floor_bits=lo, sensitivity_skipped=args.skip_sensitivity)
-    records = evaluate(rows, Evaluator(model, classifier, backend, cache, device=device, log=log,
+    records = evaluate(rows, Evaluator(sub.den or model, classifier, backend, cache, device=device, log=log,
                                        cached_only=args.render, **sub.evaluator),
                        s, log=log, on_record=None if args.render else on_record)
     write(records, s, command, out_dir, total_rows=len(rows), floor=floor, sensitivity=sens, sensitivity_units=n_units,

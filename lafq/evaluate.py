@@ -18,7 +18,7 @@ import io
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ import torch
 
 from .checkpoint import atomic_write_bytes
 from .metrics import classifier_accuracy, fidelity, frechet_distance, reference_statistics, statistics
-from .pipeline import SampleSpec, generate
+from .pipeline import SampleSpec, as_denoiser, generate
 from .policy import Plan
 from .quantize import quantize
 
@@ -46,8 +46,9 @@ def plan_digest(plan: Plan) -> str:
 
 @dataclass
 class Evaluator:
-    """Samples plans of one FP32 model and scores them against FP32 from the same noise."""
-    model: torch.nn.Module
+    """Samples plans of one FP32 model (a lafq.models.Denoiser, or the project U-Net) and scores them against
+    FP32 from the same noise (lafq.pipeline.generate)."""
+    model: object
     classifier: torch.nn.Module
     backend: object | None  # FID feature backend; None: fidelity only (no FID)
     cache_dir: Path
@@ -55,36 +56,33 @@ class Evaluator:
     device: str = "cpu"
     log: object = print
     cached_only: bool = False  # record() returns None instead of sampling what is not on disk yet
-    # Another model than the project's U-Net (e.g. a diffusers UNet2DModel): plans name `model`'s parameters,
-    # `wrap(model)` is the denoiser(x_t, t, y) that samples, with the model's own schedule and class count.
-    num_classes: int | None = None  # None: model.cfg.num_classes
-    schedule: object | None = None  # None: the project's linear schedule
-    wrap: object | None = None
     stats_dir: str | Path | None = None  # where the reference statistics are cached (None: checkpoints/stats)
 
     def __post_init__(self):
         from .checkpoint import state_digest
 
+        from .fisher import classes_of
+
         self.cache_dir = Path(self.cache_dir)
-        self._model_digest = state_digest(self.model)
-        if self.num_classes is None:
-            self.num_classes = self.model.cfg.num_classes
+        self.den = as_denoiser(self.model)
+        self._model_digest = state_digest(self.den.module)
+        self.num_classes = len(classes_of(self.den))
+        self._foreign = self.den.source.get("library") != "lafq"  # its schedule and classes go into the keys
         stats = {} if self.stats_dir is None else {"cache_dir": self.stats_dir}
         self._ref_stats = reference_statistics(self.backend, self.reference, **stats) if self.backend is not None else None
         self._fp32_images: dict[str, torch.Tensor] = {}
-        self._cpu_model = copy.deepcopy(self.model).cpu()  # what each plan quantizes a copy of
+        self._cpu_model = copy.deepcopy(self.den.module).cpu()  # what each plan quantizes a copy of
 
-    def _generate(self, model: torch.nn.Module, spec: SampleSpec) -> torch.Tensor:
-        denoiser = self.wrap(model) if self.wrap is not None else model
-        return generate(denoiser, spec, num_classes=self.num_classes, schedule=self.schedule, device=self.device)[0]
+    def _generate(self, module: torch.nn.Module, spec: SampleSpec) -> torch.Tensor:
+        return generate(replace(self.den, module=module), spec, device=self.device)[0]
 
     def _key(self, what: str, plan: Plan | None, spec: SampleSpec) -> str:
         parts = {"model": self._model_digest, "plan": plan_digest(plan) if plan else "fp32", "spec": asdict(spec),
                  "backend": [self.backend.name, self.backend.digest] if self.backend else None,
                  "reference": self.reference, "what": what}
-        if self.wrap is not None:  # another model: its schedule and classes too (the U-Net's keys stay as they were)
-            parts["sampling"] = [self.num_classes, hashlib.sha256(self.schedule.betas.double().numpy().tobytes())
-                                 .hexdigest()[:16] if self.schedule is not None else None]
+        if self._foreign:  # another model: its schedule and classes too (the U-Net's keys stay as they were)
+            parts["sampling"] = [self.num_classes, hashlib.sha256(self.den.schedule.betas.double().numpy().tobytes())
+                                 .hexdigest()[:16]]
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
     def fp32_images(self, spec: SampleSpec) -> torch.Tensor:
@@ -94,7 +92,7 @@ class Evaluator:
             if path.is_file():
                 images = torch.from_numpy(np.load(path))
             else:
-                images = self._generate(self.model, spec)
+                images = self._generate(self.den.module, spec)
                 buf = io.BytesIO()
                 np.save(buf, images.numpy())
                 atomic_write_bytes(path, buf.getvalue())
@@ -115,7 +113,7 @@ class Evaluator:
         ref = self.fp32_images(spec)
         if plan is None or all(p == "fp32" for p in plan.precisions.values()):
             images = ref
-            q = self.model
+            q = self.den.module
         else:
             # Quantized on the CPU and then moved: the stored weights are the same bits on every device.
             q = quantize(copy.deepcopy(self._cpu_model), plan).to(self.device)

@@ -1,7 +1,8 @@
 """Glue between a denoiser and its outputs: batched generation and FID / accuracy over seeds.
 
-Works for any denoiser (the FP32 U-Net or a quantized one), so every comparison runs the
-same code path with the same noise.
+Works for any denoiser (a `lafq.models.Denoiser`: the project U-Net, a diffusers model, FP32 or quantized),
+so every comparison runs the same code path with the same noise: `denoise` / `generate` are the one
+sampling entry (`Denoiser.sample`, the app, `sample`, `fid`, `report` all call it).
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import torch
 
 from . import paths
 from .checkpoint import atomic_write_bytes
-from .diffusion import DEFAULT_GUIDANCE, Schedule, ddim_sample, ddpm_sample, linear_schedule, to_uint8
+from .device import model_device
+from .diffusion import DEFAULT_GUIDANCE, ddim_sample, ddim_timesteps, ddpm_sample, to_uint8
 from .quantize import hold_dequantized
 from .metrics import (FIDResult, balanced_labels, classifier_accuracy, frechet_distance, get_backend,
                       reference_statistics, statistics)
@@ -76,57 +78,113 @@ def resolve_labels(spec: SampleSpec, num_classes: int) -> torch.Tensor | None:
     return labels
 
 
-def generate(denoiser, spec: SampleSpec, *, num_classes: int = 10, schedule: Schedule | None = None, device="cpu",
-             progress: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Generate spec.n images; returns (uint8 (n, 1, 28, 28), labels or None).
+def as_denoiser(model):
+    """A `lafq.models.Denoiser` as given; the project U-Net (FP32 or quantized) through its adapter."""
+    from .model import UNet
+    from .models.base import Denoiser
 
-    One CPU generator seeded with spec.seed draws all noise, batch after batch.
-    `progress(done, total)` counts denoising steps over all batches.
+    if isinstance(model, Denoiser):
+        return model
+    base = getattr(model, "_orig_mod", model)  # torch.compile'd: the original's config, the compiled forward
+    if isinstance(base, UNet):
+        from dataclasses import replace
+
+        from .models.lafq_unet import from_lafq_unet
+        return replace(from_lafq_unet(base), module=model)
+    raise TypeError(f"expected a lafq.models.Denoiser or the project U-Net, got {type(model).__name__}: wrap other "
+                    "models with lafq.models.from_diffusers (or lafq.load)")
+
+
+def conditioning_rows(den, spec: SampleSpec) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+    """(conditioning rows, class labels, guidance) for a spec: labels index the model's classes
+    (`lafq.fisher.classes_of`); unconditional samples (labels ()) use the null row where there is one, and
+    guidance applies only to class-conditional samples of a model with a null row."""
+    from .fisher import classes_of
+
+    classes = classes_of(den)
+    if spec.labels == () and den.null_row is None and classes:  # no unconditional row: its classes in turn
+        spec = SampleSpec(**{**spec.__dict__, "labels": None})
+    labels = resolve_labels(spec, len(classes))
+    if labels is None:
+        rows = None if den.null_row is None else torch.full((spec.n,), den.null_row, dtype=torch.long)
+        return rows, None, 1.0
+    rows = torch.as_tensor(classes, dtype=torch.long)[labels]
+    return rows, labels, float(spec.guidance) if den.null_row is not None else 1.0
+
+
+def denoise(model, spec: SampleSpec, *, device=None, clip: bool = True, rows=None,
+            progress: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """spec.n samples of any denoiser (float, (n, *den.sample_shape)) and their class labels (or None).
+
+    The one noise rule: one CPU generator seeded with spec.seed draws all noise, batch after batch, so a seed
+    gives the same starting noise on any device and for every plan of a model. `progress(done, total)` counts
+    denoising steps over all batches. clip: x0 clipped to [-1, 1] (pixel models; False for latents).
+    `rows`: conditioning rows to replay (one per sample, or fewer repeated) instead of spec.labels' classes;
+    spec.guidance then applies with the model's null row.
     """
-    schedule = schedule or linear_schedule()
-    labels = resolve_labels(spec, num_classes)
+    den = as_denoiser(model)
+    device = model_device(den.module) if device is None else torch.device(device)
+    if rows is None:
+        rows, labels, guidance = conditioning_rows(den, spec)
+    else:
+        rows = torch.as_tensor(rows, dtype=torch.long).flatten()
+        rows = rows.repeat((spec.n + len(rows) - 1) // len(rows))[:spec.n]
+        labels, guidance = None, float(spec.guidance)
+        if guidance != 1.0 and den.null_row is None:
+            raise ValueError("guidance needs the unconditional conditioning row (null_row); this model has none")
+    eps = den.eps_denoiser()
     gen = torch.Generator().manual_seed(spec.seed)
-    per_batch = spec.steps if spec.sampler == "ddim" else schedule.T
+    per_batch = len(ddim_timesteps(den.T, spec.steps)) if spec.sampler == "ddim" else den.T
     batches = range(0, spec.n, spec.batch_size)
     total = per_batch * len(batches)
     out = []
-    with hold_dequantized(denoiser):  # a quantized model dequantizes once per call, not once per step
+    with hold_dequantized(den.module):  # a quantized model dequantizes once per call, not once per step
         for b, start in enumerate(batches):
             n = min(spec.batch_size, spec.n - start)
-            y = labels[start:start + n] if labels is not None else None
             cb = (lambda i, _t, b=b: progress(b * per_batch + i, total)) if progress else None
-            kw = dict(labels=y, guidance=spec.guidance, null_class=num_classes, generator=gen, device=device, callback=cb)
+            kw = dict(shape=den.sample_shape, labels=None if rows is None else rows[start:start + n],
+                      guidance=guidance, null_class=den.null_row if den.null_row is not None else 0, generator=gen,
+                      device=device, clip=clip, callback=cb)
             if spec.sampler == "ddim":
-                x = ddim_sample(denoiser, schedule, n, steps=spec.steps, eta=spec.eta, **kw)
+                x = ddim_sample(eps, den.schedule, n, steps=spec.steps, eta=spec.eta, **kw)
             else:
-                x = ddpm_sample(denoiser, schedule, n, **kw)
-            out.append(to_uint8(x).cpu())
+                x = ddpm_sample(eps, den.schedule, n, **kw)
+            out.append(x)
     return torch.cat(out), labels
 
 
-def seed_result_key(denoiser, spec: SampleSpec, backend, classifier, reference: str) -> str:
+def generate(model, spec: SampleSpec, *, device=None,
+             progress: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """uint8 images (n, C, H, W) of any pixel-space denoiser (a Denoiser, or the project U-Net) and their labels;
+    the noise rule of `denoise`."""
+    x, labels = denoise(model, spec, device=device, progress=progress)
+    return to_uint8(x).cpu(), labels
+
+
+def seed_result_key(model, spec: SampleSpec, backend, classifier, reference: str) -> str:
     """What one seed's FID depends on: weights (and plan), everything in the spec, backend and reference."""
     from .checkpoint import state_digest
 
-    denoiser = getattr(denoiser, "_orig_mod", denoiser)  # torch.compile'd: the weights are the original's
-    plan = getattr(denoiser, "lafq_plan", None)
-    parts = {"model": state_digest(denoiser), "plan": sorted(plan.precisions.items()) if plan else None,
+    module = as_denoiser(model).module
+    module = getattr(module, "_orig_mod", module)  # torch.compile'd: the weights are the original's
+    plan = getattr(module, "lafq_plan", None)
+    parts = {"model": state_digest(module), "plan": sorted(plan.precisions.items()) if plan else None,
              "spec": spec.__dict__, "backend": [backend.name, getattr(backend, "digest", "")],
              "classifier": state_digest(classifier) if classifier is not None else None, "reference": reference}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def evaluate_fid(denoiser, spec: SampleSpec, seeds: list[int], *, backend=None, classifier=None, num_classes: int = 10,
-                 reference: str = "mnist-train5k", device="cpu", progress=None, log=None,
-                 cache_dir: str | Path | None = None, schedule: Schedule | None = None,
-                 stats_dir: str | Path | None = None) -> FIDResult:
-    """FID (and classifier accuracy for conditional samples) of spec.n samples, once per seed.
+def evaluate_fid(model, spec: SampleSpec, seeds: list[int], *, backend=None, classifier=None,
+                 reference: str = "mnist-train5k", device=None, progress=None, log=None,
+                 cache_dir: str | Path | None = None, stats_dir: str | Path | None = None) -> FIDResult:
+    """FID (and classifier accuracy for conditional samples) of spec.n samples of any denoiser (`generate`), once
+    per seed.
 
     With `cache_dir`, each finished seed is written there as JSON (keyed by `seed_result_key`) and
     found again by a later call, so an hours-long evaluation can be split over several runs.
-    `schedule`: the model's noise schedule (default: the project's linear one); `stats_dir`: where the
-    reference statistics are cached (default: checkpoints/stats).
+    `stats_dir`: where the reference statistics are cached (default: checkpoints/stats).
     """
+    denoiser = as_denoiser(model)
     backend = backend or get_backend("auto")
     ref = reference_statistics(backend, reference, **_stats_kw(stats_dir))
     result = FIDResult(backend=backend.name, n=spec.n, values=[], reference=reference)
@@ -144,7 +202,7 @@ def evaluate_fid(denoiser, spec: SampleSpec, seeds: list[int], *, backend=None, 
             continue
         t0 = time.perf_counter()
         prog = (lambda d, t, k=k: progress(k * t + d, len(seeds) * t)) if progress else None
-        images, labels = generate(denoiser, s, num_classes=num_classes, schedule=schedule, device=device, progress=prog)
+        images, labels = generate(denoiser, s, device=device, progress=prog)
         result.values.append(frechet_distance(statistics(backend.features(images)), ref))
         if classifier is not None and labels is not None:
             result.accuracy.append(classifier_accuracy(classifier, images, labels))
@@ -152,7 +210,7 @@ def evaluate_fid(denoiser, spec: SampleSpec, seeds: list[int], *, backend=None, 
             acc = result.accuracy[-1] if classifier is not None and labels is not None else None
             atomic_write_bytes(cached, json.dumps({"fid": result.values[-1], "accuracy": acc, "seed": seed,
                                                    "backend": backend.name, "n": spec.n, "spec": s.__dict__,
-                                                   "device": str(device),
+                                                   "device": str(device or model_device(denoiser.module)),
                                                    "seconds": round(time.perf_counter() - t0, 1)}, default=str).encode())
         if log:
             log(f"seed {seed}: FID {result.values[-1]:.3f} ({backend.name}, N={spec.n})"
@@ -166,11 +224,15 @@ def _stats_kw(stats_dir) -> dict:
 
 
 def real_floor(backend, n: int, seeds: list[int], *, train: str = "mnist-test10k", reference: str = "mnist-train5k",
-               stats_dir: str | Path | None = None) -> FIDResult:
-    """FID of n real training images against the held-out reference: the best a model could score."""
-    from .data import load_dataset
+               stats_dir: str | Path | None = None, offline: bool = False) -> FIDResult:
+    """FID of n real training images against the held-out reference: the best a model could score.
+    offline: never download; read `train`'s vendored subset where the split is not installed."""
+    from .data import DataError, load_dataset, load_dataset_or_subset
 
-    images = torch.from_numpy(load_dataset(train).images)
+    data = load_dataset_or_subset(train) if offline else load_dataset(train)
+    if n > len(data):
+        raise DataError(f"{data.name} has {len(data):,} images, fewer than N = {n:,}")
+    images = torch.from_numpy(data.images)
     ref = reference_statistics(backend, reference, **_stats_kw(stats_dir))
     feats = backend.features(images)
     result = FIDResult(backend=backend.name, n=n, values=[], reference=reference)

@@ -185,7 +185,7 @@ def grid(model, fisher: FisherMap, s: Settings, subject: Subject = Subject()) ->
 def evaluate(rows: list[Row], evaluator, s: Settings, log=print, on_record=None) -> list[dict]:
     """Every (row, seed) record, FP32 first; `on_record(records)` after each (for partial writes).
     With `evaluator.cached_only`, only the records already on disk (nothing is sampled)."""
-    shapes = param_shapes(evaluator.model)
+    shapes = param_shapes(evaluator.den.module)
     planned_controls = {}
     for row in rows:
         if row.control_of:

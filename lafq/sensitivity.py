@@ -98,7 +98,7 @@ def random_rho(measured: dict[str, float], draws: int = RANDOM_DRAWS, seed: int 
 
 def run(evaluator, fisher, s: SensitivitySettings, guidance: float, log=print) -> list[dict]:
     """One record per (unit, seed): the paired fidelity of the unit lowered alone, with its predictors."""
-    model = evaluator.model
+    model = evaluator.den.module
     weights = {n: p.detach().cpu() for n, p in model.named_parameters()}  # beside the Fisher map, on any device
     shapes = {n: tuple(w.shape) for n, w in weights.items()}
     groups = units(shapes, s.unit)

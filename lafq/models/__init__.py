@@ -17,8 +17,8 @@ from .base import (
            load_conditioning,
            save_conditioning,
 )
-from .diffusers_models import from_diffusers, load_diffusers, schedule_of
+from .diffusers_models import from_diffusers, load_diffusers, schedule_of, with_class_conditioning
 from .lafq_unet import from_lafq_unet
 
 __all__ = ["PREDICTION_TYPES", "Conditioning", "Denoiser", "capture_conditioning", "from_diffusers", "from_lafq_unet",
-           "load_conditioning", "load_diffusers", "save_conditioning", "schedule_of"]
+           "load_conditioning", "load_diffusers", "save_conditioning", "schedule_of", "with_class_conditioning"]

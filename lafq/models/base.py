@@ -255,16 +255,14 @@ class Denoiser:
         return eps
 
     def sample(self, n: int, *, steps: int = 50, seed: int = 0, rows=None, guidance: float = 1.0,
-               clip: bool = False, **kw) -> torch.Tensor:
-        """DDIM samples (lafq.diffusion.sample, same seed same noise) replaying conditioning `rows`;
-        guidance != 1 needs the unconditional row (`null_row`). clip=False: latents are not in [-1, 1]."""
-        from ..diffusion import sample
+               clip: bool = False, sampler: str = "ddim", eta: float = 0.0, batch_size: int = 256) -> torch.Tensor:
+        """n samples (lafq.pipeline.denoise: one generator seeded with `seed`, the same noise as every other
+        sampling entry) replaying conditioning `rows` (None: row 0 where there is conditioning); guidance != 1
+        needs the unconditional row (`null_row`). clip=False: latents are not in [-1, 1]."""
+        from ..pipeline import SampleSpec, denoise
 
-        if guidance != 1.0 and self.null_row is None:
-            raise ValueError("guidance needs the unconditional conditioning row (null_row); this model has none")
-        if rows is not None:
-            rows = [int(r) for r in rows]
-        dev = next(self.module.parameters(), torch.empty(0)).device
-        return sample(self.eps_denoiser(), self.schedule, n, steps=steps, seed=seed, shape=self.sample_shape,
-                      labels=rows, guidance=guidance, null_class=self.null_row if self.null_row is not None else 0,
-                      clip=clip, device=dev, **kw)
+        if rows is None and self.conditioning is not None:
+            rows = [0]
+        spec = SampleSpec(n=n, labels=(), steps=steps, sampler=sampler, eta=eta, guidance=guidance, seed=seed,
+                          batch_size=min(batch_size, n))
+        return denoise(self, spec, clip=clip, rows=rows)[0]

@@ -89,6 +89,8 @@ def _layout(path_or_repo: str, subfolder: str | None) -> tuple[str | None, str |
         return ("transformer" if "transformer" in index else "unet"), "scheduler"
     if subfolder is None and (p / "model_index.json").is_file():
         subfolder = "transformer" if (p / "transformer").is_dir() else "unet"
+    elif subfolder is None and not (p / "config.json").is_file():  # unet/ + scheduler/ without a pipeline index
+        subfolder = next((c for c in ("transformer", "unet") if (p / c / "config.json").is_file()), None)
     model_dir = p / subfolder if subfolder else p
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"{model_dir} has no config.json: not a diffusers model folder")
@@ -153,3 +155,17 @@ def load_diffusers(path_or_repo: str | Path, *, subfolder: str | None = None, co
     scheduler = load_scheduler(path_or_repo, sched_sub)
     return from_diffusers(model.eval(), scheduler, conditioning=conditioning, sample_shape=sample_shape,
                           source={"path": path_or_repo, "subfolder": model_sub})
+
+
+def with_class_conditioning(den: Denoiser, null_class: int | None) -> Denoiser:
+    """A class-conditional diffusers model (`num_class_embeds`, e.g. a train-diffusers UNet2DModel) replaying one
+    conditioning row per class embedding (row i: class_labels=i), `null_class` the unconditional row; any
+    other model unchanged (sampled without class conditioning)."""
+    config = getattr(den.module, "config", None)
+    k = config.get("num_class_embeds") if config is not None and hasattr(config, "get") else None
+    if not k:
+        return den
+    k = int(k)
+    if null_class is not None and not 0 <= int(null_class) < k:
+        raise ValueError(f"null_class {null_class} is not a class embedding of this model ({k} embeddings)")
+    return den.with_conditioning(Conditioning({"class_labels": torch.arange(k)}, k), null_class)

@@ -43,16 +43,15 @@ def tiny_diffusers_dir(root):
     (3 class embeddings: two classes and the null class), its lafq.json and a small Fisher map of its weights."""
     import json
 
-    from demo.models import _conditioning, ModelInfo
     from lafq.fisher import fisher_map
-    from lafq.models.diffusers_models import load_diffusers
+    from lafq.models.diffusers_models import load_diffusers, with_class_conditioning
     from tests.diffusers_tiny import save_pipeline_dir, tiny_unet2d
 
     save_pipeline_dir(root, tiny_unet2d())
     (root / "model_index.json").unlink()  # the shipped folder's contract: unet/ and scheduler/ only
     (root / "lafq.json").write_text(json.dumps(TINY_INFO))
     den = load_diffusers(root, subfolder="unet")
-    den = den.with_conditioning(*_conditioning(den.module, ModelInfo(**TINY_INFO)))
+    den = with_class_conditioning(den, TINY_INFO["null_class"])
     images = torch.rand(16, *den.sample_shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
     fisher_map(den, images, bins=3, samples_per_bin=2).save(root / "fisher.safetensors")
     return root

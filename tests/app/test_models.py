@@ -412,3 +412,32 @@ def test_a_switch_says_when_the_users_own_plan_was_reset_and_is_silent_otherwise
     assert switch_note(app_state, other, uniform("int8")).startswith("**Your plan was reset:** it was made for MNIST")
     assert "reset" not in switch_note(app_state, other, tab_quantize.preset_current(app_state))
     assert switch_note(other, app_state, tab_quantize.preset_current(other)) == ""  # back to the U-Net: nothing to say
+
+
+@pytest.mark.parametrize("which", ["lafq-UNet", "diffusers-UNet2DModel"])
+def test_one_seed_gives_the_same_images_in_the_app_the_cli_and_the_report(which, app_state, tiny, tmp_path, capsys):
+    """One sampling function and one noise rule (lafq.pipeline.generate) for every model: the app's handler,
+    `python -m lafq sample` and the report's evaluator draw the same images from the same seed, batch after batch."""
+    from lafq.checkpoint import save_unet
+    from lafq.cli import main
+    from lafq.evaluate import Evaluator
+    from lafq.pipeline import SampleSpec
+    from lafq.train import save_grid
+
+    if which == "lafq-UNet":
+        state = app_state
+        save_unet(tmp_path / "unet.safetensors", state.model)
+        source = ["--checkpoint", str(tmp_path / "unet.safetensors")]
+    else:
+        state, _ = tiny
+        source = ["--model", str(state.folder)]
+    spec = SampleSpec(n=6, steps=3, seed=5, guidance=1.5, batch_size=4)
+    app = state.images(state.model, spec)
+    assert main(["sample", *source, "--n", "6", "--steps", "3", "--seed", "5", "--guidance", "1.5", "--batch-size",
+                 "4", "--nrow", "3", "--device", "cpu", "--out", str(tmp_path / "cli.png"), "--json"]) == 0
+    capsys.readouterr()
+    save_grid(app.float() / 127.5 - 1, tmp_path / "app.png", nrow=3)
+    assert (tmp_path / "cli.png").read_bytes() == (tmp_path / "app.png").read_bytes()
+    report = Evaluator(state.denoiser(state.model), None, None, tmp_path / "cache").fp32_images(spec)
+    assert torch.equal(report, app)
+    assert not torch.equal(app, state.images(state.model, SampleSpec(n=6, steps=3, seed=6, guidance=1.5, batch_size=4)))
