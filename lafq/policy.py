@@ -268,6 +268,7 @@ def solve_budget(options: Options, budget: int) -> FrontPoint:
     solves these 125-tensor instances in well under a second."""
     import numpy as np
     from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import csr_array
 
     names = list(options)
     smallest = sum(o[0][0] for o in options.values())
@@ -277,11 +278,13 @@ def solve_budget(options: Options, budget: int) -> FrontPoint:
     scale = max((d for _, _, d, _ in cols), default=0.0) or 1.0  # damages span many decades: solve in [0, 1]
     cost = np.array([d / scale for _, _, d, _ in cols])
     size = np.array([b for _, b, _, _ in cols], dtype=float)
-    pick = np.zeros((len(names), len(cols)))
-    for j, (i, *_rest) in enumerate(cols):
-        pick[i, j] = 1.0
+    rows = [i for i, *_rest in cols]
+    pick = csr_array((np.ones(len(cols)), (rows, np.arange(len(cols)))), shape=(len(names), len(cols)))
+    # Sparse matrices on purpose: LinearConstraint of a dense one turns every warning into an error while it
+    # converts it (scipy 1.17 `catch_warnings(); simplefilter("error")`), and the warnings filter is
+    # process-wide: in the app another user's FID computation (scipy's sqrtm warns) failed at that moment.
     res = milp(cost, integrality=np.ones(len(cols)), bounds=Bounds(0, 1),
-               constraints=[LinearConstraint(pick, 1, 1), LinearConstraint(size[None], 0, budget)],
+               constraints=[LinearConstraint(pick, 1, 1), LinearConstraint(csr_array(size[None]), 0, budget)],
                options={"mip_rel_gap": 0.0})
     if res.x is None:
         raise RuntimeError(f"the budget solver found no allocation ({res.message})")

@@ -50,3 +50,18 @@ def test_budget_plans_of_the_report_are_exactly_optimal_on_the_shipped_model(shi
         assert sum(1 for _ in shapes) == len(plan.precisions)
         greedy = [p for p in front if p.bytes <= budget][-1]
         assert greedy.damage >= damage * (1 - 1e-9)  # the old greedy pick can only be worse
+
+
+def test_the_budget_solver_never_turns_warnings_into_errors_for_other_threads(monkeypatch):
+    """scipy's LinearConstraint sets the process-wide warnings filter to "error" while it converts a dense
+    matrix; in the app that made another user's FID (whose sqrtm warns) fail at that moment. The solver
+    passes sparse matrices, which skip that block."""
+    import scipy.optimize._constraints as constraints
+
+    from lafq.policy import solve_budget
+
+    calls = []
+    monkeypatch.setattr(constraints, "simplefilter", lambda *a, **k: calls.append(a))
+    options = {"a": [(1, 2.0, "int4"), (4, 0.0, "fp32")], "b": [(1, 1.0, "int4"), (4, 0.5, "fp32")]}
+    assert solve_budget(options, 5).precisions == {"a": "fp32", "b": "int4"}
+    assert calls == []
