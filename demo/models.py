@@ -172,10 +172,6 @@ class DiffusersState(AppState):
     def has_classifier(self) -> bool:
         return self.folder is not None and (self.folder / "classifier.safetensors").is_file()
 
-    def layer_key(self, name: str) -> str:
-        """The first two dotted components of the module path: `down_blocks.0`, `mid_block.attentions`, `conv_in`."""
-        return ".".join(name.split(".")[:-1][:2]) or name
-
     def plan(self, policy, fisher: FisherMap | None = None) -> Plan:
         from lafq.policy import make_plan
         fm = fisher if fisher is not None else self.fisher

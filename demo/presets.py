@@ -26,22 +26,17 @@ PRESETS = MappingProxyType({
 })
 DEFAULT_PRESET = BUDGET_45
 CUSTOM = "custom (the controls below)"
-# Strategies whose settings name the MNIST U-Net's layers (stem and head; encoder, mid and decoder groups):
-# their presets are hidden for other models, and the strategies refused there.
-MNIST_ONLY_STRATEGIES = ("first-last", "groups")
 NO_FISHER_STRATEGIES = ("uniform", "random")  # what a model without a Fisher map can still plan
 
 
-def presets_for(kind: str = "lafq", has_fisher: bool = True) -> list[str]:
-    """The presets shown for a model: every one for the MNIST U-Net; for another model those that name no
-    U-Net layer, and only Fisher-free ones when it has no Fisher map."""
-    return [name for name, kw in PRESETS.items()
-            if (kind == "lafq" or kw["strategy"] not in MNIST_ONLY_STRATEGIES)
-            and (has_fisher or kw["strategy"] in NO_FISHER_STRATEGIES)]
+def presets_for(has_fisher: bool = True) -> list[str]:
+    """The presets shown for a model: every one (stem and head, groups and the middle block are the model's
+    own, lafq.layers); only Fisher-free ones for a model without a Fisher map."""
+    return [name for name, kw in PRESETS.items() if has_fisher or kw["strategy"] in NO_FISHER_STRATEGIES]
 
 
-def default_preset(kind: str = "lafq", has_fisher: bool = True) -> str:
-    shown = presets_for(kind, has_fisher)
+def default_preset(has_fisher: bool = True) -> str:
+    shown = presets_for(has_fisher)
     return DEFAULT_PRESET if DEFAULT_PRESET in shown else UNIFORM_INT4
 
 

@@ -361,10 +361,18 @@ class AppState:
     def has_classifier(self) -> bool:
         return True
 
+    @property
+    def layers(self):
+        """The model's layer vocabulary (lafq.layers): its layers in flow order, groups and first and last layers."""
+        key = "layers"
+        if key not in self._memo:
+            from lafq.layers import layers_of
+            self._memo[key] = layers_of(self.shapes)
+        return self._memo[key]
+
     def layer_key(self, name: str) -> str:
-        """The layer a parameter belongs to, as the Fisher tab groups rows (the U-Net's top-level modules)."""
-        from lafq.model import layer_of
-        return layer_of(name)
+        """The layer a parameter belongs to, as the Fisher tab groups rows (lafq.layers)."""
+        return self.layers.layer(name)
 
     def label(self, value) -> int | None:
         """A class control's value -> a class index, or None for 'any' (unconditional)."""

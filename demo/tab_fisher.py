@@ -33,25 +33,11 @@ def layer_rows(state: AppState, fm: FisherMap | None, names: list[str] | None = 
     as lafq orders them; another model's grouped by `state.layer_key` in parameter order."""
     names = list(fm.names) if names is None else list(names)
     keys = dict.fromkeys(state.layer_key(n) for n in names)
-    if state.kind == "lafq":
-        from lafq.model import LAYERS
-        order = [layer for layer in LAYERS if layer in keys] + [layer for layer in keys if layer not in LAYERS]
-    else:
-        order = _down_mid_up(keys)
+    order = [layer for layer in state.layers.order if layer in keys] + [k for k in keys if k not in state.layers.order]
     by = {}
     for i, n in enumerate(names):
         by.setdefault(state.layer_key(n), []).append(i)
     return [(layer, by[layer]) for layer in order]
-
-
-def _down_mid_up(layers) -> list[str]:
-    """Parameter order, with a diffusers U-Net's middle block moved before its up blocks (it registers
-    mid_block after up_blocks; the heatmap reads in the order the sample flows)."""
-    layers = list(layers)
-    mid = [x for x in layers if x.startswith("mid_block")]
-    rest = [x for x in layers if x not in mid]
-    at = next((i for i, x in enumerate(rest) if x.startswith("up_blocks")), len(rest))
-    return rest[:at] + mid + rest[at:]
 
 
 def _weighted(values: torch.Tensor, numel: torch.Tensor, idx: list[int]) -> torch.Tensor:

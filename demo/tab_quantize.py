@@ -22,7 +22,7 @@ from lafq.precision import PRECISIONS, numel
 from lafq.quantize import quantized_from_file
 
 from . import plots
-from .presets import CUSTOM, DEFAULT_PRESET, MNIST_ONLY_STRATEGIES, PRESETS, default_preset, presets_for
+from .presets import CUSTOM, DEFAULT_PRESET, PRESETS, default_preset, presets_for
 from .serving import MAX_UPLOAD
 from .state import AppState, InputError, as_choice, as_number, plan_key, plan_label, shown
 
@@ -39,7 +39,7 @@ USES = {
     "groups": {"target", "statistic", "log_encoder", "log_mid", "log_decoder", "protect_mid"},
     "layer-ratio": {"target", "statistic", "p", "protect_mid"},
     "layer-std": {"target", "statistic", "k", "protect_mid"},
-    "first-last": {"target", "protect_mid"},  # stem and head at INT8 (Policy.edge)
+    "first-last": {"target", "protect_mid"},  # the model's first and last layers at INT8 (Policy.edge)
     "budget": {"statistic", "avg_bits", "protect_mid"},
     "random": {"avg_bits", "protect_mid"},
 }
@@ -54,10 +54,12 @@ def _to_log(x: float) -> float:
 
 
 def budget_floor_bits(state: AppState, protect_mid: bool) -> float:
-    """The smallest average bits any budget plan reaches (int4 matrices, fp16 vectors, a protected mid in
-    fp32), rounded up to the slider's 0.1 step."""
+    """The smallest average bits any budget plan reaches (int4 matrices, fp16 vectors, a protected middle block
+    in fp32), rounded up to the slider's 0.1 step."""
+    from lafq.layers import layers_of
+
     shapes = state.shapes
-    protected = {n for n in shapes if protect_mid and n.startswith("mid.")}
+    protected = layers_of(shapes).in_group("mid") if protect_mid else set()
     lo, total = floor_bytes(shapes, protected), sum(numel(s) for s in shapes.values())
     bits = math.ceil(80 * lo / total - 1e-9) / 10
     while int(bits * total / 8) < lo:  # the budget in bytes is rounded down (lafq.policy.resolve_budget)
@@ -85,7 +87,7 @@ def policy_from_controls(strategy, target, statistic, log_threshold, log_encoder
 
 def shown_presets(state: AppState) -> list[str]:
     """The presets offered for the state's model (demo.presets.presets_for)."""
-    return presets_for(state.kind, state.fisher is not None)
+    return presets_for(state.fisher is not None)
 
 
 def controls_for(state: AppState, name: str) -> list:
@@ -110,18 +112,14 @@ def preset_shown(state: AppState, current: dict) -> str:
 
 def preset_current(state: AppState, name: str | None = None) -> dict:
     """The shared-state value a preset gives (the app's starting plan; by default the model's default preset)."""
-    return policy_from_controls(*controls_for(state, name or default_preset(state.kind, state.fisher is not None)))
+    return policy_from_controls(*controls_for(state, name or default_preset(state.fisher is not None)))
 
 
 def model_note(state: AppState) -> str:
-    """What is not offered for the selected model, and why (empty for the MNIST U-Net)."""
-    if state.kind == "lafq":
-        return ""
-    lines = [f"**{state.title}**: presets and strategies that name the MNIST U-Net's layers (stem and head; "
-             "encoder, mid and decoder groups; 'protect the middle block') are not offered for this model."]
+    """What is not offered for the selected model, and why (empty when everything is)."""
     if state.fisher is None:
-        lines.append("It has no Fisher map: only uniform and random plans.")
-    return " ".join(lines)
+        return f"**{state.title}** has no Fisher map: only uniform and random plans."
+    return ""
 
 
 def preset_of(policy: dict) -> str | None:
@@ -142,9 +140,6 @@ def resolve_plan(state: AppState, current: dict | None, user=None) -> Plan:
             plan.validate(state.shapes)
             return plan
         policy = Policy(**current["policy"])
-        if state.kind != "lafq" and (policy.strategy in MNIST_ONLY_STRATEGIES or policy.protect_mid):
-            what = "'protect the middle block'" if policy.protect_mid else f"strategy {policy.strategy!r}"
-            raise InputError(f"{what} names the MNIST U-Net's layers; not available for {state.title}")
         return state.plan(policy, state.fisher_of(user))
     except (TypeError, KeyError, AttributeError) as e:
         raise InputError(f"the current plan is malformed ({shown(str(e))}); pick a preset again") from None
@@ -409,7 +404,7 @@ def build(models, current, user, guard):
 
     def refresh(usr):
         st = models.state_for(usr)
-        name = default_preset(st.kind, st.fisher is not None)
+        name = default_preset(st.fisher is not None)
         vals = controls_for(st, name)
         lo = budget_floor_bits(st, False)
         bits_update = gr.Slider(minimum=lo, value=vals[9],

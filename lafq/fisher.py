@@ -25,7 +25,6 @@ import torch
 from .checkpoint import load_file, save_file, state_digest  # noqa: F401 (state_digest: re-exported)
 from .distributed import all_reduce_sum_, shard, world
 from .diffusion import Schedule
-from .model import LAYERS, layer_of
 from .persample import METHODS, param_dtype, sq_grads
 
 if TYPE_CHECKING:
@@ -72,27 +71,30 @@ class FisherMap:
         norm = m / m.max().clamp_min(1e-300)
         return names, norm if kind == "normalized" else torch.log10(norm.clamp_min(1e-12))
 
+    def layers(self):
+        """The model's layer vocabulary (lafq.layers) from the map's names (matrices: those with channel rows)."""
+        from .layers import layers_of
+        return layers_of({n: (2, 2) if n in self.channel else (1,) for n in self.names})
+
+    def _layer_index(self) -> list[tuple[str, list[int]]]:
+        at = {n: i for i, n in enumerate(self.names)}
+        return [(layer, [at[n] for n in members]) for layer, members in self.layers().members().items()]
+
     def layer_names(self) -> list[str]:
-        """The U-Net's layers in network order; any other model's top-level modules in parameter order."""
-        present = list(dict.fromkeys(layer_of(n) for n in self.names))
-        return [layer for layer in LAYERS if layer in present] + [layer for layer in present if layer not in LAYERS]
+        """The model's layers in the order the sample flows (the U-Net's: embed, stem, down1, ..., head)."""
+        return list(self.layers().order)
 
     def per_layer(self, group: str | int = "all") -> torch.Tensor:
         """(layers, bins): element-weighted mean over the layer's tensors, i.e. trace / numel of the layer."""
         m = self.fisher[self.group_index(group)]
         numel = torch.tensor(self.numels, dtype=m.dtype)
-        rows = []
-        for layer in self.layer_names():
-            idx = [i for i, n in enumerate(self.names) if layer_of(n) == layer]
-            rows.append((m[idx] * numel[idx, None]).sum(0) / numel[idx].sum())
-        return torch.stack(rows)
+        return torch.stack([(m[idx] * numel[idx, None]).sum(0) / numel[idx].sum() for _, idx in self._layer_index()])
 
     def layer_magnitude(self) -> tuple[list[str], torch.Tensor]:
         numel = torch.tensor(self.numels, dtype=self.magnitude.dtype)
-        layers = self.layer_names()
-        vals = [(self.magnitude[i] * numel[i]).sum() / numel[i].sum() for i in
-                ([j for j, n in enumerate(self.names) if layer_of(n) == layer] for layer in layers)]
-        return layers, torch.stack(vals)
+        rows = self._layer_index()
+        vals = [(self.magnitude[idx] * numel[idx]).sum() / numel[idx].sum() for _, idx in rows]
+        return [layer for layer, _ in rows], torch.stack(vals)
 
     def score(self, statistic: str = "mean", group: str | int = "all") -> dict[str, float]:
         """One number per tensor: Fisher at the final denoising step (t=0 bin, as the source), or its mean / max over bins."""

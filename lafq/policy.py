@@ -3,11 +3,13 @@
 Strategies (each tensor ends in `policy.high` or `policy.target`, except budget and random):
     uniform       every tensor to target
     global        tensors whose max-normalized Fisher score is <= threshold
-    groups        the same, with one threshold per layer group (groups configurable)
+    groups        the same, with one threshold per layer group (encoder, mid, decoder; the model's own
+                  groups unless `groups` names them)
     layer-ratio   in each layer, the floor(p * n) tensors of lowest score (p=0: none, p=1: all)
     layer-std     in each layer, tensors whose log10 score is below mean + k * std of that layer
-    first-last    every tensor to target, the first and last layers (`edge_layers`, stem and head)
-                  to `edge` (int8): the standard practitioner's INT4 baseline
+    first-last    every tensor to target, the first and last layers (the model's edges unless
+                  `edge_layers` names them: the U-Net's stem and head, a diffusers U-Net's conv_in and
+                  conv_out) to `edge` (int8): the standard practitioner's INT4 baseline
     budget        a precision per tensor from `choices` (FP32/FP16/INT8/INT4/INT4-g64/INT4-g32)
                   minimising the predicted loss increase sum_k s_k * ||Q(w_k) - w_k||^2 under a
                   size budget, solved exactly (a multiple-choice knapsack as a MILP, HiGHS via
@@ -16,7 +18,8 @@ Strategies (each tensor ends in `policy.high` or `policy.target`, except budget 
     random        a random allocation built up from the smallest one (every tensor at its lowest
                   allowed precision) to within 1% of a size budget: the control for "does Fisher matter"
 `signal` also ranks the two-level strategies (fisher or magnitude). `protect_mid` keeps every
-`mid` tensor in high precision. Integer targets apply to matrices; vectors (biases, norms) fall
+tensor of the model's middle group in high precision. Layers, groups and edges come from the model's
+layer vocabulary (lafq.layers), so every strategy works on every model. Integer targets apply to matrices; vectors (biases, norms) fall
 back to fp16 (see precision.fallback).
 """
 from __future__ import annotations
@@ -28,14 +31,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .fisher import STATISTICS, FisherMap
-from .model import layer_of
+from .layers import GROUPS, Layers, layers_of
 from .plan import Plan, param_shapes, plan_bytes  # noqa: F401  (re-exported: lafq.policy.Plan keeps working)
 from .precision import check_precision, fallback, numel, roundtrip, tensor_bytes
 
 STRATEGIES = ("uniform", "global", "groups", "layer-ratio", "layer-std", "first-last", "budget", "random")
 SIGNALS = ("fisher", "magnitude", "error")  # error: budget only (a two-level ranking needs one number per tensor)
-DEFAULT_GROUPS = {"encoder": ["embed", "stem", "down1", "down2", "down3"], "mid": ["mid"],
-                  "decoder": ["up3", "up2", "up1", "head"]}
 BUDGET_CHOICES = ("fp32", "fp16", "int8", "int4-g32", "int4-g64", "int4")
 RANDOM_FILL = 0.99  # random controls are built up to at least this fraction of their budget
 
@@ -48,7 +49,7 @@ class Policy:
     statistic: str = "final"  # which Fisher number per tensor: final step (t=0 bin, as the source), mean, max
     threshold: float = 0.01  # global: on max-normalized scores in [0, 1]
     group_thresholds: dict = field(default_factory=lambda: {"encoder": 0.0, "mid": 1.0, "decoder": 1.0})
-    groups: dict = field(default_factory=lambda: dict(DEFAULT_GROUPS))
+    groups: dict | None = None  # groups: {group: [layers]}; None: the model's own (lafq.layers)
     p: float = 0.25  # layer-ratio
     k: float = 0.0  # layer-std
     protect_mid: bool = False
@@ -60,7 +61,7 @@ class Policy:
     signal: str = "fisher"  # what weighs a tensor: fisher, magnitude (mean |w|), error (budget: none, error alone)
     choices: tuple[str, ...] = BUDGET_CHOICES  # budget: the precisions a tensor may take
     edge: str = "int8"  # first-last: precision of the edge layers
-    edge_layers: tuple[str, ...] = ("stem", "head")  # first-last: the first and last layers
+    edge_layers: tuple[str, ...] | None = None  # first-last: the first and last layers; None: the model's own
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -79,13 +80,17 @@ class Policy:
         bad = {g: t for g, t in self.group_thresholds.items() if not (math.isfinite(t) and 0 <= t <= 1)}
         if bad:
             raise ValueError(f"group thresholds must be in [0, 1], got {bad}")
-        unknown = set(self.group_thresholds) - set(self.groups)
+        if self.groups is not None and not isinstance(self.groups, dict):
+            raise ValueError(f"groups must map a group name to its layers, got {type(self.groups).__name__}")
+        known = set(self.groups) if self.groups is not None else set(GROUPS)
+        unknown = set(self.group_thresholds) - known
         if unknown:
-            raise ValueError(f"thresholds for unknown groups {sorted(unknown)}; groups are {sorted(self.groups)}")
+            raise ValueError(f"thresholds for unknown groups {sorted(unknown)}; groups are {sorted(known)}")
         if self.strategy in ("budget", "random") and self.avg_bits is None and self.budget_bytes is None:
             raise ValueError(f"strategy {self.strategy!r} needs avg_bits or budget_bytes")
         for name in ("lower_to", "choices", "edge_layers"):  # JSON round trips give lists
-            object.__setattr__(self, name, tuple(getattr(self, name)))
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         if not self.lower_to:
             raise ValueError("lower_to needs at least one precision")
         if not self.choices:
@@ -113,15 +118,15 @@ def _normalized(scores: dict[str, float]) -> dict[str, float]:
     return {n: s / top for n, s in scores.items()}
 
 
-def _by_layer(names):
-    layers: dict[str, list[str]] = {}
+def _by_layer(names, layers: Layers):
+    out: dict[str, list[str]] = {}
     for n in names:
-        layers.setdefault(layer_of(n), []).append(n)
-    return layers
+        out.setdefault(layers.layer(n), []).append(n)
+    return out
 
 
-def select(policy: Policy, scores: dict[str, float]) -> set[str]:
-    """The tensors a two-level strategy sends to the target precision."""
+def select(policy: Policy, scores: dict[str, float], layers: Layers) -> set[str]:
+    """The tensors a two-level strategy sends to the target precision (`layers`: the model's vocabulary)."""
     names = list(scores)
     s = policy.strategy
     if s in ("uniform", "first-last"):
@@ -131,18 +136,19 @@ def select(policy: Policy, scores: dict[str, float]) -> set[str]:
         return {n for n in names if norm[n] <= policy.threshold}
     if s == "groups":
         norm = _normalized(scores)
-        group_of = {layer: g for g, layers in policy.groups.items() for layer in layers}
+        groups = policy.groups if policy.groups is not None else layers.groups
+        group_of = {layer: g for g, members in groups.items() for layer in members}
         # A layer in no group, or a group without a threshold, stays high.
-        return {n for n in names if norm[n] <= policy.group_thresholds.get(group_of.get(layer_of(n)), -1.0)}
+        return {n for n in names if norm[n] <= policy.group_thresholds.get(group_of.get(layers.layer(n)), -1.0)}
     if s == "layer-ratio":
         chosen = set()
-        for members in _by_layer(names).values():
+        for members in _by_layer(names, layers).values():
             ranked = sorted(members, key=lambda n: (scores[n], n))
             chosen.update(ranked[:math.floor(policy.p * len(ranked) + 1e-9)])
         return chosen
     if s == "layer-std":
         chosen = set()
-        for members in _by_layer(names).values():
+        for members in _by_layer(names, layers).values():
             logs = torch.tensor([math.log10(max(scores[n], 1e-30)) for n in members], dtype=torch.float64)
             bound = logs.mean() + policy.k * (logs.std() if len(members) > 1 else 0.0)
             chosen.update(n for n, v in zip(members, logs) if v < bound)
@@ -157,7 +163,8 @@ def make_plan(policy: Policy, fisher: FisherMap, weights: dict[str, torch.Tensor
         raise ValueError(f"the Fisher map names {len(missing)} tensors the model lacks (e.g. {missing[:3]}): "
                          "was it computed on another checkpoint?")
     shapes = {n: tuple(weights[n].shape) for n in fisher.names}
-    protected = {n for n in fisher.names if policy.protect_mid and layer_of(n) == "mid"}
+    layers = layers_of(shapes)
+    protected = layers.in_group("mid") if policy.protect_mid else set()
     if policy.strategy in ("budget", "random"):
         choices = policy.choices if policy.strategy == "budget" else ("fp32", *policy.lower_to)
         budget = resolve_budget(policy, shapes, choices)
@@ -170,10 +177,16 @@ def make_plan(policy: Policy, fisher: FisherMap, weights: dict[str, torch.Tensor
     else:
         scores = fisher.magnitude_score() if policy.signal == "magnitude" else \
             fisher.score(policy.statistic, policy.fisher_group)
-        prec = _two_level(fisher.names, shapes, select(policy, scores) - protected, policy)
+        prec = _two_level(fisher.names, shapes, select(policy, scores, layers) - protected, policy)
         if policy.strategy == "first-last":
+            edges = policy.edge_layers if policy.edge_layers is not None else layers.edges
+            missing = [e for e in edges if e not in layers.order]
+            if missing:
+                raise ValueError(f"edge layers {missing} are not layers of this model; its layers are "
+                                 f"{list(layers.order)[:6]}{'…' if len(layers.order) > 6 else ''} (first and last: "
+                                 f"{list(layers.edges)})")
             prec.update({n: fallback(shapes[n], policy.edge) for n in fisher.names
-                         if layer_of(n) in policy.edge_layers and n not in protected})
+                         if layers.layer(n) in edges and n not in protected})
     return Plan(prec, policy.to_dict())
 
 
@@ -192,7 +205,7 @@ def floor_bytes(shapes: dict[str, tuple], protected: set[str] = frozenset(), cho
 def resolve_budget(policy: Policy, shapes: dict[str, tuple], choices=BUDGET_CHOICES) -> int:
     total = sum(numel(s) for s in shapes.values())
     budget = policy.budget_bytes if policy.budget_bytes is not None else int(policy.avg_bits * total / 8)
-    protected = {n for n in shapes if policy.protect_mid and layer_of(n) == "mid"}
+    protected = layers_of(shapes).in_group("mid") if policy.protect_mid else set()
     lo = floor_bytes(shapes, protected, choices)
     if budget < lo:
         raise ValueError(f"budget {budget} bytes ({8 * budget / total:.2f} bits/weight) is below the floor of "

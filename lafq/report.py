@@ -61,20 +61,16 @@ class Subject:
 
 
 def edge_layers(model) -> tuple[str, str]:
-    """The layers (top-level modules) of a model's first and last convolution: the "first and last layers"
-    practitioners keep at higher precision. The project U-Net: ("stem", "head"); a diffusers UNet2DModel:
-    ("conv_in", "conv_out")."""
-    from torch import nn
+    """The model's first and last layers (lafq.layers): what practitioners keep at higher precision. The project
+    U-Net: ("stem", "head"); a diffusers UNet2DModel: ("conv_in", "conv_out"); a DiT: its patch embedding and
+    output projection. A model whose first and last matrices share one layer has no such baseline."""
+    from .layers import layers_of
+    from .plan import param_shapes
 
-    from .model import layer_of
-
-    convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    if not convs:
-        raise ValueError("the model has no Conv2d layer: no first and last layer to keep at higher precision")
-    first, last = layer_of(convs[0]), layer_of(convs[-1])
-    if first == last:  # e.g. a wrapper whose one top-level module holds every layer: the baseline would be all INT8
-        raise ValueError(f"the first and last convolutions ({convs[0]}, {convs[-1]}) share the top-level module "
-                         f"{first!r}; pass the denoiser itself, whose layers are its top-level modules")
+    first, last = layers_of(param_shapes(model)).edges
+    if first == last:
+        raise ValueError(f"the first and last weight matrices share the layer {first!r}: no first and last layers "
+                         "to keep at higher precision")
     return first, last
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import layer_of
+from .layers import layers_of
 from .pipeline import SampleSpec
 from .policy import Plan, predicted_damage
 from .precision import fallback, roundtrip
@@ -52,9 +52,10 @@ def units(names_shapes: dict[str, tuple], unit: str) -> dict[str, list[str]]:
     mats = [n for n, s in names_shapes.items() if len(s) >= 2]
     if unit == "tensor":
         return {n: [n] for n in mats}
+    layers = layers_of(names_shapes)
     out: dict[str, list[str]] = {}
     for n in mats:
-        out.setdefault(layer_of(n), []).append(n)
+        out.setdefault(layers.layer(n), []).append(n)
     return out
 
 

@@ -241,3 +241,55 @@ def test_group_wise_int4_is_a_budget_choice(setup):
     only = make_plan(Policy("budget", avg_bits=6, statistic="mean", choices=("fp32", "fp16", "int8", "int4")), fm, w)
     assert not set(only.precisions.values()) & {"int4-g32", "int4-g64"}
     assert total > 0
+
+
+def _adapted(kind):
+    """(denoiser, images) for the project U-Net, a diffusers UNet2DModel and a DiT, through their adapters."""
+    from lafq.models import from_diffusers, from_lafq_unet
+    from tests.diffusers_tiny import scheduler, tiny_dit, tiny_unet2d
+
+    torch.manual_seed(0)
+    if kind == "lafq-UNet":
+        den = from_lafq_unet(UNet(TINY).eval())
+    else:
+        den = from_diffusers((tiny_unet2d() if kind == "UNet2DModel" else tiny_dit()).eval(), scheduler())
+        if kind == "DiT":
+            from lafq.models import Conditioning
+            den = den.with_conditioning(Conditioning({"class_labels": torch.tensor([0, 1])}, 2))
+        else:
+            from lafq.models import with_class_conditioning
+            den = with_class_conditioning(den, 2)
+    images = torch.rand(6, *den.sample_shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    return den, images
+
+
+@pytest.mark.parametrize("kind, edges, mid", [("lafq-UNet", ("stem", "head"), "mid."),
+                                              ("UNet2DModel", ("conv_in", "conv_out"), "mid_block."),
+                                              ("DiT", ("pos_embed.proj", "proj_out_2"), None)])
+def test_every_strategy_plans_every_model_by_its_own_layers(kind, edges, mid):
+    """first-last keeps the model's own first and last layers at the edge precision (it used to send a diffusers
+    model to uniform INT4: its edges were looked up as `stem` and `head`), groups lowers by the model's own
+    encoder / mid / decoder (it gave a 100% FP32 plan), protect-the-middle keeps the model's middle block."""
+    from lafq.fisher import fisher_map
+    from lafq.layers import layers_of
+
+    den, images = _adapted(kind)
+    fm = fisher_map(den, images, bins=2, samples_per_bin=2)
+    w = dict(den.module.named_parameters())
+    layers = layers_of(param_shapes(den.module))
+    assert layers.edges == edges and set(layers.order) == {layers.layer(n) for n in w}
+    plan = make_plan(Policy("first-last", target="int4", edge="int8"), fm, w).precisions
+    for n, p in plan.items():
+        edge = layers.layer(n) in edges
+        assert p == (("int8" if edge else "int4") if w[n].dim() > 1 else "fp16"), n
+    assert sum(layers.layer(n) in edges for n in plan) >= 2
+    grouped = make_plan(Policy("groups", target="fp16", group_thresholds={"encoder": 1.0, "mid": 0.0, "decoder": 0.0}),
+                        fm, w).precisions
+    encoder = set(layers.groups["encoder"])
+    assert {n for n, p in grouped.items() if p == "fp16"} == {n for n in w if layers.layer(n) in encoder} != set()
+    for strategy in ("uniform", "global", "layer-ratio", "layer-std", "budget", "random"):
+        protected = make_plan(Policy(strategy, target="int4", avg_bits=20.0, protect_mid=True), fm, w).precisions
+        kept = layers.in_group("mid")
+        assert kept and all(protected[n] == "fp32" for n in kept), strategy
+        if mid is not None:
+            assert all(n.startswith(mid) for n in kept)

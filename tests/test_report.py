@@ -189,15 +189,14 @@ def test_the_main_table_shows_a_single_seed_row_without_an_interval(tmp_path):
     assert "11.000 ± " in fp32
 
 
-def test_edge_layers_are_the_first_and_last_convolutions_and_a_wrapper_is_refused(tiny_model):
+def test_edge_layers_are_the_first_and_last_layers_and_a_one_layer_model_is_refused(tiny_model):
     from torch import nn
 
     from lafq.report import edge_layers
 
     assert edge_layers(tiny_model) == ("stem", "head")
-    wrapped = nn.Sequential(tiny_model)  # every layer under one top-level module "0"
-    with pytest.raises(ValueError, match="share the top-level module '0'"):
-        edge_layers(wrapped)
+    with pytest.raises(ValueError, match="share the layer '0'"):
+        edge_layers(nn.Sequential(nn.Linear(2, 2)))
 
 
 def test_a_damaged_cached_record_is_one_error_naming_its_file(tiny_fisher, tmp_path):

@@ -209,22 +209,21 @@ def test_a_fisher_recompute_on_a_model_without_a_dataset_is_refused_in_one_line(
         tab_fisher.recompute(state, 2, 2, True, user=user)
 
 
-def test_the_quantize_tab_reads_out_the_diffusers_model_and_hides_mnist_presets(tiny, app_state):
+def test_the_quantize_tab_reads_out_the_diffusers_model_with_every_preset_on_its_own_layers(tiny, app_state):
     state, user = tiny
     shown = tab_quantize.shown_presets(state)
-    assert BUDGET_45 in shown and "INT4 with INT8 stem and head (the usual recipe)" not in shown
-    assert not any("groups" in name for name in shown) and len(shown) == len(PRESETS) - 2
-    assert "MNIST U-Net's layers" in tab_quantize.model_note(state) and tab_quantize.model_note(app_state) == ""
+    assert shown == list(PRESETS) and tab_quantize.model_note(state) == tab_quantize.model_note(app_state) == ""
     cur = tab_quantize.preset_current(state)
     md, rows, fig = tab_quantize.readout(state, cur, user)
     fp32 = 4 * sum(p.numel() for p in state.model.parameters())
     assert f"FP32 is {fp32:,} bytes" in md and "budget" in md and isinstance(fig, go.Figure)
     assert "down_blocks.0" in fig.data[-1].y  # the plan drawn by the model's own layers
-    with pytest.raises(InputError, match="preset must be one of"):
-        tab_quantize.controls_for(state, "source: groups (keep encoder) → FP16")
-    groups = tab_quantize.policy_from_controls("groups", "fp16", "final", -2, -10, 0, 0, 0.25, 0, 6, False)
-    with pytest.raises(InputError, match="names the MNIST U-Net's layers"):
-        tab_quantize.readout(state, groups, user)
+    edge = tab_quantize.resolve_plan(state, tab_quantize.preset_current(
+        state, "INT4 with INT8 stem and head (the usual recipe)"), user).precisions
+    assert {p for n, p in edge.items() if n.startswith(("conv_in.", "conv_out.")) and n.endswith("weight")} == {"int8"}
+    groups = tab_quantize.policy_from_controls("groups", "fp16", "final", -2, 0, -10, -10, 0.25, 0, 6, True)
+    plan = tab_quantize.resolve_plan(state, groups, user).precisions  # encoder to FP16, the middle block kept
+    assert plan["conv_in.weight"] == "fp16" and all(p == "fp32" for n, p in plan.items() if n.startswith("mid_block."))
 
 
 def test_an_export_of_a_diffusers_plan_loads_back_as_that_model_and_uploads_as_its_plan(tiny, tmp_path):
