@@ -138,7 +138,8 @@ def plan_by_layer(layers: list[str], signal: list[float] | None, signal_title: s
                              hovertemplate=f"layer %{{y}}<br>{signal_title} %{{x:.3g}}<extra></extra>"), 1, 1)
         fig.update_xaxes(title=signal_title, row=1, col=1, **{**LOG_AXIS, "dtick": 2}, tickangle=0)  # a narrow
         # panel: every other decade, upright (every decade turned sideways and ran into the titles on a phone)
-    for p, color in PRECISION_COLORS.items():
+    for p in params:  # every precision in the registry (lafq.precision.FORMATS), in its order
+        color = PRECISION_COLORS.get(p, "#8c564b")
         counts = np.asarray(params.get(p, [0] * len(layers)), dtype=float)
         if counts.any():
             fig.add_trace(go.Bar(y=layers, x=100 * counts / total, orientation="h", name=p, marker_color=color,

@@ -45,9 +45,12 @@ def grid(images: torch.Tensor, nrow: int, scale: int = 3, pad_value: int | None 
 
 
 def uniform_plan(state: AppState, plan: Plan) -> Plan:
-    """Every tensor at the lowest precision the current plan uses: the same-precision baseline."""
-    order = ["int4", "int8", "bf16", "fp16", "fp32"]
-    low = next((p for p in order if p in set(plan.precisions.values())), "fp32")
+    """Every tensor at the lowest precision the current plan uses (fewest bits; the first registered among equals):
+    the same-precision baseline."""
+    from lafq.precision import BITS, PRECISIONS
+
+    used = set(plan.precisions.values()) or {"fp32"}
+    low = min(used, key=lambda p: (BITS[p], PRECISIONS.index(p)))
     return Plan({n: fallback(s, low) for n, s in state.shapes.items()}, {"strategy": "uniform", "target": low})
 
 

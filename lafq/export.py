@@ -42,11 +42,16 @@ from torch import nn
 
 from .checkpoint import atomic_write_bytes
 from .policy import Plan
-from .precision import GROUP
+from .precision import FORMATS, GROUP
 
 TARGETS = ("torchao", "diffusers", "quanto")
 INT4_KERNELS = ("intx", "tinygemm")
-INT = ("int8", "int4", "int4-g64", "int4-g32")
+QUANTO_WEIGHTS = {"int8": "qint8"}  # every other scaled format: qint4
+
+
+def _exported(p: str) -> bool:
+    """Weight-only libraries convert the scaled formats (integer codes, fp8); float casts stay in the model's dtype."""
+    return FORMATS[p].kind == "scaled"
 TINYGEMM_GROUPS = (32, 64, 128, 256)
 
 
@@ -126,7 +131,7 @@ def _torchao_configs(plan: Plan, model: nn.Module, int4_kernel: str):
 
     configs, converted, skipped, approx = {}, {}, {}, []
     for name, (p, mod) in module_precisions(plan, model).items():
-        if p not in INT:
+        if not _exported(p):
             skipped[name] = _float_reason(p)
             continue
         if not isinstance(mod, nn.Linear):
@@ -172,12 +177,12 @@ def export_plan(plan: Plan, model: nn.Module, target: str, *, component: str = "
     calls: dict[str, list[str]] = {"qint8": [], "qint4": []}
     converted, skipped, approx = {}, {}, []
     for name, (p, mod) in module_precisions(plan, model).items():
-        if p not in INT:
+        if not _exported(p):
             skipped[name] = _float_reason(p)
         elif not isinstance(mod, (nn.Linear, nn.Conv2d)):
             skipped[name] = f"{p} in the plan; quanto converts nn.Linear and nn.Conv2d, not {type(mod).__name__}"
         else:
-            calls["qint8" if p == "int8" else "qint4"].append(name)
+            calls[QUANTO_WEIGHTS.get(p, "qint4")].append(name)
             converted[name] = p
             if p in GROUP:
                 approx.append(f"{name}: {p}, quanto's qint4 chooses its own group size")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .precision import PACKED
+from .precision import codes as stored_codes
 from .quantize import _owner
 
 # oneDNN's int8 convolution with an fp32 output (the op inductor's x86 quantization lowers to). Only with
@@ -82,8 +82,6 @@ def use_int8_kernels(model: nn.Module) -> nn.Module:
     """Switch a quantized model (in place) to the "int8-dynamic" compute mode; returns it."""
     from torch.ao.nn.quantized import dynamic as nnqd
 
-    from .precision import unpack_int4
-
     if getattr(model, "lafq_plan", None) is None:
         raise ValueError("int8 kernels need a quantized model: quantize it first")
     if getattr(model, "lafq_compute", "dequantize") == "int8-dynamic":
@@ -94,7 +92,7 @@ def use_int8_kernels(model: nn.Module) -> nn.Module:
         s = getattr(mod, "_lafq_stored", {}).get("weight")
         if s is None or s.precision not in ("int8", "int4"):
             continue
-        codes = unpack_int4(s.data, s.shape) if s.precision in PACKED else s.data
+        codes = stored_codes(s)
         if isinstance(mod, nn.Conv2d) and mod.kernel_size != (1, 1) and mod.padding_mode == "zeros" and ONEDNN_CONV \
                 and mod.in_channels >= INT8_CONV_MIN_CHANNELS and not isinstance(mod.padding, str):
             parent, attr = _owner(model, name)

@@ -43,8 +43,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, load_file, save_file
 from .plan import Plan, param_shapes
-from .precision import (FLOAT_DTYPES, GROUP, PACKED, PRECISIONS, QMAX, Stored, data_bytes, load, numel, scale_bytes,
-                        scale_shape, store)
+from .precision import FORMATS, PRECISIONS, Stored, data_bytes, file_tensors, load, numel, scale_bytes, store
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -345,7 +344,7 @@ def quantized_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor the file holds: stored forms, the other parameters and the persistent buffers."""
     out = {}
     for name, s in model.lafq_stored.items():
-        if s.precision in FLOAT_DTYPES:
+        if s.scale is None:
             out[name] = s.data
         else:
             out[f"{name}.qdata"] = s.data
@@ -373,12 +372,8 @@ def expected_tensors(plan: Plan, model: nn.Module, dtype: torch.dtype) -> dict[s
     out = {}
     for n, shape in param_shapes(model).items():
         p = plan.precisions.get(n, "fp32")
-        if p in QMAX:
-            out[f"{n}.qdata"] = ((data_bytes(shape, p),) if p in PACKED else shape,
-                                 (torch.uint8,) if p in PACKED else (torch.int8,))
-            out[f"{n}.scale"] = (scale_shape(shape, p), (torch.float16,) if p in GROUP else (torch.float32,))
-        else:
-            out[n] = (shape, floats if p == "fp32" else (FLOAT_DTYPES[p],))
+        for k, (sh, dt) in file_tensors(n, shape, p).items():
+            out[k] = (sh, floats if p == "fp32" else (dt,))
     params = set(param_shapes(model))
     for k, v in model.state_dict().items():
         if k not in params:  # persistent buffers
@@ -472,7 +467,7 @@ def quantized_from_file(tensors: dict, meta: dict, name: str, into: nn.Module | 
     shapes = param_shapes(model)
     stored = {}
     for n, p in plan.precisions.items():
-        if p in QMAX:
+        if FORMATS[p].kind == "scaled":
             stored[n] = Stored(p, shapes[n], tensors[f"{n}.qdata"], tensors[f"{n}.scale"])
         elif p != "fp32":
             stored[n] = Stored(p, shapes[n], tensors[n])

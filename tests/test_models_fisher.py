@@ -90,7 +90,7 @@ def test_hooks_fall_back_per_parameter_and_the_map_says_which():
     assert fallback and all(".norm1.emb." in n for n in fallback)
     assert fast.meta["methods"]["hooks"] == len(fast.names) - len(fallback)
     assert fast.meta["prediction_type"] == "v_prediction" and fast.meta["model"]["class"] == "DiTTransformer2DModel"
-    assert fast.layer_names()[0] == "pos_embed"  # a diffusers model's top-level modules are its layers
+    assert fast.layer_names()[0] == "pos_embed.proj"  # a diffusers model's layers: two components of the path (lafq.layers)
 
 
 def test_a_pipeline_folder_loads_through_from_pretrained_with_its_scheduler(tmp_path):
