@@ -13,13 +13,14 @@ Libraries quantize modules, a plan names parameters: a module follows the precis
                   or, with int4_kernel="tinygemm" (GPU, bfloat16 models only: the CPU has no kernel for it in
                   torchao 0.18), Int4WeightOnlyConfig(group_size 32 | 64, per-channel int4 -> 128) in the
                   tile-packed layout.
+                    fp8                 -> Float8WeightOnlyConfig()  (e4m3, one scale per row: as lafq)
     diffusers   `TorchAoConfig(quant_type=<the FqnToConfig>, modules_to_not_convert=[...])` for
                 `<Model>.from_pretrained(..., quantization_config=...)`, and the same inside a
                 `PipelineQuantizationConfig(quant_mapping={component: ...})` for a pipeline.
     quanto      optimum-quanto calls `quantize(model, weights=qint8|qint4, include=[...], exclude=[...])`
                 then `freeze(model)`, over nn.Linear and nn.Conv2d modules (quanto's QLinear / QConv2d).
                 qint4 picks its own group size (128, 96, 64 or 32 dividing the input size; per channel
-                when there are at most 128 inputs): int4-g32/-g64 are approximated by it.
+                when there are at most 128 inputs): int4-g32/-g64 are approximated by it. fp8 -> qfloat8.
 
 Not converted anywhere, and listed in the file with the reason: fp32 modules (by plan), fp16/bf16
 modules (weight-only integer libraries have no float-cast config: they stay in the model's dtype),
@@ -46,7 +47,7 @@ from .precision import FORMATS, GROUP
 
 TARGETS = ("torchao", "diffusers", "quanto")
 INT4_KERNELS = ("intx", "tinygemm")
-QUANTO_WEIGHTS = {"int8": "qint8"}  # every other scaled format: qint4
+QUANTO_WEIGHTS = {"int8": "qint8", "fp8": "qfloat8"}  # every other scaled format: qint4
 
 
 def _exported(p: str) -> bool:
@@ -140,6 +141,8 @@ def _torchao_configs(plan: Plan, model: nn.Module, int4_kernel: str):
         fan_in = mod.in_features
         if p == "int8":
             configs[name] = q.Int8WeightOnlyConfig()
+        elif FORMATS[p].dtype == torch.float8_e4m3fn:
+            configs[name] = q.Float8WeightOnlyConfig(weight_dtype=torch.float8_e4m3fn)
         elif int4_kernel == "intx":
             g = GROUP.get(p)
             if g and fan_in % g:
@@ -174,7 +177,7 @@ def export_plan(plan: Plan, model: nn.Module, target: str, *, component: str = "
                       converted, skipped, approx, component)
     if target != "quanto":
         raise ExportError(f"unknown export target {target!r}; choose one of {TARGETS}")
-    calls: dict[str, list[str]] = {"qint8": [], "qint4": []}
+    calls: dict[str, list[str]] = {"qint8": [], "qint4": [], "qfloat8": []}
     converted, skipped, approx = {}, {}, []
     for name, (p, mod) in module_precisions(plan, model).items():
         if not _exported(p):

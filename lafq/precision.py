@@ -6,6 +6,8 @@
     int4-g32, int4-g64 the same int4 codes with one fp16 scale per group of 32 / 64 consecutive
                        weights along the input dimension (the tensor flattened to (out, in));
                        the last group of a row may be shorter. 4 + 16/G bits per weight.
+    fp8                float8 e4m3 (finite, max 448) times one fp32 scale per output channel (amax / 448):
+                       torchao's Float8WeightOnlyConfig per-row layout
 
 A precision is one `Format` in the registry (`register`); everything that lists precisions reads it.
 Scaled (integer and fp8) formats need a tensor with an output-channel axis (dim >= 2 or an embedding table);
@@ -82,6 +84,7 @@ for _f in (Format("fp32", 32, "float", torch.float32), Format("fp16", 16, "float
            Format("int4-g64", 4, "scaled", torch.uint8, qmax=7, group=64, packed=True),
            Format("int4-g32", 4, "scaled", torch.uint8, qmax=7, group=32, packed=True)):
     register(_f)
+register(Format("fp8", 8, "scaled", torch.float8_e4m3fn, qmax=448.0))
 SCALE_BYTES = 4  # one fp32 scale per output channel
 GROUP_SCALE_BYTES = 2  # one fp16 scale per group
 

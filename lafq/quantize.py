@@ -399,7 +399,7 @@ def check_tensors(tensors: dict, plan: Plan, model: nn.Module, dtype: torch.dtyp
                                   f"{' or '.join(str(d).replace('torch.', '') for d in dtypes)}")
         if tuple(t.shape) != tuple(shape):
             raise CheckpointError(f"{name}: {k} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not bool(torch.isfinite(t.float() if t.element_size() == 1 else t).all()):
             raise CheckpointError(f"{name}: {k} holds NaN or infinite values")
         if k.endswith(".scale") and bool((t <= 0).any()):
             raise CheckpointError(f"{name}: {k} holds scales <= 0")
