@@ -40,13 +40,16 @@ def _classes(text: str | None) -> tuple[int, ...] | None:
 
 
 def _sampling_args(p):
-    p.add_argument("--checkpoint", default=DEFAULT_CKPT, help="a U-Net or quantized model .safetensors")
+    from .cli_quant import model_arg
+
+    model_arg(p)  # a U-Net or quantized model .safetensors, or a diffusers folder
     p.add_argument("--steps", type=_positive("--steps"), default=50, help="DDIM steps (DDPM always uses all T)")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     p.add_argument("--eta", type=number("--eta", 0, 1), default=0.0, help="DDIM eta in [0, 1]: 0 deterministic, 1 ancestral")
     p.add_argument("--guidance", type=number("--guidance", 0, MAX_GUIDANCE), default=None,
-                   help=f"classifier-free guidance scale (default: {DEFAULT_GUIDANCE:g})")
-    p.add_argument("--classes", default=None, help="'7', '0,1,2' or 'none' (unconditional); default: balanced 0-9")
+                   help=f"classifier-free guidance scale (default: the model card's, else {DEFAULT_GUIDANCE:g})")
+    p.add_argument("--classes", default=None,
+                   help="'7', '0,1,2' or 'none' (unconditional); default: the model's classes in turn")
     p.add_argument("--batch-size", type=_positive("--batch-size"), default=128)
     _device_arg(p)
     p.add_argument("--json", action="store_true", help="print one JSON result line")
@@ -61,11 +64,12 @@ def _model_on(model, args):
     return model.to(device), device  # a quantized model's stored forms move with it
 
 
-def _spec(args, n: int, seed: int):
+def _spec(args, n: int, seed: int, card=None):
     from .pipeline import SampleSpec
 
+    default = card.guidance if card is not None and card.null_class is not None else DEFAULT_GUIDANCE
     return SampleSpec(n=n, labels=_classes(args.classes), steps=args.steps, sampler=args.sampler, eta=args.eta,
-                      guidance=DEFAULT_GUIDANCE if args.guidance is None else args.guidance, seed=seed,
+                      guidance=default if args.guidance is None else args.guidance, seed=seed,
                       batch_size=args.batch_size)
 
 
@@ -106,20 +110,16 @@ def cmd_train_classifier(args):
 
 
 def cmd_sample(args):
-    from .pipeline import generate, load_denoiser
+    from .pipeline import generate
     from .train import save_grid
 
-    spec = _spec(args, args.n, args.seed)
-    if args.model:  # a train-diffusers folder: its UNet2DModel, scheduler and classes (lafq.json)
-        from .cli_diffusers import load_folder
+    from .cli_quant import load_model_arg
 
-        den = load_folder(args.model)
-        _, device = _model_on(den.module, args)
-        model = den
-    else:
-        model, device = _model_on(load_denoiser(args.checkpoint)[0], args)
+    m = load_model_arg(args)  # the U-Net (FP32 or quantized), or a diffusers folder with its classes (lafq.json)
+    spec = _spec(args, args.n, args.seed, m.card)
+    _, device = _model_on(m.den.module, args)
     t0 = time.perf_counter()
-    images, labels = generate(model, spec, device=device)
+    images, labels = generate(m.den, spec, device=device)
     dt = time.perf_counter() - t0
     nrow = args.nrow or max(1, int(round(args.n ** 0.5)))
     save_grid(images.float() / 127.5 - 1, args.out, nrow=nrow)
@@ -130,33 +130,69 @@ def cmd_sample(args):
                      f"guidance {spec.guidance}, seed {args.seed}, {dt:.1f}s on {device}")
 
 
-def cmd_fid(args):
+def _fid_subject(args):
+    """(backend, classifier, reference, stats_dir, floor images, card) for --model: the U-Net's (the shipped
+    classifier, mnist-train5k; --backend), or a train-diffusers folder's own (its classifier and lafq.json)."""
     from .classifier import load_classifier
-    from .metrics import DEFAULT_CLASSIFIER, get_backend
-    from .pipeline import evaluate_fid, load_denoiser, real_floor
+    from .metrics import DEFAULT_CLASSIFIER, ClassifierBackend, get_backend
 
+    folder = Path(args.model) if args.model and Path(args.model).is_dir() else None
+    if folder is None:
+        backend = ClassifierBackend(path=args.classifier) if args.classifier else get_backend(args.backend)
+        clf = backend.model if args.classifier else load_classifier(DEFAULT_CLASSIFIER)[0]
+        return backend, clf, "mnist-train5k", args.stats_dir, "mnist-test10k", None
+    from .cli_diffusers import _card
+
+    card = _card(folder)  # one-line errors for a missing or incomplete lafq.json
+    if args.backend == "inception":
+        raise ValueError("a model folder is scored with its own classifier's features: drop --backend inception")
+    backend = ClassifierBackend(path=args.classifier or folder / "classifier.safetensors")
+    return backend, backend.model, card.reference, args.stats_dir or folder / "stats", card.dataset, card
+
+
+def cmd_fid(args):
+    import json as _json
+
+    from .checkpoint import atomic_write_bytes
+    from .cli_quant import _deprecated, load_model_arg
+    from .pipeline import evaluate_fid, real_floor
+
+    _deprecated(args, "fid")
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     log = _log(args)
-    backend = get_backend(args.backend)
+    backend, clf, reference, stats_dir, floor_images, card = _fid_subject(args)
+    folder = Path(args.model) if card is not None else None
+    cache = args.cache_dir or (folder / "eval" if folder is not None else None)
     seeds = list(range(args.seed, args.seed + args.seeds))
-    res = {"command": "fid", "checkpoint": args.checkpoint, "backend": backend.name, "n": args.n, "seeds": seeds}
+    res = {"command": "fid", "model": args.model or str(DEFAULT_CKPT), "backend": backend.name, "n": args.n,
+           "seeds": seeds, "reference": reference}
     lines = []
     if not args.floor_only:
-        spec = _spec(args, args.n, seeds[0])
-        model, device = _model_on(load_denoiser(args.checkpoint)[0], args)
+        m = load_model_arg(args)
+        spec = _spec(args, args.n, seeds[0], card)
+        _, device = _model_on(m.den.module, args)
+        den = m.den
         if args.compile:  # 46-100 s of compilation in a first process, seconds in later ones (lafq/compile_cache.py)
+            from dataclasses import replace
+
             from .compile_cache import compile_model
-            model = compile_model(model)
+            den = replace(den, module=compile_model(den.module))
         log(f"FID: {args.n} samples x {len(seeds)} seeds, {spec.sampler}-{spec.steps}, guidance {spec.guidance}, "
-            f"backend {backend.name}, sampling on {device}")
-        clf = load_classifier(DEFAULT_CLASSIFIER)[0]
-        r = evaluate_fid(model, spec, seeds, backend=backend, classifier=clf, log=log, cache_dir=args.cache_dir,
-                         device=device)
+            f"backend {backend.name}, reference {reference}, sampling on {device}")
+        r = evaluate_fid(den, spec, seeds, backend=backend, classifier=clf, reference=reference, log=log,
+                         cache_dir=cache, stats_dir=stats_dir, device=device)
         res.update(r.to_dict(), steps=spec.steps, sampler=spec.sampler, guidance=spec.guidance, device=str(device))
         lines.append(r.describe())
     if args.real_floor or args.floor_only:
-        f = real_floor(backend, args.n, seeds)
-        res["real_floor"] = f.to_dict()
-        lines.append("real-vs-real floor (mnist-test10k vs mnist-train5k): " + f.describe())
+        f = real_floor(backend, args.n, seeds, train=floor_images, reference=reference, stats_dir=stats_dir)
+        res["real_floor"] = {**f.to_dict(), "train": floor_images}
+        lines.append(f"real-vs-real floor ({floor_images} draws vs {reference}): " + f.describe())
+    if cache is not None:  # the summary beside the per-seed results
+        name = "floor" if args.floor_only else f"fid-n{args.n}-ddim{args.steps}-w{res.get('guidance', 0):g}"
+        atomic_write_bytes(Path(cache) / f"{name}.json", (_json.dumps(res, indent=2, sort_keys=True) + "\n").encode())
+        lines.append(f"wrote {Path(cache) / (name + '.json')}")
     _emit(args, res, "\n".join(lines))
 
 
@@ -185,15 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="generate a grid of digits (or of a train-diffusers model's classes)")
     _sampling_args(s)
-    s.add_argument("--model", type=Path, default=None,
-                   help="a folder written by train-diffusers (e.g. checkpoints/fashion) instead of --checkpoint")
     s.add_argument("--n", type=_positive("--n"), default=16)
     s.add_argument("--seed", type=number("--seed", 0, 2**63 - 1, integer=True), default=0)
     s.add_argument("--nrow", type=_positive("--nrow"), default=None)
     s.add_argument("--out", type=Path, default=Path("grid.png"))
     s.set_defaults(func=cmd_sample)
 
-    f = sub.add_parser("fid", help="FID (mean and 95%% CI over seeds) and classifier accuracy; with --model DIR: fid-model")
+    f = sub.add_parser("fid", aliases=["fid-model"],
+                       help="FID (mean and 95%% CI over seeds) and classifier accuracy of any model")
     _sampling_args(f)
     f.add_argument("--n", type=_positive("--n"), default=1000, help="samples per seed")
     f.add_argument("--seeds", type=_positive("--seeds"), default=3, help="number of sampling seeds")
@@ -203,8 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--floor-only", action="store_true", help="only the real-vs-real floor (no sampling)")
     f.add_argument("--compile", action="store_true", help="torch.compile the model first (cached in $LAFQ_CACHE_DIR or ~/.cache/lafq: "
                    "only the first process waits for the compiler)")
-    f.add_argument("--cache-dir", type=Path, default=None,
-                   help="keep each finished seed's result here and reuse it: a long run can be split over sessions")
+    f.add_argument("--cache-dir", "--out-dir", dest="cache_dir", type=Path, default=None,
+                   help="keep each finished seed's result (and the summary) here and reuse it: a long run can be split "
+                        "over sessions (default: MODEL/eval for a model folder)")
+    f.add_argument("--classifier", type=Path, default=None,
+                   help="FID features and accuracy (default: the shipped MNIST classifier; MODEL/classifier.safetensors)")
+    f.add_argument("--stats-dir", type=Path, default=None,
+                   help="reference statistics cache (default: checkpoints/stats; MODEL/stats)")
+    f.add_argument("--threads", type=_positive("--threads"), default=None, help="CPU threads (torch.set_num_threads)")
     f.set_defaults(func=cmd_fid)
 
     c = sub.add_parser("train-classifier", help="train the MNIST classifier behind the offline FID backend and accuracy")
@@ -239,18 +280,6 @@ def _os_error(e: OSError) -> str:
     return f"{what}: {e.filename}" if e.filename else what
 
 
-# `fisher|quantize|fid --model DIR` run the commands for diffusers folders (fisher-model, quantize-model,
-# fid-model) with the same arguments; `sample`, `export` take --model themselves.
-MODEL_COMMANDS = {"fisher": "fisher-model", "quantize": "quantize-model", "fid": "fid-model"}
-
-
-def with_model_command(argv: list[str]) -> list[str]:
-    """argv with `fisher --model DIR ...` rewritten to `fisher-model --model DIR ...` (and quantize, fid)."""
-    if argv and argv[0] in MODEL_COMMANDS and any(a == "--model" or a.startswith("--model=") for a in argv[1:]):
-        return [MODEL_COMMANDS[argv[0]], *argv[1:]]
-    return argv
-
-
 def _fail(message: str, as_json: bool) -> int:
     """One error line on stderr, exit 2; under --json also the error as the JSON line on stdout, where the
     result would have been."""
@@ -264,7 +293,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         try:
-            args = build_parser().parse_args(with_model_command(argv))
+            args = build_parser().parse_args(argv)
         except SystemExit as e:  # argparse refused an argument: its usage line is on stderr
             if e.code == 2 and "--json" in argv:
                 print(json.dumps({"error": "invalid arguments (the reason is on stderr)", "exit_code": 2}), flush=True)

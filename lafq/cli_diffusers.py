@@ -1,7 +1,7 @@
 """CLI commands for the class-conditional diffusers UNet2DModel folders that lafq trains:
 
     train-diffusers  train on a 28x28 dataset (lafq.train_diffusers) into a pipeline folder that
-                     `fisher-model`, `quantize-model` and lafq.models.load_diffusers read; resumes from
+                     `fisher --model`, `quantize --model` and lafq.models.load_diffusers read; resumes from
                      OUT/train_state.safetensors when one is there
     fid-model        FID (classifier backend) and class accuracy of such a folder, mean and 95% CI over
                      seeds, against the reference split its lafq.json names; per-seed results cached as
@@ -71,7 +71,7 @@ def _card(model: Path):
     return ModelCard.read(model).require("dataset", "reference", "null_class", folder=model)
 
 
-def load_folder(model: Path):
+def load_folder(model: Path, subfolder: str | None = None):
     """`load_diffusers(model)` with one-line errors (diffusers missing, or a folder it cannot read), replaying its
     class labels as conditioning with the lafq.json's null class (train-diffusers folders)."""
     from .card import CARD_FILE, ModelCard
@@ -80,73 +80,11 @@ def load_folder(model: Path):
         from .models import load_diffusers, with_class_conditioning
 
         null = ModelCard.read(model).null_class if (Path(model) / CARD_FILE).is_file() else None
-        return with_class_conditioning(load_diffusers(model), null)
+        return with_class_conditioning(load_diffusers(model, subfolder=subfolder), null)
     except ImportError:
         raise ValueError("diffusers models need diffusers: pip install -r requirements.txt") from None
     except OSError as e:
         raise ValueError(f"cannot load {model}: {str(e).splitlines()[0]}") from None
 
 
-def cmd_fid_model(args):
-    import json
-
-    import torch
-
-    from .checkpoint import atomic_write_bytes
-    from .cliutil import emit as _emit, log_to as _log
-    from .metrics import ClassifierBackend
-    from .pipeline import SampleSpec, evaluate_fid, real_floor
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    log = _log(args)
-    card = _card(args.model)
-    classifier = args.classifier or args.model / "classifier.safetensors"
-    stats_dir = args.stats_dir or args.model / "stats"
-    out_dir = args.out_dir or args.model / "eval"
-    backend = ClassifierBackend(path=classifier)
-    seeds = list(range(args.seed, args.seed + args.seeds))
-    res = {"command": "fid-model", "model": str(args.model), "classifier": str(classifier), "backend": backend.name,
-           "n": args.n, "seeds": seeds, "reference": card.reference}
-    lines = []
-    if not args.floor_only:
-        den = load_folder(args.model)
-        spec = SampleSpec(n=args.n, steps=args.steps, guidance=args.guidance, seed=seeds[0], batch_size=args.batch_size)
-        log(f"FID: {args.n} class-balanced samples x {len(seeds)} seeds, ddim-{spec.steps}, guidance {spec.guidance}, "
-            f"classifier {classifier}, reference {card.reference}")
-        r = evaluate_fid(den, spec, seeds, backend=backend, classifier=backend.model, reference=card.reference,
-                         log=log, cache_dir=out_dir, stats_dir=stats_dir)
-        res.update(r.to_dict(), steps=spec.steps, sampler=spec.sampler, guidance=spec.guidance)
-        lines.append(r.describe())
-    if args.real_floor or args.floor_only:
-        f = real_floor(backend, args.n, seeds, train=card.dataset, reference=card.reference, stats_dir=stats_dir)
-        res["real_floor"] = {**f.to_dict(), "train": card.dataset}
-        lines.append(f"real-vs-real floor ({card.dataset} draws vs {card.reference}): " + f.describe())
-    name = "floor" if args.floor_only else f"fid-n{args.n}-ddim{args.steps}-w{args.guidance:g}"
-    atomic_write_bytes(out_dir / f"{name}.json", (json.dumps(res, indent=2, sort_keys=True) + "\n").encode())
-    _emit(args, res, "\n".join(lines) + f"\nwrote {out_dir / (name + '.json')}")
-
-
-def register_fid_model(sub) -> None:
-    from .cliutil import MAX_GUIDANCE, number, positive as _positive
-    from .diffusion import DEFAULT_GUIDANCE
-
-    f = sub.add_parser("fid-model", help="FID and class accuracy of a train-diffusers folder (mean, 95%% CI over seeds)")
-    f.add_argument("--model", type=Path, required=True, help="a folder written by train-diffusers (with lafq.json)")
-    f.add_argument("--classifier", type=Path, default=None, help="FID features and accuracy (default: MODEL/classifier.safetensors)")
-    f.add_argument("--stats-dir", type=Path, default=None, help="reference statistics cache (default: MODEL/stats)")
-    f.add_argument("--out-dir", type=Path, default=None, help="per-seed results and the summary (default: MODEL/eval)")
-    f.add_argument("--n", type=_positive("--n"), default=1000, help="class-balanced samples per seed")
-    f.add_argument("--seeds", type=_positive("--seeds"), default=3)
-    f.add_argument("--seed", type=number("--seed", 0, 2**63 - 1, integer=True), default=0, help="first seed")
-    f.add_argument("--steps", type=_positive("--steps"), default=50, help="DDIM steps")
-    f.add_argument("--guidance", type=number("--guidance", 0, MAX_GUIDANCE), default=DEFAULT_GUIDANCE)
-    f.add_argument("--batch-size", type=_positive("--batch-size"), default=250)
-    f.add_argument("--real-floor", action="store_true", help="also the real-vs-real FID at the same N and seeds")
-    f.add_argument("--floor-only", action="store_true", help="only the real-vs-real floor (no sampling)")
-    f.add_argument("--threads", type=_positive("--threads"), default=None, help="CPU threads (torch.set_num_threads)")
-    f.add_argument("--json", action="store_true")
-    f.set_defaults(func=cmd_fid_model)
-
-
-REGISTER = [register, register_fid_model]
+REGISTER = [register]

@@ -1,10 +1,5 @@
-"""CLI commands for models of any architecture:
-
-    export        a plan as torchao, diffusers or optimum-quanto load it (lafq.export)
-    fisher-model  the Fisher map of a diffusers model on clean samples (lafq.fisher), replaying
-                  conditioning captured with lafq.models.capture_conditioning + save_conditioning
-    quantize-model  policy (or plan) -> quantized diffusers model file (lafq.quantize), with its size table
-"""
+"""CLI command `export`: a plan as torchao, diffusers or optimum-quanto load it (lafq.export); and the reader of
+clean-sample files (`fisher --images`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -108,156 +103,6 @@ def _images(path: str, key: str | None):
     return images
 
 
-def _dataset_draws(args):
-    """--dataset: its images, their class labels as conditioning rows, and the null class of the model's
-    lafq.json (`class_labels` rows 0..null_class; row null_class is the unconditional branch)."""
-
-    import torch
-
-    from .data import load_dataset
-    from .models import Conditioning
-
-    if args.conditioning:
-        raise ValueError("--dataset conditions on the images' class labels: leave out --conditioning")
-    from .cli_diffusers import _card
-
-    null = _card(Path(args.model)).null_class  # one-line errors for a missing or incomplete lafq.json
-    images, labels = load_dataset(args.dataset).tensors()
-    return images, labels, Conditioning({"class_labels": torch.arange(null + 1)}, null + 1), null
-
-
-def cmd_fisher_model(args):
-    import time
-
-    import torch
-
-    from .device import resolve_device
-    from .fisher import fisher_map
-    from .models import load_conditioning, load_diffusers
-
-    if (args.images is None) == (args.dataset is None):
-        raise ValueError("give one of --images (a .safetensors of clean samples) or --dataset (a 28x28 dataset name)")
-    image_rows, null_row = None, None
-    if args.dataset:
-        images, image_rows, cond, null_row = _dataset_draws(args)
-    else:
-        images = _images(args.images, args.key)
-        cond = load_conditioning(args.conditioning) if args.conditioning else None
-    try:
-        den = load_diffusers(args.model, subfolder=args.subfolder, conditioning=cond)
-    except ImportError:
-        raise ValueError("fisher-model needs diffusers: pip install -r requirements.txt") from None
-    except OSError as e:
-        raise ValueError(f"cannot load {args.model}: {str(e).splitlines()[0]}") from None
-    den = den.with_conditioning(den.conditioning, null_row)
-    from . import distributed
-
-    device = distributed.init_from_env(resolve_device(args.device))  # under torchrun: this process's share
-    den.module.to(device)
-    t0 = time.perf_counter()
-    fm = fisher_map(den, images, bins=args.bins, samples_per_bin=args.samples, seed=args.seed, method=args.method,
-                    labels=image_rows, p_null=args.p_null if args.dataset else 0.0, chunk=args.chunk)
-    fm.meta["images"] = str(args.images or args.dataset)
-    if not torch.isfinite(fm.fisher).all():  # finite images, and still: the model's own overflow
-        raise ValueError("the Fisher map has NaN or infinite values (the model overflows on these inputs); "
-                         "nothing was written")
-    main = distributed.is_main()
-    distributed.finish()
-    if not main:  # rank 0 writes and reports; the map is the same on every process
-        return
-    fm.save(args.out)
-    res = {"command": "fisher-model", "out": str(args.out), "model": str(args.model), "class": den.source["class"],
-           "prediction_type": den.prediction_type, "tensors": len(fm.names), "bins": args.bins,
-           "samples_per_bin": args.samples, "methods": fm.meta["methods"], "device": str(device),
-           "seconds": round(time.perf_counter() - t0, 2)}
-    _emit(args, res, f"wrote {args.out}: {den.source['class']} ({den.prediction_type}), {len(fm.names)} tensors x "
-                     f"{args.bins} bins, per-sample gradients {fm.meta['methods']}, {res['seconds']}s on {device}")
-
-
-def register_fisher_model(sub) -> None:
-    from .cliutil import chunk_arg, fisher_size_args, number
-    from .persample import METHODS
-
-    f = sub.add_parser("fisher-model", help="Fisher map of a diffusers model (UNet2D, UNet2DCondition, DiT, ...)")
-    f.add_argument("--model", required=True, help="a diffusers pipeline or model folder (or Hub repo id) with its scheduler")
-    f.add_argument("--subfolder", default=None, help="the denoiser's subfolder (default: transformer or unet)")
-    f.add_argument("--images", default=None, help=".safetensors with clean samples (N, C, H, W), e.g. VAE latents")
-    f.add_argument("--dataset", default=None,
-                   help="instead of --images: a 28x28 dataset (fashion-test, ...), each image with its class label "
-                        "as conditioning; needs the model folder's lafq.json (train-diffusers)")
-    f.add_argument("--p-null", type=number("--p-null", 0, 1), default=0.1,
-                   help="with --dataset: how often the null class replaces the label (training's label dropout)")
-    f.add_argument("--key", default=None, help="tensor name in --images (default: 'images', else the first)")
-    f.add_argument("--conditioning", default=None, help="captured conditioning (lafq.models.save_conditioning)")
-    fisher_size_args(f, bins=20, samples=16)
-    chunk_arg(f)
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--method", choices=METHODS, default="hooks")
-    f.add_argument("--device", default="auto", help="auto (the GPU where there is one), cpu, cuda or cuda:N")
-    f.add_argument("--out", type=Path, default=Path("fisher-model.safetensors"))
-    f.add_argument("--json", action="store_true")
-    f.set_defaults(func=cmd_fisher_model)
-
-
-def cmd_quantize_model(args):
-    from .cli_quant import policy_from_args
-    from .fisher import FisherMap
-    from .models.diffusers_models import load_diffusers_model
-    from .policy import make_plan, param_shapes
-    from .quantize import quantize, save_quantized, size_report
-
-    try:
-        model = load_diffusers_model(args.model, subfolder=args.subfolder)
-    except ImportError:
-        raise ValueError("quantize-model needs diffusers: pip install -r requirements.txt") from None
-    except OSError as e:
-        raise ValueError(f"cannot load {args.model}: {str(e).splitlines()[0]}") from None
-    if args.plan:
-        from .planfile import read_plan
-        plan = read_plan(Path(args.plan).read_bytes(), str(args.plan))
-        plan.validate(param_shapes(model))  # as `quantize` and the app refuse them
-    else:
-        if not args.fisher:
-            raise ValueError("give --fisher (from fisher-model) for a policy, or --plan")
-        plan = make_plan(policy_from_args(args), FisherMap.load(args.fisher), dict(model.named_parameters()))
-    report = size_report(plan, param_shapes(model))
-    if args.out:
-        report.file_bytes = save_quantized(args.out, quantize(model, plan))
-    if args.plan_out:
-        from .checkpoint import atomic_write_bytes
-        atomic_write_bytes(args.plan_out, plan.to_json().encode())
-    res = {"command": "quantize-model", "model": str(args.model), "out": str(args.out) if args.out else None,
-           "policy": plan.policy, "size": report.to_dict()}
-    _emit(args, res, report.table() + (f"\nwrote {args.out}" if args.out else ""))
-
-
-def register_quantize_model(sub) -> None:
-    from .fisher import STATISTICS
-    from .policy import SIGNALS, STRATEGIES
-    from .precision import PRECISIONS
-
-    q = sub.add_parser("quantize-model", help="policy -> plan -> quantized diffusers model (.safetensors)")
-    q.add_argument("--model", required=True, help="a diffusers pipeline or model folder (or Hub repo id)")
-    q.add_argument("--subfolder", default=None)
-    q.add_argument("--fisher", default=None, help="the model's Fisher map (fisher-model)")
-    q.add_argument("--plan", default=None, help="apply this plan JSON instead of a policy")
-    q.add_argument("--strategy", choices=STRATEGIES, default="budget")
-    q.add_argument("--target", choices=PRECISIONS, default="int8")
-    q.add_argument("--statistic", choices=STATISTICS, default="mean")
-    q.add_argument("--p", type=float, default=None, help="layer-ratio: fraction of each layer's tensors")
-    q.add_argument("--avg-bits", type=float, default=None, help="budget/random: average bits per weight")
-    q.add_argument("--budget-bytes", type=int, default=None)
-    q.add_argument("--signal", choices=SIGNALS, default="fisher")
-    q.add_argument("--choices", default=None, help="budget: comma-separated precisions a tensor may take")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--out", type=Path, default=None, help="write the quantized model (.safetensors)")
-    q.add_argument("--plan-out", type=Path, default=None, help="write the plan (JSON), e.g. for export")
-    q.add_argument("--json", action="store_true")
-    # the rest of the policy keeps its defaults (the U-Net-specific options live on `quantize`)
-    q.set_defaults(func=cmd_quantize_model, high="fp32", threshold=None, k=None, group_thresholds=None,
-                   protect_mid=False, edge="int8")
-
-
 def register(sub) -> None:
     from .export import INT4_KERNELS, TARGETS
 
@@ -275,4 +120,4 @@ def register(sub) -> None:
     e.set_defaults(func=cmd_export)
 
 
-REGISTER = [register, register_fisher_model, register_quantize_model]
+REGISTER = [register]

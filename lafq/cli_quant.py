@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+import torch
 
 from . import paths
 from .cliutil import device_arg as _device_arg
@@ -16,53 +19,12 @@ from .checkpoint import atomic_write_bytes
 DEFAULT_FISHER = str(paths.FISHER)
 
 
-def cmd_fisher(args):
-    from .data import load_dataset
-    from .device import resolve_device
-    from .fisher import compute_fisher
-    from .pipeline import load_denoiser
-
-    model, _ = load_denoiser(args.checkpoint)
-    if getattr(model, "lafq_plan", None) is not None:
-        raise ValueError("compute Fisher maps on the FP32 checkpoint, not a quantized model")
-    from . import distributed
-
-    device = distributed.init_from_env(resolve_device(args.device))  # under torchrun: this process's share
-    model.to(device)
-    x, y = load_dataset(args.dataset).tensors()
-    bar = None
-    if not args.json and distributed.is_main():
-        from tqdm import tqdm
-        bar = tqdm(total=args.bins * (10 if args.per_class else 1), desc="fisher", dynamic_ncols=True)
-    t0 = time.perf_counter()
-    fm = compute_fisher(model, x, y, bins=args.bins, samples_per_bin=args.samples, per_class=args.per_class,
-                        seed=args.seed, progress=(lambda d, t: bar.update(1)) if bar else None, method=args.method,
-                        p_null=args.p_null, chunk=args.chunk)
-    if bar:
-        bar.close()
-    fm.meta["dataset"] = args.dataset
-    processes = distributed.world()
-    main = distributed.is_main()
-    distributed.finish()
-    if not main:  # rank 0 writes and reports; the map is the same on every process
-        return
-    fm.save(args.out)
-    layers, per_layer = fm.layer_names(), fm.per_layer()
-    res = {"command": "fisher", "out": str(args.out), "bins": args.bins, "samples_per_bin": args.samples, "device": str(device),
-           "groups": fm.groups, "tensors": len(fm.names), "seconds": round(time.perf_counter() - t0, 2),
-           "layer_fisher_mean": {layer: float(v) for layer, v in zip(layers, per_layer.mean(1))}}
-    res["processes"] = processes
-    human = [f"wrote {args.out}: {len(fm.names)} tensors x {args.bins} bins ({args.samples} samples each), "
-             f"groups {fm.groups}, {res['seconds']}s" + (f" on {processes} processes" if processes > 1 else ""),
-             "mean Fisher per layer (per element):"]
-    human += [f"  {layer:6} {float(v):.3e}" for layer, v in zip(layers, per_layer.mean(1))]
-    _emit(args, res, "\n".join(human))
-
-
 def policy_from_args(args):
     from .policy import Policy
 
-    kw = dict(strategy=args.strategy, target=args.target, high=args.high, statistic=args.statistic,
+    strategy = args.strategy or ("budget" if args.avg_bits is not None or args.budget_bytes is not None else "layer-ratio")
+    statistic = args.statistic or ("mean" if strategy == "budget" else "final")
+    kw = dict(strategy=strategy, target=args.target, high=args.high, statistic=statistic,
               protect_mid=args.protect_mid, seed=args.seed, avg_bits=args.avg_bits, budget_bytes=args.budget_bytes,
               signal=args.signal, edge=args.edge)
     if args.choices:
@@ -101,56 +63,194 @@ def load_fisher(path):
     return FisherMap.load(path)
 
 
+# -- one command per verb, for every model ------------------------------------------------------------------
+
+def model_arg(p) -> None:
+    """--model, the same for every verb: a lafq .safetensors U-Net (default: the shipped one), a diffusers
+    pipeline or model folder, or a Hub id (`--checkpoint FILE` is the same option under its earlier name)."""
+    p.add_argument("--model", "--checkpoint", dest="model", default=None,
+                   help=f"the model: a lafq .safetensors U-Net (default {paths.UNET.relative_to(paths.REPO)}), "
+                        "a diffusers pipeline or model folder, or a Hub repo id (owner/name)")
+    p.add_argument("--subfolder", default=None, help="diffusers: the denoiser's subfolder (default: transformer or unet)")
+
+
+@dataclass(frozen=True)
+class ModelArg:
+    """What --model named: its Denoiser, the folder it came from (None: a file or a Hub id) and its card."""
+    den: object
+    folder: Path | None
+    card: object  # lafq.card.ModelCard or None
+    unet_file: bool  # a lafq U-Net .safetensors (the project's own model)
+
+    @property
+    def label(self) -> str:
+        return self.den.source.get("path") or self.den.source.get("class", "model")
+
+
+def load_model_arg(args) -> ModelArg:
+    """--model as a Denoiser (one-line errors: a missing file or folder, a folder diffusers cannot read)."""
+    from .card import CARD_FILE, ModelCard
+    from .pipeline import as_denoiser, load_denoiser
+
+    spec = args.model or str(paths.UNET)
+    p = Path(spec)
+    if p.suffix == ".safetensors" or p.is_file():
+        model, _ = load_denoiser(p)
+        den = as_denoiser(model)
+        return ModelArg(replace(den, source={**den.source, "path": str(p)}), None, None, True)
+    from .cli_diffusers import load_folder
+
+    den = load_folder(p, subfolder=getattr(args, "subfolder", None))
+    folder = p if p.is_dir() else None
+    card = ModelCard.read(p) if folder is not None and (p / CARD_FILE).is_file() else None
+    return ModelArg(den, folder, card, False)
+
+
+def _fisher_data(args, m: ModelArg):
+    """(images, labels or None, name) the map is scored on: --images (clean samples or latents, with
+    --conditioning replayed), else --dataset (default: the model card's dataset; the U-Net's mnist-test10k)
+    with each image's class label as its conditioning row."""
+    from .data import load_dataset
+    from .models import load_conditioning
+
+    if args.images is not None:
+        if args.dataset is not None:
+            raise ValueError("give one of --images (clean samples) or --dataset (labelled images), not both")
+        if args.conditioning:
+            m = replace(m, den=m.den.with_conditioning(load_conditioning(args.conditioning), m.den.null_row))
+        return m, _images(args.images, args.key), None, str(args.images)
+    if args.conditioning:
+        raise ValueError("--dataset conditions on the images' class labels: --conditioning goes with --images")
+    name = args.dataset or (m.card.dataset if m.card is not None else None) or ("mnist-test10k" if m.unet_file else None)
+    if name is None:
+        raise ValueError(f"{m.label} names no dataset (lafq.json \"dataset\"): give --dataset NAME, or --images "
+                         "FILE (clean samples, e.g. VAE latents) with --conditioning")
+    x, y = load_dataset(name).tensors()
+    labelled = m.den.conditioning is not None and y is not None and m.den.null_row is not None
+    return m, x, (y if labelled else None), name
+
+
+def _images(path, key):
+    from .cli_export import _images as read
+    return read(path, key)
+
+
+def cmd_fisher(args):
+    from . import distributed
+    from .device import resolve_device
+    from .fisher import classes_of, fisher_map
+
+    _deprecated(args, "fisher")
+    m = load_model_arg(args)
+    if getattr(m.den.module, "lafq_plan", None) is not None:
+        raise ValueError("compute Fisher maps on the FP32 model, not a quantized one")
+    m, images, labels, data_name = _fisher_data(args, m)
+    if args.per_class and labels is None:
+        raise ValueError("--per-class needs a class-conditional model and labelled images (--dataset)")
+    device = distributed.init_from_env(resolve_device(args.device))  # under torchrun: this process's share
+    m.den.module.to(device)
+    groups = len(classes_of(m.den)) if args.per_class else 1
+    bar = None
+    if not args.json and distributed.is_main():
+        from tqdm import tqdm
+        bar = tqdm(total=args.bins * groups, desc="fisher", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    fm = fisher_map(m.den, images, labels=labels, draws=args.draws if labels is not None else "uniform",
+                    per_class=args.per_class, p_null=args.p_null if labels is not None else 0.0, bins=args.bins,
+                    samples_per_bin=args.samples, seed=args.seed, chunk=args.chunk, method=args.method,
+                    progress=(lambda d, t: bar.update(1)) if bar else None)
+    if bar:
+        bar.close()
+    fm.meta["images"] = data_name
+    if args.images is None:
+        fm.meta["dataset"] = data_name
+    if not torch.isfinite(fm.fisher).all():  # finite images, and still: the model's own overflow
+        raise ValueError("the Fisher map has NaN or infinite values (the model overflows on these inputs); "
+                         "nothing was written")
+    processes = distributed.world()
+    main = distributed.is_main()
+    distributed.finish()
+    if not main:  # rank 0 writes and reports; the map is the same on every process
+        return
+    out = args.out or (m.folder / "fisher.safetensors" if m.folder is not None else
+                       Path(DEFAULT_FISHER) if m.unet_file else Path("fisher.safetensors"))
+    fm.save(out)
+    layers, per_layer = fm.layer_names(), fm.per_layer()
+    res = {"command": "fisher", "model": m.label, "class": m.den.source.get("class"), "out": str(out),
+           "bins": args.bins, "samples_per_bin": args.samples, "device": str(device), "groups": fm.groups,
+           "tensors": len(fm.names), "prediction_type": m.den.prediction_type, "methods": fm.meta["methods"],
+           "seconds": round(time.perf_counter() - t0, 2), "processes": processes,
+           "layer_fisher_mean": {layer: float(v) for layer, v in zip(layers, per_layer.mean(1))}}
+    human = [f"wrote {out}: {len(fm.names)} tensors x {args.bins} bins ({args.samples} samples each) of "
+             f"{m.den.source.get('class')} ({m.den.prediction_type}), groups {fm.groups}, {res['seconds']}s"
+             + (f" on {processes} processes" if processes > 1 else ""), "mean Fisher per layer (per element):"]
+    human += [f"  {layer:24} {float(v):.3e}" for layer, v in zip(layers, per_layer.mean(1))]
+    _emit(args, res, "\n".join(human))
+
+
+def register_fisher(sub):
+    from .fisher import DRAWS
+    from .persample import METHODS
+
+    f = sub.add_parser("fisher", aliases=["fisher-model"],
+                       help="the Fisher map of any model (tensor x timestep bin [x class])")
+    model_arg(f)
+    f.add_argument("--dataset", default=None,
+                   help="labelled images, each scored with its class (default: the model card's dataset; the "
+                        "U-Net's mnist-test10k)")
+    f.add_argument("--images", default=None, help="instead: .safetensors of clean samples (N, C, H, W), e.g. VAE latents")
+    f.add_argument("--key", default=None, help="tensor name in --images (default: 'images', else the first)")
+    f.add_argument("--conditioning", default=None,
+                   help="with --images: conditioning captured from a real call (lafq.models.save_conditioning)")
+    fisher_size_args(f, bins=50, samples=16)  # samples: per class with --per-class
+    f.add_argument("--per-class", action="store_true", help="also one map per class")
+    f.add_argument("--draws", choices=DRAWS, default="balanced",
+                   help="labelled images: cycle through the classes (balanced) or draw uniformly")
+    chunk_arg(f)
+    f.add_argument("--method", choices=METHODS, default="hooks",
+                   help="per-sample gradients: layer hooks (fastest on CPU), torch.func.vmap, or a naive loop; all exact")
+    f.add_argument("--p-null", type=number("--p-null", 0, 1), default=None,
+                   help="labelled images: how often the null class replaces the label, the branch guided sampling "
+                        "also runs (default: 0.1, the training label dropout, for a model with a null class)")
+    f.add_argument("--seed", type=int, default=0)
+    _device_arg(f)
+    f.add_argument("--out", type=Path, default=None,
+                   help="default: checkpoints/fisher.safetensors for the shipped U-Net, MODEL/fisher.safetensors "
+                        "for a folder, else ./fisher.safetensors")
+    f.add_argument("--json", action="store_true")
+    f.set_defaults(func=cmd_fisher)
+
+
 def cmd_quantize(args):
     import copy
 
-    from .pipeline import load_denoiser
+    from .planfile import read_plan
     from .policy import make_plan, param_shapes
     from .quantize import quantize, save_quantized, size_report
 
-    from .planfile import read_plan
-
-    model, _ = load_denoiser(args.checkpoint)
+    _deprecated(args, "quantize")
+    m = load_model_arg(args)
+    model = m.den.module
     if getattr(model, "lafq_plan", None) is not None:
-        raise ValueError("quantize the FP32 checkpoint, not a quantized model")
+        raise ValueError("quantize the FP32 model, not a quantized one")
     shapes = param_shapes(model)
     if args.plan:
         plan = read_plan(Path(args.plan).read_bytes(), str(args.plan))
         plan.validate(shapes)  # also without --out: sizing an invalid plan would report nonsense
     else:
-        policy = policy_from_args(args)
-        fisher = load_fisher(args.fisher)
-        plan = make_plan(policy, fisher, dict(model.named_parameters()))
+        fisher = args.fisher or (m.folder / "fisher.safetensors" if m.folder is not None else
+                                 DEFAULT_FISHER if m.unet_file else None)
+        if fisher is None:
+            raise ValueError(f"give --fisher (a map of {m.label}, from `fisher --model`) for a policy, or --plan")
+        plan = make_plan(policy_from_args(args), load_fisher(fisher), dict(model.named_parameters()))
     report = size_report(plan, shapes)
     if args.out:
-        q = quantize(copy.deepcopy(model), plan)
-        report.file_bytes = save_quantized(args.out, q)
+        report.file_bytes = save_quantized(args.out, quantize(copy.deepcopy(model), plan))
     if args.plan_out:
         atomic_write_bytes(args.plan_out, plan.to_json().encode())
-    res = {"command": "quantize", "checkpoint": args.checkpoint, "out": str(args.out) if args.out else None,
+    res = {"command": "quantize", "model": m.label, "out": str(args.out) if args.out else None,
            "policy": plan.policy, "size": report.to_dict()}
     _emit(args, res, report.table() + (f"\nwrote {args.out}" if args.out else ""))
-
-
-def register_fisher(sub):
-    from .fisher import DEFAULT_P_NULL
-
-    f = sub.add_parser("fisher", help="compute the Fisher map (tensor x timestep bin [x class]); with --model DIR: fisher-model")
-    f.add_argument("--checkpoint", default=str(paths.UNET))
-    f.add_argument("--dataset", default="mnist-test10k")
-    fisher_size_args(f, bins=50, samples=64)  # samples: per class with --per-class
-    f.add_argument("--per-class", action="store_true", help="also one map per digit")
-    chunk_arg(f)
-    f.add_argument("--method", choices=("hooks", "vmap", "naive"), default="hooks",
-                   help="per-sample gradients: layer hooks (fastest on CPU), torch.func.vmap, or a naive loop; all exact")
-    f.add_argument("--p-null", type=number("--p-null", 0, 1), default=DEFAULT_P_NULL,
-                   help="probability of scoring a draw with the null class, the branch guided sampling also runs "
-                        "(default: the training label dropout); 0 scores conditional labels only")
-    f.add_argument("--seed", type=int, default=0)
-    _device_arg(f)
-    f.add_argument("--out", type=Path, default=Path(DEFAULT_FISHER))
-    f.add_argument("--json", action="store_true")
-    f.set_defaults(func=cmd_fisher)
 
 
 def register_quantize(sub):
@@ -158,16 +258,23 @@ def register_quantize(sub):
     from .policy import BUDGET_CHOICES, SIGNALS, STRATEGIES
     from .precision import PRECISIONS
 
-    q = sub.add_parser("quantize", help="policy -> plan -> quantized model, with its size table; with --model DIR: quantize-model")
-    q.add_argument("--checkpoint", default=str(paths.UNET))
-    q.add_argument("--fisher", default=DEFAULT_FISHER)
-    q.add_argument("--strategy", choices=STRATEGIES, default="layer-ratio")
+    q = sub.add_parser("quantize", aliases=["quantize-model"],
+                       help="policy -> plan -> quantized model of any model, with its size table")
+    model_arg(q)
+    q.add_argument("--fisher", default=None,
+                   help="the model's Fisher map (default: checkpoints/fisher.safetensors for a U-Net file, "
+                        "MODEL/fisher.safetensors for a folder)")
+    q.add_argument("--strategy", choices=STRATEGIES, default=None,
+                   help="default: budget when --avg-bits or --budget-bytes is given, else layer-ratio")
     q.add_argument("--target", choices=PRECISIONS, default="fp16", help="precision of the quantized tensors")
     q.add_argument("--high", choices=PRECISIONS, default="fp32", help="precision of the kept tensors")
-    q.add_argument("--statistic", choices=STATISTICS, default="final", help="Fisher over timesteps: final step, mean, max")
+    q.add_argument("--statistic", choices=STATISTICS, default=None,
+                   help="Fisher over timesteps: final step, mean, max (default: mean for budget, else final)")
     q.add_argument("--threshold", type=number("--threshold", 0, 1), default=None,
                    help="global: fraction of the largest Fisher score, [0, 1]")
-    q.add_argument("--group-thresholds", default=None, help='groups: JSON, e.g. \'{"encoder": 0, "mid": 1, "decoder": 1}\'')
+    q.add_argument("--group-thresholds", default=None,
+                   help="groups: JSON over the model's encoder / mid / decoder, e.g. "
+                        '\'{"encoder": 0, "mid": 1, "decoder": 1}\'')
     q.add_argument("--p", type=number("--p", 0, 1), default=None, help="layer-ratio: fraction of each layer's tensors, [0, 1]")
     q.add_argument("--k", type=number("--k", -100, 100), default=None, help="layer-std: quantize below mean + k*std of log Fisher")
     q.add_argument("--avg-bits", type=number("--avg-bits", 0.01, 32), default=None, help="budget/random: average bits per weight")
@@ -177,14 +284,21 @@ def register_quantize(sub):
                    help="what weighs a tensor: Fisher, weight magnitude, or (budget) quantization error alone")
     q.add_argument("--choices", default=None,
                    help=f"budget: comma-separated precisions a tensor may take (default {','.join(BUDGET_CHOICES)})")
-    q.add_argument("--edge", choices=PRECISIONS, default="int8", help="first-last: precision of the stem and head")
-    q.add_argument("--protect-mid", action="store_true", help="keep the middle block in high precision")
+    q.add_argument("--edge", choices=PRECISIONS, default="int8",
+                   help="first-last: precision of the model's first and last layers (the U-Net's stem and head)")
+    q.add_argument("--protect-mid", action="store_true", help="keep the model's middle block in high precision")
     q.add_argument("--seed", type=int, default=0, help="random: allocation seed")
     q.add_argument("--plan", default=None, help="apply this plan JSON instead of a policy")
     q.add_argument("--out", type=Path, default=None, help="write the quantized model (.safetensors)")
-    q.add_argument("--plan-out", type=Path, default=None, help="write the plan (JSON)")
+    q.add_argument("--plan-out", type=Path, default=None, help="write the plan (JSON), e.g. for export")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_quantize)
+
+
+
+def _deprecated(args, verb: str) -> None:
+    if getattr(args, "command", verb) != verb:  # the alias fisher-model / quantize-model
+        print(f"note: `{args.command}` is deprecated: it is `{verb}` (with --model)", file=sys.stderr)
 
 
 @dataclass(frozen=True)

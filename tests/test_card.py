@@ -42,7 +42,7 @@ def test_what_train_diffusers_writes_reads_back_as_the_same_card_with_its_traini
     assert card.classes[0] == "T-shirt/top" and card.null_class == 10 and card.reference
 
 
-@pytest.mark.parametrize("command", ["fid-model --model {m}", "sample --model {m} --out {o}",
+@pytest.mark.parametrize("command", ["fid --model {m}", "sample --model {m} --out {o}",
                                      "report --model {m} --out-dir {o}"])
 def test_a_folder_command_with_a_card_that_is_not_an_object_says_so_in_one_line(tmp_path, capsys, command):
     model = tmp_path / "model"

@@ -1,4 +1,4 @@
-"""`fisher-model --dataset` and `fid-model` on a tiny train-diffusers folder: labels become conditioning rows
+"""`fisher --model --dataset` and `fid --model` on a tiny train-diffusers folder: labels become conditioning rows
 (with the null class at the label-dropout rate), FID and accuracy per seed land in JSON, reference
 statistics in the folder's stats cache."""
 import json
@@ -50,19 +50,24 @@ def test_fisher_model_takes_a_dataset_and_records_the_label_dropout(folder, tmp_
     from lafq.fisher import FisherMap
 
     out = tmp_path / "f.safetensors"
-    assert main(["fisher-model", "--model", str(folder), "--dataset", "mnist-train5k", "--bins", "2", "--samples", "4",
+    assert main(["fisher", "--model", str(folder), "--dataset", "mnist-train5k", "--bins", "2", "--samples", "4",
                  "--device", "cpu", "--out", str(out), "--json"]) == 0
     fm = FisherMap.load(out)
     assert "p=0.1" in fm.meta["loss"] and fm.meta["images"] == "mnist-train5k"
     assert "unet.conv_in.weight" not in fm.names and "conv_in.weight" in fm.names
-    assert main(["fisher-model", "--model", str(folder), "--out", str(out)]) == 2
-    assert "give one of --images" in capsys.readouterr().err
+    assert main(["fisher", "--model", str(folder), "--dataset", "mnist-train5k", "--images", str(out), "--out",
+                 str(out)]) == 2
+    assert "give one of --images (clean samples) or --dataset" in capsys.readouterr().err
+    assert main(["fisher-model", "--model", str(folder), "--bins", "1", "--samples", "1", "--out", str(out)]) == 0
+    err = capsys.readouterr().err  # the old name still runs, after one line; the model card names the dataset
+    assert err.splitlines()[0] == "note: `fisher-model` is deprecated: it is `fisher` (with --model)"
+    assert FisherMap.load(out).meta["dataset"] == "mnist-test10k"
 
 
 def test_fid_model_writes_per_seed_results_the_floor_and_cached_reference_statistics(folder, capsys):
     from lafq.cli import main
 
-    assert main(["fid-model", "--model", str(folder), "--n", "20", "--seeds", "2", "--steps", "2", "--real-floor",
+    assert main(["fid", "--model", str(folder), "--n", "20", "--seeds", "2", "--steps", "2", "--real-floor",
                  "--threads", "1", "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(res["fid_values"]) == 2 and len(res["accuracy_values"]) == 2 and res["reference"] == "mnist-train5k"
@@ -71,7 +76,7 @@ def test_fid_model_writes_per_seed_results_the_floor_and_cached_reference_statis
     assert len([p for p in per_seed if "-n20-" not in p.name]) == 2
     assert (folder / "eval" / "fid-n20-ddim2-w1.5.json").is_file()
     assert [p.name.split("-")[0] for p in (folder / "stats").glob("*.npz")] == ["mnist"]
-    assert main(["fid-model", "--model", str(folder / "unet")]) == 2
+    assert main(["fid", "--model", str(folder / "unet")]) == 2
     assert "no lafq.json" in capsys.readouterr().err
 
 
@@ -79,15 +84,15 @@ def test_fisher_and_quantize_with_model_run_the_diffusers_folder_commands_and_sa
                                                                                                       capsys):
     from PIL import Image
 
-    from lafq.cli import main, with_model_command
+    from lafq.cli import build_parser, main
     from lafq.fisher import FisherMap
 
-    assert with_model_command(["fid", "--n", "10", "--model", "m"])[0] == "fid-model"
-    assert with_model_command(["fisher", "--bins", "2"]) == ["fisher", "--bins", "2"]  # the MNIST U-Net as before
+    for verb in ("fisher", "quantize", "fid", "sample", "report", "export"):  # one command per verb, --model on each
+        assert "--model" in build_parser()._subparsers._group_actions[0].choices[verb].format_help(), verb
     out = tmp_path / "f.safetensors"
     assert main(["fisher", "--model", str(folder), "--dataset", "mnist-train5k", "--bins", "2", "--samples", "2",
                  "--device", "cpu", "--out", str(out), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["command"] == "fisher-model" and FisherMap.load(out).names
+    assert json.loads(capsys.readouterr().out)["command"] == "fisher" and FisherMap.load(out).names
     assert main(["quantize", f"--model={folder}", "--fisher", str(out), "--avg-bits", "6", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["size"]["avg_bits"] <= 6
     grid = tmp_path / "grid.png"
@@ -107,7 +112,7 @@ def test_report_with_model_measures_a_diffusers_folder_with_its_own_edges_classi
     from lafq.models import load_diffusers
     from lafq.report import EDGE, Settings, Subject, edge_layers, feasible_budgets, grid
 
-    assert main(["fisher-model", "--model", str(folder), "--dataset", "mnist-train5k", "--bins", "2", "--samples", "4",
+    assert main(["fisher", "--model", str(folder), "--dataset", "mnist-train5k", "--bins", "2", "--samples", "4",
                  "--device", "cpu", "--out", str(folder / "fisher.safetensors")]) == 0
     module = load_diffusers(folder).module
     assert edge_layers(module) == ("conv_in", "conv_out")

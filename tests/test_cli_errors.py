@@ -43,7 +43,7 @@ CASES = [  # (arguments with <placeholders>, what the one line must say)
     ("fisher --bins 0", "--bins must be in"),
     ("sample --checkpoint <ckpt> --n 1 --steps 1 --out <a-dir>", "is a directory"),
     ("sample --checkpoint <ckpt> --n 1 --steps 1 --out <a-file>/x.png", "a parent folder is a file"),
-    ("sample --checkpoint <a-dir>", "is not a file"),
+    ("sample --checkpoint <a-dir>", "has no config.json: not a diffusers model folder"),
     ("sample --checkpoint <a-file>", "not a valid .safetensors"),
     ("quantize --checkpoint <ckpt> --plan <a-dir>", "is a directory"),
     ("quantize --checkpoint <ckpt> --plan <a-dir>/missing.json", "no such file"),

@@ -78,7 +78,7 @@ def test_fisher_model_then_quantize_model_run_on_a_diffusers_folder_with_saved_c
     assert back.kwargs["cross_attention_kwargs"] == {"scale": 1.0}
     save_file({"images": torch.randn(6, 2, 8, 8)}, str(tmp_path / "latents.safetensors"))
     out = tmp_path / "f.safetensors"
-    argv = ["fisher-model", "--model", str(root), "--images", str(tmp_path / "latents.safetensors"), "--conditioning",
+    argv = ["fisher", "--model", str(root), "--images", str(tmp_path / "latents.safetensors"), "--conditioning",
             str(tmp_path / "cond.safetensors"), "--bins", "2", "--samples", "3", "--device", "cpu", "--out", str(out), "--json"]
     assert main(argv) == 0
     res = json.loads(capsys.readouterr().out)
@@ -86,7 +86,7 @@ def test_fisher_model_then_quantize_model_run_on_a_diffusers_folder_with_saved_c
     fm = FisherMap.load(out)
     assert fm.fisher.shape == (1, len(list(model.parameters())), 2) and (fm.fisher > 0).any()
     q = tmp_path / "q.safetensors"
-    assert main(["quantize-model", "--model", str(root), "--fisher", str(out), "--avg-bits", "6", "--out", str(q),
+    assert main(["quantize", "--model", str(root), "--fisher", str(out), "--avg-bits", "6", "--out", str(q),
                  "--plan-out", str(tmp_path / "plan.json"), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["size"]["avg_bits"] <= 6 and res["size"]["file_bytes"] == q.stat().st_size
@@ -126,7 +126,7 @@ def test_export_and_quantize_model_read_plans_as_strictly_as_quantize(tmp_path, 
 
     root = save_pipeline_dir(tmp_path / "pipe", tiny_unet2d())
     (tmp_path / "p.json").write_text(plan)
-    for argv in (["export", "--to", "quanto"], ["quantize-model", "--out", str(tmp_path / "q.safetensors")]):
+    for argv in (["export", "--to", "quanto"], ["quantize", "--out", str(tmp_path / "q.safetensors")]):
         assert main([*argv, "--plan", str(tmp_path / "p.json"), "--model", str(root)]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and message in err and "\n" not in err, err
@@ -144,11 +144,11 @@ def test_fisher_model_refuses_nan_images_and_out_of_range_sizes_in_one_line(tmp_
     images[1, 0, 2, 2] = float("nan")
     save_file({"images": images}, str(tmp_path / "x.safetensors"))
     out = tmp_path / "f.safetensors"
-    assert main(["fisher-model", "--model", str(root), "--images", str(tmp_path / "x.safetensors"), "--bins", "2",
+    assert main(["fisher", "--model", str(root), "--images", str(tmp_path / "x.safetensors"), "--bins", "2",
                  "--samples", "2", "--out", str(out)]) == 2
     assert "holds 1 NaN or infinite values" in capsys.readouterr().err and not out.exists()
     with pytest.raises(SystemExit):  # argparse: the range, exit 2
-        main(["fisher-model", "--model", str(root), "--images", str(tmp_path / "x.safetensors"), "--samples",
+        main(["fisher", "--model", str(root), "--images", str(tmp_path / "x.safetensors"), "--samples",
               "1000000000", "--out", str(out)])
     assert "--samples must be in [1, 100000]" in capsys.readouterr().err
 
@@ -165,7 +165,7 @@ def test_a_misspelled_local_path_is_refused_at_once_and_json_errors_are_json(tmp
 
 def test_an_argument_argparse_refuses_under_json_still_answers_json_on_stdout(capsys):
     with pytest.raises(SystemExit):
-        main(["fisher-model", "--model", "x", "--samples", "0", "--json"])
+        main(["fisher", "--model", "x", "--samples", "0", "--json"])
     out, err = capsys.readouterr()
     assert json.loads(out) == {"error": "invalid arguments (the reason is on stderr)", "exit_code": 2}
     assert "--samples must be in [1, 100000]" in err

@@ -82,7 +82,7 @@ def test_torchrun_shards_the_fisher_map_of_a_diffusers_model_too(tmp_path):
     torch.manual_seed(0)
     save_file({"images": torch.randn(6, 1, 8, 8)}, str(tmp_path / "x.safetensors"))
     out = tmp_path / "two.safetensors"
-    r = _torchrun(["fisher-model", "--model", str(root), "--images", str(tmp_path / "x.safetensors"), "--conditioning",
+    r = _torchrun(["fisher", "--model", str(root), "--images", str(tmp_path / "x.safetensors"), "--conditioning",
                    str(tmp_path / "cond.safetensors"), "--bins", "2", "--samples", str(SAMPLES), "--chunk", "1",
                    "--device", "cpu", "--out", str(out), "--json"], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -4,7 +4,7 @@
     from_diffusers(model, scheduler, ...)      a diffusers model already in memory
     load_diffusers(path_or_repo, ...)          `from_pretrained` of a local folder or a Hub repo
     capture_conditioning(model, run)           the conditioning inputs of one real call, to replay
-    save_conditioning / load_conditioning      ... kept in a .safetensors file (what `fisher-model` reads)
+    save_conditioning / load_conditioning      ... kept in a .safetensors file (what `fisher --images --conditioning` reads)
 
 Fisher maps (lafq.fisher), quantization (lafq.quantize) and sampling take a Denoiser, so they do not
 depend on which architecture runs.
