@@ -4,7 +4,7 @@ Per-user state: `current` (the plan every tab uses) and `user` (the selected mod
 map and evaluations) are gr.State, so one user's actions never change another's. The model selector at the
 top changes only its user's session; every tab then re-labels its model-dependent controls (each tab's
 `refresh`) and works on that model (demo.models.Registry). Internal events are private (not callable
-from the API); the named endpoints are the ones README and tests list.
+from the API); the named endpoints are the ones `docs/app.md` and the tests list.
 """
 from __future__ import annotations
 

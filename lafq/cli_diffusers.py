@@ -74,13 +74,10 @@ def _card(model: Path):
 def load_folder(model: Path, subfolder: str | None = None):
     """`load_diffusers(model)` with one-line errors (diffusers missing, or a folder it cannot read), replaying its
     class labels as conditioning with the lafq.json's null class (train-diffusers folders)."""
-    from .card import CARD_FILE, ModelCard
-
     try:
-        from .models import load_diffusers, with_class_conditioning
+        from .models import load
 
-        null = ModelCard.read(model).null_class if (Path(model) / CARD_FILE).is_file() else None
-        return with_class_conditioning(load_diffusers(model, subfolder=subfolder), null)
+        return load(model, subfolder=subfolder)
     except ImportError:
         raise ValueError("diffusers models need diffusers: pip install -r requirements.txt") from None
     except OSError as e:

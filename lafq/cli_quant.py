@@ -90,14 +90,12 @@ class ModelArg:
 def load_model_arg(args) -> ModelArg:
     """--model as a Denoiser (one-line errors: a missing file or folder, a folder diffusers cannot read)."""
     from .card import CARD_FILE, ModelCard
-    from .pipeline import as_denoiser, load_denoiser
+    from .models import load
 
     spec = args.model or str(paths.UNET)
     p = Path(spec)
     if p.suffix == ".safetensors" or p.is_file():
-        model, _ = load_denoiser(p)
-        den = as_denoiser(model)
-        return ModelArg(replace(den, source={**den.source, "path": str(p)}), None, None, True)
+        return ModelArg(load(p), None, None, True)
     from .cli_diffusers import load_folder
 
     den = load_folder(p, subfolder=getattr(args, "subfolder", None))
