@@ -133,16 +133,6 @@ def discover(environ=None, fashion: Path = FASHION) -> tuple[ModelEntry, ...]:
 
 # -- a diffusers model as the tabs see it --------------------------------------------------------
 
-def _structural_map(model: torch.nn.Module) -> FisherMap:
-    """Names and sizes of the model's tensors with zero scores: lets plans that need no Fisher map
-    (uniform, random) be built; never shown as a Fisher map."""
-    params = dict(model.named_parameters())
-    return FisherMap(list(params), [p.numel() for p in params.values()], [0, 1000], ["all"],
-                     torch.zeros(1, len(params), 1, dtype=torch.float64),
-                     torch.stack([p.detach().abs().mean().double().cpu() for p in params.values()]), {},
-                     {"structural": True})
-
-
 @dataclass
 class DiffusersState(AppState):
     """A diffusers denoiser with what the tabs need (see AppState). `fisher` may be None (no map)."""
@@ -151,7 +141,6 @@ class DiffusersState(AppState):
     folder: Path | None = None
     model_id: str = "diffusers"
     title: str = "diffusers model"
-    _structure: FisherMap | None = None
 
     kind = "diffusers"
     class_word = "class"
@@ -175,13 +164,9 @@ class DiffusersState(AppState):
     def plan(self, policy, fisher: FisherMap | None = None) -> Plan:
         from lafq.policy import make_plan
         fm = fisher if fisher is not None else self.fisher
-        if fm is None:
-            if policy.strategy not in NO_FISHER_STRATEGIES:
-                raise InputError(f"{NO_FISHER}; strategies {list(NO_FISHER_STRATEGIES)} work without one")
-            if self._structure is None:
-                self._structure = _structural_map(self.model)
-            fm = self._structure
-        return make_plan(policy, fm, self.weights)
+        if fm is None and policy.strategy not in NO_FISHER_STRATEGIES:
+            raise InputError(f"{NO_FISHER}; strategies {list(NO_FISHER_STRATEGIES)} work without one")
+        return make_plan(policy, fm, self.weights)  # no map: the plan needs only the model's tensors
 
     @property
     def reference(self) -> str:

@@ -26,7 +26,7 @@ PRESETS = MappingProxyType({
 })
 DEFAULT_PRESET = BUDGET_45
 CUSTOM = "custom (the controls below)"
-NO_FISHER_STRATEGIES = ("uniform", "random")  # what a model without a Fisher map can still plan
+from lafq.policy import NO_FISHER_STRATEGIES  # noqa: E402  (what a model without a Fisher map can still plan)
 
 
 def presets_for(has_fisher: bool = True) -> list[str]:

@@ -237,8 +237,11 @@ def export(state: AppState, current: dict, user=None, session: str = "local") ->
     key = plan_key(plan)
     model_path, plan_path = out / f"lafq-quantized-{key}.safetensors", out / f"lafq-plan-{key}.json"
     state.save_quantized(model_path, state.quantized(plan))
-    from lafq.checkpoint import atomic_write_bytes
-    atomic_write_bytes(plan_path, plan.to_json().encode())
+    from dataclasses import replace
+
+    from lafq.checkpoint import atomic_write_bytes, state_digest
+    made_for = {"class": type(state.model).__name__, "digest": state_digest(state.model)}  # no server paths
+    atomic_write_bytes(plan_path, replace(plan, model=made_for).to_json().encode())
     return [str(model_path), str(plan_path)]
 
 

@@ -36,6 +36,8 @@ def cmd_export(args):
     if not plan_path.is_file():
         raise FileNotFoundError(f"no such plan file: {plan_path}")
     plan = read_plan(plan_path.read_bytes(), str(plan_path))  # the strict reader every command uses
+    if args.model is None:  # the model the plan was made for (a plan without that record: the shipped U-Net)
+        args.model = plan.model.get("path") or DEFAULT_MODEL
     model, kind = _load_model(args.model)
     if args.to == "diffusers" and kind != "diffusers":
         raise ValueError("--to diffusers writes a diffusers TorchAoConfig: --model must be a diffusers model folder "
@@ -109,8 +111,9 @@ def register(sub) -> None:
     e = sub.add_parser("export", help="write a plan as torchao / diffusers / optimum-quanto load it")
     e.add_argument("--plan", required=True, help="plan JSON (from `quantize --plan-out` or the app)")
     e.add_argument("--to", required=True, choices=TARGETS)
-    e.add_argument("--model", default=DEFAULT_MODEL,
-                   help="the FP32 model the plan is for: a lafq .safetensors or a diffusers model/pipeline folder")
+    e.add_argument("--model", default=None,
+                   help="the FP32 model the plan is for: a lafq .safetensors or a diffusers model/pipeline folder "
+                        "(default: the model the plan records, else the shipped U-Net)")
     e.add_argument("--component", default=None,
                    help="diffusers: the pipeline component (default: the pipeline's denoiser, unet or transformer)")
     e.add_argument("--int4-kernel", choices=INT4_KERNELS, default="intx",

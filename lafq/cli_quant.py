@@ -227,6 +227,8 @@ def cmd_quantize(args):
     from .quantize import quantize, save_quantized, size_report
 
     _deprecated(args, "quantize")
+    if args.plan and args.model is None:  # the model the plan was made for
+        args.model = _plan_model(args.plan)
     m = load_model_arg(args)
     model = m.den.module
     if getattr(model, "lafq_plan", None) is not None:
@@ -236,11 +238,20 @@ def cmd_quantize(args):
         plan = read_plan(Path(args.plan).read_bytes(), str(args.plan))
         plan.validate(shapes)  # also without --out: sizing an invalid plan would report nonsense
     else:
+        from .policy import NO_FISHER_STRATEGIES
+
+        policy = policy_from_args(args)
         fisher = args.fisher or (m.folder / "fisher.safetensors" if m.folder is not None else
                                  DEFAULT_FISHER if m.unet_file else None)
-        if fisher is None:
+        if args.fisher is None and policy.strategy in NO_FISHER_STRATEGIES and not (fisher and Path(fisher).is_file()):
+            fisher = None  # nothing to rank: the plan needs only the model's tensors
+        elif fisher is None:
             raise ValueError(f"give --fisher (a map of {m.label}, from `fisher --model`) for a policy, or --plan")
-        plan = make_plan(policy_from_args(args), load_fisher(fisher), dict(model.named_parameters()))
+        plan = make_plan(policy, load_fisher(fisher) if fisher is not None else None, dict(model.named_parameters()))
+    if not plan.model:  # what it was made for: export and quantize --plan load it by default
+        from .checkpoint import state_digest
+        plan.model = {"class": m.den.source.get("class", type(model).__name__), "digest": state_digest(model),
+                      **({"path": str(args.model)} if args.model else {})}
     report = size_report(plan, shapes)
     if args.out:
         report.file_bytes = save_quantized(args.out, quantize(copy.deepcopy(model), plan))
@@ -292,6 +303,16 @@ def register_quantize(sub):
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_quantize)
 
+
+
+def _plan_model(path) -> str | None:
+    """The model path a plan file records (None: the shipped U-Net)."""
+    from .planfile import read_plan
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no such plan file: {p}")
+    return read_plan(p.read_bytes(), str(p)).model.get("path")
 
 
 def _deprecated(args, verb: str) -> None:

@@ -17,9 +17,13 @@ from .precision import PRECISIONS, check_precision, supports, tensor_bytes
 class Plan:
     precisions: dict[str, str]  # every parameter's FQN -> precision it is stored in
     policy: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)  # what it was made for: {"path", "class", "digest"} (may be empty)
 
     def to_json(self) -> str:
-        return json.dumps({"format": 1, "precisions": self.precisions, "policy": self.policy}, indent=1, sort_keys=True)
+        d = {"format": 1, "precisions": self.precisions, "policy": self.policy}
+        if self.model:
+            d["model"] = self.model
+        return json.dumps(d, indent=1, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":

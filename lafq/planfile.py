@@ -3,7 +3,8 @@
 Accepted: a JSON object {"precisions": {parameter name: precision, ...}, "policy": {...}?, "format": 1?}
 of at most MAX_PLAN_BYTES, nesting at most MAX_DEPTH deep; precisions from lafq.precision.PRECISIONS;
 "policy", when present, an object that lafq.policy.Policy accepts (it names the plan; the precisions
-are what is applied). Whether the names fit a model is `Plan.validate(shapes)`'s job.
+are what is applied); "model", when present, the model it was made for ({"path", "class", "digest"}: what
+`export` and `quantize --plan` load by default). Whether the names fit a model is `Plan.validate(shapes)`'s job.
 """
 from __future__ import annotations
 
@@ -80,7 +81,17 @@ def plan_from_dict(d, what: str = "plan") -> Plan:
         raise ValueError(f"not a LAFQ {what}: the JSON object has no 'precisions' key")
     if d.get("format", 1) != 1:
         raise ValueError(f"plan format {_short(d.get('format'))} is not supported (this lafq reads format 1)")
-    return Plan(check_precisions(d["precisions"]), check_policy(d.get("policy")))
+    return Plan(check_precisions(d["precisions"]), check_policy(d.get("policy")), check_model(d.get("model")))
+
+
+def check_model(model) -> dict:
+    """The plan's "model" record (what it was made for): an object of at most 8 short strings."""
+    if model is None:
+        return {}
+    if not isinstance(model, dict) or len(model) > 8 or not all(
+            isinstance(k, str) and isinstance(v, str) and len(v) <= 1000 for k, v in model.items()):
+        raise ValueError("'model' must be a JSON object of a few strings (path, class, digest)")
+    return dict(model)
 
 
 def read_plan(data: bytes | str, name: str = "plan") -> Plan:

@@ -156,15 +156,27 @@ def select(policy: Policy, scores: dict[str, float], layers: Layers) -> set[str]
     raise ValueError(f"strategy {s!r} is not a two-level strategy")
 
 
-def make_plan(policy: Policy, fisher: FisherMap, weights: dict[str, torch.Tensor]) -> Plan:
-    """Policy + Fisher map (+ weights, for budget) -> Plan over every tensor in the map."""
-    missing = [n for n in fisher.names if n not in weights]
+NO_FISHER_STRATEGIES = ("uniform", "random", "first-last")  # what a plan can be without a Fisher map
+
+
+def make_plan(policy: Policy, fisher: FisherMap | None, weights: dict[str, torch.Tensor]) -> Plan:
+    """Policy + Fisher map (+ weights, for budget) -> Plan over every tensor in the map (fisher None: every
+    weight, for the strategies that rank nothing, NO_FISHER_STRATEGIES)."""
+    if fisher is None:
+        if policy.strategy not in NO_FISHER_STRATEGIES:
+            raise ValueError(f"strategy {policy.strategy!r} ranks tensors by a Fisher map; without one: "
+                             f"{', '.join(NO_FISHER_STRATEGIES)}")
+        names = list(weights)
+    else:
+        names = fisher.names
+    missing = [n for n in names if n not in weights]
     if missing:
         raise ValueError(f"the Fisher map names {len(missing)} tensors the model lacks (e.g. {missing[:3]}): "
                          "was it computed on another checkpoint?")
-    shapes = {n: tuple(weights[n].shape) for n in fisher.names}
+    shapes = {n: tuple(weights[n].shape) for n in names}
     layers = layers_of(shapes)
     protected = layers.in_group("mid") if policy.protect_mid else set()
+    names = list(shapes)
     if policy.strategy in ("budget", "random"):
         choices = policy.choices if policy.strategy == "budget" else ("fp32", *policy.lower_to)
         budget = resolve_budget(policy, shapes, choices)
@@ -175,9 +187,9 @@ def make_plan(policy: Policy, fisher: FisherMap, weights: dict[str, torch.Tensor
                                      choices, policy.signal)
             prec = solve_budget(options, budget).precisions
     else:
-        scores = fisher.magnitude_score() if policy.signal == "magnitude" else \
-            fisher.score(policy.statistic, policy.fisher_group)
-        prec = _two_level(fisher.names, shapes, select(policy, scores, layers) - protected, policy)
+        scores = dict.fromkeys(names, 0.0) if fisher is None else fisher.magnitude_score() \
+            if policy.signal == "magnitude" else fisher.score(policy.statistic, policy.fisher_group)
+        prec = _two_level(names, shapes, select(policy, scores, layers) - protected, policy)
         if policy.strategy == "first-last":
             edges = policy.edge_layers if policy.edge_layers is not None else layers.edges
             missing = [e for e in edges if e not in layers.order]
@@ -185,7 +197,7 @@ def make_plan(policy: Policy, fisher: FisherMap, weights: dict[str, torch.Tensor
                 raise ValueError(f"edge layers {missing} are not layers of this model; its layers are "
                                  f"{list(layers.order)[:6]}{'…' if len(layers.order) > 6 else ''} (first and last: "
                                  f"{list(layers.edges)})")
-            prec.update({n: fallback(shapes[n], policy.edge) for n in fisher.names
+            prec.update({n: fallback(shapes[n], policy.edge) for n in names
                          if layers.layer(n) in edges and n not in protected})
     return Plan(prec, policy.to_dict())
 

@@ -169,3 +169,23 @@ def test_an_argument_argparse_refuses_under_json_still_answers_json_on_stdout(ca
     out, err = capsys.readouterr()
     assert json.loads(out) == {"error": "invalid arguments (the reason is on stderr)", "exit_code": 2}
     assert "--samples must be in [1, 100000]" in err
+
+
+def test_a_plan_records_the_model_it_was_made_for_and_export_defaults_to_it(tmp_path, capsys):
+    """`export --plan plan.json` without --model used to quantize the shipped MNIST U-Net ("plan names 208
+    parameters the model lacks"): the plan now says what it was made for."""
+    from lafq.planfile import read_plan
+    from tests.diffusers_tiny import save_pipeline_dir, tiny_unet2d
+
+    root = save_pipeline_dir(tmp_path / "pipe", tiny_unet2d())
+    plan = tmp_path / "plan.json"
+    assert main(["quantize", "--model", str(root), "--strategy", "uniform", "--target", "int8", "--plan-out",
+                 str(plan), "--json"]) == 0
+    capsys.readouterr()
+    made_for = read_plan(plan.read_text()).model
+    assert made_for["path"] == str(root) and made_for["class"] == "UNet2DModel" and len(made_for["digest"]) == 16
+    assert main(["export", "--plan", str(plan), "--to", "quanto", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["model"] == str(root) and res["converted"] > 0
+    assert main(["quantize", "--plan", str(plan), "--json"]) == 0  # quantize --plan loads it too
+    assert json.loads(capsys.readouterr().out)["model"] == str(root)

@@ -280,9 +280,12 @@ def test_a_folder_without_a_fisher_map_or_dataset_offers_fisher_free_plans_only(
     assert state.classes == ("0", "1", "2") and not state.guided  # no lafq.json: every class embedding, no guidance
     heat, _, _ = tab_fisher.fisher_figures(state, "log", "all", "layers", 0, None, user)
     assert "No Fisher map" in heat.layout.title.text.replace("<br>", " ")
-    assert set(tab_quantize.shown_presets(state)) == {UNIFORM_INT4, "uniform INT4-g32 (group-wise, 4.5 bits)"}
+    edge = "INT4 with INT8 stem and head (the usual recipe)"  # no ranking: its first and last layers need no map
+    assert set(tab_quantize.shown_presets(state)) == {UNIFORM_INT4, "uniform INT4-g32 (group-wise, 4.5 bits)", edge}
     md, _, _ = tab_quantize.readout(state, tab_quantize.preset_current(state), user)
     assert UNIFORM_INT4 in md
+    plan = tab_quantize.resolve_plan(state, tab_quantize.preset_current(state, edge), user).precisions
+    assert plan["conv_in.weight"] == plan["conv_out.weight"] == "int8" and "int4" in plan.values()
     budget = tab_quantize.policy_from_controls("budget", "int4", "mean", -2, -10, 0, 0, 0.25, 0, 8, False)
     with pytest.raises(InputError, match="no Fisher map for this model"):
         tab_quantize.readout(state, budget, user)
