@@ -47,11 +47,22 @@ def cmd_export(args):
     exp = export_plan(plan, model, args.to, component=component, int4_kernel=args.int4_kernel)
     out = Path(args.out) if args.out else plan_path.with_suffix(f".{args.to}.json")
     exp.save(out)
+    from .export import stored_bytes
+    from .quantize import size_report
+
+    size = size_report(plan, param_shapes(model))
+    lib = stored_bytes(model, exp.converted)
     res = {"command": "export", "out": str(out), "to": args.to, "model": str(args.model), "component": component,
            "converted": len(exp.converted), "not_converted": len(exp.not_converted),
-           "approximations": exp.approximations}
+           "approximations": exp.approximations, "stored_bytes": lib, "plan_bytes": size.total_bytes,
+           "fp32_bytes": size.fp32_bytes}
     human = [(f"wrote {out}: {len(exp.converted)} modules converted for {args.to}, {len(exp.not_converted)} kept "
-              f"as they are (reasons in the file)")]
+              f"as they are (reasons in the file)"),
+             f"{args.to} stores about {lib:,} bytes ({100 * lib / size.fp32_bytes:.1f}% of FP32); the plan in LAFQ's "
+             f"own storage takes {size.total_bytes:,} ({size.pct_of_fp32:.1f}%)"]
+    if lib > 1.1 * size.total_bytes:
+        human.append("  the difference: modules the library does not convert stay in the model's dtype"
+                     + (" (torchao converts nn.Linear only; convolutions stay FP32)" if args.to != "quanto" else ""))
     human += [f"  approximated: {a}" for a in exp.approximations]
     _emit(args, res, "\n".join(human))
 

@@ -43,7 +43,7 @@ from torch import nn
 
 from .checkpoint import atomic_write_bytes
 from .policy import Plan
-from .precision import FORMATS, GROUP
+from .precision import FORMATS, GROUP, tensor_bytes
 
 TARGETS = ("torchao", "diffusers", "quanto")
 INT4_KERNELS = ("intx", "tinygemm")
@@ -104,6 +104,15 @@ class Export:
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_bytes(path, (json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n").encode())
+
+
+def stored_bytes(model: nn.Module, converted: dict[str, str]) -> int:
+    """About what the target library stores: each converted module's weight at its precision (scales included),
+    every other parameter in the model's own dtype. torchao converts nn.Linear only, so on a convolutional
+    U-Net this is far above the plan's size: the convolutions stay in FP32."""
+    planned = {f"{m}.weight" if m else "weight": p for m, p in converted.items()}
+    return sum(tensor_bytes(tuple(t.shape), planned[n]) if n in planned else t.numel() * t.element_size()
+               for n, t in model.named_parameters())
 
 
 def module_precisions(plan: Plan, model: nn.Module) -> dict[str, tuple[str, nn.Module]]:

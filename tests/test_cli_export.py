@@ -189,3 +189,24 @@ def test_a_plan_records_the_model_it_was_made_for_and_export_defaults_to_it(tmp_
     assert res["model"] == str(root) and res["converted"] > 0
     assert main(["quantize", "--plan", str(plan), "--json"]) == 0  # quantize --plan loads it too
     assert json.loads(capsys.readouterr().out)["model"] == str(root)
+
+
+def test_export_says_how_many_bytes_the_target_library_really_stores(tmp_path, capsys):
+    """torchao converts nn.Linear only: on a convolutional U-Net most of an INT8 plan stays FP32 there."""
+    from lafq.export import stored_bytes
+    from tests.diffusers_tiny import save_pipeline_dir, tiny_unet2d
+
+    model = tiny_unet2d()
+    root = save_pipeline_dir(tmp_path / "pipe", model)
+    plan = tmp_path / "plan.json"
+    assert main(["quantize", "--model", str(root), "--strategy", "uniform", "--target", "int8", "--plan-out",
+                 str(plan), "--json"]) == 0
+    capsys.readouterr()
+    assert main(["export", "--plan", str(plan), "--to", "quanto"]) == 0
+    out = capsys.readouterr().out
+    assert "quanto stores about" in out and "the plan in LAFQ's own storage takes" in out
+    assert main(["export", "--plan", str(plan), "--to", "quanto", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    fp32 = 4 * sum(p.numel() for p in model.parameters())
+    assert res["fp32_bytes"] == fp32 and res["plan_bytes"] <= res["stored_bytes"] < fp32
+    assert stored_bytes(model, {}) == fp32  # nothing converted: everything in the model's dtype
