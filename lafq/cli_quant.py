@@ -143,6 +143,7 @@ def cmd_fisher(args):
     if getattr(m.den.module, "lafq_plan", None) is not None:
         raise ValueError("compute Fisher maps on the FP32 model, not a quantized one")
     m, images, labels, data_name = _fisher_data(args, m)
+    m.den.require_inputs()  # before any work: one line for a model whose inputs nothing supplies
     if args.per_class and labels is None:
         raise ValueError("--per-class needs a class-conditional model and labelled images (--dataset)")
     device = distributed.init_from_env(resolve_device(args.device))  # under torchrun: this process's share

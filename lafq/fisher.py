@@ -214,6 +214,7 @@ def fisher_map(den: Denoiser, images: torch.Tensor, *, labels: torch.Tensor | No
         raise ValueError("p_null replaces the rows of labelled draws: give labels, or p_null=0")
     if method not in METHODS:
         raise ValueError(f"unknown per-sample gradient method {method!r}; choose one of {METHODS}")
+    den.require_inputs()
     classes = classes_of(den)
     groups = [[c] for c in classes] if per_class else [classes]
     module = den.module

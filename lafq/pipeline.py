@@ -123,6 +123,7 @@ def denoise(model, spec: SampleSpec, *, device=None, clip: bool = True, rows=Non
     spec.guidance then applies with the model's null row.
     """
     den = as_denoiser(model)
+    den.require_inputs()
     device = model_device(den.module) if device is None else torch.device(device)
     if rows is None:
         rows, labels, guidance = conditioning_rows(den, spec)

@@ -210,3 +210,21 @@ def test_export_says_how_many_bytes_the_target_library_really_stores(tmp_path, c
     fp32 = 4 * sum(p.numel() for p in model.parameters())
     assert res["fp32_bytes"] == fp32 and res["plan_bytes"] <= res["stored_bytes"] < fp32
     assert stored_bytes(model, {}) == fp32  # nothing converted: everything in the model's dtype
+
+
+def test_a_cross_attention_model_without_its_conditioning_is_refused_in_one_line(tmp_path, capsys):
+    """It used to end in a 42-line traceback from inside the model's forward."""
+    import torch
+    from safetensors.torch import save_file
+
+    from tests.diffusers_tiny import save_pipeline_dir, tiny_unet2d_condition
+
+    model = tiny_unet2d_condition()
+    root = save_pipeline_dir(tmp_path / "pipe", model)
+    save_file({"images": torch.randn(4, model.config.in_channels, 8, 8)}, str(tmp_path / "x.safetensors"))
+    assert main(["fisher", "--model", str(root), "--images", str(tmp_path / "x.safetensors"), "--bins", "1",
+                 "--samples", "2", "--out", str(tmp_path / "f.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: UNet2DConditionModel needs encoder_hidden_states, which nothing supplies: capture it from "
+                   "one real call (lafq.models.capture_conditioning; the CLI's --conditioning FILE)")
+    assert not (tmp_path / "f.safetensors").exists()

@@ -196,6 +196,20 @@ class Denoiser:
     def T(self) -> int:
         return self.schedule.T
 
+    def require_inputs(self) -> None:
+        """Refuse, in one line, a model whose forward needs inputs that neither the call nor the conditioning
+        supplies (a cross-attention U-Net without `encoder_hidden_states`: it failed deep inside its forward)."""
+        try:
+            params = list(inspect.signature(self.module.forward).parameters.values())
+        except (TypeError, ValueError):
+            return
+        given = set(self.conditioning.kwargs) if self.conditioning is not None else set()
+        missing = [p.name for p in params[2:] if p.default is inspect.Parameter.empty and p.name not in given
+                   and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in ("timestep", "timesteps", "t")]
+        if missing:
+            raise ValueError(f"{type(self.module).__name__} needs {', '.join(missing)}, which nothing supplies: capture "
+                             "it from one real call (lafq.models.capture_conditioning; the CLI's --conditioning FILE)")
+
     def _abar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return _bcast(self.schedule.alphas_cumprod.to(device=like.device, dtype=like.dtype)[t.to(like.device)], like)
 
