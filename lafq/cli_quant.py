@@ -72,6 +72,8 @@ def model_arg(p) -> None:
                    help=f"the model: a lafq .safetensors U-Net (default {paths.UNET.relative_to(paths.REPO)}), "
                         "a diffusers pipeline or model folder, or a Hub repo id (owner/name)")
     p.add_argument("--subfolder", default=None, help="diffusers: the denoiser's subfolder (default: transformer or unet)")
+    p.add_argument("--weights", default=None,
+                   help="a quantized .safetensors of this model (quantize --out): used in place of its FP32 weights")
 
 
 @dataclass(frozen=True)
@@ -95,13 +97,20 @@ def load_model_arg(args) -> ModelArg:
     spec = args.model or str(paths.UNET)
     p = Path(spec)
     if p.suffix == ".safetensors" or p.is_file():
-        return ModelArg(load(p), None, None, True)
-    from .cli_diffusers import load_folder
+        m = ModelArg(load(p), None, None, True)
+    else:
+        from .cli_diffusers import load_folder
 
-    den = load_folder(p, subfolder=getattr(args, "subfolder", None))
-    folder = p if p.is_dir() else None
-    card = ModelCard.read(p) if folder is not None and (p / CARD_FILE).is_file() else None
-    return ModelArg(den, folder, card, False)
+        den = load_folder(p, subfolder=getattr(args, "subfolder", None))
+        folder = p if p.is_dir() else None
+        card = ModelCard.read(p) if folder is not None and (p / CARD_FILE).is_file() else None
+        m = ModelArg(den, folder, card, False)
+    if getattr(args, "weights", None):  # a quantized file of this model: its schedule and conditioning, these weights
+        from .quantize import load_quantized
+
+        q, _ = load_quantized(args.weights, like=m.den.module)
+        m = replace(m, den=replace(m.den, module=q))
+    return m
 
 
 def _fisher_data(args, m: ModelArg):

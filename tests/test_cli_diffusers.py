@@ -146,3 +146,22 @@ def test_report_with_model_measures_a_diffusers_folder_with_its_own_edges_classi
     assert "--checkpoint and --model name two models" in capsys.readouterr().err
     assert main(["report", "--model", str(folder), "--backend", "inception"]) == 2
     assert "the folder's own classifier as FID backend" in capsys.readouterr().err
+
+
+def test_sample_and_fid_run_a_quantized_diffusers_file_with_its_folder(folder, tmp_path, capsys):
+    """A quantized diffusers file holds no scheduler: `--model FOLDER --weights FILE` samples it with the folder's."""
+    from PIL import Image
+
+    from lafq.cli import main
+
+    q = tmp_path / "q.safetensors"
+    assert main(["quantize", "--model", str(folder), "--strategy", "uniform", "--target", "int4", "--out", str(q),
+                 "--json"]) == 0
+    capsys.readouterr()
+    args = ["sample", "--model", str(folder), "--n", "4", "--steps", "2", "--device", "cpu", "--json"]
+    assert main([*args, "--out", str(tmp_path / "fp32.png")]) == 0
+    assert main([*args, "--weights", str(q), "--out", str(tmp_path / "int4.png")]) == 0
+    capsys.readouterr()
+    assert Image.open(tmp_path / "fp32.png").tobytes() != Image.open(tmp_path / "int4.png").tobytes()
+    assert main(["fisher", "--model", str(folder), "--weights", str(q), "--bins", "1", "--samples", "1"]) == 2
+    assert "not a quantized one" in capsys.readouterr().err
