@@ -168,6 +168,24 @@ class DiffusersState(AppState):
             raise InputError(f"{NO_FISHER}; strategies {list(NO_FISHER_STRATEGIES)} work without one")
         return make_plan(policy, fm, self.weights)  # no map: the plan needs only the model's tensors
 
+    has_inside = False
+    own_sensitivity = False
+    fid_features = "the features of its shipped classifier"
+
+    @property
+    def fisher_dataset(self) -> str | None:
+        return self.info.dataset
+
+    @property
+    def default_class(self) -> str:
+        return "0" if self.classes else "any"
+
+    @property
+    def report_csv(self):
+        """`report --model` writes FOLDER/report/report.csv."""
+        path = self.folder / "report" / "report.csv" if self.folder is not None else None
+        return path if path is not None and path.is_file() else None
+
     @property
     def reference(self) -> str:
         name = self.info.reference or self.info.dataset
@@ -237,8 +255,8 @@ def load_model_state(entry: ModelEntry, *, device: str = "cpu", heavy=None, jobs
 def quick_fisher(den, dataset: str, bins: int, samples: int, per_class: bool = False, progress=None) -> FisherMap:
     """A Fisher map of `den` on real images of `dataset` (lafq.data; offline, its vendored subset when the full
     split is not installed: the map's meta["images"] names what was read). A class-conditional model (one
-    with a null row) is scored on each image's own label, the null class at the training dropout rate;
-    `per_class` adds one map per class."""
+    with a null row) is scored on each image's own label, classes drawn in turn (the shipped MNIST map's
+    recipe), the null class at the training dropout rate; `per_class` adds one map per class."""
     from lafq.data import load_dataset_or_subset
     from lafq.fisher import fisher_map
 
@@ -249,8 +267,8 @@ def quick_fisher(den, dataset: str, bins: int, samples: int, per_class: bool = F
     labelled = den.null_row is not None and y is not None
     if per_class and not labelled:
         raise ValueError("per-class maps need a class-conditional model and labelled images")
-    fm = fisher_map(den, x, labels=y if labelled else None, per_class=per_class, bins=bins, samples_per_bin=samples,
-                    method="hooks", progress=progress)
+    fm = fisher_map(den, x, labels=y if labelled else None, draws="balanced" if labelled else "uniform",
+                    per_class=per_class, bins=bins, samples_per_bin=samples, method="hooks", progress=progress)
     fm.meta["images"] = data.name
     return fm
 

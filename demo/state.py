@@ -346,6 +346,17 @@ class AppState:
     reference = "mnist-train5k"  # FID reference statistics of this dataset (lafq.metrics.reference_statistics)
     floor_images = "mnist-test10k"  # the real images of the real-vs-real floor
     stats_dir = None  # where the reference statistics are cached (None: checkpoints/stats)
+    fisher_dataset = "mnist-test10k"  # the labelled images a recomputed Fisher map is scored on
+    default_class = "7"  # what Compare shows first
+    has_inside = True  # the Inside tab's activations and saliency (lafq.inside: the project U-Net's layers)
+    own_sensitivity = True  # the shipped sensitivity validation is this model's
+    fid_features = "the named feature backend (offline: the project's classifier; Inception when its weights are present)"
+
+    @property
+    def report_csv(self):
+        """The committed report of this model's plans (docs/report.csv), or None."""
+        from lafq import paths
+        return paths.DOCS / "report.csv"
 
     @property
     def classes(self) -> tuple[str, ...]:

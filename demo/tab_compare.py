@@ -153,7 +153,7 @@ def class_choices(state: AppState) -> list[tuple[str, str]]:
 
 
 def default_class(state: AppState) -> str:
-    return DEFAULTS["digit"] if state.kind == "lafq" else ("0" if state.classes else "any")
+    return state.default_class
 
 
 def tagged(a: np.ndarray | None):

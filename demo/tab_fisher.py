@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import torch
 
-from lafq.fisher import VIEWS, FisherMap, compute_fisher
+from lafq.fisher import VIEWS, FisherMap
 
 from . import plots
 from .state import (MAX_BINS, MAX_FISHER_SAMPLES, AppState, InputError, UserSession, as_choice, as_number, as_user,
@@ -105,18 +105,21 @@ def recompute(state: AppState, bins, samples, per_class: bool, progress=None, ca
     bins, samples = fisher_settings(bins, samples)
     # `is not None`: gr.Progress() is falsy (its __len__ is 0 before any tracking), so `if progress` dropped it.
     report = Stages(progress, {"map": 1.0}, "Fisher").stage("map", lambda d, t: f"bin {d}/{t}")  # and the time left
-    if state.kind != "lafq":
-        return _recompute_any(state, bins, samples, per_class, cancellable(report, cancel), user)
-    from lafq.data import load_dataset
+    from .models import quick_fisher
 
-    x, y = load_dataset("mnist-test10k").tensors()
+    if state.fisher_dataset is None:
+        raise InputError(f"{state.title} names no dataset (lafq.json \"dataset\"): its Fisher map cannot be "
+                         "computed here")
+    if per_class and not state.classes:
+        raise InputError(f"{state.title} has no classes: untick 'per class'")
     model = state.private_model()  # the hooks go on a copy: the shared model keeps serving Compare, FID, Inside
     try:
-        fm = compute_fisher(model, x, y, bins=bins, samples_per_bin=samples, per_class=bool(per_class),
-                            progress=cancellable(report, cancel))
+        fm = quick_fisher(state.denoiser(model), state.fisher_dataset, bins, samples, per_class=bool(per_class),
+                          progress=cancellable(report, cancel))
     finally:
         del model
-    note = f"your recomputed map: {bins} bins x {samples} samples{' per digit' if per_class else ''}"
+    note = (f"your recomputed map: {bins} bins x {samples} samples{f' per {state.class_word}' if per_class else ''}"
+            f" of {fm.meta['images']}")
     state._fisher_seconds = fm.meta["seconds"] / (bins * samples * (len(state.classes) if per_class else 1))
     new = replace(as_user(user), fisher=fm, fisher_note=note)
     return new, f"{note}, in {fm.meta['seconds']:.1f}s. Only your plans use it; other users keep theirs."
@@ -134,27 +137,6 @@ def estimate(state: AppState, bins, samples, per_class) -> tuple[float, str]:
     seconds = gradients * pace
     return seconds, (f"This recompute takes {gradients:,} per-sample gradients: about **{duration(seconds)}** here. "
                      "Press **Start** to run it, or lower the bins or samples.")
-
-
-def _recompute_any(state, bins: int, samples: int, per_class, progress, user) -> tuple[UserSession, str]:
-    """A diffusers model's map (lafq.fisher.fisher_map) on its dataset's labelled images, on a private copy."""
-    from .models import quick_fisher
-
-    if per_class and not state.classes:
-        raise InputError(f"{state.title} has no classes: untick 'per class'")
-    if state.info.dataset is None:
-        raise InputError(f"{state.title} names no dataset (lafq.json \"dataset\"): its Fisher map cannot be "
-                         "computed here")
-    den = replace(state.den, module=state.private_model())
-    try:
-        fm = quick_fisher(den, state.info.dataset, bins, samples, per_class=bool(per_class), progress=progress)
-    finally:
-        del den
-    note = (f"your recomputed map: {bins} bins x {samples} samples{' per class' if per_class else ''} "
-            f"of {fm.meta['images']}")
-    state._fisher_seconds = fm.meta["seconds"] / (bins * samples * (len(state.classes) if per_class else 1))
-    new = replace(as_user(user), fisher=fm, fisher_note=note)
-    return new, f"{note}, in {fm.meta['seconds']:.1f}s. Only your plans use it; other users keep theirs."
 
 
 def shipped(state: AppState, user: UserSession | None) -> tuple[UserSession, str]:

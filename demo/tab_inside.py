@@ -18,12 +18,12 @@ ONLY = "the Inside tab works on the MNIST U-Net only: choose it in the model sel
 
 
 def mnist_only(state: AppState) -> None:
-    if state.kind != "lafq":
+    if not state.has_inside:
         raise InputError(ONLY)
 
 
 def model_note(state: AppState) -> str:
-    return "" if state.kind == "lafq" else f"**MNIST U-Net only.** {state.title} is selected; {ONLY}."
+    return "" if state.has_inside else f"**MNIST U-Net only.** {state.title} is selected; {ONLY}."
 
 
 def _common(digit, steps, seed):
@@ -119,6 +119,6 @@ def build(models, current, user, guard):
 
     def refresh(usr):
         st = models.state_for(usr)
-        figs = example() if st.kind == "lafq" else (None, None, None, None)
+        figs = example() if st.has_inside else (None, None, None, None)
         return (model_note(st), *figs)
     return arrival, (refresh, [user], [note, heat, maps, sal, qerr])

@@ -257,9 +257,9 @@ def pareto_figure(state: AppState, user: UserSession | None = None, n: int = QUI
     panels = {f"your evaluations: N={n:,} per seed, DDIM-{steps}, {backend}": [
         {"label": f"{p.label} ({p.seeds} seed{'s' if p.seeds > 1 else ''})", "pct_of_fp32": p.pct_of_fp32,
          "fid_mean": p.fid_mean, "fid_ci95": p.fid_ci95, "fp32": p.label == "fp32"} for p in mine]}
-    report = report_points() if state.kind == "lafq" else []
+    report = report_points(state.report_csv) if state.report_csv is not None else []
     if report:
-        r = report_setting()
+        r = report_setting(state.report_csv)
         panels = {f"the report's plans: {r}": report, **panels}
     return plots.pareto(panels, f"size vs FID for {state.title}: each setting on its own axes")
 
@@ -268,12 +268,12 @@ def model_note(state: AppState) -> str:
     """What the tab measures for the selected model, or the one line saying it cannot."""
     if not state.has_classifier:
         return f"**{state.title}**: FID and fidelity are {NO_CLASSIFIER}."
-    if state.kind == "lafq":
-        return ("FID of class-balanced samples against the held-out MNIST reference, with the feature backend "
-                "named (offline: the project's classifier; Inception when its weights are present).")
-    ref = state.info.reference or state.info.dataset or "its reference set"
-    return (f"FID of class-balanced samples of **{state.title}** against {ref}, with the features of its shipped "
-            "classifier. The sensitivity chart below is the MNIST U-Net's.")
+    try:
+        ref = state.reference
+    except InputError:
+        ref = "its reference set"
+    return (f"FID of class-balanced samples of **{state.title}** against {ref}, with {state.fid_features}."
+            + ("" if state.own_sensitivity else " The sensitivity chart below is the MNIST U-Net's."))
 
 
 def build(models, current, user, guard):

@@ -6,7 +6,7 @@ import pytest
 pytest.importorskip("gradio_client")
 from gradio_client import Client  # noqa: E402
 
-from demo import tab_fisher, tab_quality  # noqa: E402
+from demo import tab_quality  # noqa: E402
 from demo.state import _hooked  # noqa: E402
 from tests.app.conftest import launch  # noqa: E402
 
@@ -23,7 +23,7 @@ def url(app_state):
 
 
 def started_signal(monkeypatch, module, name):
-    """Patch module.name (compute_fisher / evaluate_fid) so that its first progress call sets an Event."""
+    """Patch module.name (quick_fisher / evaluate_fid) so that its first progress call sets an Event."""
     started = threading.Event()
     real = getattr(module, name)
 
@@ -47,7 +47,9 @@ def heavy_slot_frees(app_state) -> bool:
 
 def test_a_recompute_never_breaks_or_changes_other_users(url, app_state, monkeypatch):
     shipped = app_state.fisher
-    started = started_signal(monkeypatch, tab_fisher, "compute_fisher")
+    from demo import models as demo_models
+
+    started = started_signal(monkeypatch, demo_models, "quick_fisher")
     g, b = Client(url, verbose=False), Client(url, verbose=False)
     before_b = b.predict(*GLOBAL, api_name="/quantize_readout")[0]
     job = g.submit(100, 256, False, api_name="/recompute_fisher")  # long: it runs while the others work
