@@ -17,7 +17,7 @@ from pathlib import Path
 from lafq.checkpoint import CheckpointError, read_bytes_checked
 from lafq.fisher import STATISTICS
 from lafq.planfile import read_plan
-from lafq.policy import STRATEGIES, Plan, Policy, floor_bytes, param_shapes
+from lafq.policy import STRATEGIES, STRATEGY_DEFS, Plan, Policy, floor_bytes, param_shapes
 from lafq.precision import PRECISIONS, numel
 from lafq.quantize import quantized_from_file
 
@@ -32,17 +32,11 @@ HOW_TO = ("**How to:** pick a preset (or a strategy and its settings); the size 
 THRESHOLD_INFO = "log10 of a fraction of the largest Fisher score; leftmost = 0: keep everything in FP32"
 CONTROL_NAMES = ("strategy", "target", "statistic", "log_threshold", "log_encoder", "log_mid", "log_decoder", "p", "k",
                  "avg_bits", "protect_mid")
-# Which controls each strategy reads (the others are hidden). A strategy not listed shows every control.
-USES = {
-    "uniform": {"target"},
-    "global": {"target", "statistic", "log_threshold", "protect_mid"},
-    "groups": {"target", "statistic", "log_encoder", "log_mid", "log_decoder", "protect_mid"},
-    "layer-ratio": {"target", "statistic", "p", "protect_mid"},
-    "layer-std": {"target", "statistic", "k", "protect_mid"},
-    "first-last": {"target", "protect_mid"},  # the model's first and last layers at INT8 (Policy.edge)
-    "budget": {"statistic", "avg_bits", "protect_mid"},
-    "random": {"avg_bits", "protect_mid"},
-}
+# The controls that set each Policy field; which a strategy shows follows from what it reads (lafq.policy.STRATEGY_DEFS).
+FIELD_CONTROLS = {"target": ("target",), "statistic": ("statistic",), "threshold": ("log_threshold",),
+                  "group_thresholds": ("log_encoder", "log_mid", "log_decoder"), "p": ("p",), "k": ("k",),
+                  "avg_bits": ("avg_bits",), "protect_mid": ("protect_mid",)}
+USES = {name: {c for f in s.reads for c in FIELD_CONTROLS.get(f, ())} for name, s in STRATEGY_DEFS.items()}
 
 
 def _from_log(x: float) -> float:

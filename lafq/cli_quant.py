@@ -37,6 +37,14 @@ def policy_from_args(args):
         kw["k"] = args.k
     if args.group_thresholds:
         kw["group_thresholds"] = group_thresholds(args.group_thresholds)
+    from .policy import STRATEGY_DEFS
+
+    reads = STRATEGY_DEFS[strategy].reads
+    unread = [f"--{f.replace('_', '-')}" for f in ("threshold", "p", "k", "avg_bits", "budget_bytes", "group_thresholds",
+                                                  "choices", "protect_mid") if getattr(args, f, None) and f not in reads]
+    if unread:  # given, and silently ignored before: say so
+        print(f"note: strategy {strategy!r} does not read {', '.join(unread)} (it reads: "
+              f"{', '.join('--' + f.replace('_', '-') for f in reads)})", file=sys.stderr)
     return Policy(**kw)
 
 
@@ -253,7 +261,7 @@ def cmd_quantize(args):
         policy = policy_from_args(args)
         fisher = args.fisher or (m.folder / "fisher.safetensors" if m.folder is not None else
                                  DEFAULT_FISHER if m.unet_file else None)
-        if args.fisher is None and policy.strategy in NO_FISHER_STRATEGIES and not (fisher and Path(fisher).is_file()):
+        if args.fisher is None and policy.strategy in NO_FISHER_STRATEGIES:
             fisher = None  # nothing to rank: the plan needs only the model's tensors
         elif fisher is None:
             raise ValueError(f"give --fisher (a map of {m.label}, from `fisher --model`) for a policy, or --plan")

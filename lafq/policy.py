@@ -35,7 +35,30 @@ from .layers import GROUPS, Layers, layers_of
 from .plan import Plan, param_shapes, plan_bytes  # noqa: F401  (re-exported: lafq.policy.Plan keeps working)
 from .precision import check_precision, fallback, numel, roundtrip, tensor_bytes
 
-STRATEGIES = ("uniform", "global", "groups", "layer-ratio", "layer-std", "first-last", "budget", "random")
+@dataclass(frozen=True)
+class Strategy:
+    """One declaration per strategy: the Policy fields it reads (what the CLI and the app offer for it) and
+    whether it ranks tensors by a Fisher map (a model without one gets only the others)."""
+    name: str
+    reads: tuple[str, ...]
+    ranks: bool
+    summary: str
+
+
+_TWO_LEVEL = ("target", "high", "statistic", "signal", "protect_mid", "fisher_group")
+STRATEGY_DEFS = {s.name: s for s in (
+    Strategy("uniform", ("target", "protect_mid"), False, "every tensor to target"),
+    Strategy("global", (*_TWO_LEVEL, "threshold"), True, "tensors at or below a fraction of the top score"),
+    Strategy("groups", (*_TWO_LEVEL, "group_thresholds", "groups"), True, "one threshold per layer group"),
+    Strategy("layer-ratio", (*_TWO_LEVEL, "p"), True, "the lowest-scoring fraction p of each layer"),
+    Strategy("layer-std", (*_TWO_LEVEL, "k"), True, "below mean + k std of each layer's log score"),
+    Strategy("first-last", ("target", "edge", "edge_layers", "protect_mid"), False, "target, first and last layers at edge"),
+    Strategy("budget", ("avg_bits", "budget_bytes", "statistic", "signal", "choices", "protect_mid", "fisher_group"),
+             True, "the least predicted damage within a size (exact)"),
+    Strategy("random", ("avg_bits", "budget_bytes", "seed", "lower_to", "protect_mid"), False,
+             "a random allocation at a size: the control"),
+)}
+STRATEGIES = tuple(STRATEGY_DEFS)
 SIGNALS = ("fisher", "magnitude", "error")  # error: budget only (a two-level ranking needs one number per tensor)
 BUDGET_CHOICES = ("fp32", "fp16", "int8", "int4-g32", "int4-g64", "int4")
 RANDOM_FILL = 0.99  # random controls are built up to at least this fraction of their budget
@@ -156,7 +179,7 @@ def select(policy: Policy, scores: dict[str, float], layers: Layers) -> set[str]
     raise ValueError(f"strategy {s!r} is not a two-level strategy")
 
 
-NO_FISHER_STRATEGIES = ("uniform", "random", "first-last")  # what a plan can be without a Fisher map
+NO_FISHER_STRATEGIES = tuple(n for n, s in STRATEGY_DEFS.items() if not s.ranks)  # plans without a Fisher map
 
 
 def make_plan(policy: Policy, fisher: FisherMap | None, weights: dict[str, torch.Tensor]) -> Plan:

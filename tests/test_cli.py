@@ -105,3 +105,14 @@ def test_train_classifier_writes_a_loadable_classifier_with_its_held_out_accurac
     with pytest.raises(SystemExit) as e:  # argparse: out of range is one line and exit 2
         main(["train-classifier", "--out", str(out), "--epochs", "0"])
     assert e.value.code == 2 and "--epochs must be in [1, 1000]" in capsys.readouterr().err
+
+
+def test_an_option_the_strategy_does_not_read_is_named_not_silently_ignored(tiny_ckpt, tmp_path, capsys):
+    """Strategies are declared once (lafq.policy.STRATEGY_DEFS): the CLI knows which options each reads."""
+    from lafq.policy import STRATEGY_DEFS
+
+    assert main(["quantize", "--model", str(tiny_ckpt), "--strategy", "uniform", "--target", "int8", "--p", "0.5",
+                 "--json"]) == 0
+    err = capsys.readouterr().err
+    assert "note: strategy 'uniform' does not read --p" in err
+    assert {"avg_bits", "statistic"} <= set(STRATEGY_DEFS["budget"].reads) and not STRATEGY_DEFS["uniform"].ranks

@@ -123,7 +123,7 @@ def test_presets_give_valid_controls_and_name_their_plans(app_state):
 
 
 def test_only_the_chosen_strategys_controls_show():
-    assert tab_quantize.visibility("uniform") == [True, True] + [False] * 9
+    assert tab_quantize.visibility("uniform") == [True, True] + [False] * 8 + [True]  # target, protect the middle
     shown = dict(zip(tab_quantize.CONTROL_NAMES, tab_quantize.visibility("budget")))
     assert shown["avg_bits"] and not shown["p"] and not shown["target"]
     assert all(tab_quantize.visibility("some-future-strategy"))
