@@ -234,9 +234,31 @@ def balanced_labels(n: int, num_classes: int = 10) -> torch.Tensor:
 
 # -- fidelity to a reference model (same noise) ---------------------------------------------------
 
-FIDELITY = ("mad", "psnr", "feature_distance", "agreement")
-FIDELITY_LABELS = {"mad": "mean |Δ| / 255", "psnr": "PSNR dB", "feature_distance": "feature distance",
-                   "agreement": "class agreement"}
+@dataclass(frozen=True)
+class Metric:
+    """One declaration per metric: its record field, label, display scale and unit, and direction."""
+    name: str  # the field in every record (lafq.evaluate) and report CSV
+    label: str
+    scale: float  # shown as value × scale ...
+    unit: str  # ... with this unit
+    lower_is_better: bool
+    fidelity: bool  # measured image by image against FP32's images from the same noise
+    digits: int = 3
+
+    def show(self, v: float) -> str:
+        return f"{self.scale * v:.{self.digits}f}"
+
+
+METRICS = {m.name: m for m in (
+    Metric("fid", "FID", 1, "", True, False),
+    Metric("mad", "mean |Δ| / 255", 1000, " ‰", True, True),  # per mille of the pixel range
+    Metric("psnr", "PSNR dB", 1, " dB", False, True),
+    Metric("feature_distance", "feature distance", 100, " %", True, True),
+    Metric("agreement", "class agreement", 100, " pp", False, True, digits=2),
+    Metric("accuracy", "class accuracy", 100, " %", False, False, digits=2),
+)}
+FIDELITY = tuple(n for n, m in METRICS.items() if m.fidelity)
+FIDELITY_LABELS = {n: METRICS[n].label for n in FIDELITY}
 PSNR_CAP = 100.0  # dB for identical images: keeps per-seed means and intervals finite
 
 

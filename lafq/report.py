@@ -30,7 +30,7 @@ from pathlib import Path
 from .checkpoint import atomic_write_bytes
 from .diffusion import DEFAULT_GUIDANCE
 from .fisher import FisherMap
-from .metrics import FIDELITY, mean_ci95
+from .metrics import FIDELITY, METRICS, mean_ci95
 from .pipeline import SampleSpec
 from .policy import Plan, Policy, make_plan, param_shapes
 from .precision import fallback
@@ -46,7 +46,7 @@ SOURCE_LABELS = {"fp32": "FP32", "uniform fp16": "uniform FP16", "groups fp16": 
                  "layer-ratio fp16": "per-layer ratio p = 0.25", "layer-std fp16": "per-layer mean/std"}
 EDGE = "int4, int8 stem+head"
 G32 = "uniform int4-g32"
-LOWER_IS_BETTER = {"fid": True, "mad": True, "psnr": False, "feature_distance": True, "agreement": False}
+LOWER_IS_BETTER = {n: m.lower_is_better for n, m in METRICS.items() if n != "accuracy"}  # compared pairwise
 
 
 @dataclass(frozen=True)
@@ -289,18 +289,10 @@ def verdict(metric: str, d: tuple[float, float, int], n: int, unit: str = "seeds
 
 
 def _fmt(metric: str, v: float) -> str:
-    if metric == "mad":
-        return f"{1000 * v:.3f}"  # per mille of the pixel range
-    if metric in ("agreement", "accuracy"):
-        return f"{100 * v:.2f}"
-    if metric == "feature_distance":
-        return f"{100 * v:.3f}"
-    return f"{v:.3f}"
+    return METRICS[metric].show(v) if metric in METRICS else f"{v:.3f}"
 
 
-UNITS = {"fid": "", "mad": " ‰", "psnr": " dB", "feature_distance": " %", "agreement": " pp"}
-
-
+UNITS = {n: m.unit for n, m in METRICS.items()}
 DELTA_LABELS = {"fid": "ΔFID", "mad": "Δ mean abs Δ", "psnr": "Δ PSNR", "feature_distance": "Δ feature distance",
                 "agreement": "Δ class agreement"}
 
