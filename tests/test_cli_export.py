@@ -114,6 +114,21 @@ def test_a_diffusers_export_of_a_dit_pipeline_is_for_its_transformer_and_a_missi
     err = capsys.readouterr().err.strip()
     assert err == (f"error: {root} is a pipeline without a 'unet' component (it has transformer, scheduler; its "
                    "denoiser is 'transformer')")
+    pytest.importorskip("accelerate", reason="diffusers' torchao loader needs accelerate (requirements-export.txt)")
+    import torch
+    from diffusers import DiTTransformer2DModel
+
+    from lafq.export import load_export
+
+    cfg = load_export(tmp_path / "plan.diffusers.json")  # the transformer loads quantized: its outputs change
+    fp32 = DiTTransformer2DModel.from_pretrained(root, subfolder="transformer").eval()
+    q = DiTTransformer2DModel.from_pretrained(root, subfolder="transformer", quantization_config=cfg,
+                                              dtype=torch.float32).eval()
+    x = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    kw = dict(timestep=torch.tensor([10, 500]), class_labels=torch.tensor([0, 1]), return_dict=False)
+    with torch.no_grad():
+        a, b = fp32(x, **kw)[0], q(x, **kw)[0]
+    assert not torch.equal(a, b) and (a - b).abs().mean() < 0.5 * a.abs().mean()
 
 
 @pytest.mark.parametrize("plan, message", [
