@@ -524,7 +524,8 @@ def bench_quantized(model, fisher, s: BenchSettings) -> dict:
         plan = plans[pk]
         held = sec[f"{k} | held"] / 4
         every = sec.get(f"{k} | every forward")
-        f = fidelity(ref, generate(models[k], spec)[0], clf)
+        m = models[k]  # generate casts the sampler's state to a quantized model's compute dtype itself
+        f = fidelity(ref, generate(m.model if isinstance(m, CastInput) else m, spec)[0], clf)
         vs_fp32 = paired_ratios(times[f"{k} | held"], times["fp32 | held"])  # time / FP32's, per repeat
         out["plans"][k] = {"compute": compute, "ms_per_image_step": 1000 * held / b,
                            "slowdown_vs_fp32": statistics.median(vs_fp32),

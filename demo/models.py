@@ -264,9 +264,9 @@ def quick_fisher(den, dataset: str, bins: int, samples: int, per_class: bool = F
     x, y = data.tensors()
     if tuple(x.shape[1:]) != den.sample_shape:
         raise ValueError(f"{data.name} images are {tuple(x.shape[1:])}; the model samples {den.sample_shape}")
-    labelled = den.null_row is not None and y is not None
+    labelled = den.conditioning is not None and y is not None
     if per_class and not labelled:
-        raise ValueError("per-class maps need a class-conditional model and labelled images")
+        raise ValueError("per-class maps need a conditional model and labelled images")
     fm = fisher_map(den, x, labels=y if labelled else None, draws="balanced" if labelled else "uniform",
                     per_class=per_class, bins=bins, samples_per_bin=samples, method="hooks", progress=progress)
     fm.meta["images"] = data.name

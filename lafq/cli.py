@@ -137,6 +137,9 @@ def _fid_subject(args):
     from .metrics import DEFAULT_CLASSIFIER, ClassifierBackend, get_backend
 
     folder = Path(args.model) if args.model and Path(args.model).is_dir() else None
+    if folder is None and args.model and not (Path(args.model).is_file() or args.model.endswith(".safetensors")):
+        raise ValueError(f"fid scores a lafq .safetensors U-Net or a model folder with its classifier and lafq.json; "
+                         f"{args.model} is neither (download a Hub model into a folder with both)")
     if folder is None:
         backend = ClassifierBackend(path=args.classifier) if args.classifier else get_backend(args.backend)
         clf = backend.model if args.classifier else load_classifier(DEFAULT_CLASSIFIER)[0]
@@ -167,7 +170,7 @@ def cmd_fid(args):
     cache = args.cache_dir or (folder / "eval" if folder is not None else None)
     seeds = list(range(args.seed, args.seed + args.seeds))
     res = {"command": "fid", "model": args.model or str(DEFAULT_CKPT), "backend": backend.name, "n": args.n,
-           "seeds": seeds, "reference": reference}
+           "seeds": seeds, "reference": reference, "weights": args.weights}
     lines = []
     if not args.floor_only:
         m = load_model_arg(args)
@@ -190,7 +193,8 @@ def cmd_fid(args):
         res["real_floor"] = {**f.to_dict(), "train": floor_images}
         lines.append(f"real-vs-real floor ({floor_images} draws vs {reference}): " + f.describe())
     if cache is not None:  # the summary beside the per-seed results
-        name = "floor" if args.floor_only else f"fid-n{args.n}-ddim{args.steps}-w{res.get('guidance', 0):g}"
+        name = "floor" if args.floor_only else f"fid-n{args.n}-ddim{args.steps}-w{res.get('guidance', 0):g}" + (
+            f"-{Path(args.weights).stem}" if args.weights else "")  # a quantized model's summary beside FP32's
         atomic_write_bytes(Path(cache) / f"{name}.json", (_json.dumps(res, indent=2, sort_keys=True) + "\n").encode())
         lines.append(f"wrote {Path(cache) / (name + '.json')}")
     _emit(args, res, "\n".join(lines))

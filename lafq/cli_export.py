@@ -37,6 +37,9 @@ def cmd_export(args):
         raise FileNotFoundError(f"no such plan file: {plan_path}")
     plan = read_plan(plan_path.read_bytes(), str(plan_path))  # the strict reader every command uses
     if args.model is None:  # the model the plan was made for (a plan without that record: the shipped U-Net)
+        if "path" not in plan.model and plan.model.get("class", "UNet") != "UNet":
+            raise ValueError(f"{plan_path} was made for a {plan.model['class']} and does not say where it is: "
+                             "pass --model")
         args.model = plan.model.get("path") or DEFAULT_MODEL
     model, kind = _load_model(args.model)
     if args.to == "diffusers" and kind != "diffusers":

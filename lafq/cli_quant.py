@@ -141,7 +141,7 @@ def _fisher_data(args, m: ModelArg):
         raise ValueError(f"{m.label} names no dataset (lafq.json \"dataset\"): give --dataset NAME, or --images "
                          "FILE (clean samples, e.g. VAE latents) with --conditioning")
     x, y = load_dataset(name).tensors()
-    labelled = m.den.conditioning is not None and y is not None and m.den.null_row is not None
+    labelled = m.den.conditioning is not None and y is not None
     return m, x, (y if labelled else None), name
 
 
@@ -188,8 +188,7 @@ def cmd_fisher(args):
     distributed.finish()
     if not main:  # rank 0 writes and reports; the map is the same on every process
         return
-    out = args.out or (m.folder / "fisher.safetensors" if m.folder is not None else
-                       Path(DEFAULT_FISHER) if m.unet_file else Path("fisher.safetensors"))
+    out = args.out or (Path(DEFAULT_FISHER) if m.unet_file and args.model is None else Path("fisher.safetensors"))
     fm.save(out)
     layers, per_layer = fm.layer_names(), fm.per_layer()
     res = {"command": "fisher", "model": m.label, "class": m.den.source.get("class"), "out": str(out),
@@ -231,8 +230,8 @@ def register_fisher(sub):
     f.add_argument("--seed", type=int, default=0)
     _device_arg(f)
     f.add_argument("--out", type=Path, default=None,
-                   help="default: checkpoints/fisher.safetensors for the shipped U-Net, MODEL/fisher.safetensors "
-                        "for a folder, else ./fisher.safetensors")
+                   help="default: checkpoints/fisher.safetensors for the shipped U-Net, else ./fisher.safetensors "
+                        "(a model folder's own map, FOLDER/fisher.safetensors, is replaced only when named)")
     f.add_argument("--json", action="store_true")
     f.set_defaults(func=cmd_fisher)
 
@@ -268,8 +267,9 @@ def cmd_quantize(args):
         plan = make_plan(policy, load_fisher(fisher) if fisher is not None else None, dict(model.named_parameters()))
     if not plan.model:  # what it was made for: export and quantize --plan load it by default
         from .checkpoint import state_digest
+        where = Path(args.model).resolve() if args.model and Path(args.model).exists() else args.model
         plan.model = {"class": m.den.source.get("class", type(model).__name__), "digest": state_digest(model),
-                      **({"path": str(args.model)} if args.model else {})}
+                      **({"path": str(where)} if where else {})}
     report = size_report(plan, shapes)
     if args.out:
         report.file_bytes = save_quantized(args.out, quantize(copy.deepcopy(model), plan))
@@ -330,7 +330,10 @@ def _plan_model(path) -> str | None:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"no such plan file: {p}")
-    return read_plan(p.read_bytes(), str(p)).model.get("path")
+    made_for = read_plan(p.read_bytes(), str(p)).model
+    if "path" not in made_for and made_for.get("class", "UNet") != "UNet":
+        raise ValueError(f"{p} was made for a {made_for['class']} and does not say where it is: pass --model")
+    return made_for.get("path")
 
 
 def _deprecated(args, verb: str) -> None:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from .checkpoint import load_file, save_file, state_digest  # noqa: F401 (state_digest: re-exported)
+from .device import model_device
 from .distributed import all_reduce_sum_, shard, world
 from .diffusion import Schedule
 from .persample import METHODS, param_dtype, sq_grads
@@ -215,12 +216,14 @@ def fisher_map(den: Denoiser, images: torch.Tensor, *, labels: torch.Tensor | No
     if method not in METHODS:
         raise ValueError(f"unknown per-sample gradient method {method!r}; choose one of {METHODS}")
     den.require_inputs()
+    if getattr(den.module, "lafq_plan", None) is not None:
+        raise ValueError("compute Fisher maps on the FP32 model, not a quantized one")
     classes = classes_of(den)
     groups = [[c] for c in classes] if per_class else [classes]
     module = den.module
     edges = bin_edges(bins, den.T)
     dtype = param_dtype(module)
-    dev = next(module.parameters()).device
+    dev = model_device(module)
     gen = torch.Generator().manual_seed(seed)  # draws on the CPU: the same samples on any device
     params = dict(module.named_parameters())
     names = list(params)

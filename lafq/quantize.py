@@ -385,6 +385,7 @@ def check_tensors(tensors: dict, plan: Plan, model: nn.Module, dtype: torch.dtyp
     """The file's tensors are exactly those `plan` implies for `model` (no more, no fewer), with their shapes,
     dtypes, finite values and positive scales; raises CheckpointError naming the first problem."""
     want = expected_tensors(plan, model, dtype)
+    scales = {f"{n}.scale" for n, p in plan.precisions.items() if FORMATS[p].kind == "scaled"}
     missing = sorted(set(want) - set(tensors))
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
@@ -401,7 +402,7 @@ def check_tensors(tensors: dict, plan: Plan, model: nn.Module, dtype: torch.dtyp
             raise CheckpointError(f"{name}: {k} has shape {tuple(t.shape)}, expected {tuple(shape)}")
         if t.is_floating_point() and not bool(torch.isfinite(t.float() if t.element_size() == 1 else t).all()):
             raise CheckpointError(f"{name}: {k} holds NaN or infinite values")
-        if k.endswith(".scale") and bool((t <= 0).any()):
+        if k in scales and bool((t <= 0).any()):
             raise CheckpointError(f"{name}: {k} holds scales <= 0")
 
 

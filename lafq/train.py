@@ -57,9 +57,11 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def diffusion_loss(model, schedule, x0, y, t, noise, min_snr_gamma: float = 0.0, reduce: bool = True):
-    """Epsilon-prediction MSE; per-sample losses if reduce=False. Min-SNR weighting when gamma > 0."""
-    pred = model(q_sample(schedule, x0, t, noise), t, y)
+def diffusion_loss(model, schedule, x0, y, t, noise, min_snr_gamma: float = 0.0, reduce: bool = True, call=None):
+    """Epsilon-prediction MSE; per-sample losses if reduce=False. Min-SNR weighting when gamma > 0.
+    `call(model, x_t, t, y)` runs a model whose forward is not (x_t, t, y) (a diffusers U-Net's class_labels)."""
+    xt = q_sample(schedule, x0, t, noise)
+    pred = call(model, xt, t, y) if call is not None else model(xt, t, y)
     per_sample = F.mse_loss(pred, noise, reduction="none").flatten(1).mean(1)
     if min_snr_gamma > 0:
         abar = schedule.abar(t)
@@ -132,8 +134,9 @@ def check_same_run(state_path: Path, meta: dict, cfg: TrainConfig) -> None:
 
 def run_steps(out: Path, model, ema, opt, gen, data: tuple[torch.Tensor, torch.Tensor], schedule, cfg: TrainConfig, *,
               null_class: int, step: int, stop: int, wall: float, checkpoint, sample_grid, channels_last: bool,
-              device, progress: bool) -> dict:
-    """The training loop shared by every architecture trained here: `model(x_t, t, y)` predicts the noise.
+              device, progress: bool, call=None) -> dict:
+    """The training loop shared by every architecture trained here: `model(x_t, t, y)` (or `call(model, x_t, t,
+    y)`) predicts the noise.
 
     Steps `step` -> `stop`: batches, label dropout to `null_class`, timesteps and noise drawn from `gen` on
     the CPU; AdamW at lr_at(step), gradient clipping, EMA update. Appends to out/train_log.jsonl every
@@ -160,7 +163,7 @@ def run_steps(out: Path, model, ema, opt, gen, data: tuple[torch.Tensor, torch.T
             x0, noise = x0.to(memory_format=torch.channels_last), noise.to(memory_format=torch.channels_last)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        loss = diffusion_loss(model, schedule, x0, y, t, noise, cfg.min_snr_gamma)
+        loss = diffusion_loss(model, schedule, x0, y, t, noise, cfg.min_snr_gamma, call=call)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:

@@ -97,15 +97,18 @@ def make_scheduler():
                          prediction_type="epsilon")
 
 
-class ClassUNet(nn.Module):
-    """`model(x_t, t, y)` -> predicted noise: the call lafq.train.run_steps and lafq.diffusion.sample make."""
+def class_call(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The training loop's call (lafq.train.run_steps): a class-conditional UNet2DModel's predicted noise."""
+    return unet(x, t, class_labels=y, return_dict=False)[0]
 
-    def __init__(self, unet: nn.Module):
-        super().__init__()
-        self.unet = unet
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, t, class_labels=y, return_dict=False)[0]
+def _unwrapped(tensors: dict) -> dict:
+    """Train states written while the U-Net was wrapped (its keys under `unet.`) read as the U-Net's own."""
+    out = {}
+    for k, v in tensors.items():
+        head, _, rest = k.partition(".")
+        out[f"{head}.{rest[5:]}" if head in ("model", "ema", "optim") and rest.startswith("unet.") else k] = v
+    return out
 
 
 def model_card(dataset: str, null_class: int, train: dict | None = None) -> dict:
@@ -157,7 +160,7 @@ def train_diffusers(out: str | Path, cfg: TrainConfig, model_cfg: UNet2DConfig =
     state_path = out / "train_state.safetensors"
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    model = ClassUNet(model_cfg.build()).to(device)
+    model = model_cfg.build().to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, wall = 0, 0.0
@@ -170,7 +173,7 @@ def train_diffusers(out: str | Path, cfg: TrainConfig, model_cfg: UNet2DConfig =
             raise CheckpointError(f"{state_path}: model config differs from the one asked for: " + "; ".join(diff))
         check_same_run(state_path, meta, cfg)
         step, wall = meta["step"], meta["wall_seconds"]
-        _restore_train_state(tensors, model, ema, opt, gen, step)
+        _restore_train_state(_unwrapped(tensors), model, ema, opt, gen, step)
     trim_log(out / "train_log.jsonl", step)
 
     data = load_dataset(cfg.dataset, data_root)
@@ -188,18 +191,18 @@ def train_diffusers(out: str | Path, cfg: TrainConfig, model_cfg: UNet2DConfig =
     def checkpoint(step_now: int, wall_now: float) -> None:
         facts = {**info, "steps": step_now, "wall_seconds": round(wall_now, 1),
                  "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "train_config": asdict(cfg)}
-        save_pipeline(out, ema.unet, scheduler, model_card(cfg.dataset, model_cfg.null_class, facts))
+        save_pipeline(out, ema, scheduler, model_card(cfg.dataset, model_cfg.null_class, facts))
         save_file(state_path, _train_state_tensors(model, ema, opt, gen),
                   {"kind": "train_state", "architecture": "UNet2DModel", "config": model_cfg.to_dict(),
                    "train_config": asdict(cfg), "step": step_now, "wall_seconds": wall_now})
 
     def sample_grid() -> None:
         labels = torch.arange(model_cfg.null_class).repeat_interleave(8)
-        imgs = sample(ema, schedule, len(labels), steps=25, seed=0, labels=labels, null_class=model_cfg.null_class,
-                      device=device).cpu()
+        imgs = sample(lambda x, t, y: class_call(ema, x, t, y), schedule, len(labels), steps=25, seed=0,
+                      labels=labels, null_class=model_cfg.null_class, device=device).cpu()
         save_grid(imgs, out / "samples.png", nrow=8)
 
     stop = min(cfg.steps, until) if until else cfg.steps
     return run_steps(out, model, ema, opt, gen, (x_all, y_all), schedule, cfg, null_class=model_cfg.null_class,
                      step=step, stop=stop, wall=wall, checkpoint=checkpoint, sample_grid=sample_grid,
-                     channels_last=False, device=device, progress=progress)
+                     channels_last=False, device=device, progress=progress, call=class_call)

@@ -165,3 +165,10 @@ def test_sample_and_fid_run_a_quantized_diffusers_file_with_its_folder(folder, t
     assert Image.open(tmp_path / "fp32.png").tobytes() != Image.open(tmp_path / "int4.png").tobytes()
     assert main(["fisher", "--model", str(folder), "--weights", str(q), "--bins", "1", "--samples", "1"]) == 2
     assert "not a quantized one" in capsys.readouterr().err
+    assert main(["fid", "--model", str(folder), "--weights", str(q), "--n", "10", "--seeds", "1", "--steps", "2",
+                 "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["weights"] == str(q) and (folder / "eval" / "fid-n10-ddim2-w1.5-q.json").is_file()  # not FP32's file
+    assert not (folder / "eval" / "fid-n10-ddim2-w1.5.json").exists()
+    assert main(["fid", "--model", "owner/some-model", "--n", "10"]) == 2
+    assert "is neither" in capsys.readouterr().err

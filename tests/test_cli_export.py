@@ -243,3 +243,12 @@ def test_a_cross_attention_model_without_its_conditioning_is_refused_in_one_line
     assert err == ("error: UNet2DConditionModel needs encoder_hidden_states, which nothing supplies: capture it from "
                    "one real call (lafq.models.capture_conditioning; the CLI's --conditioning FILE)")
     assert not (tmp_path / "f.safetensors").exists()
+
+
+def test_a_plan_made_for_another_class_without_a_path_asks_for_model(tmp_path, capsys):
+    plan = tmp_path / "app-plan.json"
+    plan.write_text('{"precisions": {}, "model": {"class": "UNet2DModel", "digest": "0123456789abcdef"}}')
+    for argv in (["export", "--plan", str(plan), "--to", "quanto"], ["quantize", "--plan", str(plan)]):
+        assert main(argv) == 2
+        assert capsys.readouterr().err.strip() == (f"error: {plan} was made for a UNet2DModel and does not say where "
+                                                   "it is: pass --model")

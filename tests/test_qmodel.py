@@ -205,3 +205,22 @@ def test_a_fisher_budget_plan_for_a_diffusers_model_runs_end_to_end_from_map_to_
     back, _ = load_quantized(tmp_path / "q.safetensors")
     a, b = (from_diffusers(m, scheduler("v_prediction"), conditioning=cond).sample(2, steps=3, rows=[0, 1]) for m in (q, back))
     assert torch.equal(a, b)
+
+
+def test_a_parameter_named_scale_is_not_taken_for_a_quantization_scale(tmp_path):
+    """Only the `.scale` tensors of scaled formats must be positive; a model's own `scale` parameter may be 0."""
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.scale = nn.Parameter(torch.zeros(4))
+
+        def forward(self, x):
+            return self.lin(x) * (1 + self.scale)
+
+    torch.manual_seed(0)
+    q = quantize(Scaled(), Plan({"lin.weight": "int8", "lin.bias": "fp32", "scale": "fp16"}))
+    save_quantized(tmp_path / "s.safetensors", q)
+    back, _ = load_quantized(tmp_path / "s.safetensors", into=Scaled())
+    x = torch.randn(2, 4)
+    assert torch.equal(back(x), q(x))

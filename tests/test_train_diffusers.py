@@ -27,6 +27,25 @@ def test_a_run_split_in_two_calls_ends_with_the_weights_of_one_uninterrupted_run
     assert [r["step"] for r in log] == [2, 3, 4, 6]
 
 
+
+def test_a_train_state_written_with_the_wrapped_unet_keys_still_resumes_exactly(tmp_path):
+    """Train states written while the U-Net was trained inside a wrapper (keys `model.unet.*`, as the shipped
+    checkpoints/fashion one) resume to the weights of an uninterrupted run."""
+    from lafq.checkpoint import load_file, save_file
+
+    train_diffusers(tmp_path / "a", CFG, TINY2D, progress=False, until=3)
+    path = tmp_path / "a" / "train_state.safetensors"
+    tensors, meta = load_file(path, kind="train_state")
+    wrapped = {(f"{k.split('.', 1)[0]}.unet.{k.split('.', 1)[1]}" if k.split(".")[0] in ("model", "ema", "optim")
+                else k): v for k, v in tensors.items()}
+    save_file(path, wrapped, meta)
+    train_diffusers(tmp_path / "a", CFG, TINY2D, progress=False)
+    train_diffusers(tmp_path / "b", CFG, TINY2D, progress=False)
+    a, _ = load_file(path)
+    b, _ = load_file(tmp_path / "b" / "train_state.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a if not k.startswith("rng"))
+
+
 def test_the_folder_loads_with_load_diffusers_and_samples_each_class_with_guidance(tmp_path):
     from lafq.models import Conditioning, load_diffusers
 
