@@ -13,7 +13,7 @@ import torch
 
 from demo import tab_compare, tab_fisher, tab_inside, tab_quality, tab_quantize
 from demo.models import ModelInfo, Registry, discover
-from demo.presets import BUDGET_45, PRESETS, UNIFORM_INT4
+from demo.presets import PRESETS, UNIFORM_INT4
 from demo.state import DEFAULT_MODEL, InputError, UserSession
 
 
