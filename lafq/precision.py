@@ -59,8 +59,9 @@ FORMATS: dict[str, Format] = {}
 
 
 def register(fmt: Format) -> Format:
-    """Add a precision: every plan, file, size, policy, CLI choice and app control that lists precisions reads
-    this registry (lafq.export maps it to other libraries' configs)."""
+    """Add a precision. The formats are registered here, in this module, so every plan, file, size, policy, CLI
+    choice and app control that lists precisions sees them (lafq.export maps them to other libraries' configs);
+    a format registered later reaches this module's functions, not the lists other modules copied at import."""
     if fmt.name in FORMATS:
         raise ValueError(f"precision {fmt.name!r} is registered already")
     FORMATS[fmt.name] = fmt

@@ -258,12 +258,14 @@ class Denoiser:
 
     def eps_denoiser(self) -> Callable:
         """`eps = f(x, t, y)` for lafq.diffusion's samplers, y being conditioning rows (None: row 0);
-        the sampler's float32 state enters in the model's dtype."""
+        the sampler's float32 state enters in the model's dtype (looked up once, not at every step)."""
+        dtype = self.compute_dtype()
+
         def eps(x, t, y=None):
             # lafq's samplers run in inference mode; some quantization libraries (optimum-quanto) cannot
             # build their tensors from inference tensors, so the model runs under no_grad on plain copies.
             with torch.inference_mode(False), torch.no_grad():
-                x, t = x.to(self.compute_dtype()).clone(), t.clone()
+                x, t = x.to(dtype).clone(), t.clone()
                 y = y.clone() if torch.is_tensor(y) else y
                 return self.eps(x, t, y)
         return eps
