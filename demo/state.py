@@ -1,15 +1,16 @@
 """What every tab shares, what each user owns, and input validation.
 
 Contracts:
-- `AppState` is shared by every user and is read-only after `load_state`: the FP32 model is never
+- An `AppState` is shared by every user and is read-only after `load_state`: the FP32 model is never
   hooked, moved or replaced (work that needs hooks runs on a private deep copy), and the shipped
   Fisher map is never replaced. Caches in it hold only results that depend on nothing but their key.
 - `UserSession` is one browser tab's or API client's own state (a gr.State): the model they selected
   (`model`, an id of demo.models' registry), the Fisher map they recomputed, their evaluations.
   Handlers return a new one; another user's never changes.
-- The model-facing part of `AppState` (`kind`, `title`, `classes`, `layer_key`, `images`,
-  `save_quantized`, `has_classifier`) is what every tab uses; a model loaded by the registry
-  (demo.models.DiffusersState) provides the same for a diffusers denoiser.
+- One `AppState` class serves every model: the project's U-Net and any diffusers model are each an adapter
+  (lafq.models.Denoiser) with a card (lafq.json); the tabs ask the state (`classes`, `guided`, `layers`,
+  `images`, `plan`, `has_inside`, `reference`...), never which family the model is. `load_state` loads any
+  model through lafq.load.
 - Long jobs run inside `AppState.job`: a cancel flag per session, the request's liveness (a client
   that cancels or disconnects stops the worker at its next step), one heavy job computing at a time
   even while a cancelled one winds down, and memory handed back to the OS afterwards.
@@ -40,10 +41,9 @@ from typing import Callable
 import torch
 
 from lafq import paths
+from lafq.card import ModelCard
 from lafq.checkpoint import CheckpointError
-from lafq.diffusion import linear_schedule
-from lafq.fisher import FisherMap, compute_fisher, state_digest
-from lafq.pipeline import load_denoiser
+from lafq.fisher import FisherMap, state_digest
 from lafq.policy import Plan, Policy, make_plan, param_shapes
 from lafq.quantize import quantize, size_report
 
@@ -317,13 +317,27 @@ def as_user(value) -> UserSession:
 
 # -- shared state ------------------------------------------------------------------------------
 
+NO_FISHER = ("no Fisher map for this model: its folder has no fisher.safetensors and its lafq.json names no "
+             "dataset to compute one from")
+
+
 @dataclass
 class AppState:
-    model: torch.nn.Module
-    fisher: FisherMap
-    fisher_note: str  # where the shipped map came from (shipped, stale...)
+    """One model as every tab sees it: its adapter `den` (lafq.models.Denoiser: module, call, schedule,
+    conditioning), its `card` (lafq.json: class names, datasets, guidance), and the folders its shipped files
+    live in (`folder`: fisher.safetensors, classifier.safetensors, stats/; `report_dir`: report.csv,
+    sensitivity.csv). The same class serves the project's U-Net and any diffusers model: what differs is
+    data the adapter and the card declare. `fisher` None: no map (only NO_FISHER_STRATEGIES plan)."""
+    den: object  # lafq.models.Denoiser
+    card: ModelCard
+    fisher: FisherMap | None
+    fisher_note: str  # where the map came from (shipped, rough, none)
+    folder: Path | None = None
+    report_dir: Path | None = None
+    shipped_map: bool = True  # the map is the one shipped with the model (a switch to it needs no note)
+    model_id: str = DEFAULT_MODEL
+    title: str = ""
     device: str = "cpu"
-    schedule: object = field(default_factory=linear_schedule)
     lock: threading.Lock = field(default_factory=threading.Lock)
     heavy: threading.Lock = field(default_factory=threading.Lock)  # held by the worker thread while it computes
     _quantized: OrderedDict = field(default_factory=OrderedDict)
@@ -338,39 +352,103 @@ class AppState:
     _pace_batch: int = 0  # the batch size it was measured at
     _fisher_seconds: float | None = None  # measured seconds per per-sample gradient (the last Fisher recompute)
 
-    # -- what every tab asks of a model (class attributes: demo.models.DiffusersState answers for diffusers) --
-    kind = "lafq"
-    model_id = DEFAULT_MODEL
-    title = "MNIST U-Net (lafq)"
-    class_word = "digit"
-    reference = "mnist-train5k"  # FID reference statistics of this dataset (lafq.metrics.reference_statistics)
-    floor_images = "mnist-test10k"  # the real images of the real-vs-real floor
-    stats_dir = None  # where the reference statistics are cached (None: checkpoints/stats)
-    fisher_dataset = "mnist-test10k"  # the labelled images a recomputed Fisher map is scored on
-    default_class = "7"  # what Compare shows first
-    has_inside = True  # the Inside tab's activations and saliency (lafq.inside: the project U-Net's layers)
-    own_sensitivity = True  # the shipped sensitivity validation is this model's
-    fid_features = "the named feature backend (offline: the project's classifier; Inception when its weights are present)"
+    class_word = "class"
+
+    def __post_init__(self):
+        if not isinstance(self.card, ModelCard):
+            raise TypeError("AppState.card must be a lafq.card.ModelCard")
+        rows = self.den.conditioning.rows if self.den.conditioning is not None else 0
+        null = self.den.null_row
+        if not self.card.classes and rows:  # no names: every conditioning row before the null row is a numbered class
+            self.card = replace(self.card, classes=tuple(str(i) for i in range(null if null is not None else rows)))
+        self.title = self.title or self.card.name or "model"
 
     @property
-    def report_csv(self):
-        """The committed report of this model's plans (docs/report.csv), or None."""
-        from lafq import paths
-        return paths.DOCS / "report.csv"
+    def model(self) -> torch.nn.Module:
+        """The FP32 module (shared: never hooked, moved or replaced)."""
+        return self.den.module
+
+    @property
+    def schedule(self):
+        return self.den.schedule
 
     @property
     def classes(self) -> tuple[str, ...]:
-        """Class names in index order (the MNIST U-Net's are its digits)."""
-        return tuple(str(d) for d in range(self.model.cfg.num_classes))
+        """Class names in conditioning-row order (the card's, else numbered)."""
+        return self.card.classes
+
+    @property
+    def guided(self) -> bool:
+        """Whether classifier-free guidance applies (the model has a null row)."""
+        return self.den.null_row is not None
 
     @property
     def default_guidance(self) -> float:
-        from lafq.diffusion import DEFAULT_GUIDANCE
-        return DEFAULT_GUIDANCE
+        return self.card.guidance
+
+    @property
+    def default_class(self) -> str:
+        """What Compare shows first: the card's example class, else the first class, else 'any'."""
+        if self.card.example_class is not None:
+            return str(self.classes.index(self.card.example_class))
+        return "0" if self.classes else "any"
+
+    @property
+    def fisher_dataset(self) -> str | None:
+        """The labelled images a recomputed Fisher map is scored on."""
+        return self.card.dataset
+
+    @property
+    def reference(self) -> str:
+        """The dataset whose FID reference statistics the model is scored against (lafq.metrics)."""
+        name = self.card.reference or self.card.dataset
+        if name is None:
+            raise InputError(f"{self.title} names no reference dataset (lafq.json \"reference\"): no FID")
+        return name
+
+    @property
+    def floor_images(self) -> str:
+        """The real images of the real-vs-real floor."""
+        return self.card.dataset or self.reference
+
+    @property
+    def stats_dir(self):
+        """Where the reference statistics are cached: the model folder's stats/."""
+        return self.folder / "stats" if self.folder is not None else None
+
+    def _report_file(self, name: str):
+        path = self.report_dir / name if self.report_dir is not None else None
+        return path if path is not None and path.is_file() else None
+
+    @property
+    def report_csv(self):
+        """This model's committed report rows (`report` writes report.csv), or None."""
+        return self._report_file("report.csv")
+
+    @property
+    def sensitivity_csv(self):
+        """This model's sensitivity validation (`report` writes sensitivity.csv), or None."""
+        return self._report_file("sensitivity.csv")
+
+    @property
+    def own_sensitivity(self) -> bool:
+        return self.sensitivity_csv is not None
+
+    @property
+    def has_inside(self) -> bool:
+        """Whether the Inside tab's traces apply (lafq.inside says which adapters it observes)."""
+        from lafq.inside import supports
+        return supports(self.den)
 
     @property
     def has_classifier(self) -> bool:
-        return True
+        return self.folder is not None and (self.folder / "classifier.safetensors").is_file()
+
+    @property
+    def fid_features(self) -> str:
+        from lafq.metrics import inception_weights_path
+        return ("Inception features" if inception_weights_path() is not None
+                else "the features of its shipped classifier (Inception where its weights are on disk)")
 
     @property
     def layers(self):
@@ -391,8 +469,7 @@ class AppState:
 
     def denoiser(self, model: torch.nn.Module):
         """`model` (the FP32 model or a quantized copy) as the lafq.models.Denoiser that samples it."""
-        from lafq.pipeline import as_denoiser
-        return as_denoiser(model)
+        return self.den if model is self.model else replace(self.den, module=model)
 
     def images(self, model: torch.nn.Module, spec) -> torch.Tensor:
         """uint8 (n, C, H, W) images from `model` (the FP32 model or a quantized copy) for a
@@ -455,7 +532,11 @@ class AppState:
         return user.fisher_note if user.fisher is not None else self.fisher_note
 
     def plan(self, policy: Policy, fisher: FisherMap | None = None) -> Plan:
-        return make_plan(policy, fisher if fisher is not None else self.fisher, self.weights)
+        from lafq.policy import NO_FISHER_STRATEGIES
+        fm = fisher if fisher is not None else self.fisher
+        if fm is None and policy.strategy not in NO_FISHER_STRATEGIES:
+            raise InputError(f"{NO_FISHER}; strategies {list(NO_FISHER_STRATEGIES)} work without one")
+        return make_plan(policy, fm, self.weights)  # no map: the plan needs only the model's tensors
 
     def size(self, plan: Plan):
         return size_report(plan, self.shapes)
@@ -530,16 +611,20 @@ class AppState:
             return self._memo[key]
 
     def classifier(self):
+        """The model folder's classifier.safetensors (accuracy; FID features offline)."""
         if self._classifier is None:
+            if not self.has_classifier:
+                raise InputError("not available for this model: no classifier shipped")
             from lafq.classifier import load_classifier
-            from lafq.metrics import DEFAULT_CLASSIFIER
-            self._classifier = load_classifier(DEFAULT_CLASSIFIER)[0]
+            self._classifier = load_classifier(self.folder / "classifier.safetensors")[0]
         return self._classifier
 
     def backend(self):
+        """FID features: Inception where its weights are on disk, else the model's own classifier."""
         if self._backend is None:
-            from lafq.metrics import get_backend
-            self._backend = get_backend("auto")
+            from lafq.metrics import get_backend, inception_weights_path
+            self._backend = (get_backend("inception") if inception_weights_path() is not None
+                             else get_backend("classifier", model=self.classifier()))
         return self._backend
 
 
@@ -577,35 +662,144 @@ def plan_label(plan: Plan, source: str | None = None) -> str:
     return f"{name} (from {source[:60]})" if source else name
 
 
-def load_state(checkpoint=CHECKPOINT, fisher_path=FISHER, quick_bins: int = 5, quick_samples: int = 4,
-               device: str = "auto") -> AppState:
-    """Load the model (onto `device`: "auto" takes the GPU where there is one) and its Fisher map; if the
-    shipped map is missing, unreadable or belongs to other weights, compute a small one (a few seconds) and say so."""
+QUICK_BINS, QUICK_SAMPLES = 4, 4  # a Fisher map computed on load when none is shipped: seconds, rough
+
+
+def load_state(source=CHECKPOINT, fisher_path=None, quick_bins: int = QUICK_BINS, quick_samples: int = QUICK_SAMPLES,
+               device: str = "auto", *, card: ModelCard | None = None, model_id: str = DEFAULT_MODEL,
+               title: str = "", report_dir=None, heavy=None, jobs=None) -> AppState:
+    """Any model as the app's state, through the one loader (lafq.load): a lafq `.safetensors` U-Net (default:
+    the shipped one) or a diffusers pipeline-style folder. Its card is `card`, else the folder's lafq.json (a
+    U-Net file's: the file's folder's); its shipped files are the folder's (`fisher_path` overrides the map).
+    The model goes onto `device` ("auto" takes the GPU where there is one). A model that loads but cannot
+    sample here (inputs the app does not supply) is refused in one line, once, instead of failing every
+    Generate. A missing, unreadable or stale map gets a quick one from the card's dataset (a few seconds)
+    and the note says so; with no dataset there is none (`fisher` None)."""
     from lafq.device import resolve_device
+    from lafq.models import load
 
     dev = resolve_device(device)
-    model, _ = load_denoiser(checkpoint)
-    if getattr(model, "lafq_plan", None) is not None:
-        raise CheckpointError(f"{checkpoint} is a quantized model; the app needs the FP32 checkpoint")
-    digest = state_digest(model)
-    fm, note = None, ""
-    rough = f"using a rough {quick_bins}-bin x {quick_samples}-sample map until you recompute (Fisher tab)"
-    if Path(fisher_path).is_file():
+    source = Path(source)
+    is_file = source.suffix == ".safetensors" or source.is_file()
+    folder = source.parent if is_file else source
+    if report_dir is None:  # `report` writes FOLDER/report/; the shipped U-Net's report is the project's docs/
+        report_dir = paths.DOCS if source.resolve() == Path(CHECKPOINT).resolve() else folder / "report"
+    if card is None:
+        card = ModelCard.read(folder) if is_file else check_folder(folder)
+    den = load(source, subfolder=None if is_file else component_of(folder))
+    if getattr(den.module, "lafq_plan", None) is not None:
+        raise CheckpointError(f"{source.name} is a quantized model; the app needs the FP32 model")
+    if card.null_class is not None and den.null_row != card.null_class:
+        k = den.conditioning.rows if den.conditioning is not None else 0
+        raise ValueError(f"null_class {card.null_class} is not a class embedding of this model ({k} embeddings)")
+    k = den.conditioning.rows if den.conditioning is not None else 0
+    if len(card.classes) > k:
+        raise ValueError(f"lafq.json names {len(card.classes)} classes; the model has {k} class embeddings")
+    try:
+        with torch.no_grad():
+            den.sample(1, steps=1, seed=0)
+    except ImportError:
+        raise  # a missing package: the registry says which
+    except Exception as e:  # noqa: BLE001 -- whatever the model raises, the app answers in one line
+        line = " ".join(str(e).split())[:160]
+        raise ValueError(f"it loads but does not sample here ({type(e).__name__}: {line})") from None
+    den.module.to(dev)
+    fisher_path = Path(fisher_path) if fisher_path is not None else folder / "fisher.safetensors"
+    fm, note, shipped = _fisher_for(den, fisher_path, card, quick_bins, quick_samples)
+    extra = {k: v for k, v in (("heavy", heavy), ("jobs", jobs)) if v is not None}
+    return AppState(den, card, fm, note, folder=folder, report_dir=report_dir, shipped_map=shipped,
+                    model_id=model_id, title=title, device=str(dev), **extra)
+
+
+def component_of(folder: Path) -> str | None:
+    """The denoiser's subfolder of a pipeline-style folder (transformer/ or unet/), or None."""
+    return next((c for c in ("transformer", "unet") if (folder / c / "config.json").is_file()), None)
+
+
+# Bounds a listed folder must keep (its JSON files are read before anything loads): what the app can sample on
+# a CPU in seconds, far above any model it is for (28x28 pixels, 1,000 steps, 1-4 channels, 10 classes).
+MAX_SAMPLE_SIZE = 512
+MAX_CHANNELS = 64
+MAX_TRAIN_TIMESTEPS = 10_000
+
+
+def _bounded(value, name: str, hi: int) -> None:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= hi for v in values):
+        raise ValueError(f"{name} must be a whole number in [1, {hi:,}], got {shown(value)}")
+
+
+def check_folder(folder: Path) -> ModelCard:
+    """A diffusers pipeline-style folder's card; ValueError (one line) if it is not one, or if its configs ask
+    for more than the app serves (sample size, channels, training timesteps: the MAX_* bounds)."""
+    from lafq.card import read_json
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError("not a directory")
+    component = component_of(folder)
+    if component is None:
+        raise ValueError("no unet/config.json or transformer/config.json: not a diffusers pipeline folder")
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    if not scheduler.is_file():
+        raise ValueError("no scheduler/scheduler_config.json")
+    config = read_json(folder / component / "config.json", f"{component}/config.json")
+    sched = read_json(scheduler, "scheduler/scheduler_config.json")
+    if not isinstance(config, dict) or not isinstance(sched, dict):
+        raise ValueError("config.json and scheduler_config.json must hold objects")
+    for key, hi in (("sample_size", MAX_SAMPLE_SIZE), ("in_channels", MAX_CHANNELS), ("out_channels", MAX_CHANNELS)):
+        if config.get(key) is not None:
+            _bounded(config[key], f"{component}/config.json {key}", hi)
+    _bounded(sched.get("num_train_timesteps", 1000), "scheduler num_train_timesteps", MAX_TRAIN_TIMESTEPS)
+    return ModelCard.read(folder)
+
+
+def quick_fisher(den, dataset: str, bins: int, samples: int, per_class: bool = False, progress=None) -> FisherMap:
+    """A Fisher map of `den` on real images of `dataset` (lafq.data; offline, its vendored subset when the full
+    split is not installed: the map's meta["images"] names what was read). A class-conditional model (one
+    with a null row) is scored on each image's own label, classes drawn in turn (the shipped MNIST map's
+    recipe), the null class at the training dropout rate; `per_class` adds one map per class."""
+    from lafq.data import load_dataset_or_subset
+    from lafq.fisher import fisher_map
+
+    data = load_dataset_or_subset(dataset)
+    x, y = data.tensors()
+    if tuple(x.shape[1:]) != den.sample_shape:
+        raise ValueError(f"{data.name} images are {tuple(x.shape[1:])}; the model samples {den.sample_shape}")
+    labelled = den.conditioning is not None and y is not None
+    if per_class and not labelled:
+        raise ValueError("per-class maps need a conditional model and labelled images")
+    fm = fisher_map(den, x, labels=y if labelled else None, draws="balanced" if labelled else "uniform",
+                    per_class=per_class, bins=bins, samples_per_bin=samples, method="hooks", progress=progress)
+    fm.meta["images"] = data.name
+    return fm
+
+
+def _fisher_for(den, path: Path, card: ModelCard, bins: int, samples: int) -> tuple[FisherMap | None, str, bool]:
+    """(map, note, shipped) for a model: its shipped map where it is readable and of these weights, else a quick
+    one from the card's dataset, else none."""
+    from lafq.data import DataError
+
+    why = "no shipped Fisher map"
+    if path.is_file():
         try:
-            fm = FisherMap.load(fisher_path)
+            fm = FisherMap.load(path)
         except (CheckpointError, KeyError, TypeError, ValueError, IndexError) as e:  # a file missing keys is not a crash
-            note = f"the shipped Fisher map {Path(fisher_path).name} is unreadable ({shown(str(e))}); {rough}"
+            why = f"the shipped Fisher map {path.name} is unreadable ({shown(str(e))})"
         else:
-            if fm.meta.get("checkpoint_digest") != digest:
-                note = f"the shipped Fisher map was computed on other weights; {rough}"
-                fm = None
+            if fm.meta.get("checkpoint_digest") not in (None, state_digest(den.module)):
+                why = "the shipped Fisher map was computed on other weights"
+            elif set(fm.names) - {n for n, _ in den.module.named_parameters()}:
+                why = "the shipped Fisher map names tensors this model lacks"
             else:
-                note = (f"shipped map: {fm.bins} bins x {fm.meta.get('samples_per_bin')} samples, groups: "
-                        f"{'all + per digit' if len(fm.groups) > 1 else 'all'}")
-    else:
-        note = f"no shipped Fisher map; {rough}"
-    if fm is None:
-        from lafq.data import load_dataset
-        x, y = load_dataset("mnist-test10k").tensors()
-        fm = compute_fisher(model, x, y, bins=quick_bins, samples_per_bin=quick_samples, method="naive")  # tiny: no vmap set-up cost
-    return AppState(model=model.to(dev), fisher=fm, fisher_note=note, device=str(dev))
+                groups = ", groups: all + per class" if len(fm.groups) > 1 else ""
+                return fm, f"shipped map: {fm.bins} bins x {fm.meta.get('samples_per_bin')} samples{groups}", True
+    if card.dataset is None:
+        return None, f"{why}; {NO_FISHER}", False
+    try:
+        fm = quick_fisher(den, card.dataset, bins, samples)
+    except (DataError, ValueError, OSError) as e:
+        log.warning("no quick Fisher map for %s: %s", path.parent, e)
+        return None, f"{why}, and none could be computed from {card.dataset} ({shown(str(e))})", False
+    return fm, (f"{why}; using a rough {bins}-bin x {samples}-sample map from {fm.meta['images']} until you "
+                "recompute (Fisher tab)"), False

@@ -105,7 +105,7 @@ def recompute(state: AppState, bins, samples, per_class: bool, progress=None, ca
     bins, samples = fisher_settings(bins, samples)
     # `is not None`: gr.Progress() is falsy (its __len__ is 0 before any tracking), so `if progress` dropped it.
     report = Stages(progress, {"map": 1.0}, "Fisher").stage("map", lambda d, t: f"bin {d}/{t}")  # and the time left
-    from .models import quick_fisher
+    from .state import quick_fisher
 
     if state.fisher_dataset is None:
         raise InputError(f"{state.title} names no dataset (lafq.json \"dataset\"): its Fisher map cannot be "

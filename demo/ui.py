@@ -60,7 +60,7 @@ def guard(fn, *, keep: int | None = None, clear: int = 0):
 def switch_note(old: AppState, new: AppState, current) -> str:
     """The line beside the model selector after a switch: where the new model's map comes from, and, when the
     user had a plan of their own, that it stayed with the old model (a plan names one model's tensors)."""
-    lines = [] if new.kind == "lafq" else [f"{new.title}: {new.fisher_note}"]
+    lines = [] if new.shipped_map else [f"{new.title}: {new.fisher_note}"]
     if isinstance(current, dict) and current != tab_quantize.preset_current(old):
         lines.insert(0, f"**Your plan was reset:** it was made for {old.title}, and a plan names one model's tensors. "
                         f"{new.title} starts from its default plan (as {old.title} will if you switch back).")

@@ -65,6 +65,7 @@ class ModelCard:
     classes: tuple[str, ...] = ()
     null_class: int | None = None
     guidance: float = 1.0
+    example_class: str | None = None  # the class the app shows first (one of `classes`)
     extra: dict = field(default_factory=dict, compare=False)  # other keys, kept as they were (e.g. "train")
 
     def __post_init__(self):
@@ -92,6 +93,8 @@ class ModelCard:
         object.__setattr__(self, "guidance", float(g))
         if self.guidance != 1.0 and self.null_class is None:
             raise ValueError("guidance other than 1 needs null_class (the unconditional class index)")
+        if self.example_class is not None and self.example_class not in self.classes:
+            raise ValueError(f"example_class must be one of the classes, got {quoted(self.example_class)}")
         if not isinstance(self.extra, dict):
             raise ValueError(f"extra must be an object, got {quoted(self.extra)}")
 
@@ -117,7 +120,7 @@ class ModelCard:
     def to_dict(self) -> dict:
         return {"name": self.name, "dataset": self.dataset, "reference": self.reference,
                 "classes": list(self.classes), "null_class": self.null_class, "guidance": self.guidance,
-                **self.extra}
+                **({"example_class": self.example_class} if self.example_class is not None else {}), **self.extra}
 
     def require(self, *keys: str, folder: Path | str = "") -> "ModelCard":
         """This card, or a one-line ValueError naming the keys a command needs that it lacks."""

@@ -17,6 +17,11 @@ from .model import LAYERS
 OBSERVED = [layer for layer in LAYERS if layer != "embed"]
 
 
+def supports(den) -> bool:
+    """Whether these traces apply to an adapter's model: they observe the project U-Net's named layers."""
+    return den.source.get("library") == "lafq" and den.source.get("class") == "UNet"
+
+
 @dataclass
 class Trace:
     layers: list[str]

@@ -37,6 +37,7 @@ APP_FILES = (
     "checkpoints/unet.safetensors",
     "checkpoints/fisher.safetensors",
     "checkpoints/classifier.safetensors",
+    "checkpoints/lafq.json",
     "checkpoints/stats/mnist-train5k-classifier-d79f1c468f84e98f.npz",
     "data/README.md",
     "data/mnist/t10k-images-idx3-ubyte.gz",

@@ -30,3 +30,15 @@ def tiny_ckpt(tmp_path, tiny_model):
     path = tmp_path / "tiny.safetensors"
     save_unet(path, tiny_model, train={"steps": 0})
     return path
+
+
+def unet_app_state(model, fisher, note: str = "test map", device: str = "cpu"):
+    """The app's state around a lafq U-Net as the shipped one is served: its adapter, the shipped card
+    (checkpoints/lafq.json), classifier and statistics, the project's report."""
+    from demo.state import AppState
+    from lafq import paths
+    from lafq.card import ModelCard
+    from lafq.models import from_lafq_unet
+
+    return AppState(from_lafq_unet(model), ModelCard.read(paths.CHECKPOINTS), fisher, note, folder=paths.CHECKPOINTS,
+                    report_dir=paths.DOCS, device=device)

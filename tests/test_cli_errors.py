@@ -3,9 +3,11 @@ import os
 import signal
 import subprocess
 import sys
+import shutil
 
 import pytest
 
+from lafq import paths
 from lafq.checkpoint import save_file
 from lafq.cli import main
 
@@ -104,5 +106,6 @@ def test_the_app_falls_back_from_a_fisher_file_missing_keys(tmp_path, tiny_ckpt)
 
     broken = tmp_path / "fisher.safetensors"
     save_file(broken, {}, {"kind": "fisher"})
+    shutil.copy(paths.CHECKPOINTS / "lafq.json", tiny_ckpt.parent)  # the card names the dataset of the quick map
     state = load_state(tiny_ckpt, broken, quick_bins=2, quick_samples=1, device="cpu")
     assert "unreadable" in state.fisher_note and state.fisher.bins == 2

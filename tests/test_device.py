@@ -114,7 +114,7 @@ def test_training_on_gpu_resumes_on_cpu(tmp_path):
 
 @cuda
 def test_app_state_on_gpu_plans_quantizes_samples_and_traces(tiny_model):
-    from demo.state import AppState
+    from tests.conftest import unet_app_state
     from lafq.data import load_dataset
     from lafq.device import model_device
     from lafq.fisher import compute_fisher
@@ -124,7 +124,7 @@ def test_app_state_on_gpu_plans_quantizes_samples_and_traces(tiny_model):
 
     x, y = load_dataset("mnist-test10k").tensors()
     fm = compute_fisher(tiny_model, x, y, bins=2, samples_per_bin=2, method="naive")
-    state = AppState(model=tiny_model.cuda(), fisher=fm, fisher_note="", device="cuda")
+    state = unet_app_state(tiny_model.cuda(), fm, "", device="cuda")
     for policy in (Policy(), Policy(strategy="budget", avg_bits=6.0)):  # budget scores weights beside the map
         q = state.quantized(state.plan(policy))
         assert model_device(q).type == "cuda"

@@ -1,11 +1,10 @@
 import pytest
 import torch
 
-from demo.state import AppState
 from lafq.data import load_dataset
 from lafq.fisher import compute_fisher
 from lafq.model import UNet
-from tests.conftest import TINY
+from tests.conftest import TINY, unet_app_state
 
 
 @pytest.fixture(scope="session")
@@ -15,7 +14,7 @@ def app_state():
     model = UNet(TINY).eval()
     x, y = load_dataset("mnist-train5k").tensors()
     fm = compute_fisher(model, x[::10], y[::10], bins=4, samples_per_bin=4, per_class=True)
-    return AppState(model=model, fisher=fm, fisher_note="test map")
+    return unet_app_state(model, fm)
 
 
 def launch(state, models=None):

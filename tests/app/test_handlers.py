@@ -180,7 +180,7 @@ def test_compare_gives_two_grids_a_diff_and_timings(app_state):
     (("3", 2.0, 3, 0, 10**9, False), "images must be in"),
     (("3", float("nan"), 3, 0, 2, False), "guidance must be in"),
     (("3", 2.0, -1, 0, 2, False), "DDIM steps must be in"),
-    (("12", 2.0, 3, 0, 2, False), "digit must be in"),
+    (("12", 2.0, 3, 0, 2, False), "class must be in"),
     (("3", 2.0, 3, 1.5, 2, False), "seed must be a whole number"),
 ])
 def test_compare_rejects_bad_input(app_state, args, message):

@@ -47,9 +47,9 @@ def heavy_slot_frees(app_state) -> bool:
 
 def test_a_recompute_never_breaks_or_changes_other_users(url, app_state, monkeypatch):
     shipped = app_state.fisher
-    from demo import models as demo_models
+    from demo import state as demo_state
 
-    started = started_signal(monkeypatch, demo_models, "quick_fisher")
+    started = started_signal(monkeypatch, demo_state, "quick_fisher")
     g, b = Client(url, verbose=False), Client(url, verbose=False)
     before_b = b.predict(*GLOBAL, api_name="/quantize_readout")[0]
     job = g.submit(100, 256, False, api_name="/recompute_fisher")  # long: it runs while the others work

@@ -11,6 +11,7 @@ import pytest
 from pathlib import Path
 import torch
 
+from lafq import paths
 from demo import tab_compare, tab_fisher, tab_inside, tab_quality, tab_quantize
 from demo.models import ModelInfo, Registry, discover
 from demo.presets import PRESETS, UNIFORM_INT4
@@ -31,7 +32,7 @@ def uniform(target="int8"):
 # -- the registry ----------------------------------------------------------------------------------
 
 def test_the_registry_lists_the_mnist_unet_first_then_the_lafq_models_folders(models, tiny_dir):
-    assert models.ids[0] == DEFAULT_MODEL and models.entries[0].path is None
+    assert models.ids[0] == DEFAULT_MODEL and models.entries[0].path == paths.UNET
     assert models.choices()[1] == ("Tiny UNet2DModel (test)", "tiny-unet2dmodel-test")
     assert models.entries[1].path == tiny_dir and models.entries[1].info.classes == ("circle", "square")
 
@@ -167,11 +168,11 @@ def test_model_info_refuses_bad_values_in_one_line():
             ModelInfo(**bad)
 
 
-def test_each_model_loads_once_into_its_own_state_sharing_the_heavy_slot(models, app_state, tiny):
+def test_each_model_loads_once_into_its_own_state_of_the_one_class_sharing_the_heavy_slot(models, app_state, tiny):
     state, user = tiny
     assert models.get(user.model) is state and state is not app_state
     assert state.heavy is app_state.heavy and state.jobs is app_state.jobs  # one heavy job at a time, any model
-    assert state.kind == "diffusers" and state.classes == ("circle", "square") and state.guided
+    assert type(state) is type(app_state) and state.classes == ("circle", "square") and state.guided
 
 
 def test_selecting_a_model_changes_only_that_session_and_drops_its_recomputed_map(models, app_state):
@@ -304,7 +305,7 @@ def test_a_named_dataset_that_does_not_fit_the_model_leaves_it_without_a_map_not
 
 def test_the_mnist_session_is_unchanged_by_the_registry(models, app_state):
     state = models.state_for(UserSession())
-    assert state is app_state and state.kind == "lafq" and tab_compare.default_class(state) == "7"
+    assert state is app_state and tab_compare.default_class(state) == "7"
     assert tab_fisher.model_controls(state)["groups"] == tab_fisher.GROUPS
     assert len(tab_quantize.shown_presets(state)) == len(PRESETS)
     assert torch.equal(state.images(state.model, tab_compare.SampleSpec(n=1, steps=1, seed=3)),

@@ -5,7 +5,8 @@ import pickle
 import pytest
 
 from demo import zerogpu
-from demo.state import AppState, InputError
+from demo.state import InputError
+from tests.conftest import unet_app_state
 
 
 def plain(state, x):
@@ -64,7 +65,7 @@ def on_zerogpu(monkeypatch):
 
 @pytest.fixture
 def state(app_state):
-    return AppState(model=app_state.model, fisher=app_state.fisher, fisher_note="test map")  # own caches, same model
+    return unet_app_state(app_state.model, app_state.fisher)  # own caches, same model
 
 
 def test_compare_runs_in_the_worker_and_returns_its_images(on_zerogpu, state):
