@@ -1,78 +1,121 @@
 """Inside tab: activations over the trajectory, saliency at a timestep, where quantization error grows.
 
-The MNIST U-Net only (lafq.inside observes its named layers and uses MNIST images): for another selected
-model the tab says so and its buttons answer with that one line (an InputError)."""
+Every model: lafq.inside observes the selected model's own layers (lafq.layers) and the saliency image is one of
+its reference dataset's held-out images. The layer control lists the layers with spatial maps of the selected
+model (`spatial_layers`, probed once per model)."""
 from __future__ import annotations
 
 import torch
 
-from lafq.inside import OBSERVED, activation_trace, quantization_error_trace, saliency
+from lafq.inside import activation_trace, quantization_error_trace, saliency
 
 from . import plots
-from .state import MAX_STEPS, AppState, InputError, as_choice, as_number, digit_or_none
+from .state import MAX_STEPS, AppState, InputError, as_choice, as_number
+from .tab_compare import class_choices, default_class
 from .tab_quantize import current_label, preset_current, resolve_plan
 from .zerogpu import gpu
 
 
-ONLY = "the Inside tab works on the MNIST U-Net only: choose it in the model selector at the top"
-
-
-def mnist_only(state: AppState) -> None:
-    if not state.has_inside:
-        raise InputError(ONLY)
-
-
-def model_note(state: AppState) -> str:
-    return "" if state.has_inside else f"**MNIST U-Net only.** {state.title} is selected; {ONLY}."
-
-
-def _common(digit, steps, seed):
-    return (digit_or_none(digit), as_number(steps, "DDIM steps", 2, MAX_STEPS, integer=True),
+def _common(state: AppState, cls, steps, seed):
+    return (state.label(cls), as_number(steps, "DDIM steps", 2, MAX_STEPS, integer=True),
             as_number(seed, "seed", 0, 2**31 - 1, integer=True))
 
 
+def spatial_layers(state: AppState) -> list[str]:
+    """The layers of the selected model that have spatial maps (4-D outputs), in flow order; computed once."""
+    return state.memo("inside-layers", lambda: list(activation_trace(state.den, None, steps=2, guidance=1.0).maps))
+
+
+def default_layer(state: AppState) -> str | None:
+    """The layer shown first: the second with spatial maps (the U-Net's `down1`: past the input convolution)."""
+    layers = spatial_layers(state)
+    return layers[min(1, len(layers) - 1)] if layers else None
+
+
+def _guidance(state: AppState) -> float:
+    return state.default_guidance if state.guided else 1.0
+
+
+def _class_name(state: AppState, label) -> str:
+    return "any" if label is None else state.classes[label]
+
+
 @gpu(duration=30)
-def activations(state: AppState, digit, steps, seed, layer):
-    mnist_only(state)
-    label, steps, seed = _common(digit, steps, seed)
-    layer = as_choice(layer, "layer", OBSERVED)
-    tr = activation_trace(state.model, label, steps=steps, seed=seed, schedule=state.schedule)
+def activations(state: AppState, cls, steps, seed, layer):
+    label, steps, seed = _common(state, cls, steps, seed)
+    layer = as_choice(layer, "layer", spatial_layers(state))
+    tr = activation_trace(state.den, label, steps=steps, seed=seed, guidance=_guidance(state))
     heat = plots.heatmap(tr.layers, tr.timesteps, torch.log10(tr.matrix.clamp_min(1e-12)).numpy(),
-                         f"log10 mean |activation| per layer along one trajectory (digit {digit})", "log10 |a|")
+                         f"log10 mean |activation| per layer along one trajectory ({state.class_word} "
+                         f"{_class_name(state, label)})", "log10 |a|")
     picks = sorted({round(i * (steps - 1) / 4) for i in range(5)})
-    maps = plots.image_panels([tr.maps[layer][i].numpy() for i in picks] + [tr.image[0].numpy()],
+    maps = plots.image_panels([tr.maps[layer][i].numpy() for i in picks] + [tr.image.mean(0).numpy()],
                               [f"{layer} t={tr.timesteps[i]}" for i in picks] + ["sample"],
                               f"mean |activation| of {layer} over the channels, along the trajectory", colorscale="Viridis")
     return heat, maps
 
 
+def _saliency_images(state: AppState):
+    """(images, labels, name): the model's reference split (held out from training) where it is on this machine,
+    else its training dataset (or that one's vendored subset)."""
+    from lafq.data import DataError, load_dataset_or_subset
+
+    names = list(dict.fromkeys([state.reference, state.floor_images]))  # `reference` refuses a card naming none
+    for name in names:
+        try:
+            return (*load_dataset_or_subset(name).tensors(), name)
+        except DataError:
+            continue
+    raise InputError(f"no images for a saliency map: {' and '.join(names)} are not on this machine")
+
+
 @gpu(duration=30)
-def saliency_panels(state: AppState, digit, t, seed):
-    mnist_only(state)
-    label = digit_or_none(digit)
+def saliency_panels(state: AppState, cls, t, seed):
+    label = state.label(cls)
     t = as_number(t, "timestep", 0, state.schedule.T - 1, integer=True)
     seed = as_number(seed, "seed", 0, 2**31 - 1, integer=True)
-    from lafq.data import load_dataset
-
-    d = load_dataset("mnist-train5k")  # held-out images: not seen in training
-    idx = int(((torch.from_numpy(d.labels) == (label if label is not None else 0)).nonzero()[seed % 500]).item())
-    image = torch.from_numpy(d.images[idx]).float().div(127.5).sub(1)[None]
-    r = saliency(state.model, image, label, t, seed=seed, schedule=state.schedule)
-    return plots.image_panels([image[0].numpy(), r["x_t"].numpy(), r["x0_hat"].numpy(), r["saliency"].numpy()],
+    x, y, name = _saliency_images(state)
+    if tuple(x.shape[1:]) != state.den.sample_shape:
+        raise InputError(f"{name} images are {tuple(x.shape[1:])}; {state.title} samples "
+                         f"{state.den.sample_shape}: no saliency image")
+    idx = (y == (label if label is not None else 0)).nonzero().flatten()
+    if not len(idx):
+        raise InputError(f"{name} has no image of {state.class_word} {_class_name(state, label)}")
+    image = x[int(idx[seed % len(idx)])]
+    r = saliency(state.den, image, label, t, seed=seed)
+    return plots.image_panels([image.mean(0).numpy(), r["x_t"].numpy(), r["x0_hat"].numpy(), r["saliency"].numpy()],
                               ["real x0", f"x_t (t={t})", "model's x0 estimate", "saliency |dL/dx_t|"],
                               f"saliency at t={t}: which pixels of the noisy input move the loss")
 
 
 @gpu(duration=30)
-def quant_error(state: AppState, current: dict, digit, steps, seed, user=None):
-    mnist_only(state)
-    label, steps, seed = _common(digit, steps, seed)
+def quant_error(state: AppState, current: dict, cls, steps, seed, user=None):
+    label, steps, seed = _common(state, cls, steps, seed)
     plan = resolve_plan(state, current, user)
-    tr = quantization_error_trace(state.model, state.quantized(plan), label, steps=steps, seed=seed,
-                                  schedule=state.schedule)
+    tr = quantization_error_trace(state.den, state.denoiser(state.quantized(plan)), label, steps=steps, seed=seed,
+                                  guidance=_guidance(state))
     return plots.heatmap(tr.layers, tr.timesteps, tr.matrix.numpy(),
                          f"relative error of each layer's output, {current_label(current, plan)} vs FP32 (same inputs)",
                          "‖q−f‖/‖f‖")
+
+
+def saliency_t(state: AppState) -> int:
+    """The saliency timestep shown first: 30% of the way into the noise (300 of 1,000)."""
+    return round(0.3 * state.schedule.T)
+
+
+def example(state: AppState):
+    """Every view for the model's default controls (the default plan's error): computed once per model and kept."""
+    cls, layer = default_class(state), default_layer(state)
+
+    def views():
+        try:
+            sal = saliency_panels(state, cls, saliency_t(state), 0)
+        except InputError:  # no reference images of this model's shape: its button says why when pressed
+            sal = None
+        heat, maps = activations(state, cls, 25, 0, layer) if layer is not None else (None, None)
+        return heat, maps, sal, quant_error(state, preset_current(state), cls, 25, 0)
+    return state.memo("inside-example", views)
 
 
 HOW_TO = ("**How to:** press a button to look inside the network along one denoising trajectory: which layers are "
@@ -87,38 +130,35 @@ def build(models, current, user, guard):
 
     state = models.default
     gr.Markdown(HOW_TO, elem_id="howto-inside")
-    note = gr.Markdown(model_note(state), elem_id="inside-note")
     with gr.Row():
-        digit = Choice(["any"] + [str(d) for d in range(10)], value="3", label="digit")
+        cls = Choice(class_choices(state), value=default_class(state), label=state.class_word, elem_id="inside-class")
         steps = gr.Slider(2, 100, value=25, step=1, label="DDIM steps")
         seed = gr.Number(0, precision=0, label="seed")
-        layer = Choice(OBSERVED, value="down1", label="layer for spatial maps")
+        layer = Choice(spatial_layers(state), value=default_layer(state), label="layer for spatial maps",
+                       elem_id="inside-layer")
     act_btn = gr.Button("Activations along the trajectory")
-    heat = gr.Plot(show_label=False)
+    heat = gr.Plot(show_label=False, elem_id="inside-activations")
     maps = gr.Plot(show_label=False)
     with gr.Row():
         # A number box, not a slider: a typed value out of range is refused with the range, never cut to it.
-        t = gr.Number(300, precision=0, label="saliency timestep", info=f"0 to {state.schedule.T - 1}",
+        t = gr.Number(saliency_t(state), precision=0, label="saliency timestep", info=f"0 to {state.schedule.T - 1}",
                       elem_id="saliency-t")
         sal_btn = gr.Button("Saliency map")
     sal = gr.Plot(show_label=False)
     qerr_btn = gr.Button("Quantization error along the trajectory (current plan)")
     qerr = gr.Plot(show_label=False)
 
-    def example():  # on arrival: every view for the default controls (the default plan's error), computed once
-        return state.memo("inside-example", lambda: (  # per process and kept
-            *activations(state, "3", 25, 0, "down1"), saliency_panels(state, "3", 300, 0),
-            quant_error(state, preset_current(state), "3", 25, 0)))
-    arrival = example, [heat, maps, sal, qerr]
-    act_btn.click(guard(lambda *v: activations(models.state_for(v[-1]), *v[:-1])), [digit, steps, seed, layer, user],
+    arrival = (lambda: example(state)), [heat, maps, sal, qerr]
+    act_btn.click(guard(lambda *v: activations(models.state_for(v[-1]), *v[:-1])), [cls, steps, seed, layer, user],
                   [heat, maps], api_name="activations", concurrency_id="sample", concurrency_limit=2)
-    sal_btn.click(guard(lambda *v: saliency_panels(models.state_for(v[-1]), *v[:-1])), [digit, t, seed, user], sal,
+    sal_btn.click(guard(lambda *v: saliency_panels(models.state_for(v[-1]), *v[:-1])), [cls, t, seed, user], sal,
                   api_name="saliency", concurrency_id="sample")
     qerr_btn.click(guard(lambda cur, *v: quant_error(models.state_for(v[-1]), cur, *v)),
-                   [current, digit, steps, seed, user], qerr, api_name="quant_error", concurrency_id="sample")
+                   [current, cls, steps, seed, user], qerr, api_name="quant_error", concurrency_id="sample")
 
     def refresh(usr):
         st = models.state_for(usr)
-        figs = example() if st.has_inside else (None, None, None, None)
-        return (model_note(st), *figs)
-    return arrival, (refresh, [user], [note, heat, maps, sal, qerr])
+        return (gr.Dropdown(choices=class_choices(st), value=default_class(st), label=st.class_word),
+                gr.Dropdown(choices=spatial_layers(st), value=default_layer(st)),
+                gr.Number(value=saliency_t(st), info=f"0 to {st.schedule.T - 1}"), *example(st))
+    return arrival, (refresh, [user], [cls, layer, t, heat, maps, sal, qerr])

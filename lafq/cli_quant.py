@@ -128,14 +128,22 @@ def _fisher_data(args, m: ModelArg):
     from .data import load_dataset
     from .models import load_conditioning
 
+    captions = getattr(args, "captions", None)
     if args.images is not None:
         if args.dataset is not None:
             raise ValueError("give one of --images (clean samples) or --dataset (labelled images), not both")
+        if captions and args.conditioning:
+            raise ValueError("give one of --captions (encoded by the pipeline's text encoder) or --conditioning "
+                             "(captured rows), not both")
+        images = _images(args.images, args.key)
+        if captions:
+            return _captioned(m, images, captions, args.images)
         if args.conditioning:
             m = replace(m, den=m.den.with_conditioning(load_conditioning(args.conditioning), m.den.null_row))
-        return m, _images(args.images, args.key), None, str(args.images)
-    if args.conditioning:
-        raise ValueError("--dataset conditions on the images' class labels: --conditioning goes with --images")
+        return m, images, None, str(args.images)
+    if captions or args.conditioning:
+        raise ValueError(f"--dataset conditions on the images' class labels: {'--captions' if captions else '--conditioning'} "
+                         "goes with --images")
     name = args.dataset or (m.card.dataset if m.card is not None else None) or ("mnist-test10k" if m.unet_file else None)
     if name is None:
         raise ValueError(f"{m.label} names no dataset (lafq.json \"dataset\"): give --dataset NAME, or --images "
@@ -143,6 +151,53 @@ def _fisher_data(args, m: ModelArg):
     x, y = load_dataset(name).tensors()
     labelled = m.den.conditioning is not None and y is not None
     return m, x, (y if labelled else None), name
+
+
+MAX_CAPTIONS_BYTES = 16 << 20
+
+
+def read_captions(path) -> list[str]:
+    """Captions from a text file (one per line) or a JSON list of strings; ValueError (one line) otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file (captions: one per line, or a JSON list of strings)")
+    if path.stat().st_size > MAX_CAPTIONS_BYTES:
+        raise ValueError(f"{path} has over {MAX_CAPTIONS_BYTES:,} bytes of captions")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text (captions: one per line, or a JSON list of strings)") from None
+    if path.suffix == ".json":
+        try:
+            caps = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e.msg})") from None
+        if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+            raise ValueError(f"{path} must hold a JSON list of strings")
+    else:
+        caps = text.splitlines()
+    if not caps:
+        raise ValueError(f"{path} has no captions")
+    return caps
+
+
+def _captioned(m: ModelArg, images: torch.Tensor, path, images_path):
+    """Each image conditioned on its own caption (one caption: all images on it), encoded by the folder's text
+    encoder (lafq.models.encode_captions); the empty caption is the unconditional row, drawn with --p-null's
+    rate like a caption dropout in training."""
+    from .models import encode_captions
+
+    captions = read_captions(path)
+    if len(captions) not in (1, len(images)):
+        raise ValueError(f"{path} has {len(captions):,} captions for {len(images):,} images: give one per image "
+                         "(line i captions image i) or one for all")
+    if m.folder is None:
+        raise ValueError("--captions needs --model to be a text-to-image pipeline folder (its tokenizer/ and "
+                         "text_encoder/ encode them)")
+    cond = encode_captions(m.folder, captions)
+    den = m.den.with_conditioning(cond, null_row=len(captions))
+    labels = torch.arange(len(images)) if len(captions) > 1 else torch.zeros(len(images), dtype=torch.long)
+    return replace(m, den=den), images, labels, str(images_path)
 
 
 def _images(path, key):
@@ -171,13 +226,20 @@ def cmd_fisher(args):
         from tqdm import tqdm
         bar = tqdm(total=args.bins * groups, desc="fisher", dynamic_ncols=True)
     t0 = time.perf_counter()
-    fm = fisher_map(m.den, images, labels=labels, draws=args.draws if labels is not None else "uniform",
+    captioned = getattr(args, "captions", None) is not None
+    if captioned and args.per_class:
+        raise ValueError("--per-class maps classes; with --captions each image is its own row: drop --per-class")
+    # Captions are rows of their own (one per image): draws over the images are uniform, not class-balanced.
+    draws = args.draws if labels is not None and not captioned else "uniform"
+    fm = fisher_map(m.den, images, labels=labels, draws=draws,
                     per_class=args.per_class, p_null=args.p_null if labels is not None else 0.0, bins=args.bins,
                     samples_per_bin=args.samples, seed=args.seed, chunk=args.chunk, method=args.method,
                     progress=(lambda d, t: bar.update(1)) if bar else None)
     if bar:
         bar.close()
     fm.meta["images"] = data_name
+    if captioned:
+        fm.meta["captions"] = str(args.captions)
     if args.images is None:
         fm.meta["dataset"] = data_name
     if not torch.isfinite(fm.fisher).all():  # finite images, and still: the model's own overflow
@@ -217,6 +279,10 @@ def register_fisher(sub):
     f.add_argument("--key", default=None, help="tensor name in --images (default: 'images', else the first)")
     f.add_argument("--conditioning", default=None,
                    help="with --images: conditioning captured from a real call (lafq.models.save_conditioning)")
+    f.add_argument("--captions", default=None,
+                   help="with --images and a text-to-image pipeline folder: a text file, caption i of image i on "
+                        "line i (or a JSON list), encoded by the folder's text encoder; the empty caption is "
+                        "the unconditional row, drawn with probability --p-null")
     fisher_size_args(f, bins=50, samples=16)  # samples: per class with --per-class
     f.add_argument("--per-class", action="store_true", help="also one map per class")
     f.add_argument("--draws", choices=DRAWS, default="balanced",

@@ -8,6 +8,7 @@
     load_diffusers(path_or_repo, ...)          `from_pretrained` of a local folder or a Hub repo
     capture_conditioning(model, run)           the conditioning inputs of one real call, to replay
     save_conditioning / load_conditioning      ... kept in a .safetensors file (what `fisher --images --conditioning` reads)
+    encode_captions(folder, captions)          a text-to-image pipeline's rows for captions (`fisher --captions`)
 
 Fisher maps (lafq.fisher), quantization (lafq.quantize) and sampling take a Denoiser, so they do not
 depend on which architecture runs.
@@ -20,10 +21,10 @@ from .base import (
            load_conditioning,
            save_conditioning,
 )
-from .diffusers_models import from_diffusers, load_diffusers, schedule_of, with_class_conditioning
+from .diffusers_models import encode_captions, from_diffusers, load_diffusers, schedule_of, with_class_conditioning
 from .lafq_unet import from_lafq_unet
 
-__all__ = ["PREDICTION_TYPES", "Conditioning", "Denoiser", "capture_conditioning", "from_diffusers", "from_lafq_unet", "load",
+__all__ = ["PREDICTION_TYPES", "Conditioning", "Denoiser", "capture_conditioning", "encode_captions", "from_diffusers", "from_lafq_unet", "load",
            "load_conditioning", "load_diffusers", "save_conditioning", "schedule_of", "with_class_conditioning"]
 
 

@@ -169,3 +169,33 @@ def with_class_conditioning(den: Denoiser, null_class: int | None) -> Denoiser:
     if null_class is not None and not 0 <= int(null_class) < k:
         raise ValueError(f"null_class {null_class} is not a class embedding of this model ({k} embeddings)")
     return den.with_conditioning(Conditioning({"class_labels": torch.arange(k)}, k), null_class)
+
+
+def encode_captions(folder: str | Path, captions: list[str], *, device="cpu", batch_size: int = 16) -> Conditioning:
+    """Conditioning rows of a text-to-image pipeline folder for `captions`, then the empty caption (the
+    unconditional row classifier-free guidance uses, last: row len(captions)). The folder's `tokenizer/` and
+    `text_encoder/` encode each caption as diffusers' Stable Diffusion pipelines encode a prompt: padded to the
+    tokenizer's max length, truncated, the encoder's last hidden state as `encoder_hidden_states`. The encoder
+    class is the one its config names (CLIPTextModel, T5EncoderModel, ...)."""
+    folder = Path(folder)
+    missing = [sub for sub in ("tokenizer", "text_encoder") if not (folder / sub).is_dir()]
+    if missing:
+        raise ValueError(f"{folder} has no {' or '.join(s + '/' for s in missing)}: captions need a text-to-image "
+                         "pipeline folder (tokenizer/ and text_encoder/ beside unet/)")
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError("captions need the transformers package: pip install transformers") from None
+    tok = transformers.AutoTokenizer.from_pretrained(folder, subfolder="tokenizer")
+    config = transformers.AutoConfig.from_pretrained(folder, subfolder="text_encoder")
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    encoder = (cls or transformers.AutoModel).from_pretrained(folder, subfolder="text_encoder").eval().to(device)
+    texts = [str(c) for c in captions] + [""]
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            ids = tok(texts[start:start + batch_size], padding="max_length", max_length=tok.model_max_length,
+                      truncation=True, return_tensors="pt").input_ids.to(device)
+            out.append(encoder(ids)[0].float().cpu())
+    return Conditioning({"encoder_hidden_states": torch.cat(out)}, len(texts))

@@ -168,7 +168,9 @@ def test_switching_the_model_switches_every_tab_and_back(models_url, browser, ap
     open_tab(browser, wait, "Quality")
     assert "no classifier shipped" in browser.find_element(By.ID, "quality-note").text
     open_tab(browser, wait, "Inside")
-    assert "MNIST U-Net only" in browser.find_element(By.ID, "inside-note").text
+    wait.until(lambda d: "conv_in" in d.execute_script(  # its own layers, traced on the switch
+        "const p = document.querySelector('#inside-activations .js-plotly-plot');"
+        "return p && p.data && p.data.length ? Array.from(p.data[0].y || []).join(' ') : '';"))
 
     choose(browser, wait, "model", app_state.title)  # and back
     open_tab(browser, wait, "Quantize")

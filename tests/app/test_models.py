@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 
+import numpy as np
 import plotly.graph_objects as go
 import pytest
 from pathlib import Path
@@ -264,11 +265,18 @@ def test_quality_says_in_one_line_that_it_needs_a_classifier(tiny):
     assert isinstance(fig, go.Figure) and "no classifier" in tab_quality.model_note(state)
 
 
-def test_the_inside_tab_says_it_is_for_the_mnist_unet_only(tiny, app_state):
+def test_the_inside_tab_traces_a_diffusers_model_by_its_own_layers(tiny):
     state, user = tiny
-    assert "MNIST U-Net only" in tab_inside.model_note(state) and tab_inside.model_note(app_state) == ""
-    with pytest.raises(InputError, match="MNIST U-Net only"):
-        tab_inside.activations(state, "1", 5, 0, "down1")
+    layers = tab_inside.spatial_layers(state)
+    assert "conv_in" in layers and not {"down1", "stem"} & set(layers)
+    heat, maps = tab_inside.activations(state, "1", 4, 0, layers[-1])
+    assert "down_blocks.0" in list(heat.data[0].y) and isinstance(maps, go.Figure)
+    err = tab_inside.quant_error(state, uniform("int4"), "1", 4, 0, user)
+    assert (np.asarray(err.data[0].z) > 0).any()
+    with pytest.raises(InputError, match="layer must be one of"):
+        tab_inside.activations(state, "1", 4, 0, "down1")  # the U-Net's name, not this model's
+    with pytest.raises(InputError, match="names no reference dataset"):
+        tab_inside.saliency_panels(state, "1", 3, 0)  # no lafq.json dataset: no real image to take the saliency of
 
 
 def test_a_folder_without_a_fisher_map_or_dataset_offers_fisher_free_plans_only(app_state, tiny_dir, tmp_path):
@@ -406,6 +414,8 @@ def test_the_shipped_fashion_model_is_listed_second_and_compares_with_its_own_cl
     assert tab_compare.class_choices(state)[1] == ("T-shirt/top", "0")
     fp32, plan, _, _, md = tab_compare.compare(state, uniform("int8"), "9", 1.5, 2, 0, 1, False, user)
     assert fp32.shape == plan.shape and "Fashion-MNIST" in md
+    sal = tab_inside.saliency_panels(state, "9", 300, 0)  # fashion-test is not vendored: its training subset is
+    assert isinstance(sal, go.Figure) and len(sal.data) == 4
 
 
 def test_a_switch_says_when_the_users_own_plan_was_reset_and_is_silent_otherwise(app_state, tiny):

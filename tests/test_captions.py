@@ -1,0 +1,91 @@
+"""Text-to-image Fisher maps from the command line: `fisher --images LATENTS --captions FILE` on a pipeline folder
+with a tokenizer and a text encoder (a tiny Stable-Diffusion-style folder built from configs, offline)."""
+import json
+
+import pytest
+import torch
+
+from safetensors.torch import save_file
+from lafq.cli import main
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    """unet/ (cross-attention), scheduler/, tokenizer/ (a word-level vocabulary) and text_encoder/ (CLIP)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from tests.diffusers_tiny import scheduler, tiny_unet2d_condition
+
+    folder = tmp_path_factory.mktemp("sd")
+    tiny_unet2d_condition().save_pretrained(folder / "unet")
+    scheduler().save_pretrained(folder / "scheduler")
+    words = ["[PAD]", "[UNK]", "a", "red", "blue", "cat", "dog", "photo"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]",
+                                         model_max_length=5).save_pretrained(folder / "tokenizer")
+    torch.manual_seed(0)
+    config = transformers.CLIPTextConfig(vocab_size=len(words), hidden_size=6, intermediate_size=8, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=5, pad_token_id=0,
+                                         bos_token_id=2, eos_token_id=1)
+    transformers.CLIPTextModel(config).eval().save_pretrained(folder / "text_encoder")
+    latents = torch.randn(4, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+    save_file({"images": latents}, folder / "latents.safetensors")
+    (folder / "captions.txt").write_text("a red cat\na blue dog\nphoto of a cat\na dog\n")
+    return folder
+
+
+def run(folder, tmp_path, *extra) -> int:
+    return main(["fisher", "--model", str(folder), "--images", str(folder / "latents.safetensors"), "--bins", "2",
+                 "--samples", "3", "--out", str(tmp_path / "f.safetensors"), *extra])
+
+
+def fisher(folder, tmp_path, *extra):
+    from lafq.fisher import FisherMap
+
+    assert run(folder, tmp_path, *extra) == 0
+    return FisherMap.load(tmp_path / "f.safetensors")
+
+
+def test_captions_condition_each_image_on_its_own_encoded_caption(sd_folder, tmp_path, capsys):
+    from lafq.fisher import fisher_map
+    from lafq.models import encode_captions, load
+
+    fm = fisher(sd_folder, tmp_path, "--captions", str(sd_folder / "captions.txt"))
+    assert torch.isfinite(fm.fisher).all() and (fm.fisher > 0).any() and fm.meta["captions"].endswith("captions.txt")
+    # The same map in Python: the folder's text encoder, caption i as row i, the empty caption as the null row.
+    cond = encode_captions(sd_folder, ["a red cat", "a blue dog", "photo of a cat", "a dog"])
+    assert cond.rows == 5 and cond.kwargs["encoder_hidden_states"].shape == (5, 5, 6)
+    den = load(sd_folder).with_conditioning(cond, null_row=4)
+    latents = torch.randn(4, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+    ref = fisher_map(den, latents, labels=torch.arange(4), bins=2, samples_per_bin=3)
+    assert torch.allclose(fm.fisher, ref.fisher, rtol=1e-5, atol=0)
+    (tmp_path / "other.json").write_text(json.dumps(["a blue dog", "a red cat", "a cat", "photo"]))
+    other = fisher(sd_folder, tmp_path, "--captions", str(tmp_path / "other.json"))
+    assert not torch.allclose(other.fisher, fm.fisher)  # the captions are what the map is conditioned on
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda f, t: (t / "c.txt").write_text("one\ntwo\n"), "has 2 captions for 4 images"),
+    (lambda f, t: (t / "c.txt").write_bytes(b"\xff\xfe"), "is not UTF-8 text"),
+    (lambda f, t: (t / "c.txt").write_text(""), "has no captions"),
+])
+def test_bad_captions_get_one_error_line(sd_folder, tmp_path, capsys, setup, message):
+    setup(sd_folder, tmp_path)
+    assert run(sd_folder, tmp_path, "--captions", str(tmp_path / "c.txt")) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_captions_need_images_and_a_folder_with_a_text_encoder(sd_folder, tmp_path, capsys):
+    import shutil
+
+    assert main(["fisher", "--model", str(sd_folder), "--dataset", "mnist-test10k", "--captions",
+                 str(sd_folder / "captions.txt")]) == 2
+    assert "--captions goes with --images" in capsys.readouterr().err
+    bare = tmp_path / "bare"
+    shutil.copytree(sd_folder, bare, ignore=shutil.ignore_patterns("text_encoder"))
+    assert run(bare, tmp_path, "--captions", str(sd_folder / "captions.txt")) == 2
+    assert "has no text_encoder/: captions need a text-to-image pipeline folder" in capsys.readouterr().err
