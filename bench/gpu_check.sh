@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU checks and timings, on a machine with a CUDA GPU (recorded in docs/benchmarks.md, "GPU").
+# GPU checks and timings, on a machine with a CUDA GPU (recorded in docs/benchmark-runs.md, "GPU").
 #   bash bench/gpu_check.sh OUTDIR
 # Runs the GPU tests (tests/test_device.py and the library tests beside them), then times the
 # shipped model on the GPU: sampling, the acceptance FID run, a full Fisher map, training steps,

@@ -18,7 +18,7 @@ cached: a warm process still traces the model (seconds), then loads the compiled
 `torch.compiler.save_cache_artifacts()` / `load_cache_artifacts()` serialise the same two caches
 (833 KB for this model) into bytes for moving them to another machine; `export_artifacts` /
 `import_artifacts` below wrap them for that case. Measured on the 2-core VM, DDIM-5 at batch 64
-(docs/benchmarks.md, `python -m lafq bench --only compile`): a first process compiles for 46-100 s,
+(docs/benchmark-runs.md, `python -m lafq bench --only compile`): a first process compiles for 46-100 s,
 a second one starts compiled with a few seconds of overhead.
 """
 from __future__ import annotations

@@ -8,7 +8,7 @@ fp32 output (`_Int8Conv2d`: the stored codes and scales, activations quantized p
 their min..max); 1x1 convs and narrower convs keep the dequantize path, where int8 measured slower (see
 INT8_CONV_MIN_CHANNELS). (torch.ao's dynamic Conv2d is not used: it returns wrong values in torch 2.14.1,
 max |error| 2.6-4.7 on one conv of non-negative inputs where the FP32 conv of its own dequantized weight
-is off by 0.02.) Outputs differ from FP32 math: fidelity is measured (docs/benchmarks.md). Group-wise
+is off by 0.02.) Outputs differ from FP32 math: fidelity is measured (docs/benchmark-runs.md). Group-wise
 int4 and the class embedding keep the dequantize path. Such a model cannot be saved: save the default
 one and call `use_int8_kernels` after loading. torch 2.14 warns that torch.ao's quantized tensors are
 deprecated (pytorch#184982): the mode is an experiment to measure, not a dependency of anything shipped.

@@ -22,7 +22,7 @@ Two more inference fast paths, on the CPU, with gradients off and no hooks but l
 hooks on the modules they touch (`fast_inference`); they compute the same function, equal to float
 rounding (max |Δ| 1.9e-6 on outputs up to 7.2 at batch 128; lafq.quantize's int8-dynamic mode quantizes
 each chunk's activations on their own), and guided sampling on 2 cores runs 1.16-1.25x faster with both
-(interleaved runs, docs/benchmarks.md "CPU fast paths"):
+(interleaved runs, docs/benchmark-runs.md "CPU fast paths"):
 - `upsample_conv`: nearest 2x upsampling then a 3x3 conv equals a stride-2 transposed conv of the
   low-resolution input with a 4x4 kernel of summed taps: 16 taps per input pixel instead of 36.
 - The 28x28 tail (the up1 concatenation, up1, head) runs in batch chunks of at most `CHUNK_BYTES` per
@@ -183,7 +183,7 @@ def upsample_conv(resample: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _inplace() -> bool:
     """In-place activations and adds are safe only without autograd: its saved tensors must not change.
     They skip one allocation and one memory pass per op: 8-10% of eager sampling time on 2 cores
-    (interleaved A/B runs, docs/benchmarks.md "Speed work"), where GroupNorm, SiLU, adds and cats are a third of a step."""
+    (interleaved A/B runs, docs/benchmark-runs.md "Speed work"), where GroupNorm, SiLU, adds and cats are a third of a step."""
     return not torch.is_grad_enabled()
 
 
@@ -328,7 +328,7 @@ class UNet(nn.Module):
 
 def to_inference_layout(model: nn.Module) -> nn.Module:
     """Channels-last conv weights, in place: oneDNN's fast layout on CPU (1.4x the sampling throughput
-    measured on 2 cores, docs/benchmarks.md). Outputs equal the default layout's to float rounding."""
+    measured on 2 cores, docs/benchmark-runs.md). Outputs equal the default layout's to float rounding."""
     return model.to(memory_format=torch.channels_last)
 
 

@@ -4,7 +4,7 @@ For a layer y = W x, the gradient of sample s alone is an outer product of that 
 gradient and its input (summed over pixels for a convolution), so one ordinary forward/backward
 over the batch, with each layer's input and output gradient kept, gives every sample's gradient
 exactly (the idea behind BackPACK and Opacus). On this project's 2-core CPU it is about 2x faster than
-a per-sample loop and on par with `torch.func.vmap` (docs/benchmarks.md), without depending on
+a per-sample loop and on par with `torch.func.vmap` (docs/benchmark-runs.md), without depending on
 functorch batching rules (vmap falls back to a slow path for CPU attention).
 
 Supported parameter owners: Linear, Conv2d (groups=1), GroupNorm, LayerNorm, Embedding; any other
@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 if TYPE_CHECKING:
     from .models.base import Denoiser
 
-METHODS = ("hooks", "vmap", "naive")  # all exact; hooks is the fastest on CPU (docs/benchmarks.md)
+METHODS = ("hooks", "vmap", "naive")  # all exact; hooks is the fastest on CPU (docs/benchmark-runs.md)
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm, nn.Embedding)
 
 

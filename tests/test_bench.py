@@ -92,3 +92,14 @@ def test_the_diffusers_fisher_row_times_hooks_and_the_naive_loop_on_the_same_dra
     md = markdown({"machine": machine(), "sections": {"fisher-diffusers": r}}, "python -m lafq bench")
     assert "### Fisher map of a diffusers UNet2DModel (818,745 parameters, 1 bins x 2 samples)" in md
     assert "of a" in md and "GFLOP/s fp32 matmul peak measured in the same run" in md
+
+
+def test_the_benchmarks_page_names_the_command_that_generated_it_and_where_dated_runs_are():
+    from datetime import datetime, timezone
+
+    from lafq.cli_bench import page
+
+    md = page("### Sampling\n\n| a |\n", "python -m lafq bench --quick --md docs/benchmarks.md",
+              datetime(2026, 12, 5, 6, 0, tzinfo=timezone.utc))
+    assert md.startswith("# Benchmarks\n") and "`python -m lafq bench --quick --md docs/benchmarks.md` on 2026-12-05 06:00 UTC" in md
+    assert "`benchmark-runs.md`" in md and md.endswith("| a |\n")

@@ -213,7 +213,7 @@ def test_a_quantized_model_takes_the_fast_paths_with_its_own_weights(tiny_model,
 
 def test_int8_dynamic_chunks_get_their_own_activation_scales_within_int8_error(tiny_model, chunked):
     """Its activation scales span the tensor, so the chunked tail moves outputs by int8 error, as a different
-    batch size would; the fidelity in docs/benchmarks.md is measured this way."""
+    batch size would; the fidelity in docs/benchmark-runs.md is measured this way."""
     from lafq.plan import Plan, param_shapes
     from lafq.quantize import quantize
 
