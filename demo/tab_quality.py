@@ -63,9 +63,12 @@ def sensitivity_data(path=SENSITIVITY_CSV) -> dict:
         return {}
 
 
-def sensitivity_figure(predictor: str = "fisher_x_error", data: dict | None = None):
+def sensitivity_figure(predictor: str = "fisher_x_error", data: dict | None = None, state: AppState | None = None):
+    """The validation chart: the selected model's own (its report's sensitivity.csv) where it has one, else the
+    shipped MNIST U-Net's (the model note says which)."""
     predictor = as_choice(predictor, "predictor", list(PREDICTOR_LABELS))
-    data = sensitivity_data() if data is None else data
+    if data is None:
+        data = sensitivity_data(state.sensitivity_csv if state is not None and state.own_sensitivity else SENSITIVITY_CSV)
     if not data:
         return plots.sensitivity([], [], [], PREDICTOR_LABELS[predictor], math.nan, math.nan, "not measured yet")
     measured = data["measures"]["mad"]["measured"]
@@ -273,7 +276,8 @@ def model_note(state: AppState) -> str:
     except InputError:
         ref = "its reference set"
     return (f"FID of class-balanced samples of **{state.title}** against {ref}, with {state.fid_features}."
-            + ("" if state.own_sensitivity else " The sensitivity chart below is the MNIST U-Net's."))
+            + ("" if state.own_sensitivity else " The sensitivity chart below is the MNIST U-Net's (this model's "
+                                                 "report has no sensitivity stage)."))
 
 
 def build(models, current, user, guard):
@@ -337,15 +341,16 @@ def build(models, current, user, guard):
                     "`docs/sensitivity.csv`.")
         predictor = gr.Dropdown([(v, k) for k, v in PREDICTOR_LABELS.items()], value="fisher_x_error",
                                 label="predictor")
-        sens_chart = gr.Plot(value=sensitivity_figure("fisher_x_error"), show_label=False)
-    predictor.change(guard(sensitivity_figure), predictor, sens_chart, api_visibility="private",
-                     show_progress="hidden")
+        sens_chart = gr.Plot(value=sensitivity_figure("fisher_x_error", state=state), show_label=False)
+    predictor.change(guard(lambda pred, usr: sensitivity_figure(pred, state=models.state_for(usr))), [predictor, user],
+                     sens_chart, api_visibility="private", show_progress="hidden")
     # The chart follows the chosen N and steps (one event for both, as in tab_quantize).
     gr.on([n.change, steps.change],
           guard(lambda usr, n_, s_: pareto_figure(models.state_for(usr), usr, *settings(n_, s_, 1)[:2])),
           [user, n, steps], chart, api_visibility="private", show_progress="hidden", trigger_mode="always_last")
 
-    def refresh(usr, n_, s_):
+    def refresh(usr, n_, s_, pred):
         st = models.state_for(usr)
-        return (model_note(st), "", pareto_figure(st, usr, *settings(n_, s_, 1)[:2]), *disarm("Evaluate")())
-    return refresh, [user, n, steps], [note, result, chart, armed, go_btn, estimate_note]
+        return (model_note(st), "", pareto_figure(st, usr, *settings(n_, s_, 1)[:2]), *disarm("Evaluate")(),
+                sensitivity_figure(pred, state=st))
+    return refresh, [user, n, steps, predictor], [note, result, chart, armed, go_btn, estimate_note, sens_chart]

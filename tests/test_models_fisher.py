@@ -75,6 +75,37 @@ def test_adapter_fisher_equals_a_naive_one_sample_loop_in_float64(build, predict
     assert any(v > 0 for v in (ref[k].abs().sum() for k in ref))
 
 
+def test_the_unet_adapter_fisher_equals_a_naive_one_sample_loop_in_float64():
+    """The project U-Net through the same adapter path: one backward per sample, x_t and the loss written out
+    here (epsilon prediction on its schedule), against every per-sample method."""
+    from lafq.model import UNet
+
+    torch.manual_seed(0)
+    model = UNet(TINY).double()
+    den = from_lafq_unet(model)
+    g = torch.Generator().manual_seed(0)
+    s = 5
+    x0, noise = (torch.randn(s, 1, 28, 28, generator=g, dtype=torch.float64) for _ in range(2))
+    t = torch.randint(0, 1000, (s,), generator=g)
+    rows = torch.tensor([0, 3, 10, 7, 10])  # 10: the null class
+    abar = den.schedule.alphas_cumprod.double()
+    ref = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
+    for i in range(s):
+        model.zero_grad(set_to_none=True)
+        a = abar[t[i]]
+        xt = a.sqrt() * x0[i:i + 1] + (1 - a).sqrt() * noise[i:i + 1]
+        torch.nn.functional.mse_loss(model(xt, t[i:i + 1], rows[i:i + 1]), noise[i:i + 1]).backward()
+        for k, p in model.named_parameters():
+            if p.grad is not None:
+                ref[k] += p.grad.pow(2)
+    model.zero_grad(set_to_none=True)
+    for method in ("hooks", "vmap", "naive"):
+        got, _ = sq_grads(den, x0, noise, t, rows, method=method, chunk=2)
+        assert got.keys() == ref.keys()
+        for k in ref:
+            assert torch.allclose(got[k], ref[k], rtol=1e-9, atol=1e-20), (method, k)
+
+
 def test_hooks_fall_back_per_parameter_and_the_map_says_which():
     """DiT runs its conditioning embedder twice per forward (every block and the final layer), which the
     hooks cannot split: those parameters go to vmap, the rest stay on hooks, and the metadata names them."""

@@ -52,28 +52,40 @@ def _call_kwargs(model, n):
     return {"class_labels": torch.arange(n) % 3}
 
 
-@pytest.mark.parametrize("arch", ["UNet2DModel", "UNet2DConditionModel", "DiT", "Transformer2DModel"])
-def test_a_diffusers_model_reloads_with_bit_identical_stored_tensors_and_samples_from_the_file(arch, tmp_path):
-    from lafq.models import capture_conditioning, from_diffusers
+def _adapted(arch):
+    """(FP32 model, model -> its Denoiser with conditioning rows 0 and 1, library the file records)."""
+    from lafq.models import capture_conditioning, from_diffusers, from_lafq_unet
     from tests.diffusers_tiny import scheduler
 
+    if arch == "lafq-UNet":
+        from lafq.model import UNet
+        from tests.conftest import TINY
+
+        torch.manual_seed(0)
+        return UNet(TINY).eval(), from_lafq_unet, "lafq"
     model = _diffusers_models()[arch]()
+    c = model.config.in_channels
+    kw = _call_kwargs(model, 2)
+    cond = capture_conditioning(model, lambda: model(torch.randn(2, c, 8, 8), timestep=torch.tensor([3, 7]), **kw))
+    return model, (lambda m: from_diffusers(m, scheduler(), conditioning=cond)), "diffusers"
+
+
+@pytest.mark.parametrize("arch", ["lafq-UNet", "UNet2DModel", "UNet2DConditionModel", "DiT", "Transformer2DModel"])
+def test_every_adapters_model_reloads_with_bit_identical_stored_tensors_and_samples_from_the_file(arch, tmp_path):
+    model, adapt, library = _adapted(arch)
     q = quantize(copy.deepcopy(model), _mixed_plan(model))
     assert isinstance(q, type(model))  # still the class a pipeline expects
     path = tmp_path / "q.safetensors"
     save_quantized(path, q)
     meta = load_file(path)[1]
-    assert meta["model"]["library"] == "diffusers" and meta["model"]["class"] == type(model).__name__
+    assert meta["model"]["library"] == library and meta["model"]["class"] == type(model).__name__
     back, _ = load_quantized(path)
     # diffusers' from_config builds a DiT-configured Transformer2DModel as its DiTTransformer2DModel
     assert type(back) is type(q) or (arch, base_class(back).__name__) == ("Transformer2DModel", "DiTTransformer2DModel")
     _assert_same_storage(q, back)
-    c = model.config.in_channels
-    kw = _call_kwargs(model, 2)
-    cond = capture_conditioning(model, lambda: model(torch.randn(2, c, 8, 8), timestep=torch.tensor([3, 7]), **kw))
-    samples = [from_diffusers(m, scheduler(), conditioning=cond).sample(2, steps=3, seed=4, rows=[0, 1]) for m in (q, back)]
+    samples = [adapt(m).sample(2, steps=3, seed=4, rows=[0, 1]) for m in (q, back)]
     assert torch.equal(samples[0], samples[1]) and torch.isfinite(samples[0]).all()
-    fp32 = from_diffusers(model, scheduler(), conditioning=cond).sample(2, steps=3, seed=4, rows=[0, 1])
+    fp32 = adapt(model).sample(2, steps=3, seed=4, rows=[0, 1])
     assert not torch.equal(samples[0], fp32)  # really quantized
 
 

@@ -454,3 +454,21 @@ def test_one_seed_gives_the_same_images_in_the_app_the_cli_and_the_report(which,
     report = Evaluator(state.denoiser(state.model), None, None, tmp_path / "cache").fp32_images(spec)
     assert torch.equal(report, app)
     assert not torch.equal(app, state.images(state.model, SampleSpec(n=6, steps=3, seed=6, guidance=1.5, batch_size=4)))
+
+
+def test_the_sensitivity_chart_is_the_selected_models_own_where_its_report_has_one(tiny, tmp_path, monkeypatch):
+    import dataclasses
+
+    from demo.state import SENSITIVITY_CSV
+
+    state, _ = tiny
+    read = []
+    monkeypatch.setattr(tab_quality, "sensitivity_data", lambda path: read.append(path) or {})
+    tab_quality.sensitivity_figure("fisher_x_error", state=state)  # none of its own: the shipped U-Net's, said so
+    assert "the MNIST U-Net's" in tab_quality.model_note(dataclasses.replace(state, folder=paths.CHECKPOINTS))
+    own = tmp_path / "report"
+    own.mkdir()
+    (own / "sensitivity.csv").write_text("unit,seed\n")
+    mine = dataclasses.replace(state, report_dir=own)
+    tab_quality.sensitivity_figure("fisher_x_error", state=mine)
+    assert read == [SENSITIVITY_CSV, own / "sensitivity.csv"] and mine.own_sensitivity
