@@ -86,11 +86,13 @@ def model_arg(p) -> None:
 
 @dataclass(frozen=True)
 class ModelArg:
-    """What --model named: its Denoiser, the folder it came from (None: a file or a Hub id) and its card."""
+    """What --model named: its Denoiser, the pipeline folder it came from (None: a file or a Hub id), the folder
+    its shipped files live in (`home`: the pipeline folder, or a model file's own folder) and its card
+    (`home`/lafq.json, or None)."""
     den: object
     folder: Path | None
     card: object  # lafq.card.ModelCard or None
-    unet_file: bool  # a lafq U-Net .safetensors (the project's own model)
+    home: Path | None = None
 
     @property
     def label(self) -> str:
@@ -105,14 +107,14 @@ def load_model_arg(args) -> ModelArg:
     spec = args.model or str(paths.UNET)
     p = Path(spec)
     if p.suffix == ".safetensors" or p.is_file():
-        m = ModelArg(load(p), None, None, True)
+        den, folder, home = load(p), None, p.parent
     else:
         from .cli_diffusers import load_folder
 
         den = load_folder(p, subfolder=getattr(args, "subfolder", None))
-        folder = p if p.is_dir() else None
-        card = ModelCard.read(p) if folder is not None and (p / CARD_FILE).is_file() else None
-        m = ModelArg(den, folder, card, False)
+        folder = home = p if p.is_dir() else None
+    card = ModelCard.read(home) if home is not None and (home / CARD_FILE).is_file() else None
+    m = ModelArg(den, folder, card, home)
     if getattr(args, "weights", None):  # a quantized file of this model: its schedule and conditioning, these weights
         from .quantize import load_quantized
 
@@ -123,7 +125,7 @@ def load_model_arg(args) -> ModelArg:
 
 def _fisher_data(args, m: ModelArg):
     """(images, labels or None, name) the map is scored on: --images (clean samples or latents, with
-    --conditioning replayed), else --dataset (default: the model card's dataset; the U-Net's mnist-test10k)
+    --conditioning replayed), else --dataset (default: the model card's dataset: checkpoints/lafq.json names mnist-test10k for the U-Net)
     with each image's class label as its conditioning row."""
     from .data import load_dataset
     from .models import load_conditioning
@@ -144,7 +146,7 @@ def _fisher_data(args, m: ModelArg):
     if captions or args.conditioning:
         raise ValueError(f"--dataset conditions on the images' class labels: {'--captions' if captions else '--conditioning'} "
                          "goes with --images")
-    name = args.dataset or (m.card.dataset if m.card is not None else None) or ("mnist-test10k" if m.unet_file else None)
+    name = args.dataset or (m.card.dataset if m.card is not None else None)
     if name is None:
         raise ValueError(f"{m.label} names no dataset (lafq.json \"dataset\"): give --dataset NAME, or --images "
                          "FILE (clean samples, e.g. VAE latents) with --conditioning")
@@ -250,7 +252,9 @@ def cmd_fisher(args):
     distributed.finish()
     if not main:  # rank 0 writes and reports; the map is the same on every process
         return
-    out = args.out or (Path(DEFAULT_FISHER) if m.unet_file and args.model is None else Path("fisher.safetensors"))
+    # The shipped model's map is the shipped map; any other model's goes to the working directory (a folder's own
+    # fisher.safetensors is not overwritten unasked).
+    out = args.out or (Path(DEFAULT_FISHER) if args.model is None else Path("fisher.safetensors"))
     fm.save(out)
     layers, per_layer = fm.layer_names(), fm.per_layer()
     res = {"command": "fisher", "model": m.label, "class": m.den.source.get("class"), "out": str(out),
@@ -273,8 +277,8 @@ def register_fisher(sub):
                        help="the Fisher map of any model (tensor x timestep bin [x class])")
     model_arg(f)
     f.add_argument("--dataset", default=None,
-                   help="labelled images, each scored with its class (default: the model card's dataset; the "
-                        "U-Net's mnist-test10k)")
+                   help="labelled images, each scored with its class (default: the model card's dataset, "
+                        "lafq.json beside the model; the shipped U-Net's is mnist-test10k)")
     f.add_argument("--images", default=None, help="instead: .safetensors of clean samples (N, C, H, W), e.g. VAE latents")
     f.add_argument("--key", default=None, help="tensor name in --images (default: 'images', else the first)")
     f.add_argument("--conditioning", default=None,
@@ -324,8 +328,7 @@ def cmd_quantize(args):
         from .policy import NO_FISHER_STRATEGIES
 
         policy = policy_from_args(args)
-        fisher = args.fisher or (m.folder / "fisher.safetensors" if m.folder is not None else
-                                 DEFAULT_FISHER if m.unet_file else None)
+        fisher = args.fisher or (m.home / "fisher.safetensors" if m.home is not None else None)
         if args.fisher is None and policy.strategy in NO_FISHER_STRATEGIES:
             fisher = None  # nothing to rank: the plan needs only the model's tensors
         elif fisher is None:
@@ -355,8 +358,8 @@ def register_quantize(sub):
                        help="policy -> plan -> quantized model of any model, with its size table")
     model_arg(q)
     q.add_argument("--fisher", default=None,
-                   help="the model's Fisher map (default: checkpoints/fisher.safetensors for a U-Net file, "
-                        "MODEL/fisher.safetensors for a folder)")
+                   help="the model's Fisher map (default: fisher.safetensors beside the model: MODEL/ for a folder, "
+                        "the file's folder for a .safetensors model, checkpoints/ for the shipped U-Net)")
     q.add_argument("--strategy", choices=STRATEGIES, default=None,
                    help="default: budget when --avg-bits or --budget-bytes is given, else layer-ratio")
     q.add_argument("--target", choices=PRECISIONS, default="fp16", help="precision of the quantized tensors")
