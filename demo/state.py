@@ -9,7 +9,7 @@ Contracts:
   Handlers return a new one; another user's never changes.
 - One `AppState` class serves every model: the project's U-Net and any diffusers model are each an adapter
   (lafq.models.Denoiser) with a card (lafq.json); the tabs ask the state (`classes`, `guided`, `layers`,
-  `images`, `plan`, `has_inside`, `reference`...), never which family the model is. `load_state` loads any
+  `images`, `plan`, `reference`...), never which family the model is. `load_state` loads any
   model through lafq.load.
 - Long jobs run inside `AppState.job`: a cancel flag per session, the request's liveness (a client
   that cancels or disconnects stops the worker at its next step), one heavy job computing at a time
@@ -118,11 +118,6 @@ def as_choice(value, name: str, choices):
     if not isinstance(value, (str, int, float, type(None))) or value not in choices:
         raise InputError(f"{name} must be one of {list(choices)}, got {shown(value)}")
     return value
-
-
-def digit_or_none(value) -> int | None:
-    """'any' / None -> unconditional; '0'..'9' -> that digit."""
-    return class_or_none(value, 10, "digit")
 
 
 def class_or_none(value, classes: int, word: str = "class") -> int | None:
@@ -435,12 +430,6 @@ class AppState:
         return self.sensitivity_csv is not None
 
     @property
-    def has_inside(self) -> bool:
-        """Whether the Inside tab's traces apply (lafq.inside says which adapters it observes)."""
-        from lafq.inside import supports
-        return supports(self.den)
-
-    @property
     def has_classifier(self) -> bool:
         return self.folder is not None and (self.folder / "classifier.safetensors").is_file()
 
@@ -609,6 +598,10 @@ class AppState:
             if key not in self._memo:
                 self._memo[key] = compute()
             return self._memo[key]
+
+    def memoized(self, key):
+        """memo()'s value for `key` if it is computed already, else None (never waits, never computes)."""
+        return self._memo.get(key)
 
     def classifier(self):
         """The model folder's classifier.safetensors (accuracy; FID features offline)."""

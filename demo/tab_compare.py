@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lafq.diffusion import DEFAULT_GUIDANCE
 from lafq.pipeline import SampleSpec
 from lafq.policy import Plan
 from lafq.precision import fallback
@@ -18,7 +17,7 @@ from .state import MAX_SAMPLES, MAX_STEPS, AppState, InputError, as_number, show
 from .tab_quantize import current_label, preset_current, resolve_plan
 from .zerogpu import gpu
 
-DEFAULTS = dict(digit="7", guidance=DEFAULT_GUIDANCE, steps=20, seed=0, n=4)
+DEFAULTS = dict(steps=20, seed=0, n=4)  # the class and guidance are the model's own (its card)
 HOW_TO = ("**How to:** pick what to draw and press Generate: FP32, your plan (from the Quantize tab) and uniform "
           "quantization at the plan's lowest precision start from the same noise, so any difference is the "
           "quantization's. Each image is labelled with its size.")
@@ -80,7 +79,7 @@ def compare(state: AppState, current: dict, digit, guidance, steps, seed, n, wit
     sizes = {"plan": state.size(plan)}
     if with_uniform:
         sizes[f"uniform {u.policy['target']}"] = state.size(u)
-    guided = getattr(state, "guided", True)
+    guided = state.guided
     md = (f"Plan: **{current_label(current, plan)}**. FP32 {_kb(sizes['plan'].fp32_bytes)} · "
           + " · ".join(f"**{k}** {_kb(r.total_bytes)} ({r.pct_of_fp32:.0f}% of FP32), mean |Δ| to FP32 "
                        f"{diffs[k].mean():.2f}/255" for k, r in sizes.items())
@@ -94,7 +93,7 @@ def compare(state: AppState, current: dict, digit, guidance, steps, seed, n, wit
 
 def example(state: AppState):
     """The arrival example (default preset vs uniform, same noise), computed once per process and kept."""
-    guidance = state.default_guidance if getattr(state, "guided", True) else 1.0
+    guidance = state.default_guidance if state.guided else 1.0
     return state.memo("compare-example", lambda: compare(
         state, preset_current(state), default_class(state), guidance, DEFAULTS["steps"], DEFAULTS["seed"],
         DEFAULTS["n"], True))
@@ -203,7 +202,8 @@ def build(models, current, user, guard):
     gr.Markdown(HOW_TO, elem_id="howto-compare")
     with gr.Row():
         digit = Choice(class_choices(state), value=default_class(state), label=state.class_word, elem_id="compare-class")
-        guidance = gr.Slider(0, 6, value=DEFAULTS["guidance"], step=0.1, label="guidance scale")
+        guidance = gr.Slider(0, 6, value=state.default_guidance if state.guided else 1.0, step=0.1,
+                             label="guidance scale", interactive=state.guided)
         steps = gr.Slider(1, MAX_STEPS, value=DEFAULTS["steps"], step=1, label="DDIM steps")
         seed = gr.Number(DEFAULTS["seed"], precision=0, label="seed")
         n = gr.Slider(1, 16, value=DEFAULTS["n"], step=1, label="images")
@@ -237,7 +237,7 @@ def build(models, current, user, guard):
 
     def refresh(usr):
         st = models.state_for(usr)
-        guided = getattr(st, "guided", True)
+        guided = st.guided
         return (gr.Dropdown(choices=class_choices(st), value=default_class(st), label=st.class_word),
                 gr.Slider(value=st.default_guidance if guided else 1.0, interactive=guided),
                 *[gr.Image(value=None, label=lab) for lab in ("FP32", "current plan", "uniform")], None,

@@ -158,12 +158,20 @@ def model_note(state: AppState, user=None) -> str:
             f"{state.note_of(user)}.")
 
 
+def _first_inner(state: AppState, layers: list[str]) -> str | None:
+    """The layer shown first: the one after the model's input layer (the U-Net's down1), else the first."""
+    first = state.layers.edges[0]
+    if first in layers and layers.index(first) + 1 < len(layers):
+        return layers[layers.index(first) + 1]
+    return layers[0] if layers else None
+
+
 def model_controls(state: AppState, user=None) -> dict:
     """Settings of the controls that depend on the selected model (its classes, layers, bins)."""
     fm = state.fisher_of(user)
     layers = [name for name, _ in layer_rows(state, fm)] if fm is not None else []
     return dict(groups=group_choices(state), layers=layers,
-                layer="down1" if "down1" in layers else (layers[0] if layers else None),
+                layer=_first_inner(state, layers),
                 bins=fm.bins if fm is not None else 10, per_class=bool(state.classes))
 
 
@@ -198,7 +206,8 @@ def build(models, user, guard):
             bins = gr.Number(start["bins"], precision=0, label="timestep bins", info=f"1 to {MAX_BINS}",
                              elem_id="fisher-bins")
             samples = gr.Slider(1, MAX_FISHER_SAMPLES, value=16, step=1, label="samples per bin")
-            per_class = gr.Checkbox(False, label="per digit (10x the work)")
+            per_class = gr.Checkbox(False, label=f"per {state.class_word} ({len(state.classes)}x the work)"
+                                    if state.classes else "per class (this model has none)", interactive=bool(state.classes))
         with gr.Row():
             go_btn = gr.Button("Recompute", elem_id="recompute")
             cancel = gr.Button("Cancel", elem_id="recompute-cancel")

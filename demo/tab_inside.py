@@ -1,7 +1,8 @@
 """Inside tab: activations over the trajectory, saliency at a timestep, where quantization error grows.
 
-Every model: lafq.inside observes the selected model's own layers (lafq.layers) and the saliency image is one of
-its reference dataset's held-out images. The layer control lists the layers with spatial maps of the selected
+Every model: lafq.inside observes the selected model's own layers (lafq.layers). The saliency image is one of the
+model's reference images (held out from training) where that split is on the machine, else one of its training
+dataset (or that one's vendored subset: the Fashion model without Debian's dataset); the panel names which. The layer control lists the layers with spatial maps of the selected
 model (`spatial_layers`, probed once per model)."""
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def _common(state: AppState, cls, steps, seed):
 
 def spatial_layers(state: AppState) -> list[str]:
     """The layers of the selected model that have spatial maps (4-D outputs), in flow order; computed once."""
-    return state.memo("inside-layers", lambda: list(activation_trace(state.den, None, steps=2, guidance=1.0).maps))
+    steps = min(2, state.schedule.T)
+    return state.memo("inside-layers", lambda: list(activation_trace(state.den, None, steps=steps, guidance=1.0).maps))
 
 
 def default_layer(state: AppState) -> str | None:
@@ -63,7 +65,8 @@ def _saliency_images(state: AppState):
     names = list(dict.fromkeys([state.reference, state.floor_images]))  # `reference` refuses a card naming none
     for name in names:
         try:
-            return (*load_dataset_or_subset(name).tensors(), name)
+            data = load_dataset_or_subset(name)  # its vendored subset where the full split is not installed
+            return (*data.tensors(), data.name)
         except DataError:
             continue
     raise InputError(f"no images for a saliency map: {' and '.join(names)} are not on this machine")
@@ -84,7 +87,7 @@ def saliency_panels(state: AppState, cls, t, seed):
     image = x[int(idx[seed % len(idx)])]
     r = saliency(state.den, image, label, t, seed=seed)
     return plots.image_panels([image.mean(0).numpy(), r["x_t"].numpy(), r["x0_hat"].numpy(), r["saliency"].numpy()],
-                              ["real x0", f"x_t (t={t})", "model's x0 estimate", "saliency |dL/dx_t|"],
+                              [f"real x0 ({name})", f"x_t (t={t})", "model's x0 estimate", "saliency |dL/dx_t|"],
                               f"saliency at t={t}: which pixels of the noisy input move the loss")
 
 
@@ -104,18 +107,27 @@ def saliency_t(state: AppState) -> int:
     return round(0.3 * state.schedule.T)
 
 
+EXAMPLE_STEPS = 25
+
+
 def example(state: AppState):
-    """Every view for the model's default controls (the default plan's error): computed once per model and kept."""
-    cls, layer = default_class(state), default_layer(state)
+    """Every view for the model's default controls (the default plan's error): computed once per model and kept.
+    A model switch shows it only once computed (`shown_example`); selecting the tab computes it."""
+    cls, layer, steps = default_class(state), default_layer(state), min(EXAMPLE_STEPS, state.schedule.T)
 
     def views():
         try:
             sal = saliency_panels(state, cls, saliency_t(state), 0)
         except InputError:  # no reference images of this model's shape: its button says why when pressed
             sal = None
-        heat, maps = activations(state, cls, 25, 0, layer) if layer is not None else (None, None)
-        return heat, maps, sal, quant_error(state, preset_current(state), cls, 25, 0)
+        heat, maps = activations(state, cls, steps, 0, layer) if layer is not None else (None, None)
+        return heat, maps, sal, quant_error(state, preset_current(state), cls, steps, 0)
     return state.memo("inside-example", views)
+
+
+def shown_example(state: AppState):
+    """The model's example views if they are computed already, else empty figures (a switch must not wait)."""
+    return state.memoized("inside-example") or (None, None, None, None)
 
 
 HOW_TO = ("**How to:** press a button to look inside the network along one denoising trajectory: which layers are "
@@ -156,9 +168,10 @@ def build(models, current, user, guard):
     qerr_btn.click(guard(lambda cur, *v: quant_error(models.state_for(v[-1]), cur, *v)),
                    [current, cls, steps, seed, user], qerr, api_name="quant_error", concurrency_id="sample")
 
-    def refresh(usr):
+    def refresh(usr):  # on a model switch: the controls, and the example views only if already computed
         st = models.state_for(usr)
         return (gr.Dropdown(choices=class_choices(st), value=default_class(st), label=st.class_word),
                 gr.Dropdown(choices=spatial_layers(st), value=default_layer(st)),
-                gr.Number(value=saliency_t(st), info=f"0 to {st.schedule.T - 1}"), *example(st))
-    return arrival, (refresh, [user], [cls, layer, t, heat, maps, sal, qerr])
+                gr.Number(value=saliency_t(st), info=f"0 to {st.schedule.T - 1}"), *shown_example(st))
+    show = (lambda usr: example(models.state_for(usr))), [user], [heat, maps, sal, qerr]  # when the tab is selected
+    return arrival, (refresh, [user], [cls, layer, t, heat, maps, sal, qerr]), show

@@ -337,8 +337,8 @@ def build(models, current, user, guard):
                       open=False):
         gr.Markdown("Measured: the paired mean |Δ| to FP32's images from the same noise with only that tensor at "
                     "INT4. A predictor is useful if it ranks tensors the way the measurement does (Spearman ρ near "
-                    "1). Command: `python -m lafq report` (sensitivity stage); per-seed values in "
-                    "`docs/sensitivity.csv`.")
+                    "1). Command: `python -m lafq report [--model DIR]` (sensitivity stage); per-seed values in "
+                    "its `sensitivity.csv` (the U-Net's: `docs/sensitivity.csv`; a folder's: `DIR/report/`).")
         predictor = gr.Dropdown([(v, k) for k, v in PREDICTOR_LABELS.items()], value="fisher_x_error",
                                 label="predictor")
         sens_chart = gr.Plot(value=sensitivity_figure("fisher_x_error", state=state), show_label=False)

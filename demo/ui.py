@@ -111,7 +111,11 @@ def build_app(state: AppState, models: Registry | None = None) -> gr.Blocks:
         with gr.Tab("Quality", id="quality") as t4:
             quality_refresh = tab_quality.build(models, current, user, guard)
         with gr.Tab("Inside", id="inside") as t5:
-            (inside_fn, inside_out), inside_refresh = tab_inside.build(models, current, user, guard)
+            (inside_fn, inside_out), inside_refresh, (show_fn, show_in, show_out) = tab_inside.build(
+                models, current, user, guard)
+        # Inside's views of the session's model are computed when the tab is opened, not on a model switch.
+        t5.select(guard(show_fn), show_in, show_out, api_visibility="private", concurrency_id="sample",
+                  show_progress="minimal")
         for tab in (t1, t2, t3, t4, t5):
             # A figure drawn while its tab was hidden (a model switch redraws every tab) took a default width
             # (half the page): re-measure once the tab shows.

@@ -129,3 +129,34 @@ class ModelCard:
             where = f"{Path(folder) / CARD_FILE}" if folder else CARD_FILE
             raise ValueError(f"{where} lacks {', '.join(missing)} (written by train-diffusers; see docs for the keys)")
         return self
+
+
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot")
+DIGITS = tuple(str(i) for i in range(10))
+
+# What lafq.json says about a model trained on each dataset: the data's title, the split FID compares against,
+# and the class names (label i is classes[i]).
+DATASET_CARDS = {
+    "fashion-train": {"title": "Fashion-MNIST", "reference": "fashion-test", "classes": FASHION_CLASSES},
+    "fashion-train5k": {"title": "Fashion-MNIST", "reference": "fashion-test", "classes": FASHION_CLASSES},
+    "fashion-test": {"title": "Fashion-MNIST", "reference": "fashion-train", "classes": FASHION_CLASSES},
+    "mnist-test10k": {"title": "MNIST", "reference": "mnist-train5k", "classes": DIGITS},
+    "mnist-train": {"title": "MNIST", "reference": "mnist-test10k", "classes": DIGITS},
+}
+
+
+def model_card(dataset: str, null_class: int | None, train: dict | None = None,
+               kind: str = "UNet2DModel (diffusers)") -> dict:
+    """The lafq.json a trainer writes beside what it trained (validated as a ModelCard): name, dataset, reference,
+    classes, null_class, guidance, and the training facts under "train". `kind` names the model in its name;
+    `null_class` None: an unconditional model (no classes, no guidance)."""
+    from .diffusion import DEFAULT_GUIDANCE
+
+    known = DATASET_CARDS.get(dataset, {"title": dataset, "reference": None,
+                                        "classes": tuple(str(i) for i in range(null_class or 0))})
+    card = ModelCard(name=f"{known['title']} {kind}", dataset=dataset, reference=known["reference"],
+                     classes=tuple(known["classes"]) if null_class is not None else (), null_class=null_class,
+                     guidance=DEFAULT_GUIDANCE if null_class is not None else 1.0,
+                     extra={} if train is None else {"train": train})
+    return card.to_dict()

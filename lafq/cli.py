@@ -131,26 +131,31 @@ def cmd_sample(args):
 
 
 def _fid_subject(args):
-    """(backend, classifier, reference, stats_dir, floor images, card) for --model: the U-Net's (the shipped
-    classifier, mnist-train5k; --backend), or a train-diffusers folder's own (its classifier and lafq.json)."""
+    """(backend, classifier, reference, stats_dir, floor images, card, folder) for --model, the same for every model:
+    the card and files beside it (a model file's folder: checkpoints/ for the shipped U-Net; a model folder itself):
+    lafq.json's reference and dataset, classifier.safetensors (or --classifier) for accuracy and, with --backend
+    auto, the FID features where Inception's weights are not on disk; stats/ (or --stats-dir) for the cached
+    reference statistics. `folder` is the model folder (None for a model file)."""
     from .classifier import load_classifier
-    from .metrics import DEFAULT_CLASSIFIER, ClassifierBackend, get_backend
+    from .cli_diffusers import _card
+    from .metrics import get_backend
 
-    folder = Path(args.model) if args.model and Path(args.model).is_dir() else None
-    if folder is None and args.model and not (Path(args.model).is_file() or args.model.endswith(".safetensors")):
+    p = Path(args.model or DEFAULT_CKPT)
+    if p.is_dir():
+        home, folder = p, p
+    elif p.is_file() or p.suffix == ".safetensors":
+        home, folder = p.parent, None
+    else:
         raise ValueError(f"fid scores a lafq .safetensors U-Net or a model folder with its classifier and lafq.json; "
                          f"{args.model} is neither (download a Hub model into a folder with both)")
-    if folder is None:
-        backend = ClassifierBackend(path=args.classifier) if args.classifier else get_backend(args.backend)
-        clf = backend.model if args.classifier else load_classifier(DEFAULT_CLASSIFIER)[0]
-        return backend, clf, "mnist-train5k", args.stats_dir, "mnist-test10k", None
-    from .cli_diffusers import _card
-
-    card = _card(folder)  # one-line errors for a missing or incomplete lafq.json
-    if args.backend == "inception":
-        raise ValueError("a model folder is scored with its own classifier's features: drop --backend inception")
-    backend = ClassifierBackend(path=args.classifier or folder / "classifier.safetensors")
-    return backend, backend.model, card.reference, args.stats_dir or folder / "stats", card.dataset, card
+    card = _card(home)  # one-line errors for a missing or incomplete lafq.json
+    classifier = Path(args.classifier) if args.classifier else home / "classifier.safetensors"
+    if not classifier.is_file():
+        raise ValueError(f"no classifier for FID features and accuracy: {classifier} is not a file; give --classifier "
+                         "FILE (python -m lafq train-classifier writes one)")
+    clf = load_classifier(classifier)[0]
+    backend = get_backend(args.backend, model=clf)
+    return backend, clf, card.reference, args.stats_dir or home / "stats", card.dataset, card, folder
 
 
 def cmd_fid(args):
@@ -165,8 +170,7 @@ def cmd_fid(args):
         import torch
         torch.set_num_threads(args.threads)
     log = _log(args)
-    backend, clf, reference, stats_dir, floor_images, card = _fid_subject(args)
-    folder = Path(args.model) if card is not None else None
+    backend, clf, reference, stats_dir, floor_images, card, folder = _fid_subject(args)
     cache = args.cache_dir or (folder / "eval" if folder is not None else None)
     seeds = list(range(args.seed, args.seed + args.seeds))
     res = {"command": "fid", "model": args.model or str(DEFAULT_CKPT), "backend": backend.name, "n": args.n,

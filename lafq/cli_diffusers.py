@@ -67,7 +67,8 @@ def _card(model: Path):
 
     path = Path(model) / CARD_FILE
     if not (path.exists() or path.is_symlink()):
-        raise ValueError(f"{model} has no {CARD_FILE}: not a folder written by train-diffusers")
+        raise ValueError(f"{model} has no {CARD_FILE}: the model card beside the model (train and train-diffusers "
+                         "write it; see docs/any-model.md for its keys)")
     return ModelCard.read(model).require("dataset", "reference", "null_class", folder=model)
 
 

@@ -131,20 +131,22 @@ def _fisher_data(args, m: ModelArg):
     from .models import load_conditioning
 
     captions = getattr(args, "captions", None)
+    if captions is not None and args.per_class:  # before any work: the text encoder is not loaded for nothing
+        raise ValueError("--per-class maps classes; with --captions each image is its own row: drop --per-class")
     if args.images is not None:
         if args.dataset is not None:
             raise ValueError("give one of --images (clean samples) or --dataset (labelled images), not both")
-        if captions and args.conditioning:
+        if captions is not None and args.conditioning:
             raise ValueError("give one of --captions (encoded by the pipeline's text encoder) or --conditioning "
                              "(captured rows), not both")
         images = _images(args.images, args.key)
-        if captions:
+        if captions is not None:
             return _captioned(m, images, captions, args.images)
         if args.conditioning:
             m = replace(m, den=m.den.with_conditioning(load_conditioning(args.conditioning), m.den.null_row))
         return m, images, None, str(args.images)
-    if captions or args.conditioning:
-        raise ValueError(f"--dataset conditions on the images' class labels: {'--captions' if captions else '--conditioning'} "
+    if captions is not None or args.conditioning:
+        raise ValueError(f"--dataset conditions on the images' class labels: {'--captions' if captions is not None else '--conditioning'} "
                          "goes with --images")
     name = args.dataset or (m.card.dataset if m.card is not None else None)
     if name is None:
@@ -229,8 +231,6 @@ def cmd_fisher(args):
         bar = tqdm(total=args.bins * groups, desc="fisher", dynamic_ncols=True)
     t0 = time.perf_counter()
     captioned = getattr(args, "captions", None) is not None
-    if captioned and args.per_class:
-        raise ValueError("--per-class maps classes; with --captions each image is its own row: drop --per-class")
     # Captions are rows of their own (one per image): draws over the images are uniform, not class-balanced.
     draws = args.draws if labels is not None and not captioned else "uniform"
     fm = fisher_map(m.den, images, labels=labels, draws=draws,

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .card import CARD_FILE, model_card
 from .checkpoint import CheckpointError, atomic_write_bytes, config_mismatch, load_file, save_file, save_unet
 from .data import OFFLINE_TRAIN, load_dataset
 from .diffusion import linear_schedule, q_sample, sample
@@ -256,6 +257,11 @@ def train(out: str | Path, cfg: TrainConfig = TrainConfig(), model_cfg: UNetConf
         facts = {**info, "steps": step_now, "wall_seconds": round(wall_now, 1),
                  "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "train_config": asdict(cfg)}
         save_unet(out / "unet.safetensors", ema, train=facts)
+        card = out / CARD_FILE
+        if not card.exists():  # the model card the CLI and the app read beside the model; never overwritten
+            atomic_write_bytes(card, (json.dumps(model_card(cfg.dataset, model_cfg.num_classes or None,
+                                                            kind="U-Net (lafq)"),
+                                                 indent=2) + "\n").encode())
         save_file(state_path, _train_state_tensors(model, ema, opt, gen),
                   {"kind": "train_state", "config": model_cfg.to_dict(), "train_config": asdict(cfg),
                    "step": step_now, "wall_seconds": wall_now})

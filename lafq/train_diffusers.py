@@ -30,30 +30,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .card import model_card
 from .checkpoint import CheckpointError, atomic_write_bytes, config_mismatch, load_file, save_file
 from .data import load_dataset
-from .diffusion import DEFAULT_GUIDANCE, sample
+from .diffusion import sample
 from .train import (TrainConfig, _restore_train_state, _train_state_tensors, check_same_run, run_steps, trim_log,
                     save_grid)
-
-FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                   "Ankle boot")
-
-# What lafq.json says about a model trained on each dataset: its display name, the split FID compares
-# against, and the class names (label i is classes[i]).
-DATASET_CARDS = {
-    "fashion-train": {"name": "Fashion-MNIST UNet2DModel (diffusers)", "reference": "fashion-test",
-                      "classes": list(FASHION_CLASSES)},
-    "fashion-train5k": {"name": "Fashion-MNIST UNet2DModel (diffusers)", "reference": "fashion-test",
-                        "classes": list(FASHION_CLASSES)},
-    "fashion-test": {"name": "Fashion-MNIST UNet2DModel (diffusers)", "reference": "fashion-train",
-                     "classes": list(FASHION_CLASSES)},
-    "mnist-test10k": {"name": "MNIST UNet2DModel (diffusers)", "reference": "mnist-train5k",
-                      "classes": [str(i) for i in range(10)]},
-    "mnist-train": {"name": "MNIST UNet2DModel (diffusers)", "reference": "mnist-test10k",
-                    "classes": [str(i) for i in range(10)]},
-}
-
 
 @dataclass(frozen=True)
 class UNet2DConfig:
@@ -109,18 +91,6 @@ def _unwrapped(tensors: dict) -> dict:
         head, _, rest = k.partition(".")
         out[f"{head}.{rest[5:]}" if head in ("model", "ema", "optim") and rest.startswith("unet.") else k] = v
     return out
-
-
-def model_card(dataset: str, null_class: int, train: dict | None = None) -> dict:
-    """The lafq.json a trained folder gets (lafq.card.ModelCard, validated): name, dataset, reference, classes,
-    null_class, guidance, and the training facts under "train"."""
-    from .card import ModelCard
-
-    known = DATASET_CARDS.get(dataset, {"name": f"{dataset} UNet2DModel (diffusers)", "reference": None,
-                                        "classes": [str(i) for i in range(null_class)]})
-    card = ModelCard(name=known["name"], dataset=dataset, reference=known["reference"], classes=tuple(known["classes"]),
-                     null_class=null_class, guidance=DEFAULT_GUIDANCE, extra={} if train is None else {"train": train})
-    return card.to_dict()
 
 
 def _save_pretrained(obj, folder: Path, **kw) -> None:

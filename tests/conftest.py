@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pytest
 import torch
@@ -27,8 +28,15 @@ def tiny_model():
 
 @pytest.fixture
 def tiny_ckpt(tmp_path, tiny_model):
+    """A tiny U-Net file in a folder laid out as `train` and the shipped checkpoints/ are: the model card beside
+    it (the shipped U-Net's: MNIST classes and datasets), and links to the shipped classifier and statistics."""
+    from lafq import paths
+
     path = tmp_path / "tiny.safetensors"
     save_unet(path, tiny_model, train={"steps": 0})
+    shutil.copy(paths.CHECKPOINTS / "lafq.json", tmp_path)
+    (tmp_path / "classifier.safetensors").symlink_to(paths.CLASSIFIER)
+    (tmp_path / "stats").symlink_to(paths.STATS, target_is_directory=True)
     return path
 
 

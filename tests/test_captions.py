@@ -79,6 +79,17 @@ def test_bad_captions_get_one_error_line(sd_folder, tmp_path, capsys, setup, mes
     assert message in err and "Traceback" not in err
 
 
+def test_a_pipeline_with_a_second_text_encoder_is_refused_in_one_line(sd_folder, tmp_path, capsys):
+    import shutil
+
+    two = tmp_path / "two"
+    shutil.copytree(sd_folder, two)
+    shutil.copytree(sd_folder / "text_encoder", two / "text_encoder_2")
+    assert run(two, tmp_path, "--captions", str(sd_folder / "captions.txt")) == 2
+    err = capsys.readouterr().err
+    assert "has text_encoder_2/: captions are encoded for pipelines with one text encoder" in err and "Traceback" not in err
+
+
 def test_captions_need_images_and_a_folder_with_a_text_encoder(sd_folder, tmp_path, capsys):
     import shutil
 

@@ -3,11 +3,9 @@ import os
 import signal
 import subprocess
 import sys
-import shutil
 
 import pytest
 
-from lafq import paths
 from lafq.checkpoint import save_file
 from lafq.cli import main
 
@@ -106,6 +104,16 @@ def test_the_app_falls_back_from_a_fisher_file_missing_keys(tmp_path, tiny_ckpt)
 
     broken = tmp_path / "fisher.safetensors"
     save_file(broken, {}, {"kind": "fisher"})
-    shutil.copy(paths.CHECKPOINTS / "lafq.json", tiny_ckpt.parent)  # the card names the dataset of the quick map
     state = load_state(tiny_ckpt, broken, quick_bins=2, quick_samples=1, device="cpu")
     assert "unreadable" in state.fisher_note and state.fisher.bins == 2
+
+
+def test_a_model_file_without_its_card_gets_one_line_naming_the_card(tmp_path, tiny_model, capsys):
+    from lafq.checkpoint import save_unet
+
+    bare = tmp_path / "bare.safetensors"
+    save_unet(bare, tiny_model, train={"steps": 0})
+    for argv in (["fid", "--model", str(bare), "--n", "10"], ["fisher", "--model", str(bare), "--bins", "1"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error:") and "lafq.json" in err[-1] and not any("Traceback" in e for e in err)

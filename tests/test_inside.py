@@ -56,17 +56,18 @@ def test_every_trace_observes_the_models_own_layers_along_the_samplers_trajector
     elif which != "lafq-UNet":
         den = with_class_conditioning(den, 2)
     label = 1 if den.conditioning is not None else None
-    tr = activation_trace(den, label, steps=3, seed=4, guidance=1.0)
+    guidance = 1.5 if den.null_row is not None else 1.0  # guided where the model has a null row: half the batch kept
+    tr = activation_trace(den, label, steps=3, seed=4, guidance=guidance)
     expected = {"lafq-UNet": {"stem", "mid", "head"}, "diffusers-UNet2DModel": {"conv_in", "down_blocks.0"},
                 "DiT": {"transformer_blocks.0"}}[which]
     assert expected <= set(tr.layers) and torch.isfinite(tr.matrix).all() and tr.matrix.shape[1] == 3
     assert expected <= set(tr.maps) and all(m.dim() == 3 and m.shape[0] == 3 for m in tr.maps.values())
     assert not any(m._forward_hooks for m in den.module.modules())  # the traces hook a private copy
-    spec = SampleSpec(n=1, labels=() if label is None else (label,), steps=3, guidance=1.0, seed=4, batch_size=1)
+    spec = SampleSpec(n=1, labels=() if label is None else (label,), steps=3, guidance=guidance, seed=4, batch_size=1)
     assert torch.equal(tr.image, denoise(den, spec)[0][0].cpu())  # the sampler's trajectory: the same noise rule
     q = quantize(copy.deepcopy(den.module), make_plan(Policy(strategy="uniform", target="int4"), None,
                                                       dict(den.module.named_parameters())))
-    err = quantization_error_trace(den, dataclasses.replace(den, module=q), label, steps=3, guidance=1.0)
+    err = quantization_error_trace(den, dataclasses.replace(den, module=q), label, steps=3, guidance=guidance)
     assert err.layers and (err.matrix > 0).any() and torch.isfinite(err.matrix).all()
     image = torch.rand(den.sample_shape) * 2 - 1
     r = saliency(den, image, label, 10)

@@ -29,6 +29,11 @@ def test_a_few_steps_lower_the_loss(tmp_path):
     model, meta = load_unet(tmp_path / "unet.safetensors")
     assert meta["train"]["steps"] == 60 and meta["train"]["dataset"] == "mnist-test10k"
     assert _fixed_batch_loss(model) < 0.7 * before
+    from lafq.card import ModelCard
+    card = ModelCard.read(tmp_path)  # written beside the model, as the CLI and the app read it
+    assert (card.name, card.dataset, card.reference, card.null_class) == ("MNIST U-Net (lafq)", "mnist-test10k",
+                                                                          "mnist-train5k", 10)
+    assert card.classes == tuple(str(d) for d in range(10)) and card.guidance == 1.5
 
 
 def test_resume_is_exact(tmp_path):

@@ -174,14 +174,20 @@ def with_class_conditioning(den: Denoiser, null_class: int | None) -> Denoiser:
 def encode_captions(folder: str | Path, captions: list[str], *, device="cpu", batch_size: int = 16) -> Conditioning:
     """Conditioning rows of a text-to-image pipeline folder for `captions`, then the empty caption (the
     unconditional row classifier-free guidance uses, last: row len(captions)). The folder's `tokenizer/` and
-    `text_encoder/` encode each caption as diffusers' Stable Diffusion pipelines encode a prompt: padded to the
-    tokenizer's max length, truncated, the encoder's last hidden state as `encoder_hidden_states`. The encoder
-    class is the one its config names (CLIPTextModel, T5EncoderModel, ...)."""
+    `text_encoder/` encode each caption as diffusers' Stable Diffusion 1.x/2.x pipelines encode a prompt: padded
+    to the tokenizer's max length, truncated, the encoder's last hidden state as `encoder_hidden_states` (no
+    attention mask). The encoder class is the one its config names. A pipeline with a second or third text
+    encoder (SDXL, SD3) conditions on more than that and is refused in one line."""
     folder = Path(folder)
     missing = [sub for sub in ("tokenizer", "text_encoder") if not (folder / sub).is_dir()]
     if missing:
         raise ValueError(f"{folder} has no {' or '.join(s + '/' for s in missing)}: captions need a text-to-image "
                          "pipeline folder (tokenizer/ and text_encoder/ beside unet/)")
+    extra = [sub for sub in ("text_encoder_2", "text_encoder_3") if (folder / sub).is_dir()]
+    if extra:
+        raise ValueError(f"{folder} has {' and '.join(s + '/' for s in extra)}: captions are encoded for pipelines "
+                         "with one text encoder (Stable Diffusion 1.x/2.x); capture this pipeline's conditioning "
+                         "from a real call instead (lafq.models.capture_conditioning, --conditioning)")
     try:
         import transformers
     except ImportError:
@@ -197,5 +203,10 @@ def encode_captions(folder: str | Path, captions: list[str], *, device="cpu", ba
         for start in range(0, len(texts), batch_size):
             ids = tok(texts[start:start + batch_size], padding="max_length", max_length=tok.model_max_length,
                       truncation=True, return_tensors="pt").input_ids.to(device)
-            out.append(encoder(ids)[0].float().cpu())
+            try:
+                hidden = encoder(ids).last_hidden_state  # not [0]: a WithProjection encoder's first output is pooled
+            except (RuntimeError, IndexError) as e:
+                line = " ".join(str(e).split())[:160]
+                raise ValueError(f"{folder}/text_encoder failed on the captions ({type(e).__name__}: {line})") from None
+            out.append(hidden.float().cpu())
     return Conditioning({"encoder_hidden_states": torch.cat(out)}, len(texts))

@@ -472,3 +472,22 @@ def test_the_sensitivity_chart_is_the_selected_models_own_where_its_report_has_o
     mine = dataclasses.replace(state, report_dir=own)
     tab_quality.sensitivity_figure("fisher_x_error", state=mine)
     assert read == [SENSITIVITY_CSV, own / "sensitivity.csv"] and mine.own_sensitivity
+
+
+def test_the_shipped_unet_loads_through_the_one_loader_with_its_card_files_and_report():
+    from demo.state import load_state
+
+    state = load_state(device="cpu")
+    assert (state.title, state.default_guidance, state.default_class, state.guided) == ("MNIST U-Net (lafq)", 1.5, "7", True)
+    assert state.classes == tuple(str(d) for d in range(10)) and state.shipped_map
+    assert state.fisher_note.startswith("shipped map: 50 bins x 16 samples, groups: all + per class")
+    assert state.report_dir == paths.DOCS and state.report_csv == paths.DOCS / "report.csv" and state.own_sensitivity
+    assert state.folder == paths.CHECKPOINTS and state.stats_dir == paths.STATS and state.has_classifier
+    assert (state.reference, state.floor_images, state.fisher_dataset) == ("mnist-train5k", "mnist-test10k", "mnist-test10k")
+
+
+def test_a_model_switch_shows_inside_views_only_once_computed(tiny):
+    state, _ = tiny
+    assert tab_inside.shown_example(state) == (None, None, None, None)  # a switch must not wait for the traces
+    views = tab_inside.example(state)  # what opening the tab computes, once
+    assert tab_inside.shown_example(state) is views and isinstance(views[0], go.Figure)
