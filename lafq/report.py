@@ -5,7 +5,9 @@ Two stages, both resumable (every finished (plan, seed) is a JSON record in the 
      the measured fidelity loss against each predictor (Fisher, Fisher × error, error, magnitude,
      random), Spearman ρ.
   2. the grid: FP32; uniform FP16 / INT8 / INT4; the strong simple baselines (INT4 with INT8 stem and
-     head, group-wise INT4-g32 / -g64); the budget plan solved exactly at the baselines' own sizes
+     head, group-wise INT4-g32 / -g64, and the head-protecting recipes in RECIPES: INT4 or INT4-g32 with the
+     first and last layers at FP16 or INT8, INT8 with the last layer at FP16); the budget plan solved exactly at
+     the baselines' own sizes
      and at 8 / 6 / 5 / 4.5 / 4.25 bits; the same budget guided by quantization error alone and by
      weight magnitude; random controls built up to within 1% of a plan's size, several seeds each;
      the source's four FP16 strategies.
@@ -46,6 +48,10 @@ SOURCE_LABELS = {"fp32": "FP32", "uniform fp16": "uniform FP16", "groups fp16": 
                  "layer-ratio fp16": "per-layer ratio p = 0.25", "layer-std fp16": "per-layer mean/std"}
 EDGE = "int4, int8 stem+head"
 G32 = "uniform int4-g32"
+# The recipes a careful practitioner uses: the first and last layers kept at a higher precision than the rest
+# (name -> (target, edge precision, which edges)); each is compared with the budget plan at its own size.
+RECIPES = {"int4, fp16 stem+head": ("int4", "fp16", "both"), "int4-g32, int8 stem+head": ("int4-g32", "int8", "both"),
+           "int4-g32, fp16 stem+head": ("int4-g32", "fp16", "both"), "int8, fp16 head": ("int8", "fp16", "last")}
 LOWER_IS_BETTER = {n: m.lower_is_better for n, m in METRICS.items() if n != "accuracy"}  # compared pairwise
 
 
@@ -164,7 +170,13 @@ def grid(model, fisher: FisherMap, s: Settings, subject: Subject = Subject()) ->
     signals = [Row(f"{label} budget @ int4-g32 size", plan(strategy="budget", budget_bytes=size(g32.plan),
                                                            statistic="mean", signal=sig), "signal")
                for sig, label in (("error", "error-only"), ("magnitude", "magnitude"))]
-    rows = [fp32, edge, at_edge, g32, at_g32, u4, *signals, *controls(at_g32, "int4-g32 size"),
+    recipes = []
+    for name, (target, edge_p, which) in RECIPES.items():
+        layers = subject.edge_layers if which == "both" else subject.edge_layers[-1:]
+        r = Row(name, plan(strategy="first-last", target=target, edge=edge_p, edge_layers=layers), "baseline")
+        recipes += [r, Row(f"budget @ {name} size", plan(strategy="budget", budget_bytes=size(r.plan),
+                                                         statistic="mean"), "budget")]
+    rows = [fp32, edge, at_edge, g32, at_g32, u4, *signals, *recipes, *controls(at_g32, "int4-g32 size"),
             *controls(at_edge, f"{EDGE} size"),
             Row("uniform int4-g64", uniform("int4-g64").plan, "baseline"), uniform("int8"), uniform("fp16")]
     for strategy, kw in SOURCE_STRATEGIES if subject.source_strategies else ():
@@ -178,10 +190,21 @@ def grid(model, fisher: FisherMap, s: Settings, subject: Subject = Subject()) ->
     return rows
 
 
+def _last_matrix(shapes: dict[str, tuple]) -> str | None:
+    """The largest weight matrix of the model's last layer (lafq.layers): its precision is what the random
+    controls' spread follows (a 4-bit output convolution costs more than any allocation elsewhere)."""
+    from .layers import layers_of
+
+    layers = layers_of(shapes)
+    last = [n for n in shapes if layers.layer(n) == layers.edges[1] and len(shapes[n]) >= 2]
+    return max(last, key=lambda n: math.prod(shapes[n])) if last else None
+
+
 def evaluate(rows: list[Row], evaluator, s: Settings, log=print, on_record=None) -> list[dict]:
     """Every (row, seed) record, FP32 first; `on_record(records)` after each (for partial writes).
     With `evaluator.cached_only`, only the records already on disk (nothing is sampled)."""
     shapes = param_shapes(evaluator.den.module)
+    last = _last_matrix(shapes)
     planned_controls = {}
     for row in rows:
         if row.control_of:
@@ -193,6 +216,7 @@ def evaluate(rows: list[Row], evaluator, s: Settings, log=print, on_record=None)
                  "planned_controls": planned_controls.get(row.control_of) if row.control_of else None,
                  "pct_of_fp32": round(rep.pct_of_fp32, 3), "avg_bits": round(rep.avg_bits, 4),
                  "counts": {k: v for k, v in row.plan.counts().items() if v},
+                 "last_layer": row.plan.precisions.get(last) if last else None,
                  "planned_seeds": len(row.seeds) if row.seeds is not None else s.seeds}
         for seed in (row.seeds if row.seeds is not None else range(s.seeds)):
             rec = evaluator.record(row.name, None if row.kind == "reference" else row.plan, s.spec(seed), extra)
@@ -243,7 +267,7 @@ def summarize(records: list[dict]) -> list[dict]:
     for name, seeds in by.items():
         first = next(iter(seeds.values()))
         row = {k: first[k] for k in ("name", "kind", "control_of", "bytes", "pct_of_fp32", "avg_bits", "n", "steps",
-                                     "guidance", "backend", "counts", "planned_seeds", "planned_controls")
+                                     "guidance", "backend", "counts", "planned_seeds", "planned_controls", "last_layer")
                if k in first}
         row["seeds"] = len(seeds)
         for metric in ("fid", "accuracy", *FIDELITY):
@@ -313,7 +337,8 @@ def _sign(metric: str, v: float) -> str:
 
 # -- files ---------------------------------------------------------------------------------------
 
-CSV_FIELDS = ["name", "kind", "control_of", "planned_controls", "seed", "planned_seeds", "bytes", "pct_of_fp32", "avg_bits", "n", "steps", "sampler",
+CSV_FIELDS = ["name", "kind", "control_of", "planned_controls", "seed", "planned_seeds", "bytes", "pct_of_fp32", "avg_bits",
+              "last_layer", "n", "steps", "sampler",
               "guidance", "backend", "fid", "accuracy", "mad", "psnr", "feature_distance", "agreement", "seconds",
               "device", "machine", "plan_digest"]
 SENS_FIELDS = ["unit", "unit_kind", "precision", "seed", "n", "steps", "sampler", "guidance", "mad", "psnr",
@@ -419,6 +444,7 @@ def findings(records: list[dict], s: Settings) -> list[str]:
            "FID than FP32 itself while its images are further from FP32's, so 'better' in FID means a lower FID "
            "against the real data, not closer to FP32; the fidelity terms measure closeness to FP32."]
     pairs = [(f"budget @ {EDGE} size", EDGE), ("budget @ int4-g32 size", G32),
+             *[(f"budget @ {name} size", name) for name in RECIPES],
              ("budget @ int4-g32 size", "error-only budget @ int4-g32 size"),
              ("budget @ int4-g32 size", "magnitude budget @ int4-g32 size"),
              ("budget @ int4-g32 size", [n for n in by if by[n].get("control_of") == "budget @ int4-g32 size"]),
@@ -469,9 +495,13 @@ def random_section(records: list[dict], s: Settings) -> list[str]:
            "random precisions from the plan's own set, to within 1% of the plan's size without passing it; "
            f"{s.random_seeds} seeds per plan, of which a seed that repeats an earlier seed's plan is dropped. Control "
            f"k samples once, from noise seed k mod {s.seeds}, and is paired with the plan at that seed: the interval "
-           "spans both which tensors the controls raise and the noise. Spread: the lowest and highest control.", "",
-           "| plan | distinct controls measured | control size (% of plan) | control FID, min–max | control mean abs Δ ‰, "
-           "min–max | plan − control: ΔFID (paired) | Δ mean abs Δ ‰ (paired) |", "|---|---:|---:|---:|---:|---:|---:|"]
+           "spans both which tensors the controls raise and the noise. Spread: the lowest and highest control. The "
+           "last layer's largest matrix (the output convolution or projection) is named for the plan and counted for "
+           "its controls: the controls' fidelity falls into bands by that one tensor's format, so a control that "
+           "leaves it at 4 bits tests that tensor more than the allocation.", "",
+           "| plan | plan's last layer | controls' last layer | distinct controls measured | control size (% of plan) | "
+           "control FID, min–max | control mean abs Δ ‰, min–max | plan − control: ΔFID (paired) | "
+           "Δ mean abs Δ ‰ (paired) |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     by = {r["name"]: r for r in rows}
     for plan, ctrls in groups.items():
         if plan not in by:
@@ -481,7 +511,12 @@ def random_section(records: list[dict], s: Settings) -> list[str]:
         c = compare(records, plan, [x["name"] for x in ctrls])
         d = (f"{_sign('fid', c['fid'][0])} ± {c['fid'][1]:.3f} | {_sign('mad', c['mad'][0])} ± {_fmt('mad', c['mad'][1])}"
              if c and c["fid"][2] >= 2 and len(ctrls) >= planned else "— | —")  # no interval from one pair
-        out.append(f"| {plan} | {len(ctrls)} of {planned} | {min(sizes):.2f}–{max(sizes):.2f} | "
+        last = {}
+        for x in ctrls:
+            last[x.get("last_layer") or "?"] = last.get(x.get("last_layer") or "?", 0) + 1
+        lasts = ", ".join(f"{p} ×{k}" for p, k in sorted(last.items()))
+        out.append(f"| {plan} | {by[plan].get('last_layer') or '?'} | {lasts} | {len(ctrls)} of {planned} | "
+                   f"{min(sizes):.2f}–{max(sizes):.2f} | "
                    f"{min(x['fid'] for x in ctrls):.3f}–{max(x['fid'] for x in ctrls):.3f} | "
                    f"{_fmt('mad', min(x['mad'] for x in ctrls))}–{_fmt('mad', max(x['mad'] for x in ctrls))} | {d} |")
     return out + [""]

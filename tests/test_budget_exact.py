@@ -5,7 +5,7 @@ import pytest
 from lafq.fisher import FisherMap
 from lafq.pipeline import load_denoiser
 from lafq.policy import budget_options, pareto_front, param_shapes, predicted_damage
-from lafq.report import Settings, grid
+from lafq.report import RECIPES, Settings, grid
 
 
 def dp_optimum(options, budgets):
@@ -38,7 +38,7 @@ def test_budget_plans_of_the_report_are_exactly_optimal_on_the_shipped_model(shi
     # Every Fisher budget row of the report: the 8 ... 4.25-bit sweep and the baselines' own sizes.
     rows = [r for r in grid(model, fm, Settings()) if r.kind == "budget"]
     budgets = {r.name: r.plan.policy["budget_bytes"] or int(r.plan.policy["avg_bits"] * total / 8) for r in rows}
-    assert len(budgets) == len(Settings().budgets) + 2
+    assert len(budgets) == len(Settings().budgets) + 2 + len(RECIPES)  # the sweep, INT4+INT8 edges, g32, recipes
     options = budget_options(fm, w, "mean")
     best = dp_optimum(options, sorted(set(budgets.values())))
     scores = fm.score("mean")

@@ -9,7 +9,7 @@ from lafq.fisher import compute_fisher
 from lafq.metrics import ClassifierBackend, mean_ci95
 from lafq.policy import param_shapes
 from lafq.quantize import size_report
-from lafq.report import EDGE, G32, Settings, compare, evaluate, grid, read_csv, summarize, verdict, write
+from lafq.report import EDGE, G32, RECIPES, Settings, compare, evaluate, grid, read_csv, summarize, verdict, write
 from lafq.sensitivity import SensitivitySettings, run as run_sensitivity, spearman, summarize as sens_summary
 
 SMALL = Settings(n=10, steps=2, seeds=3, guidance=3.0, random_seeds=2, budgets=(8.0,),
@@ -40,6 +40,12 @@ def test_grid_holds_the_baselines_exact_budgets_and_equal_size_controls(tiny_fis
         assert name in rows, name
     # Plans compared with each other are equal in size: the budget is solved at the baseline's own size.
     assert size["budget @ int4-g32 size"] <= size[G32] and size[f"budget @ {EDGE} size"] <= size[EDGE]
+    # The head-protecting recipes, each with the budget at its own size; their edges hold the edge precision.
+    for name, (target, edge_p, which) in RECIPES.items():
+        assert size[f"budget @ {name} size"] <= size[name], name
+        p = rows[name].plan.precisions
+        assert p["head.2.weight"] == edge_p and p["down1.res.0.conv1.weight"] == target, name
+        assert p["stem.weight"] == (edge_p if which == "both" else target), name
     for r in rows.values():
         if r.control_of:
             assert 0.99 * size[r.control_of] <= size[r.name] <= size[r.control_of], r.name
@@ -105,6 +111,25 @@ def test_paired_comparisons_and_verdicts():
     assert verdict("fid", c["fid"], 10) == "better" and verdict("mad", c["mad"], 10) == "better"
     assert verdict("agreement", c["agreement"], 10).startswith("no difference detectable at N = 10 × 3 seeds")
     assert verdict("fid", (1.0, 0.5, 3), 10) == "worse"
+
+
+def test_the_random_controls_table_names_the_last_layers_format_of_the_plan_and_of_each_control(tiny_fisher, tmp_path):
+    from lafq.report import random_section
+
+    m, fm = tiny_fisher
+    rows = grid(m, fm, SMALL)
+    backend = ClassifierBackend()
+    ev = Evaluator(m, backend.model, backend, tmp_path / "cache", log=lambda _: None)
+    wanted = ["fp32", "budget 8 bits", *[r.name for r in rows if r.control_of == "budget 8 bits"]]
+    records = evaluate([r for r in rows if r.name in wanted], ev, SMALL, log=lambda _: None)
+    last = {r["name"]: r["last_layer"] for r in records}
+    assert last["fp32"] == "fp32" and set(last.values()) <= {"fp32", "fp16", "int8", "int4", "int4-g32", "int4-g64"}
+    table = "\n".join(random_section(records, SMALL))
+    controls = [n for n in wanted[2:]]
+    counts = {}
+    for n in controls:
+        counts[last[n]] = counts.get(last[n], 0) + 1
+    assert f"| budget 8 bits | {last['budget 8 bits']} | " + ", ".join(f"{p} ×{k}" for p, k in sorted(counts.items())) in table
 
 
 def test_random_controls_are_paired_with_the_plan_at_each_controls_own_seed():
