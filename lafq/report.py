@@ -244,6 +244,41 @@ def _by_name(records: list[dict]) -> dict[str, dict[int, dict]]:
     return out
 
 
+def image_level(records: list[dict], a: str, b: str) -> dict | None:
+    """Tests over images beside the seed-level intervals, pooled over the seeds where both plans' records carry
+    per-image values (records measured before they were kept have none: None). Class flips: of the images where
+    exactly one plan keeps FP32's class, how many are each plan's, with the exact two-sided McNemar p (a binomial
+    test of that split against one half). Per-image mean |Δ|: the paired difference a − b over images, mean and
+    95% Student-t half-width."""
+    from scipy.stats import binomtest
+
+    by = _by_name(records)
+    pa_by, pb_by = by.get(a, {}), by.get(b, {})
+    only_a = only_b = 0
+    diffs: list[float] = []
+    seeds = 0
+    for seed in sorted(set(pa_by) & set(pb_by)):
+        pa, pb = pa_by[seed].get("per_image"), pb_by[seed].get("per_image")
+        if not pa or not pb or len(pa["agree"]) != len(pb["agree"]):
+            continue
+        seeds += 1
+        only_a += sum(x == "1" and y == "0" for x, y in zip(pa["agree"], pb["agree"]))
+        only_b += sum(x == "0" and y == "1" for x, y in zip(pa["agree"], pb["agree"]))
+        diffs += [u - v for u, v in zip(pa["mad"], pb["mad"])]
+    if not seeds:
+        return None
+    n = only_a + only_b
+    return {"images": len(diffs), "seeds": seeds, "kept_by_a_only": only_a, "kept_by_b_only": only_b,
+            "mcnemar_p": float(binomtest(only_a, n, 0.5).pvalue) if n else 1.0, "mad": mean_ci95(diffs)}
+
+
+def describe_image_level(t: dict, a: str, b: str) -> str:
+    m, h = t["mad"]
+    return (f"over images ({t['images']:,}, {t['seeds']} seeds): FP32's class kept by {a} alone on "
+            f"{t['kept_by_a_only']}, by {b} alone on {t['kept_by_b_only']} (exact McNemar p = {t['mcnemar_p']:.2g}); "
+            f"per-image mean |Δ| {1000 * m:+.2f} ± {1000 * h:.2f} ‰ (paired over images)")
+
+
 def paired(a: dict[int, dict], b: dict[int, dict], metric: str) -> tuple[float, float, int] | None:
     """Mean and 95% CI of a − b per shared seed (same noise), and the number of seeds; None if none shared."""
     seeds = sorted(set(a) & set(b))
@@ -442,7 +477,9 @@ def findings(records: list[dict], s: Settings) -> list[str]:
            "difference budget − baseline (same noise, per seed); negative is better for FID, mean |Δ| and feature "
            "distance, positive for agreement. FID and fidelity answer different questions: a plan can score a lower "
            "FID than FP32 itself while its images are further from FP32's, so 'better' in FID means a lower FID "
-           "against the real data, not closer to FP32; the fidelity terms measure closeness to FP32."]
+           "against the real data, not closer to FP32; the fidelity terms measure closeness to FP32. Where both plans' "
+           "records keep per-image values, a test over images follows the seed-level interval: the images on which "
+           "only one plan keeps FP32's class (exact McNemar) and the per-image mean |Δ| (paired over images)."]
     pairs = [(f"budget @ {EDGE} size", EDGE), ("budget @ int4-g32 size", G32),
              *[(f"budget @ {name} size", name) for name in RECIPES],
              ("budget @ int4-g32 size", "error-only budget @ int4-g32 size"),
@@ -467,8 +504,10 @@ def findings(records: list[dict], s: Settings) -> list[str]:
         if isinstance(b, str) and b in by:
             rel = 100 * (by[a]["bytes"] / by[b]["bytes"] - 1)
             size_note = f" (sizes {by[a]['bytes']:,} vs {by[b]['bytes']:,} bytes, {rel:+.2f}%)"
+        images = image_level(records, a, b) if isinstance(b, str) else None
         out.append(f"- **{a}** vs {label}{size_note}: "
-                   f"{describe_compare(c, s.n, 'seeds' if isinstance(b, str) else 'control runs')}.")
+                   f"{describe_compare(c, s.n, 'seeds' if isinstance(b, str) else 'control runs')}"
+                   + (f"; {describe_image_level(images, a, label)}" if images else "") + ".")
     out += ["", "Closeness to FP32: for each plan below, the paired ΔFID and the fidelity to FP32's images."]
     for name in ("uniform fp16", "uniform int8", "uniform int4", EDGE, G32, "budget @ int4-g32 size"):
         r = by.get(name)

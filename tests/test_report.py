@@ -236,3 +236,31 @@ def test_a_damaged_cached_record_is_one_error_naming_its_file(tiny_fisher, tmp_p
                                          r"finite number: seed, n, steps, mad\); delete it to measure that row again"):
         evaluate(rows, Evaluator(m, backend.model, backend, tmp_path / "cache", log=lambda _: None), SMALL,
                  log=lambda _: None)
+
+
+def test_image_level_tests_pool_the_per_image_values_over_seeds_and_match_the_seed_means(tiny_fisher, tmp_path):
+    from scipy.stats import binomtest
+
+    from lafq.report import image_level
+
+    m, fm = tiny_fisher
+    rows = {r.name: r for r in grid(m, fm, SMALL)}
+    backend = ClassifierBackend()
+    ev = Evaluator(m, backend.model, backend, tmp_path / "cache", log=lambda _: None)
+    records = evaluate([rows[n] for n in ("fp32", "uniform int4", "uniform int8")], ev, SMALL, log=lambda _: None)
+    for r in records:  # the per-image values average to the record's own fidelity
+        assert len(r["per_image"]["mad"]) == len(r["per_image"]["agree"]) == SMALL.n
+        assert sum(r["per_image"]["mad"]) / SMALL.n == pytest.approx(r["mad"], abs=1e-6)
+        assert r["per_image"]["agree"].count("1") / SMALL.n == pytest.approx(r["agreement"])
+    t = image_level(records, "uniform int4", "uniform int8")
+    a = {r["seed"]: r["per_image"] for r in records if r["name"] == "uniform int4"}
+    b = {r["seed"]: r["per_image"] for r in records if r["name"] == "uniform int8"}
+    only_a = sum(x == "1" and y == "0" for s in a for x, y in zip(a[s]["agree"], b[s]["agree"]))
+    only_b = sum(x == "0" and y == "1" for s in a for x, y in zip(a[s]["agree"], b[s]["agree"]))
+    assert (t["images"], t["seeds"], t["kept_by_a_only"], t["kept_by_b_only"]) == (3 * SMALL.n, 3, only_a, only_b)
+    n = only_a + only_b
+    assert t["mcnemar_p"] == pytest.approx(binomtest(only_a, n, 0.5).pvalue if n else 1.0)
+    diffs = [u - v for s in a for u, v in zip(a[s]["mad"], b[s]["mad"])]
+    assert t["mad"] == pytest.approx(mean_ci95(diffs))
+    assert image_level([{k: v for k, v in r.items() if k != "per_image"} for r in records],
+                       "uniform int4", "uniform int8") is None  # records from before per-image values were kept
