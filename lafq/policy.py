@@ -53,9 +53,10 @@ STRATEGY_DEFS = {s.name: s for s in (
     Strategy("layer-ratio", (*_TWO_LEVEL, "p"), True, "the lowest-scoring fraction p of each layer"),
     Strategy("layer-std", (*_TWO_LEVEL, "k"), True, "below mean + k std of each layer's log score"),
     Strategy("first-last", ("target", "edge", "edge_layers", "protect_mid"), False, "target, first and last layers at edge"),
-    Strategy("budget", ("avg_bits", "budget_bytes", "statistic", "signal", "choices", "protect_mid", "fisher_group"),
+    Strategy("budget", ("avg_bits", "budget_bytes", "statistic", "signal", "choices", "protect_mid", "fisher_group",
+                        "pinned"),
              True, "the least predicted damage within a size (exact)"),
-    Strategy("random", ("avg_bits", "budget_bytes", "seed", "lower_to", "protect_mid"), False,
+    Strategy("random", ("avg_bits", "budget_bytes", "seed", "lower_to", "protect_mid", "pinned"), False,
              "a random allocation at a size: the control"),
 )}
 STRATEGIES = tuple(STRATEGY_DEFS)
@@ -85,6 +86,7 @@ class Policy:
     choices: tuple[str, ...] = BUDGET_CHOICES  # budget: the precisions a tensor may take
     edge: str = "int8"  # first-last: precision of the edge layers
     edge_layers: tuple[str, ...] | None = None  # first-last: the first and last layers; None: the model's own
+    pinned: dict | None = None  # budget / random: {layer: precision} held fixed (bytes counted), e.g. the last layer
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -125,6 +127,11 @@ class Policy:
         if self.signal == "error" and self.strategy not in ("budget", "uniform", "first-last", "random"):
             raise ValueError("signal 'error' (quantization error alone) applies to the budget strategy; "
                              "two-level strategies rank by 'fisher' or 'magnitude'")
+        if self.pinned is not None:
+            if not isinstance(self.pinned, dict) or not all(isinstance(k, str) for k in self.pinned):
+                raise ValueError(f"pinned must map layer names to precisions, got {type(self.pinned).__name__}")
+            for p in self.pinned.values():
+                check_precision(p)
         if self.avg_bits is not None and not (math.isfinite(self.avg_bits) and 0 < self.avg_bits <= 32):
             raise ValueError(f"avg_bits must be in (0, 32], got {self.avg_bits}")
 
@@ -198,15 +205,16 @@ def make_plan(policy: Policy, fisher: FisherMap | None, weights: dict[str, torch
                          "was it computed on another checkpoint?")
     shapes = {n: tuple(weights[n].shape) for n in names}
     layers = layers_of(shapes)
-    protected = layers.in_group("mid") if policy.protect_mid else set()
+    fixed = _fixed(policy, shapes, layers)
+    protected = set(fixed)  # two-level strategies: the middle block is left out of the lowering
     names = list(shapes)
     if policy.strategy in ("budget", "random"):
         choices = policy.choices if policy.strategy == "budget" else ("fp32", *policy.lower_to)
         budget = resolve_budget(policy, shapes, choices)
         if policy.strategy == "random":
-            prec = random_allocation(shapes, budget, policy.seed, protected, policy.lower_to)
+            prec = random_allocation(shapes, budget, policy.seed, fixed, policy.lower_to)
         else:
-            options = budget_options(fisher, weights, policy.statistic, policy.fisher_group, protected,
+            options = budget_options(fisher, weights, policy.statistic, policy.fisher_group, fixed,
                                      choices, policy.signal)
             prec = solve_budget(options, budget).precisions
     else:
@@ -227,25 +235,47 @@ def make_plan(policy: Policy, fisher: FisherMap | None, weights: dict[str, torch
 
 # -- budget ------------------------------------------------------------------------------------
 
+def _fixed(policy: Policy, shapes: dict[str, tuple], layers: Layers | None = None) -> dict[str, str]:
+    """The tensors a policy holds fixed and at what: the middle block at fp32 (protect_mid), each pinned layer's
+    tensors at its precision (vectors fall back as everywhere). A pinned name that is not a layer is refused."""
+    layers = layers or layers_of(shapes)
+    fixed = {n: "fp32" for n in layers.in_group("mid")} if policy.protect_mid else {}
+    pins = policy.pinned if "pinned" in STRATEGY_DEFS[policy.strategy].reads else None  # budget and random
+    for layer, p in (pins or {}).items():
+        if layer not in layers.order:
+            raise ValueError(f"pinned layer {layer!r} is not a layer of this model; its layers are "
+                             f"{list(layers.order)[:6]}{'…' if len(layers.order) > 6 else ''} (first and last: "
+                             f"{list(layers.edges)})")
+        fixed.update({n: fallback(shapes[n], p) for n in shapes if layers.layer(n) == layer})
+    return fixed
+
+
+def _as_fixed(protected) -> dict[str, str]:
+    """`protected` as name -> precision: a set of names means fp32 (the middle block kept)."""
+    return dict(protected) if isinstance(protected, dict) else {n: "fp32" for n in protected}
+
+
 def _options(shape, choices) -> list[str]:
     """The distinct precisions a tensor can take from `choices` (vectors: integer formats fall back to fp16)."""
     return sorted({fallback(shape, p) for p in choices}, key=lambda p: (tensor_bytes(shape, p), p))
 
 
 def floor_bytes(shapes: dict[str, tuple], protected: set[str] = frozenset(), choices=BUDGET_CHOICES) -> int:
-    """The smallest size any allocation reaches: each tensor at its smallest choice, protected tensors fp32."""
-    return sum(tensor_bytes(s, "fp32" if n in protected else _options(s, choices)[0]) for n, s in shapes.items())
+    """The smallest size any allocation reaches: each tensor at its smallest choice, protected tensors fp32 (a
+    mapping: each at its own precision)."""
+    fixed = _as_fixed(protected)
+    return sum(tensor_bytes(s, fixed[n] if n in fixed else _options(s, choices)[0]) for n, s in shapes.items())
 
 
 def resolve_budget(policy: Policy, shapes: dict[str, tuple], choices=BUDGET_CHOICES) -> int:
     total = sum(numel(s) for s in shapes.values())
     budget = policy.budget_bytes if policy.budget_bytes is not None else int(policy.avg_bits * total / 8)
-    protected = layers_of(shapes).in_group("mid") if policy.protect_mid else set()
+    protected = _fixed(policy, shapes)
     lo = floor_bytes(shapes, protected, choices)
     if budget < lo:
         raise ValueError(f"budget {budget} bytes ({8 * budget / total:.2f} bits/weight) is below the floor of "
                          f"{lo} bytes ({8 * lo / total:.2f} bits/weight: every tensor at its smallest allowed precision, "
-                         f"{'the middle block fp32, ' if protected else ''}integer scales included)")
+                         f"{'the fixed tensors at theirs, ' if protected else ''}integer scales included)")
     return budget
 
 
@@ -274,13 +304,14 @@ def budget_options(fisher: FisherMap, weights: dict[str, torch.Tensor], statisti
 
     Damage is s * ||Q(w) - w||^2 with s the per-channel Fisher ("fisher"), the tensor's mean |w|
     ("magnitude") or 1 ("error"). Options that cost more bytes for no less damage are dropped:
-    no optimum uses them."""
+    no optimum uses them. A protected tensor (a set: fp32; a mapping: its own precision) has one option."""
     if signal not in SIGNALS:
         raise ValueError(f"unknown signal {signal!r}; choose one of {SIGNALS}")
     # Scoring every tensor at every precision takes seconds; plans from one map and one set of weights reuse it.
     # A tensor's (data_ptr, _version) changes when it is replaced or modified in place.
+    fixed = _as_fixed(protected)
     key = (id(fisher), tuple((n, weights[n].data_ptr(), weights[n]._version) for n in fisher.names), statistic,
-           str(group), frozenset(protected), tuple(choices), signal)
+           str(group), tuple(sorted(fixed.items())), tuple(choices), signal)
     if key in _OPTIONS_MEMO:
         return _OPTIONS_MEMO[key]
     scores = fisher.score(statistic, group) if signal == "fisher" else \
@@ -289,10 +320,11 @@ def budget_options(fisher: FisherMap, weights: dict[str, torch.Tensor], statisti
     for n in fisher.names:
         w = weights[n]
         shape = tuple(w.shape)
-        if n in protected:
-            out[n] = [(tensor_bytes(shape, "fp32"), 0.0, "fp32")]
-            continue
         channel = fisher.channel_score(n, statistic, group) if signal == "fisher" else None
+        if n in fixed:  # its damage is what it is: the same in every allocation
+            p = fixed[n]
+            out[n] = [(tensor_bytes(shape, p), 0.0 if p == "fp32" else predicted_damage(w, p, scores[n], channel), p)]
+            continue
         opts = []
         for b, d, p in sorted((tensor_bytes(shape, p), predicted_damage(w, p, scores[n], channel), p)
                               for p in _options(shape, choices)):
@@ -398,12 +430,13 @@ def random_allocation(shapes: dict[str, tuple], budget: int, seed: int, protecte
     precision differs, at equal size."""
     rng = random.Random(seed)
     choices = ("fp32", *lower_to)
-    opts = {n: ["fp32"] if n in protected else _options(s, choices) for n, s in shapes.items()}
+    fixed = _as_fixed(protected)
+    opts = {n: [fixed[n]] if n in fixed else _options(s, choices) for n, s in shapes.items()}
     prec = {n: o[0] for n, o in opts.items()}
     size = plan_bytes(prec, shapes)
     if size > budget:
         raise ValueError(f"no allocation over {sorted(set(choices))} fits {budget} bytes (the smallest takes {size})")
-    order = sorted(n for n in shapes if n not in protected)
+    order = sorted(n for n in shapes if n not in fixed)
     while size < RANDOM_FILL * budget:
         rng.shuffle(order)
         raised = False

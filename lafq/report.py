@@ -50,6 +50,7 @@ EDGE = "int4, int8 stem+head"
 G32 = "uniform int4-g32"
 # The recipes a careful practitioner uses: the first and last layers kept at a higher precision than the rest
 # (name -> (target, edge precision, which edges)); each is compared with the budget plan at its own size.
+PINNED_ERROR = "error-only budget, fp16 head @ int4-g32 size"
 RECIPES = {"int4, fp16 stem+head": ("int4", "fp16", "both"), "int4-g32, int8 stem+head": ("int4-g32", "int8", "both"),
            "int4-g32, fp16 stem+head": ("int4-g32", "fp16", "both"), "int8, fp16 head": ("int8", "fp16", "last")}
 LOWER_IS_BETTER = {n: m.lower_is_better for n, m in METRICS.items() if n != "accuracy"}  # compared pairwise
@@ -170,6 +171,9 @@ def grid(model, fisher: FisherMap, s: Settings, subject: Subject = Subject()) ->
     signals = [Row(f"{label} budget @ int4-g32 size", plan(strategy="budget", budget_bytes=size(g32.plan),
                                                            statistic="mean", signal=sig), "signal")
                for sig, label in (("error", "error-only"), ("magnitude", "magnitude"))]
+    # The error-only budget told what a practitioner knows without Fisher: keep the last layer at FP16.
+    signals.append(Row(PINNED_ERROR, plan(strategy="budget", budget_bytes=size(g32.plan), statistic="mean",
+                                          signal="error", pinned={subject.edge_layers[-1]: "fp16"}), "signal"))
     recipes = []
     for name, (target, edge_p, which) in RECIPES.items():
         layers = subject.edge_layers if which == "both" else subject.edge_layers[-1:]
@@ -484,6 +488,7 @@ def findings(records: list[dict], s: Settings) -> list[str]:
              *[(f"budget @ {name} size", name) for name in RECIPES],
              ("budget @ int4-g32 size", "error-only budget @ int4-g32 size"),
              ("budget @ int4-g32 size", "magnitude budget @ int4-g32 size"),
+             ("budget @ int4-g32 size", PINNED_ERROR),
              ("budget @ int4-g32 size", [n for n in by if by[n].get("control_of") == "budget @ int4-g32 size"]),
              *([(f"budget {min(s.budgets):g} bits", "uniform int4")] if s.budgets else [])]
     for a, b in pairs:

@@ -293,3 +293,25 @@ def test_every_strategy_plans_every_model_by_its_own_layers(kind, edges, mid):
         assert kept and all(protected[n] == "fp32" for n in kept), strategy
         if mid is not None:
             assert all(n.startswith(mid) for n in kept)
+
+
+def test_a_pinned_layer_holds_its_precision_inside_the_exact_budget_and_counts_its_bytes(tiny_model):
+    from lafq.data import load_dataset
+    from lafq.fisher import compute_fisher
+    from lafq.policy import floor_bytes, plan_bytes
+
+    x, y = load_dataset("mnist-train5k").tensors()
+    fm = compute_fisher(tiny_model, x[::50], y[::50], bins=2, samples_per_bin=2, method="naive")
+    w = dict(tiny_model.named_parameters())
+    shapes = {n: tuple(p.shape) for n, p in w.items()}
+    budget = int(1.05 * floor_bytes(shapes)) + 4 * sum(p.numel() for n, p in w.items() if n.startswith("head."))
+    for signal in ("error", "fisher"):
+        free = make_plan(Policy("budget", budget_bytes=budget, signal=signal, statistic="mean"), fm, w)
+        pinned = make_plan(Policy("budget", budget_bytes=budget, signal=signal, statistic="mean",
+                                  pinned={"head": "fp16"}), fm, w)
+        assert all(p == "fp16" for n, p in pinned.precisions.items() if n.startswith("head."))
+        assert plan_bytes(pinned.precisions, shapes) <= budget and free.precisions != pinned.precisions
+    with pytest.raises(ValueError, match="pinned layer 'nohead' is not a layer of this model"):
+        make_plan(Policy("budget", budget_bytes=budget, pinned={"nohead": "fp16"}), fm, w)
+    with pytest.raises(ValueError, match="unknown precision"):
+        Policy("budget", budget_bytes=budget, pinned={"head": "fp12"})

@@ -9,7 +9,7 @@ from lafq.fisher import compute_fisher
 from lafq.metrics import ClassifierBackend, mean_ci95
 from lafq.policy import param_shapes
 from lafq.quantize import size_report
-from lafq.report import EDGE, G32, RECIPES, Settings, compare, evaluate, grid, read_csv, summarize, verdict, write
+from lafq.report import EDGE, G32, PINNED_ERROR, RECIPES, Settings, compare, evaluate, grid, read_csv, summarize, verdict, write
 from lafq.sensitivity import SensitivitySettings, run as run_sensitivity, spearman, summarize as sens_summary
 
 SMALL = Settings(n=10, steps=2, seeds=3, guidance=3.0, random_seeds=2, budgets=(8.0,),
@@ -40,6 +40,9 @@ def test_grid_holds_the_baselines_exact_budgets_and_equal_size_controls(tiny_fis
         assert name in rows, name
     # Plans compared with each other are equal in size: the budget is solved at the baseline's own size.
     assert size["budget @ int4-g32 size"] <= size[G32] and size[f"budget @ {EDGE} size"] <= size[EDGE]
+    # The error-only budget with the last layer pinned at FP16, at the INT4-g32 size.
+    pinned = rows[PINNED_ERROR].plan.precisions
+    assert pinned["head.2.weight"] == "fp16" and size[PINNED_ERROR] <= size[G32]
     # The head-protecting recipes, each with the budget at its own size; their edges hold the edge precision.
     for name, (target, edge_p, which) in RECIPES.items():
         assert size[f"budget @ {name} size"] <= size[name], name
