@@ -467,7 +467,7 @@ def cmd_report(args):
     from .device import resolve_device, strict_fp32
     from .evaluate import Evaluator
     from .pipeline import real_floor
-    from .report import Settings, evaluate, feasible_budgets, floor_bits, grid, settings_with, write
+    from .report import Settings, evaluate, feasible_budgets, floor_bits, grid, measured_scores, settings_with, write
     from .policy import param_shapes
     from .sensitivity import run as run_sensitivity, units
 
@@ -486,7 +486,19 @@ def cmd_report(args):
         log(f"budgets below this model's floor of {lo:.2f} bits/weight left out: "
             + ", ".join(f"{b:g}" for b in s.budgets if b not in feasible))
         s = settings_with(s, budgets=feasible)
-    rows = grid(model, fisher, s, subject)  # planned on the CPU, beside the Fisher map
+    classifier, backend = sub.classifier, sub.backend
+    cache = sub.cache / ("quick" if args.quick else "full")
+    sens = []  # stage 1 first: its measured single-tensor damage also plans a row of the grid
+    if not args.skip_sensitivity:
+        sens = run_sensitivity(Evaluator(sub.den or model, classifier, None, cache / "sensitivity", device=device, log=log,
+                                         cached_only=args.render, **sub.evaluator),
+                               fisher, s.sensitivity, s.guidance, log=log)
+    measured = measured_scores(sens or run_sensitivity(
+        Evaluator(sub.den or model, classifier, None, cache / "sensitivity", cached_only=True, **sub.evaluator),
+        fisher, s.sensitivity, s.guidance, log=lambda _: None))  # skipped: what an earlier run measured
+    if len(measured) < len(units(shapes, s.sensitivity.unit)):
+        measured = {}  # a partial stage: no measured plan from some tensors only
+    rows = grid(model, fisher, s, subject, measured)  # planned on the CPU, beside the Fisher map
     model.to(device)
     given = [("model", args.model), ("checkpoint", args.checkpoint), ("fisher", args.fisher), ("n", args.n),
              ("steps", args.steps), ("seeds", args.seeds), ("guidance", args.guidance),
@@ -497,15 +509,8 @@ def cmd_report(args):
     command = "python -m lafq report" + (" --quick" if args.quick else "") + "".join(
         f" --{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in given if v is not None) + (
         " --skip-sensitivity" if args.skip_sensitivity else "")
-    classifier, backend = sub.classifier, sub.backend
-    cache = sub.cache / ("quick" if args.quick else "full")
     out_dir = sub.out
     t0 = time.perf_counter()
-    sens = []
-    if not args.skip_sensitivity:
-        sens = run_sensitivity(Evaluator(sub.den or model, classifier, None, cache / "sensitivity", device=device, log=log,
-                                         cached_only=args.render, **sub.evaluator),
-                               fisher, s.sensitivity, s.guidance, log=log)
     floor = real_floor(backend, s.n, list(range(s.seeds)), train=subject.floor_images, reference=subject.reference,
                        stats_dir=sub.evaluator.get("stats_dir"))
     # Rewrite the files after every (plan, seed): an interrupted run leaves a readable, marked-partial report.

@@ -51,6 +51,7 @@ G32 = "uniform int4-g32"
 # The recipes a careful practitioner uses: the first and last layers kept at a higher precision than the rest
 # (name -> (target, edge precision, which edges)); each is compared with the budget plan at its own size.
 PINNED_ERROR = "error-only budget, fp16 head @ int4-g32 size"
+MEASURED = "measured-sensitivity budget @ int4-g32 size"
 RECIPES = {"int4, fp16 stem+head": ("int4", "fp16", "both"), "int4-g32, int8 stem+head": ("int4-g32", "int8", "both"),
            "int4-g32, fp16 stem+head": ("int4-g32", "fp16", "both"), "int8, fp16 head": ("int8", "fp16", "last")}
 LOWER_IS_BETTER = {n: m.lower_is_better for n, m in METRICS.items() if n != "accuracy"}  # compared pairwise
@@ -128,10 +129,40 @@ def feasible_budgets(shapes: dict[str, tuple], budgets) -> tuple[float, ...]:
     return tuple(b for b in budgets if int(b * total / 8) >= lo)
 
 
-def grid(model, fisher: FisherMap, s: Settings, subject: Subject = Subject()) -> list[Row]:
+def measured_scores(sensitivity_records: list[dict]) -> dict[str, float]:
+    """Each tensor's measured damage from the sensitivity stage (that tensor alone at INT4: mean |Δ| to FP32,
+    mean over seeds); empty unless the stage measured single tensors."""
+    by: dict[str, list[float]] = {}
+    for r in sensitivity_records:
+        if r.get("unit_kind") == "tensor" and r.get("precision") == "int4":
+            by.setdefault(r["unit"], []).append(r["mad"])
+    return {u: sum(v) / len(v) for u, v in by.items()}
+
+
+def measured_budget(fisher: FisherMap, weights: dict, measured: dict[str, float], budget: int) -> Plan:
+    """The exact budget with each tensor weighted by its *measured* damage instead of Fisher (MixDQ-style: an
+    allocation from measured single-tensor sensitivity): at precision p a tensor costs
+    measured × ‖Q_p(w) − w‖² / ‖Q_int4(w) − w‖². A tensor the sensitivity stage did not measure (a vector: FP32
+    or FP16 only) is weighted as the most sensitive measured one, so it stays FP32 wherever the bytes allow."""
+    from .policy import budget_options, solve_budget
+
+    opts = budget_options(fisher, weights, "mean", signal="error")
+    scale = {}
+    for n in measured:
+        e4 = next((d for _, d, p in opts[n] if p == "int4"), 0.0)
+        scale[n] = measured[n] / e4 if e4 > 0 else 0.0
+    top = max(scale.values(), default=1.0)  # a tensor not measured (a vector) weighs as the most sensitive one
+    best = solve_budget({n: [(b, d * scale.get(n, top), p) for b, d, p in o] for n, o in opts.items()}, budget)
+    return Plan(best.precisions, {"strategy": "budget", "signal": "measured", "budget_bytes": budget,
+                                  "statistic": "mean"})
+
+
+def grid(model, fisher: FisherMap, s: Settings, subject: Subject = Subject(),
+         measured: dict[str, float] | None = None) -> list[Row]:
     """Every row of the report in the order it is evaluated: the comparisons that answer the main
     question first, so a partial run already answers it. The source's FP16 strategies only where
-    `subject.source_strategies` (they name the project U-Net's layers)."""
+    `subject.source_strategies` (they name the project U-Net's layers). `measured` (measured_scores of the
+    sensitivity stage) adds the budget weighted by measured single-tensor damage."""
     w = dict(model.named_parameters())
     shapes = param_shapes(model)
 
@@ -174,6 +205,8 @@ def grid(model, fisher: FisherMap, s: Settings, subject: Subject = Subject()) ->
     # The error-only budget told what a practitioner knows without Fisher: keep the last layer at FP16.
     signals.append(Row(PINNED_ERROR, plan(strategy="budget", budget_bytes=size(g32.plan), statistic="mean",
                                           signal="error", pinned={subject.edge_layers[-1]: "fp16"}), "signal"))
+    if measured:
+        signals.append(Row(MEASURED, measured_budget(fisher, w, measured, size(g32.plan)), "signal"))
     recipes = []
     for name, (target, edge_p, which) in RECIPES.items():
         layers = subject.edge_layers if which == "both" else subject.edge_layers[-1:]
@@ -488,7 +521,7 @@ def findings(records: list[dict], s: Settings) -> list[str]:
              *[(f"budget @ {name} size", name) for name in RECIPES],
              ("budget @ int4-g32 size", "error-only budget @ int4-g32 size"),
              ("budget @ int4-g32 size", "magnitude budget @ int4-g32 size"),
-             ("budget @ int4-g32 size", PINNED_ERROR),
+             ("budget @ int4-g32 size", PINNED_ERROR), ("budget @ int4-g32 size", MEASURED),
              ("budget @ int4-g32 size", [n for n in by if by[n].get("control_of") == "budget @ int4-g32 size"]),
              *([(f"budget {min(s.budgets):g} bits", "uniform int4")] if s.budgets else [])]
     for a, b in pairs:

@@ -267,3 +267,22 @@ def test_image_level_tests_pool_the_per_image_values_over_seeds_and_match_the_se
     assert t["mad"] == pytest.approx(mean_ci95(diffs))
     assert image_level([{k: v for k, v in r.items() if k != "per_image"} for r in records],
                        "uniform int4", "uniform int8") is None  # records from before per-image values were kept
+
+
+def test_the_measured_sensitivity_budget_weighs_tensors_by_their_measured_damage_within_the_size(tiny_fisher):
+    from lafq.report import MEASURED, measured_budget, measured_scores
+
+    m, fm = tiny_fisher
+    w = dict(m.named_parameters())
+    shapes = param_shapes(m)
+    mats = [n for n, sh in shapes.items() if len(sh) >= 2]
+    sens = [{"unit": n, "unit_kind": "tensor", "precision": "int4", "mad": 1e-6, "seed": s} for n in mats for s in (0, 1)]
+    sens += [{"unit": "head.2.weight", "unit_kind": "tensor", "precision": "int4", "mad": 1.0, "seed": 2}]
+    measured = measured_scores(sens)
+    assert measured["head.2.weight"] == pytest.approx((2e-6 + 1.0) / 3) and len(measured) == len(mats)
+    rows = {r.name: r for r in grid(m, fm, SMALL, measured=measured)}
+    budget = size_report(rows[G32].plan, shapes).total_bytes
+    plan = measured_budget(fm, w, measured, budget)
+    assert rows[MEASURED].plan.precisions == plan.precisions and size_report(plan, shapes).total_bytes <= budget
+    assert plan.precisions["head.2.weight"] in ("fp32", "fp16")  # by far the most damaging alone: kept high
+    assert MEASURED not in {r.name for r in grid(m, fm, SMALL)}  # no sensitivity stage: no measured row
