@@ -1,0 +1,75 @@
+"""Every number in README's headline table and docs/evidence.md's table of all rows, re-derived from the per-seed
+records in docs/report.csv at the precision it is shown with (rounded to nearest): a table edited by hand, or a
+report re-run without the docs following it, fails here."""
+import re
+from pathlib import Path
+
+import pytest
+
+from lafq.report import EDGE, compare, read_csv, summarize
+
+REPO = Path(__file__).resolve().parent.parent
+
+ROWS = {  # README's label -> the report row it quotes
+    "uniform INT8": "uniform int8",
+    "INT4, INT8 stem and head": EDGE,
+    "Fisher budget at the same size": f"budget @ {EDGE} size",
+    "uniform INT4, per channel": "uniform int4",
+    "uniform INT4-g32": "uniform int4-g32",
+    "error-only budget at the INT4-g32 size": "error-only budget @ int4-g32 size",
+    "Fisher budget at the INT4-g32 size": "budget @ int4-g32 size",
+    "Fisher budget, 6 bits": "budget 6 bits",
+    "uniform FP16": "uniform fp16",
+    "source: layer ratio p = 0.25 → FP16": "layer-ratio fp16",
+    "uniform INT4-g64": "uniform int4-g64",
+    "magnitude budget at the INT4-g32 size": "magnitude budget @ int4-g32 size",
+    "source: layer groups → FP16": "groups fp16",
+    "source: layer mean/std → FP16": "layer-std fp16",
+    **{f"Fisher budget, {b} bits": f"budget {b} bits" for b in ("8", "5", "4.5", "4.25")},
+}
+COLUMNS = {"ΔFID vs FP32": ("dfid", 1), "mean abs Δ to FP32": ("mad", 1000), "feature distance": ("feature_distance", 100),
+           "class agreement with FP32": ("agreement", 100)}
+NUMBER = r"([+\-−]?[\d,]+(?:\.\d+)?)"
+
+
+def _value(text: str) -> tuple[float, int]:
+    """A shown number and its decimals ('−0.71' -> (-0.71, 2))."""
+    t = text.replace("−", "-").replace(",", "")
+    return float(t), len(t.split(".")[1]) if "." in t else 0
+
+
+def _matches(shown: str, value: float) -> bool:
+    v, decimals = _value(shown)
+    return round(value, decimals) == pytest.approx(v, abs=1e-9) or abs(value - v) <= 0.5 * 10 ** -decimals + 1e-9
+
+
+def _table(path: Path) -> tuple[list[str], list[list[str]]]:
+    """(column titles, rows) of the file's table that starts with `| plan (bytes) |`."""
+    text = path.read_text(encoding="utf-8")
+    block = "| plan (bytes) |" + text.split("| plan (bytes) |", 1)[1].split("\n\n", 1)[0]
+    lines = [[c.strip() for c in line.strip().strip("|").split("|")] for line in block.splitlines() if line.startswith("|")]
+    return lines[0], lines[2:]
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/evidence.md"])
+def test_every_number_in_the_tables_is_the_reports_own(doc):
+    by = {r["name"]: r for r in summarize(read_csv(REPO / "docs" / "report.csv"))}
+    titles, rows = _table(REPO / doc)
+    assert rows and all(re.sub(r" \([\d,]+\)$", "", row[0]) in ROWS for row in rows)
+    for row in rows:
+        label = row[0]
+        r = by[ROWS[re.sub(r" \([\d,]+\)$", "", label)]]
+        assert int(re.search(r"\(([\d,]+)\)$", label).group(1).replace(",", "")) == r["bytes"], label
+        for title, cell in zip(titles[1:], row[1:]):
+            key, scale = COLUMNS[title]
+            mean, half = (r["dfid"], r["dfid_ci95"]) if key == "dfid" else (r[key], r[f"{key}_ci95"])
+            m, h = (x.strip("* ‰%") for x in cell.split("±"))
+            assert _matches(m, scale * mean) and _matches(h, scale * half), (doc, label, title, cell, scale * mean,
+                                                                            scale * half)
+
+
+def test_the_headline_sentence_on_fid_is_the_paired_difference_in_the_report():
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    m = re.search(r"its FID against the data is worse by \+" + NUMBER + r" ± " + NUMBER, text)
+    c = compare(read_csv(REPO / "docs" / "report.csv"), f"budget @ {EDGE} size", EDGE)
+    assert m and _matches(m.group(1), c["fid"][0]) and _matches(m.group(2), c["fid"][1])
