@@ -17,6 +17,7 @@ ROWS = {  # README's label -> the report row it quotes
     "uniform INT4, per channel": "uniform int4",
     "uniform INT4-g32": "uniform int4-g32",
     "error-only budget at the INT4-g32 size": "error-only budget @ int4-g32 size",
+    "error-only budget, head at FP16, INT4-g32 size": "error-only budget, fp16 head @ int4-g32 size",
     "Fisher budget at the INT4-g32 size": "budget @ int4-g32 size",
     "Fisher budget, 6 bits": "budget 6 bits",
     "uniform FP16": "uniform fp16",
