@@ -51,7 +51,6 @@ log = logging.getLogger("lafq.app")
 
 REPO = Path(__file__).resolve().parent.parent
 CHECKPOINT = paths.UNET
-FISHER = paths.FISHER
 REPORT_CSV = paths.DOCS / "report.csv"
 SENSITIVITY_CSV = paths.DOCS / "sensitivity.csv"
 
@@ -379,7 +378,8 @@ class AppState:
 
     @property
     def default_guidance(self) -> float:
-        return self.card.guidance
+        """The card's guidance where the model has a null row to guide with, else 1."""
+        return self.card.guidance if self.guided else 1.0
 
     @property
     def default_class(self) -> str:
@@ -682,10 +682,9 @@ def load_state(source=CHECKPOINT, fisher_path=None, quick_bins: int = QUICK_BINS
     den = load(source, subfolder=None if is_file else component_of(folder))
     if getattr(den.module, "lafq_plan", None) is not None:
         raise CheckpointError(f"{source.name} is a quantized model; the app needs the FP32 model")
-    if card.null_class is not None and den.null_row != card.null_class:
-        k = den.conditioning.rows if den.conditioning is not None else 0
-        raise ValueError(f"null_class {card.null_class} is not a class embedding of this model ({k} embeddings)")
     k = den.conditioning.rows if den.conditioning is not None else 0
+    if card.null_class is not None and den.null_row != card.null_class:
+        raise ValueError(f"null_class {card.null_class} is not a class embedding of this model ({k} embeddings)")
     if len(card.classes) > k:
         raise ValueError(f"lafq.json names {len(card.classes)} classes; the model has {k} class embeddings")
     try:

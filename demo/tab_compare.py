@@ -93,7 +93,7 @@ def compare(state: AppState, current: dict, digit, guidance, steps, seed, n, wit
 
 def example(state: AppState):
     """The arrival example (default preset vs uniform, same noise), computed once per process and kept."""
-    guidance = state.default_guidance if state.guided else 1.0
+    guidance = state.default_guidance
     return state.memo("compare-example", lambda: compare(
         state, preset_current(state), default_class(state), guidance, DEFAULTS["steps"], DEFAULTS["seed"],
         DEFAULTS["n"], True))
@@ -202,7 +202,7 @@ def build(models, current, user, guard):
     gr.Markdown(HOW_TO, elem_id="howto-compare")
     with gr.Row():
         digit = Choice(class_choices(state), value=default_class(state), label=state.class_word, elem_id="compare-class")
-        guidance = gr.Slider(0, 6, value=state.default_guidance if state.guided else 1.0, step=0.1,
+        guidance = gr.Slider(0, 6, value=state.default_guidance, step=0.1,
                              label="guidance scale", interactive=state.guided)
         steps = gr.Slider(1, MAX_STEPS, value=DEFAULTS["steps"], step=1, label="DDIM steps")
         seed = gr.Number(DEFAULTS["seed"], precision=0, label="seed")
@@ -237,9 +237,8 @@ def build(models, current, user, guard):
 
     def refresh(usr):
         st = models.state_for(usr)
-        guided = st.guided
         return (gr.Dropdown(choices=class_choices(st), value=default_class(st), label=st.class_word),
-                gr.Slider(value=st.default_guidance if guided else 1.0, interactive=guided),
+                gr.Slider(value=st.default_guidance, interactive=st.guided),
                 *[gr.Image(value=None, label=lab) for lab in ("FP32", "current plan", "uniform")], None,
                 f"**{st.title}** selected: press Generate.", "")
     return ((lambda: served(example(state), panel_labels(state, preset_current(state))[0])), outputs,

@@ -2,8 +2,8 @@
 
 Every model: lafq.inside observes the selected model's own layers (lafq.layers). The saliency image is one of the
 model's reference images (held out from training) where that split is on the machine, else one of its training
-dataset (or that one's vendored subset: the Fashion model without Debian's dataset); the panel names which. The layer control lists the layers with spatial maps of the selected
-model (`spatial_layers`, probed once per model)."""
+dataset (or that one's vendored subset: the Fashion model without Debian's dataset); the panel names which. The
+layer control lists the selected model's layers with spatial maps (`spatial_layers`, probed once per model)."""
 from __future__ import annotations
 
 import torch
@@ -23,7 +23,8 @@ def _common(state: AppState, cls, steps, seed):
 
 
 def spatial_layers(state: AppState) -> list[str]:
-    """The layers of the selected model that have spatial maps (4-D outputs), in flow order; computed once."""
+    """The selected model's layers that have spatial maps (channel maps, or a DiT's patch grid), in flow order;
+    computed once per model."""
     steps = min(2, state.schedule.T)
     return state.memo("inside-layers", lambda: list(activation_trace(state.den, None, steps=steps, guidance=1.0).maps))
 
@@ -34,10 +35,6 @@ def default_layer(state: AppState) -> str | None:
     return layers[min(1, len(layers) - 1)] if layers else None
 
 
-def _guidance(state: AppState) -> float:
-    return state.default_guidance if state.guided else 1.0
-
-
 def _class_name(state: AppState, label) -> str:
     return "any" if label is None else state.classes[label]
 
@@ -46,7 +43,7 @@ def _class_name(state: AppState, label) -> str:
 def activations(state: AppState, cls, steps, seed, layer):
     label, steps, seed = _common(state, cls, steps, seed)
     layer = as_choice(layer, "layer", spatial_layers(state))
-    tr = activation_trace(state.den, label, steps=steps, seed=seed, guidance=_guidance(state))
+    tr = activation_trace(state.den, label, steps=steps, seed=seed, guidance=state.default_guidance)
     heat = plots.heatmap(tr.layers, tr.timesteps, torch.log10(tr.matrix.clamp_min(1e-12)).numpy(),
                          f"log10 mean |activation| per layer along one trajectory ({state.class_word} "
                          f"{_class_name(state, label)})", "log10 |a|")
@@ -96,7 +93,7 @@ def quant_error(state: AppState, current: dict, cls, steps, seed, user=None):
     label, steps, seed = _common(state, cls, steps, seed)
     plan = resolve_plan(state, current, user)
     tr = quantization_error_trace(state.den, state.denoiser(state.quantized(plan)), label, steps=steps, seed=seed,
-                                  guidance=_guidance(state))
+                                  guidance=state.default_guidance)
     return plots.heatmap(tr.layers, tr.timesteps, tr.matrix.numpy(),
                          f"relative error of each layer's output, {current_label(current, plan)} vs FP32 (same inputs)",
                          "‖q−f‖/‖f‖")

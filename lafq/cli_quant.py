@@ -488,14 +488,14 @@ def cmd_report(args):
         s = settings_with(s, budgets=feasible)
     classifier, backend = sub.classifier, sub.backend
     cache = sub.cache / ("quick" if args.quick else "full")
-    sens = []  # stage 1 first: its measured single-tensor damage also plans a row of the grid
-    if not args.skip_sensitivity:
-        sens = run_sensitivity(Evaluator(sub.den or model, classifier, None, cache / "sensitivity", device=device, log=log,
-                                         cached_only=args.render, **sub.evaluator),
-                               fisher, s.sensitivity, s.guidance, log=log)
-    measured = measured_scores(sens or run_sensitivity(
-        Evaluator(sub.den or model, classifier, None, cache / "sensitivity", cached_only=True, **sub.evaluator),
-        fisher, s.sensitivity, s.guidance, log=lambda _: None))  # skipped: what an earlier run measured
+    # Stage 1 first: its measured single-tensor damage also plans a row of the grid. Skipped, it reads what an
+    # earlier run measured (and the report says the stage is not part of this run).
+    skip = args.skip_sensitivity
+    stage = run_sensitivity(Evaluator(sub.den or model, classifier, None, cache / "sensitivity", device=device, log=log,
+                                      cached_only=args.render or skip, **sub.evaluator),
+                            fisher, s.sensitivity, s.guidance, log=(lambda _: None) if skip else log)
+    sens = [] if skip else stage
+    measured = measured_scores(stage)
     if len(measured) < len(units(shapes, s.sensitivity.unit)):
         measured = {}  # a partial stage: no measured plan from some tensors only
     rows = grid(model, fisher, s, subject, measured)  # planned on the CPU, beside the Fisher map

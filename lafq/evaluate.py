@@ -25,8 +25,7 @@ import numpy as np
 import torch
 
 from .checkpoint import atomic_write_bytes
-from .metrics import (classifier_accuracy, fidelity, frechet_distance, per_image_fidelity, reference_statistics,
-                      statistics)
+from .metrics import classifier_accuracy, fidelity, frechet_distance, reference_statistics, statistics
 from .pipeline import SampleSpec, as_denoiser, generate
 from .policy import Plan
 from .quantize import quantize
@@ -122,9 +121,9 @@ class Evaluator:
         from .pipeline import resolve_labels
 
         labels = resolve_labels(spec, self.num_classes)
+        close = fidelity(ref, images, self.classifier)
         rec = {"name": name, "seed": spec.seed, "n": spec.n, "steps": spec.steps, "sampler": spec.sampler,
-               "guidance": spec.guidance, **fidelity(ref, images, self.classifier).to_dict(),
-               "per_image": per_image_fidelity(ref, images, self.classifier),
+               "guidance": spec.guidance, **close.to_dict(), "per_image": close.per_image,
                "accuracy": classifier_accuracy(self.classifier, images, labels) if labels is not None else None}
         if self.backend is not None:
             rec["fid"] = frechet_distance(statistics(self.backend.features(images)), self._ref_stats)

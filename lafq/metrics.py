@@ -275,6 +275,9 @@ class Fidelity:
     psnr: float
     feature_distance: float
     agreement: float
+    # Each image's own values, for tests over images (lafq.report.image_level): "mad", its mean |Δ| on the 0..1
+    # scale (7 decimals), and "agree", one character per image, "1" where it keeps its reference's class.
+    per_image: dict | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in FIDELITY}
@@ -297,25 +300,8 @@ def fidelity(reference: torch.Tensor, images: torch.Tensor, classifier: MnistCla
 
     fr, fi = feats(reference), feats(images)
     dist = float((fi - fr).double().norm(dim=1).mean() / fr.double().norm(dim=1).mean().clamp_min(1e-12))
-    agree = float((classifier.out(fi).argmax(1) == classifier.out(fr).argmax(1)).double().mean())
-    return Fidelity(float(d.abs().mean() / 255), psnr, dist, agree)
+    same = (classifier.out(fi).argmax(1) == classifier.out(fr).argmax(1)).tolist()
+    per_image = {"mad": [round(float(v), 7) for v in d.abs().flatten(1).mean(1) / 255],
+                 "agree": "".join("1" if a else "0" for a in same)}
+    return Fidelity(float(d.abs().mean() / 255), psnr, dist, sum(same) / len(same), per_image)
 
-
-@torch.inference_mode()
-def per_image_fidelity(reference: torch.Tensor, images: torch.Tensor, classifier: MnistClassifier,
-                       batch_size: int = 500) -> dict:
-    """Each image's own fidelity to its reference, for tests over images (lafq.report.image_level): "mad", each
-    image's mean |Δ| on the 0..1 scale (7 decimals), and "agree", one character per image, "1" where the
-    classifier puts it in its reference's class. Their means are `fidelity`'s mad and agreement."""
-    if reference.shape != images.shape:
-        raise ValueError(f"fidelity pairs images one to one: shapes {tuple(reference.shape)} and {tuple(images.shape)}")
-    mad = (images.double() - reference.double()).abs().flatten(1).mean(1) / 255
-    classifier.eval()
-
-    def classes(x):
-        x = uint8_to_input(x)
-        return torch.cat([classifier.out(classifier.features(x[i:i + batch_size])).argmax(1)
-                          for i in range(0, len(x), batch_size)])
-
-    agree = (classes(images) == classes(reference)).tolist()
-    return {"mad": [round(float(v), 7) for v in mad], "agree": "".join("1" if a else "0" for a in agree)}

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections import Counter
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -48,10 +49,10 @@ SOURCE_LABELS = {"fp32": "FP32", "uniform fp16": "uniform FP16", "groups fp16": 
                  "layer-ratio fp16": "per-layer ratio p = 0.25", "layer-std fp16": "per-layer mean/std"}
 EDGE = "int4, int8 stem+head"
 G32 = "uniform int4-g32"
-# The recipes a careful practitioner uses: the first and last layers kept at a higher precision than the rest
-# (name -> (target, edge precision, which edges)); each is compared with the budget plan at its own size.
 PINNED_ERROR = "error-only budget, fp16 head @ int4-g32 size"
 MEASURED = "measured-sensitivity budget @ int4-g32 size"
+# The recipes a careful practitioner uses: the first and last layers kept at a higher precision than the rest
+# (name -> (target, edge precision, which edges)); each is compared with the budget plan at its own size.
 RECIPES = {"int4, fp16 stem+head": ("int4", "fp16", "both"), "int4-g32, int8 stem+head": ("int4-g32", "int8", "both"),
            "int4-g32, fp16 stem+head": ("int4-g32", "fp16", "both"), "int8, fp16 head": ("int8", "fp16", "last")}
 LOWER_IS_BETTER = {n: m.lower_is_better for n, m in METRICS.items() if n != "accuracy"}  # compared pairwise
@@ -588,9 +589,7 @@ def random_section(records: list[dict], s: Settings) -> list[str]:
         c = compare(records, plan, [x["name"] for x in ctrls])
         d = (f"{_sign('fid', c['fid'][0])} ± {c['fid'][1]:.3f} | {_sign('mad', c['mad'][0])} ± {_fmt('mad', c['mad'][1])}"
              if c and c["fid"][2] >= 2 and len(ctrls) >= planned else "— | —")  # no interval from one pair
-        last = {}
-        for x in ctrls:
-            last[x.get("last_layer") or "?"] = last.get(x.get("last_layer") or "?", 0) + 1
+        last = Counter(x.get("last_layer") or "?" for x in ctrls)
         lasts = ", ".join(f"{p} ×{k}" for p, k in sorted(last.items()))
         out.append(f"| {plan} | {by[plan].get('last_layer') or '?'} | {lasts} | {len(ctrls)} of {planned} | "
                    f"{min(sizes):.2f}–{max(sizes):.2f} | "
