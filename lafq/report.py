@@ -396,7 +396,7 @@ DELTA_LABELS = {"fid": "ΔFID", "mad": "Δ mean abs Δ", "psnr": "Δ PSNR", "fea
 
 def describe_compare(c: dict, n: int, unit: str = "seeds") -> str:
     return "; ".join(f"{DELTA_LABELS[m]} {_sign(m, c[m][0])} ± {_fmt(m, c[m][1])}{UNITS[m]} ({verdict(m, c[m], n, unit)})"
-                     for m in ("fid", "mad", "feature_distance", "agreement"))
+                     for m in ("fid", "mad", "psnr", "feature_distance", "agreement"))
 
 
 def _with_ci(value: str, ci: str, seeds: int) -> str:
@@ -508,6 +508,47 @@ def write(records: list[dict], s: Settings, command: str, out_dir: Path, *, tota
     atomic_write_bytes(out_dir / "report.md", ("\n".join(lines) + "\n").encode())
 
 
+HEAD_PROTECTING = (EDGE, *RECIPES, PINNED_ERROR)
+SIZE_TOLERANCE = 0.001  # a recipe up to 0.1% larger counts as the budget's size: budgets at a recipe's size sit just under it
+
+
+def recipe_verdicts(records: list[dict], s: Settings) -> list[str]:
+    """Per size and per metric: the Fisher budget against the best head-protecting recipe at or below its size.
+    'Best' is the recipe (first and last layers kept at a higher precision, or the error-only budget with the
+    last layer pinned at FP16) with the lowest mean |Δ| among those measured on every seed whose bytes are at
+    most the budget's (plus SIZE_TOLERANCE); every cell is the paired budget − recipe interval and its verdict,
+    and class agreement also gets the exact McNemar test over images where the records keep them."""
+    by = {r["name"]: r for r in summarize(records)}
+    budgets = [f"budget @ {name} size" for name in (EDGE, *RECIPES)] + ["budget @ int4-g32 size"]
+    done = [b for b in dict.fromkeys(budgets) if complete(by.get(b), s.seeds)]
+    if not done:
+        return []
+    metrics = ("fid", "mad", "psnr", "feature_distance", "agreement")
+    out = ["", "Per size, the Fisher budget against the best head-protecting baseline at or below its size: of the "
+           "recipes that keep the first and last layers at a higher precision and the error-only budget with the "
+           "last layer pinned at FP16, the one with the lowest mean |Δ| among those within 0.1% of the budget's "
+           "bytes or smaller; each cell is "
+           f"budget − recipe, paired per seed (N = {s.n:,} × {s.seeds} seeds), and its verdict for the budget: better, "
+           "worse, or none detectable (the 95% interval contains 0).", "",
+           "| budget plan | bits | best head-protecting baseline at or below its size | "
+           + " | ".join(DELTA_LABELS[m] for m in metrics) + " | class flips (McNemar) |",
+           "|---|---:|---|" + "---|" * len(metrics) + "---|"]
+    for b in sorted(done, key=lambda x: by[x]["bytes"]):
+        cands = [r for r in HEAD_PROTECTING if complete(by.get(r), s.seeds)
+                 and by[r]["bytes"] <= by[b]["bytes"] * (1 + SIZE_TOLERANCE)]
+        if not cands:
+            continue
+        best = min(cands, key=lambda r: by[r]["mad"])
+        c = compare(records, b, best)
+        short = lambda m: {"better": "better", "worse": "worse"}.get(verdict(m, c[m], s.n), "none detectable")  # noqa: E731
+        cells = [f"{_sign(m, c[m][0])} ± {_fmt(m, c[m][1])}{UNITS[m]}: {short(m)}" for m in metrics]
+        t = image_level(records, b, best)
+        flips = (f"{t['kept_by_a_only']} vs {t['kept_by_b_only']}, p = {t['mcnemar_p']:.2g}" if t else "—")
+        out.append(f"| {b} | {by[b]['avg_bits']:.2f} | {best} ({by[best]['avg_bits']:.2f} bits) | "
+                   + " | ".join(cells) + f" | {flips} |")
+    return out
+
+
 def findings(records: list[dict], s: Settings) -> list[str]:
     """The main question, answered from paired intervals only (no point estimates, no unequal sizes)."""
     by = {r["name"]: r for r in summarize(records)}
@@ -547,6 +588,7 @@ def findings(records: list[dict], s: Settings) -> list[str]:
         out.append(f"- **{a}** vs {label}{size_note}: "
                    f"{describe_compare(c, s.n, 'seeds' if isinstance(b, str) else 'control runs')}"
                    + (f"; {describe_image_level(images, a, label)}" if images else "") + ".")
+    out += recipe_verdicts(records, s)
     out += ["", "Closeness to FP32: for each plan below, the paired ΔFID and the fidelity to FP32's images."]
     for name in ("uniform fp16", "uniform int8", "uniform int4", EDGE, G32, "budget @ int4-g32 size"):
         r = by.get(name)

@@ -286,3 +286,24 @@ def test_the_measured_sensitivity_budget_weighs_tensors_by_their_measured_damage
     assert rows[MEASURED].plan.precisions == plan.precisions and size_report(plan, shapes).total_bytes <= budget
     assert plan.precisions["head.2.weight"] in ("fp32", "fp16")  # by far the most damaging alone: kept high
     assert MEASURED not in {r.name for r in grid(m, fm, SMALL)}  # no sensitivity stage: no measured row
+
+
+def test_each_budget_is_judged_per_metric_against_the_best_head_protecting_baseline_no_larger_than_itself():
+    from lafq.report import EDGE, PINNED_ERROR, recipe_verdicts
+
+    def rec(name, seed, mad, size, **kw):
+        return {"name": name, "seed": seed, "fid": 10.0 + mad, "mad": mad, "psnr": 30.0 - mad,
+                "feature_distance": mad, "agreement": 1.0, "accuracy": 1.0, "bytes": size, "pct_of_fp32": 10.0,
+                "avg_bits": size / 100, "n": 10, "seconds": 1.0, "planned_seeds": 3, **kw}
+    budget = "budget @ int4-g32 size"
+    recs = []
+    for k in range(3):
+        recs += [rec(budget, k, 1.0 + 0.1 * k, 458), rec(PINNED_ERROR, k, 2.0 + 0.2 * k, 457),
+                 rec(EDGE, k, 3.0, 419), rec("int4-g32, fp16 stem+head", k, 0.5, 470)]  # better, but 2.6% larger
+    table = "\n".join(recipe_verdicts(recs, Settings(n=10, seeds=3)))
+    row = next(line for line in table.splitlines() if line.startswith(f"| {budget} |"))
+    assert f"| {PINNED_ERROR} (4.57 bits) |" in row  # the closest no larger than the budget, not the larger recipe
+    # budget − pinned per seed: mean |Δ| −1.0, −1.1, −1.2 ‰·1000 → better; agreement equal on every seed → none
+    assert "-1100.000 ± " in row and "‰: better" in row and "dB: worse" not in row
+    assert "+0.00 ± 0.00 pp: none detectable" in row
+    assert recipe_verdicts([r for r in recs if r["seed"] < 2], Settings(n=10, seeds=3)) == []  # not every seed
