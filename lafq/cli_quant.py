@@ -425,8 +425,11 @@ class _ReportInputs:
 
 
 def _report_subject(args) -> _ReportInputs:
-    """What the report measures: the project U-Net (--checkpoint) or a train-diffusers folder (--model), with
-    its Fisher map, classifier, FID backend, reference data and where its records and report go."""
+    """What the report measures: the project U-Net (--checkpoint) or any --model (a pipeline folder or Hub id),
+    with its Fisher map, classifier, FID backend, reference data and where its records and report go. A folder
+    with a classifier and a card naming its reference data (train-diffusers writes both) gets FID, feature
+    distance and class agreement; any other model is measured by pixel fidelity to FP32 only, conditioned on
+    its card's classes, on --captions (text-to-image), or unconditionally."""
     from .classifier import load_classifier
     from .metrics import DEFAULT_CLASSIFIER, ClassifierBackend, get_backend
     from .pipeline import load_denoiser
@@ -445,6 +448,9 @@ def _report_subject(args) -> _ReportInputs:
     if args.backend == "inception":
         raise CLIError("--model reports use the folder's own classifier as FID backend; drop --backend inception")
     folder = Path(args.model)
+    captions = getattr(args, "captions", None)
+    if captions is not None or not (folder / "classifier.safetensors").is_file():
+        return _pixel_subject(args, folder, captions)
     card = _card(folder)
     den = load_folder(folder)
     model = den.module.eval()
@@ -458,6 +464,42 @@ def _report_subject(args) -> _ReportInputs:
                          evaluator=dict(reference=card.reference, stats_dir=folder / "stats"),
                          cache=Path(args.cache_dir or folder / "eval" / "report"),
                          out=Path(args.out_dir or folder / "report"))
+
+
+def _pixel_subject(args, folder: Path, captions) -> _ReportInputs:
+    """A model without a classifier (any pipeline folder or Hub id): pixel fidelity to FP32 only."""
+    from .card import CARD_FILE, ModelCard
+    from .cli_diffusers import load_folder
+    from .report import Subject, edge_layers
+
+    local = folder.is_dir()
+    den = load_folder(folder)
+    conditioning = "unconditional"
+    if captions is not None:
+        from .models import encode_captions
+
+        if not local:
+            raise CLIError("--captions needs --model to be a local text-to-image pipeline folder (its tokenizer/ and "
+                           "text_encoder/ encode them)")
+        caps = read_captions(captions)
+        den = den.with_conditioning(encode_captions(folder, caps), null_row=len(caps))
+        conditioning = f"caption-balanced ({len(caps):,} captions from `{captions}`, in turn)"
+    elif den.conditioning is not None:
+        conditioning = "class-balanced"
+    den.require_inputs()  # one line for a text-to-image model given no captions
+    card = ModelCard.read(folder) if local and (folder / CARD_FILE).is_file() else None
+    fisher_path = Path(args.fisher) if args.fisher else folder / "fisher.safetensors"
+    if not fisher_path.is_file():
+        raise CLIError(f"no Fisher map at {fisher_path}: compute one with `python -m lafq fisher --model {folder} "
+                       "... --out FILE` and pass --fisher FILE")
+    home = folder if local else Path("lafq-report") / str(folder).replace("/", "--")  # a Hub id: a local home
+    model = den.module.eval()
+    subject = Subject(name=f"{(card.name if card else '') or folder.name} (`{folder}`)", classifier=None,
+                      reference=None, floor_images=None, edge_layers=edge_layers(model), source_strategies=False,
+                      conditioning=conditioning)
+    return _ReportInputs(model=model, fisher=load_fisher(fisher_path), subject=subject, classifier=None, backend=None,
+                         den=den, evaluator={"reference": None}, cache=Path(args.cache_dir or home / "eval" / "report"),
+                         out=Path(args.out_dir or home / "report"))
 
 
 def cmd_report(args):
@@ -500,7 +542,8 @@ def cmd_report(args):
         measured = {}  # a partial stage: no measured plan from some tensors only
     rows = grid(model, fisher, s, subject, measured)  # planned on the CPU, beside the Fisher map
     model.to(device)
-    given = [("model", args.model), ("checkpoint", args.checkpoint), ("fisher", args.fisher), ("n", args.n),
+    given = [("model", args.model), ("checkpoint", args.checkpoint), ("fisher", args.fisher),
+             ("captions", getattr(args, "captions", None)), ("n", args.n),
              ("steps", args.steps), ("seeds", args.seeds), ("guidance", args.guidance),
              ("random_seeds", args.random_seeds), ("batch_size", args.batch_size),
              ("backend", None if args.backend == "auto" else args.backend),
@@ -511,8 +554,8 @@ def cmd_report(args):
         " --skip-sensitivity" if args.skip_sensitivity else "")
     out_dir = sub.out
     t0 = time.perf_counter()
-    floor = real_floor(backend, s.n, list(range(s.seeds)), train=subject.floor_images, reference=subject.reference,
-                       stats_dir=sub.evaluator.get("stats_dir"))
+    floor = None if backend is None else real_floor(backend, s.n, list(range(s.seeds)), train=subject.floor_images,
+                                                    reference=subject.reference, stats_dir=sub.evaluator.get("stats_dir"))
     # Rewrite the files after every (plan, seed): an interrupted run leaves a readable, marked-partial report.
     n_units = len(units(shapes, s.sensitivity.unit))
     on_record = lambda recs: write(recs, s, command, out_dir, total_rows=len(rows), floor=floor,  # noqa: E731
@@ -533,8 +576,11 @@ def register_report(sub):
     r = sub.add_parser("report", help="the evidence: sensitivity validation and the plan grid -> docs/report.md, .csv, .svg")
     r.add_argument("--checkpoint", default=None, help=f"the project U-Net to measure (default {paths.UNET.name})")
     r.add_argument("--model", type=Path, default=None,
-                   help="a folder written by train-diffusers (lafq.json, fisher.safetensors, classifier.safetensors, "
-                        "stats/) to measure instead; records in DIR/eval/report, the report in DIR/report")
+                   help="any pipeline folder or Hub id to measure instead (records in DIR/eval/report, the report in "
+                        "DIR/report); with classifier.safetensors, lafq.json and stats/ (train-diffusers writes them) "
+                        "also FID, feature distance and class agreement, else pixel fidelity to FP32 only")
+    r.add_argument("--captions", type=Path, default=None,
+                   help="text-to-image --model: prompts (one per line, or a JSON list) the samples cycle through")
     r.add_argument("--fisher", default=None, help="the Fisher map (default: the model's)")
     r.add_argument("--quick", action="store_true", help="small N, few steps and rows: minutes on 2 cores")
     r.add_argument("--n", type=number("--n", 2, 10**7, integer=True), default=None,

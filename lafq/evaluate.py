@@ -49,7 +49,7 @@ class Evaluator:
     """Samples plans of one FP32 model (a lafq.models.Denoiser, or the project U-Net) and scores them against
     FP32 from the same noise (lafq.pipeline.generate)."""
     model: object
-    classifier: torch.nn.Module
+    classifier: torch.nn.Module | None  # None: pixel fidelity only (no feature distance, agreement or accuracy)
     backend: object | None  # FID feature backend; None: fidelity only (no FID)
     cache_dir: Path
     reference: str = "mnist-train5k"
@@ -101,10 +101,10 @@ class Evaluator:
 
     def record(self, name: str, plan: Plan | None, spec: SampleSpec, extra: dict | None = None) -> dict | None:
         """One (plan, seed): FID (when a backend is set), accuracy, fidelity to FP32; cached on disk."""
-        what = "fid+fidelity" if self.backend is not None else "fidelity"
+        what = "fid+fidelity" if self.backend is not None else "fidelity" if self.classifier is not None else "pixels"
         path = self.cache_dir / f"{what}-{self._key(what, plan, spec)}.json"
         if path.is_file():
-            rec = _cached_record(path, self.backend is not None)
+            rec = _cached_record(path, self.backend is not None, self.classifier is not None)
             rec["name"] = name  # the same plan may appear under another row name
             return rec
         if self.cached_only:
@@ -124,7 +124,8 @@ class Evaluator:
         close = fidelity(ref, images, self.classifier)
         rec = {"name": name, "seed": spec.seed, "n": spec.n, "steps": spec.steps, "sampler": spec.sampler,
                "guidance": spec.guidance, **close.to_dict(), "per_image": close.per_image,
-               "accuracy": classifier_accuracy(self.classifier, images, labels) if labels is not None else None}
+               "accuracy": (classifier_accuracy(self.classifier, images, labels)
+                            if labels is not None and self.classifier is not None else None)}
         if self.backend is not None:
             rec["fid"] = frechet_distance(statistics(self.backend.features(images)), self._ref_stats)
             rec["backend"] = self.backend.name
@@ -135,10 +136,11 @@ class Evaluator:
         return rec
 
 
-RECORD_NUMBERS = ("seed", "n", "steps", "mad", "psnr", "feature_distance", "agreement")
+RECORD_NUMBERS = ("seed", "n", "steps", "mad", "psnr")
+CLASSIFIER_NUMBERS = ("feature_distance", "agreement")
 
 
-def _cached_record(path: Path, with_fid: bool) -> dict:
+def _cached_record(path: Path, with_fid: bool, with_classifier: bool = True) -> dict:
     """A record the evaluator wrote, checked: a damaged one (edited, or from another version) is one error line
     naming the file, not a KeyError later in the report."""
     try:
@@ -146,7 +148,7 @@ def _cached_record(path: Path, with_fid: bool) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"cached record {path} is not readable JSON ({type(e).__name__}); delete it to measure "
                          "that row again") from None
-    need = RECORD_NUMBERS + (("fid",) if with_fid else ())
+    need = RECORD_NUMBERS + (CLASSIFIER_NUMBERS if with_classifier else ()) + (("fid",) if with_fid else ())
     bad = [k for k in need if not isinstance(rec, dict) or isinstance(rec.get(k), bool)
            or not isinstance(rec.get(k), (int, float)) or not math.isfinite(rec[k])] if isinstance(rec, dict) else ["all"]
     if bad:

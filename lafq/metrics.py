@@ -270,11 +270,12 @@ class Fidelity:
     psnr              10 log10(255² / MSE), MSE over all pixels of all images (capped at PSNR_CAP)
     feature_distance  mean ‖f(x) − f(ref)‖ / mean ‖f(ref)‖ over the classifier's 128-d features
     agreement         fraction of images the classifier puts in the same class as their reference
+    Without a classifier (a model that ships none) the last two are None: pixel fidelity only.
     """
     mad: float
     psnr: float
-    feature_distance: float
-    agreement: float
+    feature_distance: float | None
+    agreement: float | None
     # Each image's own values, for tests over images (lafq.report.image_level): "mad", its mean |Δ| on the 0..1
     # scale (7 decimals), and "agree", one character per image, "1" where it keeps its reference's class.
     per_image: dict | None = field(default=None, compare=False, repr=False)
@@ -284,14 +285,18 @@ class Fidelity:
 
 
 @torch.inference_mode()
-def fidelity(reference: torch.Tensor, images: torch.Tensor, classifier: MnistClassifier,
+def fidelity(reference: torch.Tensor, images: torch.Tensor, classifier: MnistClassifier | None,
              batch_size: int = 500) -> Fidelity:
-    """Fidelity of uint8 `images` to uint8 `reference` (same shape, image i paired with image i)."""
+    """Fidelity of uint8 `images` to uint8 `reference` (same shape, image i paired with image i); with no
+    classifier, the pixel measures only (mean |Δ| and PSNR, any channel count and size)."""
     if reference.shape != images.shape:
         raise ValueError(f"fidelity pairs images one to one: shapes {tuple(reference.shape)} and {tuple(images.shape)}")
     d = images.double() - reference.double()
     mse = float(d.pow(2).mean())
     psnr = PSNR_CAP if mse == 0 else min(PSNR_CAP, 10 * math.log10(255.0 ** 2 / mse))
+    mad_per_image = [round(float(v), 7) for v in d.abs().flatten(1).mean(1) / 255]
+    if classifier is None:
+        return Fidelity(float(d.abs().mean() / 255), psnr, None, None, {"mad": mad_per_image})
     classifier.eval()
 
     def feats(x):
@@ -301,7 +306,6 @@ def fidelity(reference: torch.Tensor, images: torch.Tensor, classifier: MnistCla
     fr, fi = feats(reference), feats(images)
     dist = float((fi - fr).double().norm(dim=1).mean() / fr.double().norm(dim=1).mean().clamp_min(1e-12))
     same = (classifier.out(fi).argmax(1) == classifier.out(fr).argmax(1)).tolist()
-    per_image = {"mad": [round(float(v), 7) for v in d.abs().flatten(1).mean(1) / 255],
-                 "agree": "".join("1" if a else "0" for a in same)}
+    per_image = {"mad": mad_per_image, "agree": "".join("1" if a else "0" for a in same)}
     return Fidelity(float(d.abs().mean() / 255), psnr, dist, sum(same) / len(same), per_image)
 

@@ -67,6 +67,12 @@ class Subject:
     floor_images: str = "mnist-test10k"  # the real images drawn for the real-vs-real floor
     edge_layers: tuple[str, ...] = ("stem", "head")  # the baseline's "first and last layers"
     source_strategies: bool = True  # the source's FP16 strategies are defined on this U-Net's layer names
+    conditioning: str = "class-balanced"  # what the samples are conditioned on, in words
+
+    @property
+    def pixels_only(self) -> bool:
+        """No classifier ships with the model: fidelity in pixels only (no FID, features or class agreement)."""
+        return self.classifier is None
 
 
 def edge_layers(model) -> tuple[str, str]:
@@ -267,9 +273,11 @@ def evaluate(rows: list[Row], evaluator, s: Settings, log=print, on_record=None)
         done = [r for r in records if r["name"] == row.name]
         if not done:
             continue
-        log(f"[{i + 1}/{len(rows)}] {row.name:42} {rep.pct_of_fp32:6.2f}%  FID "
-            f"{sum(r['fid'] for r in done) / len(done):8.3f}  mean|Δ| {sum(r['mad'] for r in done) / len(done):.4f}  "
-            f"agree {100 * sum(r['agreement'] for r in done) / len(done):5.1f}%")
+        mean = lambda k: sum(r[k] for r in done) / len(done)  # noqa: E731
+        log(f"[{i + 1}/{len(rows)}] {row.name:42} {rep.pct_of_fp32:6.2f}%"
+            + (f"  FID {mean('fid'):8.3f}" if done[0].get("fid") is not None else "")
+            + f"  mean|Δ| {mean('mad'):.4f}"
+            + (f"  agree {100 * mean('agreement'):5.1f}%" if done[0].get("agreement") is not None else ""))
     return records
 
 
@@ -295,33 +303,38 @@ def image_level(records: list[dict], a: str, b: str) -> dict | None:
     only_a = only_b = 0
     diffs: list[float] = []
     seeds = 0
+    classes = True
     for seed in sorted(set(pa_by) & set(pb_by)):
         pa, pb = pa_by[seed].get("per_image"), pb_by[seed].get("per_image")
-        if not pa or not pb or len(pa["agree"]) != len(pb["agree"]):
+        if not pa or not pb or len(pa["mad"]) != len(pb["mad"]):
             continue
         seeds += 1
-        only_a += sum(x == "1" and y == "0" for x, y in zip(pa["agree"], pb["agree"]))
-        only_b += sum(x == "0" and y == "1" for x, y in zip(pa["agree"], pb["agree"]))
+        classes = classes and "agree" in pa and "agree" in pb  # no classifier: no class flips
+        if classes:
+            only_a += sum(x == "1" and y == "0" for x, y in zip(pa["agree"], pb["agree"]))
+            only_b += sum(x == "0" and y == "1" for x, y in zip(pa["agree"], pb["agree"]))
         diffs += [u - v for u, v in zip(pa["mad"], pb["mad"])]
     if not seeds:
         return None
     n = only_a + only_b
-    return {"images": len(diffs), "seeds": seeds, "kept_by_a_only": only_a, "kept_by_b_only": only_b,
-            "mcnemar_p": float(binomtest(only_a, n, 0.5).pvalue) if n else 1.0, "mad": mean_ci95(diffs)}
+    flips = {"kept_by_a_only": only_a, "kept_by_b_only": only_b,
+             "mcnemar_p": float(binomtest(only_a, n, 0.5).pvalue) if n else 1.0} if classes else {}
+    return {"images": len(diffs), "seeds": seeds, **flips, "mad": mean_ci95(diffs)}
 
 
 def describe_image_level(t: dict, a: str, b: str) -> str:
     m, h = t["mad"]
-    return (f"over images ({t['images']:,}, {t['seeds']} seeds): FP32's class kept by {a} alone on "
-            f"{t['kept_by_a_only']}, by {b} alone on {t['kept_by_b_only']} (exact McNemar p = {t['mcnemar_p']:.2g}); "
+    flips = (f"FP32's class kept by {a} alone on {t['kept_by_a_only']}, by {b} alone on {t['kept_by_b_only']} "
+             f"(exact McNemar p = {t['mcnemar_p']:.2g}); " if "mcnemar_p" in t else "")
+    return (f"over images ({t['images']:,}, {t['seeds']} seeds): {flips}"
             f"per-image mean |Δ| {1000 * m:+.2f} ± {1000 * h:.2f} ‰ (paired over images)")
 
 
 def paired(a: dict[int, dict], b: dict[int, dict], metric: str) -> tuple[float, float, int] | None:
     """Mean and 95% CI of a − b per shared seed (same noise), and the number of seeds; None if none shared."""
     seeds = sorted(set(a) & set(b))
-    if not seeds:
-        return None
+    if not seeds or any(x[k].get(metric) is None for x in (a, b) for k in seeds):
+        return None  # none shared, or a measure this model has not (no classifier: no FID, features, agreement)
     m, ci = mean_ci95([a[k][metric] - b[k][metric] for k in seeds])
     return m, ci, len(seeds)
 
@@ -359,9 +372,9 @@ def complete(row: dict | None, seeds: int = 1) -> bool:
 
 
 def compare(records: list[dict], a: str, b: str | list[str]) -> dict[str, tuple[float, float, int]] | None:
-    """Paired a − b per metric (mean, 95% CI, number of pairs). `b` a list (random controls): every
-    (control, seed) record paired with `a` at that seed, so the interval spans both the controls' plans
-    and the noise."""
+    """Paired a − b per metric (mean, 95% CI, number of pairs), for the metrics both rows measured (mean |Δ|
+    always). `b` a list (random controls): every (control, seed) record paired with `a` at that seed, so the
+    interval spans both the controls' plans and the noise."""
     by = _by_name(records)
     if a not in by:
         return None
@@ -369,11 +382,12 @@ def compare(records: list[dict], a: str, b: str | list[str]) -> dict[str, tuple[
         if b not in by:
             return None
         out = {m: paired(by[a], by[b], m) for m in LOWER_IS_BETTER}
-        return out if all(v is not None for v in out.values()) else None
+        return {m: v for m, v in out.items() if v is not None} if out["mad"] is not None else None
     pairs = [(by[a][k], by[x][k]) for x in b if x in by for k in sorted(by[x]) if k in by[a]]
     if not pairs:
         return None
-    return {m: (*mean_ci95([pa[m] - pb[m] for pa, pb in pairs]), len(pairs)) for m in LOWER_IS_BETTER}
+    return {m: (*mean_ci95([pa[m] - pb[m] for pa, pb in pairs]), len(pairs)) for m in LOWER_IS_BETTER
+            if all(r.get(m) is not None for pair in pairs for r in pair)}
 
 
 def verdict(metric: str, d: tuple[float, float, int], n: int, unit: str = "seeds") -> str:
@@ -396,7 +410,7 @@ DELTA_LABELS = {"fid": "ΔFID", "mad": "Δ mean abs Δ", "psnr": "Δ PSNR", "fea
 
 def describe_compare(c: dict, n: int, unit: str = "seeds") -> str:
     return "; ".join(f"{DELTA_LABELS[m]} {_sign(m, c[m][0])} ± {_fmt(m, c[m][1])}{UNITS[m]} ({verdict(m, c[m], n, unit)})"
-                     for m in ("fid", "mad", "psnr", "feature_distance", "agreement"))
+                     for m in ("fid", "mad", "psnr", "feature_distance", "agreement") if m in c)
 
 
 def _with_ci(value: str, ci: str, seeds: int) -> str:
@@ -469,18 +483,23 @@ def write(records: list[dict], s: Settings, command: str, out_dir: Path, *, tota
     default = subject == Subject()
     lines = ["# Report: does Fisher guidance beat strong simple baselines?\n",
              *([] if default else [f"Model: {subject.name}. The baseline's stem and head are its first and last "
-                                   f"convolution layers ({', '.join(f'`{e}`' for e in subject.edge_layers)}).\n"]),
+                                   f"layers ({', '.join(f'`{e}`' for e in subject.edge_layers)}).\n"]),
              *([f"**Partial: {len(done)} of {total_rows} rows complete so far; the run resumes where it "
                 "stopped.**\n"] if partial else []),
              f"Command: `{command}`. Measured on: {'; '.join(machines)}. Every (plan, seed) record in `report.csv` "
              "names the machine it ran on and its seconds.\n",
-             f"Sampling: DDIM-{s.steps} (η = 0), guidance {s.guidance:g}, N = {s.n:,} class-balanced samples per seed, "
-             f"seeds 0–{s.seeds - 1}; every plan draws the same noise per seed as FP32, so every difference to FP32 "
-             "below is **paired** (per seed, then mean ± the 95% Student-t half-width over seeds). "
-             f"FID backend **{backend}** ({subject.classifier}) against the held-out {subject.reference} "
-             "reference. Fidelity to FP32, image by "
-             "image from the same noise: mean |Δ| (‰ of the pixel range), PSNR, classifier-feature distance "
-             "(% of the mean feature norm) and class agreement with FP32's image. Size: stored bytes per tensor "
+             f"Sampling: DDIM-{s.steps} (η = 0), guidance {s.guidance:g}, N = {s.n:,} {subject.conditioning} samples "
+             f"per seed, seeds 0–{s.seeds - 1}; every plan draws the same noise per seed as FP32, so every difference "
+             "to FP32 below is **paired** (per seed, then mean ± the 95% Student-t half-width over seeds). "
+             + ("No classifier ships with this model, so there is no FID, feature distance or class agreement: "
+                "fidelity to FP32, image by image from the same noise, is mean |Δ| (‰ of the sample range, the "
+                "model's output clipped to [−1, 1] and stored as 8 bits, as for images) and PSNR. "
+                if subject.pixels_only else
+                f"FID backend **{backend}** ({subject.classifier}) against the held-out {subject.reference} "
+                "reference. Fidelity to FP32, image by image from the same noise: mean |Δ| (‰ of the pixel range), "
+                "PSNR, classifier-feature distance (% of the mean feature norm) and class agreement with FP32's "
+                "image. ")
+             + "Size: stored bytes per tensor "
              "plus scales (fp32 per channel; fp16 per group for int4-g32/-g64). Budget sweep: "
              f"{' / '.join(f'{b:g}' for b in s.budgets)} bits per weight, scales included"
              + (f"; the smallest allocation the budget can make takes {budget_floor_bits:.2f} bits, so no budget "
@@ -488,20 +507,27 @@ def write(records: list[dict], s: Settings, command: str, out_dir: Path, *, tota
     if floor is not None:
         lines.append(f"Real-vs-real floor at the same backend and N ({floor.n:,} of {subject.floor_images} vs {subject.reference}, "
                      f"{len(floor.values)} draws): FID {floor.mean:.3f} ± {floor.ci95:.3f}.\n")
-    lines += ["| plan | bytes | % of FP32 | bits/weight | FID | ΔFID vs FP32 (paired) | mean abs Δ ‰ | PSNR dB | "
-              "feature dist. % | class agreement % | accuracy % | seeds |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    # The columns this model has: a model that ships no classifier has no FID, features, agreement or accuracy.
+    cols = [m for m in ("fid", "dfid", *FIDELITY, "accuracy") if any(math.isfinite(r[m]) for r in rows)] or ["mad"]
+    heads = {"fid": "FID", "dfid": "ΔFID vs FP32 (paired)", "mad": "mean abs Δ ‰", "psnr": "PSNR dB",
+             "feature_distance": "feature dist. %", "agreement": "class agreement %", "accuracy": "accuracy %"}
+    lines += ["| plan | bytes | % of FP32 | bits/weight | " + " | ".join(heads[m] for m in cols) + " | seeds |",
+              "|---|---:|---:|---:|" + "---:|" * (len(cols) + 1)]
     for r in rows:
         pm = lambda v, ci: _with_ci(v, ci, r["seeds"])  # noqa: E731
-        if r["name"] == "fp32":
-            fid_cols = "— | — | — | —"
-        else:
-            fid_cols = " | ".join(pm(_fmt(m, r[m]), _fmt(m, r[m + '_ci95'])) for m in FIDELITY)
+
+        def cell(m: str) -> str:
+            if not math.isfinite(r[m]) or (r["name"] == "fp32" and m in FIDELITY):
+                return "—"
+            if m == "accuracy":
+                return _fmt(m, r[m])
+            if m in ("fid", "dfid"):
+                return pm(format(r[m], ".3f" if m == "fid" else "+.3f"), format(r[m + "_ci95"], ".3f"))
+            return pm(_fmt(m, r[m]), _fmt(m, r[m + "_ci95"]))
         lines.append(f"| {r['name']} | {r['bytes']:,} | {r['pct_of_fp32']:.2f} | {r['avg_bits']:.2f} | "
-                     f"{pm(format(r['fid'], '.3f'), format(r['fid_ci95'], '.3f'))} | "
-                     f"{pm(format(r['dfid'], '+.3f'), format(r['dfid_ci95'], '.3f'))} | {fid_cols} | "
-                     f"{_fmt('accuracy', r['accuracy'])} | {r['seeds']} |")
-    lines += ["", "![size vs FID](report_pareto.svg)", "", "## What the data say", "", *findings(records, s), ""]
+                     + " | ".join(cell(m) for m in cols) + f" | {r['seeds']} |")
+    lines += ["", f"![size vs {'mean |Δ| to FP32' if subject.pixels_only else 'FID'}](report_pareto.svg)", "",
+              "## What the data say", "", *findings(records, s), ""]
     lines += random_section(records, s)
     lines += sensitivity_section(sens, s, sensitivity_units, sensitivity_skipped)
     lines += source_section(records) if subject.source_strategies else []
@@ -523,7 +549,18 @@ def recipe_verdicts(records: list[dict], s: Settings) -> list[str]:
     done = [b for b in dict.fromkeys(budgets) if complete(by.get(b), s.seeds)]
     if not done:
         return []
-    metrics = ("fid", "mad", "psnr", "feature_distance", "agreement")
+    compared = []
+    for b in sorted(done, key=lambda x: by[x]["bytes"]):
+        cands = [r for r in HEAD_PROTECTING if complete(by.get(r), s.seeds)
+                 and by[r]["bytes"] <= by[b]["bytes"] * (1 + SIZE_TOLERANCE)]
+        if cands:
+            best = min(cands, key=lambda r: by[r]["mad"])
+            compared.append((b, best, compare(records, b, best), image_level(records, b, best)))
+    if not compared:
+        return []
+    # Only the measures this model has (no classifier: no FID, features, agreement or class flips).
+    metrics = [m for m in ("fid", "mad", "psnr", "feature_distance", "agreement") if any(m in c for _, _, c, _ in compared)]
+    flips = any(t and "mcnemar_p" in t for *_, t in compared)
     out = ["", "Per size, the Fisher budget against the best head-protecting baseline at or below its size: of the "
            "recipes that keep the first and last layers at a higher precision and the error-only budget with the "
            "last layer pinned at FP16, the one with the lowest mean |Δ| among those within 0.1% of the budget's "
@@ -531,34 +568,34 @@ def recipe_verdicts(records: list[dict], s: Settings) -> list[str]:
            f"budget − recipe, paired per seed (N = {s.n:,} × {s.seeds} seeds), and its verdict for the budget: better, "
            "worse, or none detectable (the 95% interval contains 0).", "",
            "| budget plan | bits | best head-protecting baseline at or below its size | "
-           + " | ".join(DELTA_LABELS[m] for m in metrics) + " | class flips (McNemar) |",
-           "|---|---:|---|" + "---|" * len(metrics) + "---|"]
-    for b in sorted(done, key=lambda x: by[x]["bytes"]):
-        cands = [r for r in HEAD_PROTECTING if complete(by.get(r), s.seeds)
-                 and by[r]["bytes"] <= by[b]["bytes"] * (1 + SIZE_TOLERANCE)]
-        if not cands:
-            continue
-        best = min(cands, key=lambda r: by[r]["mad"])
-        c = compare(records, b, best)
+           + " | ".join(DELTA_LABELS[m] for m in metrics) + (" | class flips (McNemar) |" if flips else " |"),
+           "|---|---:|---|" + "---|" * (len(metrics) + flips)]
+    for b, best, c, t in compared:
         short = lambda m: {"better": "better", "worse": "worse"}.get(verdict(m, c[m], s.n), "none detectable")  # noqa: E731
-        cells = [f"{_sign(m, c[m][0])} ± {_fmt(m, c[m][1])}{UNITS[m]}: {short(m)}" for m in metrics]
-        t = image_level(records, b, best)
-        flips = (f"{t['kept_by_a_only']} vs {t['kept_by_b_only']}, p = {t['mcnemar_p']:.2g}" if t else "—")
+        cells = [f"{_sign(m, c[m][0])} ± {_fmt(m, c[m][1])}{UNITS[m]}: {short(m)}" if m in c else "—"
+                 for m in metrics]
+        if flips:
+            cells.append(f"{t['kept_by_a_only']} vs {t['kept_by_b_only']}, p = {t['mcnemar_p']:.2g}"
+                         if t and "mcnemar_p" in t else "—")
         out.append(f"| {b} | {by[b]['avg_bits']:.2f} | {best} ({by[best]['avg_bits']:.2f} bits) | "
-                   + " | ".join(cells) + f" | {flips} |")
+                   + " | ".join(cells) + " |")
     return out
 
 
 def findings(records: list[dict], s: Settings) -> list[str]:
     """The main question, answered from paired intervals only (no point estimates, no unequal sizes)."""
     by = {r["name"]: r for r in summarize(records)}
+    fid = any(r.get("fid") is not None for r in records)
     out = ["Does the Fisher budget plan beat the strong simple baselines at equal size? Each line is the paired "
-           "difference budget − baseline (same noise, per seed); negative is better for FID, mean |Δ| and feature "
-           "distance, positive for agreement. FID and fidelity answer different questions: a plan can score a lower "
-           "FID than FP32 itself while its images are further from FP32's, so 'better' in FID means a lower FID "
-           "against the real data, not closer to FP32; the fidelity terms measure closeness to FP32. Where both plans' "
-           "records keep per-image values, a test over images follows the seed-level interval: the images on which "
-           "only one plan keeps FP32's class (exact McNemar) and the per-image mean |Δ| (paired over images)."]
+           "difference budget − baseline (same noise, per seed); negative is better for "
+           + ("FID, mean |Δ| and feature distance, positive for agreement. FID and fidelity answer different "
+              "questions: a plan can score a lower FID than FP32 itself while its images are further from FP32's, so "
+              "'better' in FID means a lower FID against the real data, not closer to FP32; the fidelity terms "
+              "measure closeness to FP32. Where both plans' records keep per-image values, a test over images follows "
+              "the seed-level interval: the images on which only one plan keeps FP32's class (exact McNemar) and the "
+              "per-image mean |Δ| (paired over images)." if fid else
+              "mean |Δ|, positive for PSNR (both measure closeness to FP32's samples from the same noise). A test over "
+              "samples follows the seed-level interval: the per-sample mean |Δ| (paired over samples).")]
     pairs = [(f"budget @ {EDGE} size", EDGE), ("budget @ int4-g32 size", G32),
              *[(f"budget @ {name} size", name) for name in RECIPES],
              ("budget @ int4-g32 size", "error-only budget @ int4-g32 size"),
@@ -589,16 +626,20 @@ def findings(records: list[dict], s: Settings) -> list[str]:
                    f"{describe_compare(c, s.n, 'seeds' if isinstance(b, str) else 'control runs')}"
                    + (f"; {describe_image_level(images, a, label)}" if images else "") + ".")
     out += recipe_verdicts(records, s)
-    out += ["", "Closeness to FP32: for each plan below, the paired ΔFID and the fidelity to FP32's images."]
+    out += ["", "Closeness to FP32: for each plan below, " + ("the paired ΔFID and " if fid else "")
+            + "the fidelity to FP32's images."]
     for name in ("uniform fp16", "uniform int8", "uniform int4", EDGE, G32, "budget @ int4-g32 size"):
         r = by.get(name)
         if r is None or r["seeds"] < s.seeds:
             continue
         zero = abs(r["dfid"]) <= r["dfid_ci95"]
-        out.append(f"- {name} ({r['avg_bits']:.2f} bits): ΔFID {r['dfid']:+.3f} ± {r['dfid_ci95']:.3f} "
-                   f"({'no FID change detectable' if zero else 'a detectable FID change'} at N = {s.n:,}); "
-                   f"mean |Δ| {_fmt('mad', r['mad'])} ± {_fmt('mad', r['mad_ci95'])} ‰, class agreement "
-                   f"{_fmt('agreement', r['agreement'])} ± {_fmt('agreement', r['agreement_ci95'])} %.")
+        change = "no FID change detectable" if zero else "a detectable FID change"
+        fid = (f"ΔFID {r['dfid']:+.3f} ± {r['dfid_ci95']:.3f} ({change} at N = {s.n:,}); "
+               if math.isfinite(r["dfid"]) else "")
+        agree = (f", class agreement {_fmt('agreement', r['agreement'])} ± {_fmt('agreement', r['agreement_ci95'])} %"
+                 if math.isfinite(r["agreement"]) else "")
+        out.append(f"- {name} ({r['avg_bits']:.2f} bits): {fid}mean |Δ| {_fmt('mad', r['mad'])} ± "
+                   f"{_fmt('mad', r['mad_ci95'])} ‰{agree}.")
     return out
 
 
@@ -629,15 +670,20 @@ def random_section(records: list[dict], s: Settings) -> list[str]:
         sizes = [100 * c["bytes"] / by[plan]["bytes"] for c in ctrls]
         planned = ctrls[0].get("planned_controls") or s.random_seeds
         c = compare(records, plan, [x["name"] for x in ctrls])
-        d = (f"{_sign('fid', c['fid'][0])} ± {c['fid'][1]:.3f} | {_sign('mad', c['mad'][0])} ± {_fmt('mad', c['mad'][1])}"
-             if c and c["fid"][2] >= 2 and len(ctrls) >= planned else "— | —")  # no interval from one pair
+        d = (("— | " if "fid" not in c else f"{_sign('fid', c['fid'][0])} ± {c['fid'][1]:.3f} | ")
+             + f"{_sign('mad', c['mad'][0])} ± {_fmt('mad', c['mad'][1])}"
+             if c and c["mad"][2] >= 2 and len(ctrls) >= planned else "— | —")  # no interval from one pair
+        fids = [x["fid"] for x in ctrls if math.isfinite(x["fid"])]
         last = Counter(x.get("last_layer") or "?" for x in ctrls)
         lasts = ", ".join(f"{p} ×{k}" for p, k in sorted(last.items()))
         out.append(f"| {plan} | {by[plan].get('last_layer') or '?'} | {lasts} | {len(ctrls)} of {planned} | "
                    f"{min(sizes):.2f}–{max(sizes):.2f} | "
-                   f"{min(x['fid'] for x in ctrls):.3f}–{max(x['fid'] for x in ctrls):.3f} | "
-                   f"{_fmt('mad', min(x['mad'] for x in ctrls))}–{_fmt('mad', max(x['mad'] for x in ctrls))} | {d} |")
+                   + (f"{min(fids):.3f}–{max(fids):.3f} | " if fids else "— | ")
+                   + f"{_fmt('mad', min(x['mad'] for x in ctrls))}–{_fmt('mad', max(x['mad'] for x in ctrls))} | {d} |")
     return out + [""]
+
+
+SENS_LABELS = {"mad": "mean abs Δ", "feature_distance": "feature distance"}
 
 
 def sensitivity_section(sens: dict | None, s: Settings, total_units: int | None = None,
@@ -654,16 +700,16 @@ def sensitivity_section(sens: dict | None, s: Settings, total_units: int | None 
            f"guidance {s.guidance:g}; per-seed values in `sensitivity.csv`). Spearman ρ of each predictor with the "
            "measured damage (p-value in brackets); random: the mean and 95% band of ρ over "
            "100 random predictors.", "",
-           "| predictor | ρ vs mean abs Δ | ρ vs feature distance |", "|---|---:|---:|"]
+           "| predictor | " + " | ".join(f"ρ vs {SENS_LABELS[m]}" for m in sens["measures"]) + " |",
+           "|---|" + "---:|" * len(sens["measures"])]
     names = {"fisher": "Fisher (per-element mean over timesteps)", "fisher_x_error": "Fisher × ‖Q(w) − w‖² (budget's)",
              "error": "‖Q(w) − w‖² alone", "magnitude": "weight magnitude (mean abs w)"}
     for p, label in names.items():
         cells = [f"{sens['measures'][m]['rho'][p][0]:+.3f} (p = {sens['measures'][m]['rho'][p][1]:.2g})"
-                 for m in ("mad", "feature_distance")]
-        out.append(f"| {label} | {cells[0]} | {cells[1]} |")
-    cells = [f"{r[0]:+.3f} [{r[1]:+.2f}, {r[2]:+.2f}]" for r in
-             (sens["measures"][m]["random"] for m in ("mad", "feature_distance"))]
-    out.append(f"| random | {cells[0]} | {cells[1]} |")
+                 for m in sens["measures"]]
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    cells = [f"{r[0]:+.3f} [{r[1]:+.2f}, {r[2]:+.2f}]" for r in (v["random"] for v in sens["measures"].values())]
+    out.append("| random | " + " | ".join(cells) + " |")
     top = sorted(sens["measures"]["mad"]["measured"].items(), key=lambda kv: -kv[1])[:5]
     out += ["", "Most damaging alone (mean abs Δ ‰): " + ", ".join(f"`{u}` {1000 * v:.2f}" for u, v in top) + ".",
             "", "![measured damage vs predicted](sensitivity.svg)", ""]
@@ -772,10 +818,14 @@ KIND_COLORS = {"reference": "#1f77b4", "uniform": "#2ca02c", "baseline": "#9467b
 
 
 def pareto_svg(rows: list[dict]) -> str:
-    """Size (% of FP32) vs FID with 95% intervals, one color per kind of row."""
-    pts = [(r["pct_of_fp32"], r["fid"], KIND_COLORS.get(r.get("kind"), "#000"), f"{r['name']}: {r['fid']:.3f}")
+    """Size (% of FP32) vs FID with 95% intervals, one color per kind of row (mean |Δ| to FP32 where there is no
+    FID: a model that ships no classifier)."""
+    m = "fid" if rows and math.isfinite(rows[0]["fid"]) else "mad"
+    scale = 1 if m == "fid" else 1000
+    pts = [(r["pct_of_fp32"], scale * r[m], KIND_COLORS.get(r.get("kind"), "#000"), f"{r['name']}: {scale * r[m]:.3f}")
            for r in rows]
-    return scatter_svg(pts, "size, % of FP32", "FID (lower is better)", errors=[r["fid_ci95"] for r in rows],
+    return scatter_svg(pts, "size, % of FP32", "FID (lower is better)" if m == "fid" else
+                       "mean |Δ| to FP32, ‰ (lower is better)", errors=[scale * r[f"{m}_ci95"] for r in rows],
                        legend=list(KIND_COLORS.items()))
 
 

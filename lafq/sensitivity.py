@@ -131,6 +131,8 @@ def summarize(records: list[dict]) -> dict:
     out = {"units": len(by_unit), "seeds": len(next(iter(by_unit.values()))) if by_unit else 0, "measures": {},
            "predicted": {p: {u: rs[0][f"pred_{p}"] for u, rs in by_unit.items()} for p in PREDICTORS if p != "random"}}
     for m in MEASURES:
+        if any(r.get(m) is None for rs in by_unit.values() for r in rs):
+            continue  # a model with no classifier has no feature distance: mean |Δ| only
         measured = {u: sum(r[m] for r in rs) / len(rs) for u, rs in by_unit.items()}
         rho = {p: spearman(measured, out["predicted"][p]) for p in PREDICTORS if p != "random"}
         out["measures"][m] = {"measured": measured, "rho": rho, "random": random_rho(measured)}

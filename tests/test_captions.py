@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 
-from safetensors.torch import save_file
 from lafq.cli import main
 
 transformers = pytest.importorskip("transformers")
@@ -13,28 +12,9 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory):
-    """unet/ (cross-attention), scheduler/, tokenizer/ (a word-level vocabulary) and text_encoder/ (CLIP)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tests.diffusers_tiny import sd_pipeline
 
-    from tests.diffusers_tiny import scheduler, tiny_unet2d_condition
-
-    folder = tmp_path_factory.mktemp("sd")
-    tiny_unet2d_condition().save_pretrained(folder / "unet")
-    scheduler().save_pretrained(folder / "scheduler")
-    words = ["[PAD]", "[UNK]", "a", "red", "blue", "cat", "dog", "photo"]
-    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]",
-                                         model_max_length=5).save_pretrained(folder / "tokenizer")
-    torch.manual_seed(0)
-    config = transformers.CLIPTextConfig(vocab_size=len(words), hidden_size=6, intermediate_size=8, num_hidden_layers=1,
-                                         num_attention_heads=2, max_position_embeddings=5, pad_token_id=0,
-                                         bos_token_id=2, eos_token_id=1)
-    transformers.CLIPTextModel(config).eval().save_pretrained(folder / "text_encoder")
-    latents = torch.randn(4, 2, 8, 8, generator=torch.Generator().manual_seed(1))
-    save_file({"images": latents}, folder / "latents.safetensors")
-    (folder / "captions.txt").write_text("a red cat\na blue dog\nphoto of a cat\na dog\n")
-    return folder
+    return sd_pipeline(tmp_path_factory.mktemp("sd"))
 
 
 def run(folder, tmp_path, *extra) -> int:
