@@ -496,7 +496,8 @@ def _pixel_subject(args, folder: Path, captions) -> _ReportInputs:
     model = den.module.eval()
     subject = Subject(name=f"{(card.name if card else '') or folder.name} (`{folder}`)", classifier=None,
                       reference=None, floor_images=None, edge_layers=edge_layers(model), source_strategies=False,
-                      conditioning=conditioning)
+                      conditioning=conditioning,
+                      **({"sampler": "Euler-{steps} (flow matching, the scheduler's own steps)"} if den.schedule.flow else {}))
     return _ReportInputs(model=model, fisher=load_fisher(fisher_path), subject=subject, classifier=None, backend=None,
                          den=den, evaluator={"reference": None}, cache=Path(args.cache_dir or home / "eval" / "report"),
                          out=Path(args.out_dir or home / "report"))

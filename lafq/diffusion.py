@@ -23,12 +23,29 @@ StepCallback = Callable[[int, int], None]  # (steps done, total steps)
 
 @dataclass(frozen=True)
 class Schedule:
+    """A model's training noise schedule over T discrete timesteps. DDPM family: x_t = sqrt(abar_t) x0 +
+    sqrt(1 - abar_t) noise. Flow matching (rectified flow, diffusers' FlowMatchEulerDiscreteScheduler): `sigmas`
+    set, x_t = (1 - sigma_t) x0 + sigma_t noise, the model called with timestep sigma_t * T; alphas_cumprod then
+    holds the variance-preserving equivalent (1 - sigma)^2 / ((1 - sigma)^2 + sigma^2), so SNR-based views (the
+    Fisher bins, the app's timestep axis) read the same way for both."""
     betas: torch.Tensor  # (T,) float64
     alphas_cumprod: torch.Tensor  # (T,) float64: alpha-bar_t
+    sigmas: torch.Tensor | None = None  # flow matching: (T,) float64, sigma of training index t (ascending)
+    shift: float = 1.0  # flow matching: the scheduler's timestep shift (sampling sigmas are shifted with it)
 
     @property
     def T(self) -> int:
         return self.betas.shape[0]
+
+    @property
+    def flow(self) -> bool:
+        return self.sigmas is not None
+
+    def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """What the model is called with for training indices t: t itself (DDPM), sigma_t * T in float32 (flow)."""
+        if self.sigmas is None:
+            return t
+        return self.sigmas.to(device=t.device, dtype=torch.float32)[t] * self.T
 
     def abar(self, t: torch.Tensor) -> torch.Tensor:
         return self.alphas_cumprod.to(t.device)[t].float()
@@ -39,6 +56,53 @@ def linear_schedule(T: int = T_DEFAULT, beta_start: float = 1e-4, beta_end: floa
     scale = 1000 / T
     betas = torch.linspace(beta_start * scale, beta_end * scale, T, dtype=torch.float64)
     return Schedule(betas=betas, alphas_cumprod=torch.cumprod(1 - betas, 0))
+
+
+def flow_schedule(T: int, shift: float = 1.0) -> Schedule:
+    """The training sigmas of diffusers' FlowMatchEulerDiscreteScheduler (static shift), computed as it does (in
+    float32: linspace(1, T, T) / T, then shift s / (1 + (shift - 1) s)), kept ascending in t, with the
+    variance-preserving equivalents as alphas_cumprod."""
+    import numpy as np
+
+    ts = torch.from_numpy(np.linspace(1, T, T, dtype=np.float32).copy())  # ascending: index t has sigma (t+1)/T
+    sig = ts / T
+    sig = (shift * sig / (1 + (shift - 1) * sig)).double()
+    abar = (1 - sig) ** 2 / ((1 - sig) ** 2 + sig ** 2)
+    betas = 1 - abar / torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    return Schedule(betas=betas, alphas_cumprod=abar, sigmas=sig, shift=float(shift))
+
+
+def flow_sampling_sigmas(schedule: Schedule, steps: int) -> torch.Tensor:
+    """The sampling sigmas of FlowMatchEulerDiscreteScheduler.set_timesteps(steps) (static shift), float32, from
+    the largest training sigma down to the smallest, shifted (again, as diffusers does), then 0: steps + 1 values."""
+    import numpy as np
+
+    if not 1 <= steps <= schedule.T:
+        raise ValueError(f"steps must be in [1, {schedule.T}], got {steps}")
+    T = schedule.T
+    hi, lo = float(schedule.sigmas[-1].float()), float(schedule.sigmas[0].float())
+    s = np.linspace(hi * T, lo * T, steps) / T
+    s = schedule.shift * s / (1 + (schedule.shift - 1) * s)
+    return torch.cat([torch.from_numpy(s).to(torch.float32), torch.zeros(1)])
+
+
+@torch.inference_mode()
+def flow_sample(velocity, schedule: Schedule, n: int, *, shape, labels=None, steps: int = 28,
+                guidance: float = 1.0, null_class: int = 0, generator: torch.Generator | None = None, device="cpu",
+                callback: StepCallback | None = None) -> torch.Tensor:
+    """The Euler sampler of FlowMatchEulerDiscreteScheduler: x <- x + (sigma_next - sigma) v(x, sigma * T), with
+    classifier-free guidance on the velocity (v_u + w (v_c - v_u)); `velocity(x, timesteps, y)` takes the model's
+    own float timesteps. From noise at sigma = 1 to the sample at 0; no clipping."""
+    x, y = _prepare(shape, n, labels, generator, device)
+    sig = flow_sampling_sigmas(schedule, steps)
+    timesteps = sig[:-1] * schedule.T  # float32, as the scheduler gives them to the pipeline
+    for i in range(steps):
+        tt = timesteps[i].expand(n).to(device)
+        v = guided_eps(velocity, x, tt, y, guidance, null_class).float()
+        x = x.float() + (sig[i + 1] - sig[i]).to(device) * v
+        if callback:
+            callback(i + 1, steps)
+    return x
 
 
 def q_sample(schedule: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -113,6 +113,10 @@ def _guided(den, label, guidance) -> bool:
 
 
 def _timesteps(den, steps):
+    """The model's timestep at each sampling step: DDIM's grid, or sigma * T of a flow-matching model's Euler steps."""
+    if den.schedule.flow:
+        from .diffusion import flow_sampling_sigmas
+        return [round(float(s) * den.T) for s in flow_sampling_sigmas(den.schedule, steps)[:-1]]
     return ddim_timesteps(den.T, steps)
 
 
@@ -160,9 +164,7 @@ def saliency(model, image: torch.Tensor, label: int | None, t: int, *, seed: int
         loss = torch.nn.functional.mse_loss(pred, den.target(x0, noise, tt))
         (g,) = torch.autograd.grad(loss, xt)
     with torch.no_grad():
-        eps = den.eps(xt.detach(), tt, rows)
-    a = den.schedule.alphas_cumprod.to(dev)[tt].view(-1, *[1] * (xt.dim() - 1))
-    x0_hat = ((xt.detach() - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
+        x0_hat = den.x0_estimate(xt.detach(), tt, rows).clamp(-1, 1)
     out = {"x_t": xt.detach()[0].mean(0), "x0_hat": x0_hat[0].mean(0), "saliency": g.abs()[0].sum(0),
            "loss": loss.detach()}
     return {k: v.cpu() for k, v in out.items()}

@@ -242,7 +242,8 @@ def _one_sample_loss(den: Denoiser, module, leaves, per_row, spec):
         def fn(*a, **k):
             return functional_call(module, p, a, k)
 
-        pred = den.call(fn, den.noisy(x[None], n[None], tt[None]), tt[None], kwargs)
+        t1 = tt[None]  # the model is called with its own timesteps (sigma * T for flow matching), as den.predict does
+        pred = den.call(fn, den.noisy(x[None], n[None], t1), den.schedule.model_timesteps(t1), kwargs)
         return (pred - den.target(x[None], n[None], tt[None])).pow(2).mean()
     return loss
 

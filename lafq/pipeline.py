@@ -18,7 +18,7 @@ import torch
 from . import paths
 from .checkpoint import atomic_write_bytes
 from .device import model_device
-from .diffusion import DEFAULT_GUIDANCE, ddim_sample, ddim_timesteps, ddpm_sample, to_uint8
+from .diffusion import DEFAULT_GUIDANCE, ddim_sample, ddim_timesteps, ddpm_sample, flow_sample, to_uint8
 from .quantize import hold_dequantized
 from .metrics import (FIDResult, balanced_labels, classifier_accuracy, frechet_distance, get_backend,
                       reference_statistics, statistics)
@@ -59,8 +59,9 @@ class SampleSpec:
             raise ValueError(f"n must be at least 1, got {self.n}")
         if not 1 <= self.batch_size <= MAX_BATCH:
             raise ValueError(f"batch_size must be in [1, {MAX_BATCH}], got {self.batch_size}")
-        if self.sampler not in ("ddim", "ddpm"):
-            raise ValueError(f"unknown sampler {self.sampler!r}; choose 'ddim' or 'ddpm'")
+        if self.sampler not in ("ddim", "ddpm", "euler"):
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose 'ddim' or 'ddpm' ('euler' or 'ddim' for a "
+                             "flow-matching model)")
         if not (self.guidance == self.guidance) or self.guidance < 0:  # NaN check without math
             raise ValueError(f"guidance must be a number >= 0, got {self.guidance}")
 
@@ -135,7 +136,12 @@ def denoise(model, spec: SampleSpec, *, device=None, clip: bool = True, rows=Non
             raise ValueError("guidance needs the unconditional conditioning row (null_row); this model has none")
     eps = den.eps_denoiser()
     gen = torch.Generator().manual_seed(spec.seed)
-    per_batch = len(ddim_timesteps(den.T, spec.steps)) if spec.sampler == "ddim" else den.T
+    flow = den.schedule.flow
+    if flow and spec.sampler == "ddpm":
+        raise ValueError("a flow-matching model samples with its scheduler's Euler steps: sampler 'ddim' or 'euler'")
+    if not flow and spec.sampler == "euler":
+        raise ValueError("sampler 'euler' is for flow-matching models; this one samples with 'ddim' or 'ddpm'")
+    per_batch = spec.steps if flow else len(ddim_timesteps(den.T, spec.steps)) if spec.sampler == "ddim" else den.T
     batches = range(0, spec.n, spec.batch_size)
     total = per_batch * len(batches)
     out = []
@@ -146,7 +152,10 @@ def denoise(model, spec: SampleSpec, *, device=None, clip: bool = True, rows=Non
             kw = dict(shape=den.sample_shape, labels=None if rows is None else rows[start:start + n],
                       guidance=guidance, null_class=den.null_row if den.null_row is not None else 0, generator=gen,
                       device=device, clip=clip, callback=cb)
-            if spec.sampler == "ddim":
+            if flow:  # the deterministic sampler of a flow-matching model is its scheduler's Euler
+                kw.pop("clip")
+                x = flow_sample(eps, den.schedule, n, steps=spec.steps, **kw)
+            elif spec.sampler == "ddim":
                 x = ddim_sample(eps, den.schedule, n, steps=spec.steps, eta=spec.eta, **kw)
             else:
                 x = ddpm_sample(eps, den.schedule, n, **kw)

@@ -68,6 +68,7 @@ class Subject:
     edge_layers: tuple[str, ...] = ("stem", "head")  # the baseline's "first and last layers"
     source_strategies: bool = True  # the source's FP16 strategies are defined on this U-Net's layer names
     conditioning: str = "class-balanced"  # what the samples are conditioned on, in words
+    sampler: str = "DDIM-{steps} (η = 0)"  # the deterministic sampler, in words (a flow-matching model: Euler)
 
     @property
     def pixels_only(self) -> bool:
@@ -488,7 +489,7 @@ def write(records: list[dict], s: Settings, command: str, out_dir: Path, *, tota
                 "stopped.**\n"] if partial else []),
              f"Command: `{command}`. Measured on: {'; '.join(machines)}. Every (plan, seed) record in `report.csv` "
              "names the machine it ran on and its seconds.\n",
-             f"Sampling: DDIM-{s.steps} (η = 0), guidance {s.guidance:g}, N = {s.n:,} {subject.conditioning} samples "
+             f"Sampling: {subject.sampler.format(steps=s.steps)}, guidance {s.guidance:g}, N = {s.n:,} {subject.conditioning} samples "
              f"per seed, seeds 0–{s.seeds - 1}; every plan draws the same noise per seed as FP32, so every difference "
              "to FP32 below is **paired** (per seed, then mean ± the 95% Student-t half-width over seeds). "
              + ("No classifier ships with this model, so there is no FID, feature distance or class agreement: "

@@ -57,6 +57,20 @@ def tiny_transformer2d(seed: int = 0):
                                   norm_type="ada_norm_zero").eval()
 
 
+def tiny_sd3(seed: int = 0):
+    """An SD3-style MMDiT (joint attention over text and image tokens, adaLN, patch size 2): ~4k parameters."""
+    from diffusers import SD3Transformer2DModel
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=2, num_layers=1, attention_head_dim=4,
+                                 num_attention_heads=2, joint_attention_dim=6, caption_projection_dim=8,
+                                 pooled_projection_dim=4, out_channels=2, pos_embed_max_size=8).eval()
+
+
+def flow_scheduler(shift: float = 3.0):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+
+
 def scheduler(prediction_type: str = "epsilon", steps: int = 1000):
     from diffusers import DDPMScheduler
     return DDPMScheduler(num_train_timesteps=steps, prediction_type=prediction_type)

@@ -8,11 +8,16 @@ A `Denoiser` wraps any `nn.Module` that predicts from a noisy sample `x_t` and i
                                               epsilon       noise
                                               v_prediction  sqrt(abar_t) noise - sqrt(1 - abar_t) x0
                                               sample        x0
+                                              flow          noise - x0 (rectified flow's velocity; then
+                                                            x_t = (1 - sigma_t) x0 + sigma_t noise)
     den.losses(x0, noise, t, rows)        per-sample MSE to the target, (S,): the loss Fisher maps score
     den.eps(x_t, t, rows)                 the prediction turned into a noise estimate (what samplers use)
 
-The formulas are diffusers' `DDPMScheduler.add_noise` / `get_velocity`, computed in the sample's dtype
-(float64 in the tests), so a model trained with a diffusers scheduler is scored on its own target.
+The formulas are diffusers' `DDPMScheduler.add_noise` / `get_velocity` and, for flow matching,
+`FlowMatchEulerDiscreteScheduler.scale_noise` with the velocity target of diffusers' SD3 training script, computed
+in the sample's dtype (float64 in the tests), so a model trained with a diffusers scheduler is scored on its own
+target. Integer timesteps t index the schedule's training grid; the model is called with
+`schedule.model_timesteps(t)` (t itself, or sigma_t * T for flow matching).
 
 Conditioning (class labels, `encoder_hidden_states`, `added_cond_kwargs`, ...) is captured from one real
 call (`capture_conditioning`) and replayed row by row with fresh noise: no per-architecture code
@@ -31,7 +36,7 @@ from torch import nn
 
 from ..diffusion import Schedule
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 
 # (model callable, x_t, t, conditioning keyword arguments) -> prediction shaped like x_t
 CallFn = Callable[[Callable, torch.Tensor, torch.Tensor, dict], torch.Tensor]
@@ -184,6 +189,8 @@ class Denoiser:
             raise ValueError(f"unknown prediction_type {self.prediction_type!r}; choose one of {PREDICTION_TYPES}")
         if not isinstance(self.module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(self.module).__name__}")
+        if (self.prediction_type == "flow") != self.schedule.flow:
+            raise ValueError("prediction_type 'flow' goes with a flow-matching schedule (sigmas), and only with one")
         object.__setattr__(self, "sample_shape", tuple(int(s) for s in self.sample_shape))
         if not self.sample_shape or min(self.sample_shape) < 1:
             raise ValueError(f"sample_shape must be positive sizes, got {self.sample_shape}")
@@ -213,11 +220,19 @@ class Denoiser:
     def _abar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return _bcast(self.schedule.alphas_cumprod.to(device=like.device, dtype=like.dtype)[t.to(like.device)], like)
 
+    def _sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return _bcast(self.schedule.sigmas.to(device=like.device, dtype=like.dtype)[t.to(like.device)], like)
+
     def noisy(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.schedule.flow:
+            s = self._sigma(t, x0)
+            return (1 - s) * x0 + s * noise
         a = self._abar(t, x0)
         return a ** 0.5 * x0 + (1 - a) ** 0.5 * noise
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.prediction_type == "flow":
+            return noise - x0
         if self.prediction_type == "epsilon":
             return noise
         if self.prediction_type == "sample":
@@ -233,8 +248,8 @@ class Denoiser:
         return self.conditioning.select(rows, like)
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, rows: torch.Tensor | None = None, *, fn: Callable | None = None):
-        """The model's output for x_t at timesteps t; `fn` replaces the module (e.g. a functional_call)."""
-        return self.call(fn or self.module, x, t, self.kwargs_for(rows, x))
+        """The model's output for x_t at training timesteps t; `fn` replaces the module (e.g. a functional_call)."""
+        return self.call(fn or self.module, x, self.schedule.model_timesteps(t), self.kwargs_for(rows, x))
 
     def losses(self, x0, noise, t, rows=None, *, fn: Callable | None = None) -> torch.Tensor:
         pred = self.predict(self.noisy(x0, noise, t), t, rows, fn=fn)
@@ -242,12 +257,21 @@ class Denoiser:
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         pred = self.predict(x, t, rows)
+        if self.prediction_type == "flow":  # x_t = (1 - s) x0 + s eps and v = eps - x0 give eps = x_t + (1 - s) v
+            return x + (1 - self._sigma(t, x)) * pred
         if self.prediction_type == "epsilon":
             return pred
         a = self._abar(t, x)
         if self.prediction_type == "v_prediction":  # eps = sqrt(a) v + sqrt(1 - a) x_t
             return a ** 0.5 * pred + (1 - a) ** 0.5 * x
         return (x - a ** 0.5 * pred) / (1 - a) ** 0.5
+
+    def x0_estimate(self, x: torch.Tensor, t: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's estimate of the clean sample from x_t: x_t - sigma v (flow), else from its noise estimate."""
+        if self.prediction_type == "flow":
+            return x - self._sigma(t, x) * self.predict(x, t, rows)
+        a = self._abar(t, x)
+        return (x - (1 - a) ** 0.5 * self.eps(x, t, rows)) / a ** 0.5
 
     def compute_dtype(self) -> torch.dtype:
         """The dtype the model computes in (a quantized model's dequantization dtype)."""
@@ -257,9 +281,12 @@ class Denoiser:
         return next((p.dtype for p in self.module.parameters() if p.is_floating_point()), torch.float32)
 
     def eps_denoiser(self) -> Callable:
-        """`eps = f(x, t, y)` for lafq.diffusion's samplers, y being conditioning rows (None: row 0);
-        the sampler's float32 state enters in the model's dtype (looked up once, not at every step)."""
+        """`eps = f(x, t, y)` for lafq.diffusion's DDPM-family samplers, y being conditioning rows (None: row 0);
+        the sampler's float32 state enters in the model's dtype (looked up once, not at every step). A
+        flow-matching model: `v = f(x, timesteps, y)`, its velocity at the model's own float timesteps, for
+        lafq.diffusion.flow_sample."""
         dtype = self.compute_dtype()
+        flow = self.schedule.flow
 
         def eps(x, t, y=None):
             # lafq's samplers run in inference mode; some quantization libraries (optimum-quanto) cannot
@@ -267,7 +294,7 @@ class Denoiser:
             with torch.inference_mode(False), torch.no_grad():
                 x, t = x.to(dtype).clone(), t.clone()
                 y = y.clone() if torch.is_tensor(y) else y
-                return self.eps(x, t, y)
+                return self.call(self.module, x, t, self.kwargs_for(y, x)) if flow else self.eps(x, t, y)
         return eps
 
     def sample(self, n: int, *, steps: int = 50, seed: int = 0, rows=None, guidance: float = 1.0,

@@ -28,13 +28,28 @@ def _call(fn, x, t, kwargs):
     return out[:, :c] if out.shape[1] == 2 * c else out  # learned variance: the first half is the prediction
 
 
+FLOW_OPTIONS_UNSUPPORTED = ("use_dynamic_shifting", "invert_sigmas", "shift_terminal", "use_karras_sigmas",
+                            "use_exponential_sigmas", "use_beta_sigmas", "stochastic_sampling")
+
+
 def schedule_of(scheduler) -> Schedule:
-    """The scheduler's training schedule in float64 (diffusers computes it in float32; the values are kept)."""
+    """The scheduler's training schedule in float64 (diffusers computes it in float32; the values are kept).
+    FlowMatchEulerDiscreteScheduler (rectified flow) with a static shift: its sigmas (lafq.diffusion.flow_schedule);
+    its resolution-dependent (dynamic) shift and other sigma families are refused in one line."""
+    if type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler":
+        from ..diffusion import flow_schedule
+
+        cfg = scheduler.config
+        used = [k for k in FLOW_OPTIONS_UNSUPPORTED if cfg.get(k)]
+        if used:
+            raise ValueError(f"FlowMatchEulerDiscreteScheduler with {', '.join(used)} is not supported: lafq samples "
+                             "and scores flow matching with a static shift and the scheduler's plain sigmas")
+        return flow_schedule(int(cfg["num_train_timesteps"]), float(cfg.get("shift", 1.0)))
     try:
         betas, abar = scheduler.betas, scheduler.alphas_cumprod
     except AttributeError:
-        raise ValueError(f"{type(scheduler).__name__} has no betas/alphas_cumprod: only DDPM-family "
-                         f"(discrete-time) schedulers are supported") from None
+        raise ValueError(f"{type(scheduler).__name__} has no betas/alphas_cumprod: DDPM-family (discrete-time) "
+                         f"schedulers and FlowMatchEulerDiscreteScheduler are supported") from None
     return Schedule(betas=betas.double().cpu(), alphas_cumprod=abar.double().cpu())
 
 
@@ -68,8 +83,9 @@ def from_diffusers(model: nn.Module, scheduler, *, conditioning: Conditioning | 
                    sample_shape: tuple[int, ...] | None = None, null_row: int | None = None,
                    source: dict | None = None) -> Denoiser:
     """Wrap a diffusers model and its scheduler (the scheduler decides the target and the noise schedule)."""
-    prediction_type = scheduler.config.get("prediction_type", "epsilon")
-    return Denoiser(module=model, call=_call, schedule=schedule_of(scheduler), prediction_type=prediction_type,
+    schedule = schedule_of(scheduler)
+    prediction_type = "flow" if schedule.flow else scheduler.config.get("prediction_type", "epsilon")
+    return Denoiser(module=model, call=_call, schedule=schedule, prediction_type=prediction_type,
                     sample_shape=sample_shape or _sample_shape(model), conditioning=conditioning,
                     source={"library": "diffusers", "class": model_class_name(model), "config": config_dict(model),
                             **(source or {})},
