@@ -59,7 +59,9 @@ def _model_on(model, args):
     """Move a U-Net or quantized model to --device (FP32 without TF32 on a GPU); returns (model, device)."""
     from .device import resolve_device, strict_fp32
 
-    device = resolve_device(args.device)
+    from .distributed import init_from_env
+
+    device = init_from_env(resolve_device(args.device))  # under torchrun: this rank's device
     strict_fp32(device)
     return model.to(device), device  # a quantized model's stored forms move with it
 
@@ -161,6 +163,7 @@ def _fid_subject(args):
 def cmd_fid(args):
     import json as _json
 
+    from . import distributed
     from .checkpoint import atomic_write_bytes
     from .cli_quant import _deprecated, load_model_arg
     from .pipeline import evaluate_fid, real_floor
@@ -188,8 +191,19 @@ def cmd_fid(args):
             den = replace(den, module=compile_model(den.module))
         log(f"FID: {args.n} samples x {len(seeds)} seeds, {spec.sampler}-{spec.steps}, guidance {spec.guidance}, "
             f"backend {backend.name}, reference {reference}, sampling on {device}")
-        r = evaluate_fid(den, spec, seeds, backend=backend, classifier=clf, reference=reference, log=log,
-                         cache_dir=cache, stats_dir=stats_dir, device=device)
+        fid = lambda seeds, log=log: evaluate_fid(  # noqa: E731
+            den, spec, seeds, backend=backend, classifier=clf, reference=reference, log=log, cache_dir=cache,
+            stats_dir=stats_dir, device=device)
+        if distributed.world() > 1:  # under torchrun: seed i on rank i mod K, results shared through the cache
+            if cache is None:
+                raise ValueError("fid under torchrun shares each rank's seeds through --cache-dir: give one")
+            fid(seeds[distributed.rank()::distributed.world()])
+            distributed.barrier()
+            if not distributed.is_main():
+                distributed.finish()
+                return
+        r = fid(seeds)  # on one process all; under torchrun rank 0 reads every rank's seeds back
+        distributed.finish()
         res.update(r.to_dict(), steps=spec.steps, sampler=spec.sampler, guidance=spec.guidance, device=str(device))
         lines.append(r.describe())
     if args.real_floor or args.floor_only:

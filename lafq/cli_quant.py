@@ -514,10 +514,16 @@ def cmd_report(args):
     from .policy import param_shapes
     from .sensitivity import run as run_sensitivity, units
 
-    device = resolve_device(args.device)
+    from . import distributed
+
+    device = distributed.init_from_env(resolve_device(args.device))  # under torchrun: this rank's device
     strict_fp32(device)
+    shard = (distributed.rank(), distributed.world())
+    main = distributed.is_main()
     sub = _report_subject(args)
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else print
+    if not main:
+        log = lambda m: None  # noqa: E731 -- rank 0 speaks for the run
     model, fisher, subject = sub.model, sub.fisher, sub.subject
     base = Settings.quick() if args.quick else Settings()
     s = settings_with(base, n=args.n, steps=args.steps, seeds=args.seeds, guidance=args.guidance,
@@ -534,9 +540,15 @@ def cmd_report(args):
     # Stage 1 first: its measured single-tensor damage also plans a row of the grid. Skipped, it reads what an
     # earlier run measured (and the report says the stage is not part of this run).
     skip = args.skip_sensitivity
-    stage = run_sensitivity(Evaluator(sub.den or model, classifier, None, cache / "sensitivity", device=device, log=log,
-                                      cached_only=args.render or skip, **sub.evaluator),
-                            fisher, s.sensitivity, s.guidance, log=(lambda _: None) if skip else log)
+
+    def sensitivity(cached_only: bool, shard=(0, 1), log=log):
+        return run_sensitivity(Evaluator(sub.den or model, classifier, None, cache / "sensitivity", device=device,
+                                         log=log, cached_only=cached_only, shard=shard, **sub.evaluator),
+                               fisher, s.sensitivity, s.guidance, log=(lambda _: None) if skip else log)
+    stage = sensitivity(args.render or skip, shard)
+    if shard[1] > 1 and not (args.render or skip):  # every rank plans the same grid: all ranks' records
+        distributed.barrier()
+        stage = sensitivity(True, log=lambda _: None)
     sens = [] if skip else stage
     measured = measured_scores(stage)
     if len(measured) < len(units(shapes, s.sensitivity.unit)):
@@ -555,18 +567,29 @@ def cmd_report(args):
         " --skip-sensitivity" if args.skip_sensitivity else "")
     out_dir = sub.out
     t0 = time.perf_counter()
-    floor = None if backend is None else real_floor(backend, s.n, list(range(s.seeds)), train=subject.floor_images,
-                                                    reference=subject.reference, stats_dir=sub.evaluator.get("stats_dir"))
+    floor = None if backend is None or not main else real_floor(
+        backend, s.n, list(range(s.seeds)), train=subject.floor_images, reference=subject.reference,
+        stats_dir=sub.evaluator.get("stats_dir"))
     # Rewrite the files after every (plan, seed): an interrupted run leaves a readable, marked-partial report.
     n_units = len(units(shapes, s.sensitivity.unit))
     on_record = lambda recs: write(recs, s, command, out_dir, total_rows=len(rows), floor=floor,  # noqa: E731
                                    sensitivity=sens, sensitivity_units=n_units, subject=subject,
                                    budget_floor_bits=lo, sensitivity_skipped=args.skip_sensitivity)
-    records = evaluate(rows, Evaluator(sub.den or model, classifier, backend, cache, device=device, log=log,
-                                       cached_only=args.render, **sub.evaluator),
-                       s, log=log, on_record=None if args.render else on_record)
+    def grid_records(cached_only: bool, shard=(0, 1), log=log, on_record=None):
+        return evaluate(rows, Evaluator(sub.den or model, classifier, backend, cache, device=device, log=log,
+                                        cached_only=cached_only, shard=shard, **sub.evaluator),
+                        s, log=log, on_record=on_record)
+    records = grid_records(args.render, shard, on_record=on_record if main and not args.render else None)
+    if shard[1] > 1:  # rank 0 writes the report from every rank's records, once all are on disk
+        distributed.barrier()
+        if main:
+            records = grid_records(True, log=lambda _: None)
+    if not main:
+        distributed.finish()
+        return
     write(records, s, command, out_dir, total_rows=len(rows), floor=floor, sensitivity=sens, sensitivity_units=n_units,
           subject=subject, budget_floor_bits=lo, sensitivity_skipped=args.skip_sensitivity)
+    distributed.finish()
     seconds = time.perf_counter() - t0
     _emit(args, {"command": "report", "rows": len(rows), "records": len(records), "seconds": round(seconds, 1),
                  "out_dir": str(out_dir)},

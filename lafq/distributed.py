@@ -1,4 +1,8 @@
-"""Data-parallel scoring on torch.distributed: `torchrun --nproc_per_node K -m lafq fisher ...`.
+"""Data-parallel scoring on torch.distributed: `torchrun --nproc_per_node K -m lafq fisher | report | fid ...`.
+
+`report` and `fid` split their resumable records instead (lafq.evaluate.Evaluator.shard; fid: seed i to rank
+i mod K): each rank writes its finished records atomically into the shared cache directory, and rank 0 renders
+from what is on disk after a barrier. A rank that dies loses only its unfinished record; a rerun resumes.
 
 Contract: every process draws the same random samples (one generator, one seed), scores only its
 shard of them (sample i goes to process i mod K), and the partial float64 sums are all-reduced at
@@ -66,6 +70,27 @@ def all_reduce_sum_(*tensors: torch.Tensor) -> None:
             t.copy_(d.cpu())
         else:
             torch.distributed.all_reduce(t)
+
+
+def barrier() -> None:
+    if active():
+        torch.distributed.barrier()
+
+
+FAULT_ENV = "LAFQ_FAULT"  # "RANK:K": that rank exits (status 3) after finishing its K-th record (tests of resuming)
+_faults = {"done": 0}
+
+
+def fault_point() -> None:
+    """Called after each finished record: with LAFQ_FAULT=RANK:K in the environment, rank RANK dies right after its
+    K-th one, as a killed process would (os._exit: no cleanup, no barrier). For tests of resuming; unset, nothing."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    _faults["done"] += 1
+    r, k = (int(v) for v in spec.split(":"))
+    if rank() == r and _faults["done"] >= k:
+        os._exit(3)
 
 
 def finish() -> None:

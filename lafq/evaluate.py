@@ -57,6 +57,10 @@ class Evaluator:
     log: object = print
     cached_only: bool = False  # record() returns None instead of sampling what is not on disk yet
     stats_dir: str | Path | None = None  # where the reference statistics are cached (None: checkpoints/stats)
+    # (rank, world) under torch.distributed: the k-th record asked for is sampled by rank k mod world only (the
+    # others get None for it unless it is on disk already), so ranks that ask for the same records in the same
+    # order split them without talking; rank 0 then reads them all back (cached_only).
+    shard: tuple[int, int] = (0, 1)
 
     def __post_init__(self):
         from .checkpoint import state_digest
@@ -72,6 +76,7 @@ class Evaluator:
         self._ref_stats = reference_statistics(self.backend, self.reference, **stats) if self.backend is not None else None
         self._fp32_images: dict[str, torch.Tensor] = {}
         self._cpu_model = copy.deepcopy(self.den.module).cpu()  # what each plan quantizes a copy of
+        self._asked = 0  # records asked for so far: the shard key
 
     def _generate(self, module: torch.nn.Module, spec: SampleSpec) -> torch.Tensor:
         return generate(replace(self.den, module=module), spec, device=self.device)[0]
@@ -103,11 +108,12 @@ class Evaluator:
         """One (plan, seed): FID (when a backend is set), accuracy, fidelity to FP32; cached on disk."""
         what = "fid+fidelity" if self.backend is not None else "fidelity" if self.classifier is not None else "pixels"
         path = self.cache_dir / f"{what}-{self._key(what, plan, spec)}.json"
+        k, self._asked = self._asked, self._asked + 1
         if path.is_file():
             rec = _cached_record(path, self.backend is not None, self.classifier is not None)
             rec["name"] = name  # the same plan may appear under another row name
             return rec
-        if self.cached_only:
+        if self.cached_only or k % self.shard[1] != self.shard[0]:
             return None
         t0 = time.perf_counter()
         ref = self.fp32_images(spec)
@@ -133,6 +139,8 @@ class Evaluator:
                    plan_digest=plan_digest(plan) if plan else "fp32", **(extra or {}))
         atomic_write_bytes(path, json.dumps(rec, sort_keys=True).encode())
         del q
+        from .distributed import fault_point
+        fault_point()
         return rec
 
 

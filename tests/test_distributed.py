@@ -11,10 +11,10 @@ import torch
 from lafq.fisher import FisherMap, compute_fisher
 
 
-def _torchrun(args, cwd, nproc=2):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+def _torchrun(args, cwd, nproc=2, env=None):
+    env = {**(env or os.environ), "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "lafq", *args]
+           "-m", "lafq", "--", *args]  # "--": torchrun would read lafq's --n as its own (ambiguous) option
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -91,3 +91,63 @@ def test_torchrun_shards_the_fisher_map_of_a_diffusers_model_too(tmp_path):
         one = fisher_map(den, load_file(str(tmp_path / "x.safetensors"))["images"], bins=2, samples_per_bin=SAMPLES,
                          chunk=1)
     _same_map(one, FisherMap.load(out))
+
+
+VOLATILE = {"seconds", "machine", "device"}  # where and how long: the rest of a record is the measurement
+
+
+def _records(cache) -> dict:
+    out = {}
+    for p in sorted(cache.rglob("*.json")):
+        rec = json.loads(p.read_text())
+        out[str(p.relative_to(cache))] = {k: v for k, v in rec.items() if k not in VOLATILE}
+    return out
+
+
+def _one_process(args, cwd):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    return subprocess.run([sys.executable, "-m", "lafq", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_the_report_grid_and_fid_split_over_two_gloo_ranks_give_the_one_process_records_and_resume_after_a_rank_dies(
+        tiny_ckpt, tmp_path):
+    fisher = tmp_path / "f.safetensors"
+    r = _one_process(["fisher", "--checkpoint", str(tiny_ckpt), "--dataset", "mnist-train5k", "--bins", "2",
+                      "--samples", "3", "--device", "cpu", "--out", str(fisher), "--json"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    def report(tag):
+        return ["report", "--checkpoint", str(tiny_ckpt), "--fisher", str(fisher), "--quick", "--n", "4", "--steps", "2",
+                "--seeds", "2", "--random-seeds", "1", "--backend", "classifier", "--device", "cpu",
+                "--cache-dir", str(tmp_path / tag / "cache"), "--out-dir", str(tmp_path / tag / "out"), "--json"]
+    r = _one_process(report("one"), tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    one = _records(tmp_path / "one" / "cache")
+    assert len([k for k in one if "sensitivity" in k]) > 4 and len(one) > 30
+
+    # Rank 1 dies after its third record (as a killed process would); torchrun stops the run.
+    env = {**os.environ, "LAFQ_FAULT": "1:3"}
+    died = _torchrun(report("two"), tmp_path, env=env)
+    assert died.returncode != 0
+    partial = _records(tmp_path / "two" / "cache")
+    assert 3 <= len(partial) < len(one), died.stderr[-2000:]
+    assert all(one[k] == v for k, v in partial.items() if k in one)  # nothing half-written, nothing different
+    # The rerun resumes from what is on disk and finishes: the same records as one process, the report by rank 0.
+    r = _torchrun(report("two"), tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["records"] == json.loads(
+        _one_process([*report("one"), "--render"], tmp_path).stdout.strip().splitlines()[-1])["records"]
+    assert _records(tmp_path / "two" / "cache") == one
+    assert (tmp_path / "two" / "out" / "report.md").read_text().count("| budget") > 2
+    assert "Partial" not in (tmp_path / "two" / "out" / "report.md").read_text()
+
+    def fid(tag):
+        return ["fid", "--model", str(tiny_ckpt), "--n", "8", "--steps", "2", "--seeds", "3", "--backend", "classifier",
+                "--device", "cpu", "--cache-dir", str(tmp_path / tag), "--json"]
+    a, b = _one_process(fid("fid-one"), tmp_path), _torchrun(fid("fid-two"), tmp_path)
+    assert a.returncode == 0 and b.returncode == 0, (a.stderr[-1500:], b.stderr[-1500:])
+    ra, rb = json.loads(a.stdout), json.loads(b.stdout)  # rank 0 alone reports
+    assert ra["fid_values"] == rb["fid_values"] and len(rb["fid_values"]) == 3
+    per_seed = {k: v for k, v in _records(tmp_path / "fid-two").items() if k.startswith("fid-")}
+    assert per_seed == {k: v for k, v in _records(tmp_path / "fid-one").items() if k.startswith("fid-")}
