@@ -410,7 +410,9 @@ def bench_plans(model, fisher) -> dict:
 
 
 # Rows of the quantized section: (plan, compute). "dequantize" is the default path; "int8-dynamic" the
-# opt-in torch.ao kernels (lafq.int8); "bf16" runs every op in bfloat16 (a quantized model's .to(bfloat16)).
+# opt-in torch.ao kernels (lafq.int8); "w8a8" the same int8 convolutions with static activation scales, calibrated
+# per timestep bin on 16 images (DDIM-10, seed 1: not the fidelity job's noise) (lafq.int8.use_w8a8); "bf16" runs
+# every op in bfloat16 (a quantized model's .to(bfloat16)).
 QUANTIZED_ROWS = {"fp32": ("fp32", "dequantize"),
                   "fp16 layer-ratio p=0.25": ("fp16 layer-ratio p=0.25", "dequantize"),
                   "int8 uniform": ("int8 uniform", "dequantize"),
@@ -419,6 +421,8 @@ QUANTIZED_ROWS = {"fp32": ("fp32", "dequantize"),
                   "int8 uniform, int8-dynamic kernels": ("int8 uniform", "int8-dynamic"),
                   "int4 uniform, int8-dynamic kernels": ("int4 uniform", "int8-dynamic"),
                   "budget 4.5 bits, int8-dynamic kernels": ("budget 4.5 bits", "int8-dynamic"),
+                  "int8 uniform, w8a8 static per timestep bin": ("int8 uniform", "w8a8"),
+                  "budget 4.5 bits, w8a8 static per timestep bin": ("budget 4.5 bits", "w8a8"),
                   "bf16 uniform, bf16 compute": ("bf16 uniform", "bf16")}
 
 
@@ -443,6 +447,12 @@ def build_variant(model, plan, compute: str):
         return CastInput(quantize(copy.deepcopy(model), plan).to(torch.bfloat16), torch.bfloat16)
     if all(p == "fp32" for p in plan.precisions.values()):
         return model
+    if compute == "w8a8":
+        from lafq.int8 import calibrate_activations, use_w8a8
+        from lafq.pipeline import as_denoiser
+
+        q = quantize(copy.deepcopy(model), plan)
+        return use_w8a8(q, calibrate_activations(as_denoiser(q), n=16, steps=10, bins=5, seed=1))
     return quantize(copy.deepcopy(model), plan, compute=compute)
 
 

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 FORMAT = 1
-KINDS = ("unet", "classifier", "quantized", "train_state", "fisher", "conditioning")
+KINDS = ("unet", "classifier", "quantized", "train_state", "fisher", "conditioning", "activation-ranges")
 
 
 def state_digest(model: torch.nn.Module) -> str:

@@ -17,6 +17,9 @@ Compute modes (`quantize(model, plan, compute=...)`):
                     weights. Every shipped number uses this mode; speed work changes its outputs at most by
                     float rounding (lafq.model's CPU fast paths, pinned in tests/test_fast_path.py).
     "int8-dynamic"  CPU only, opt-in: integer kernels on the stored codes (lafq.int8).
+    "w8a8"          CPU only, opt-in, set by lafq.int8.use_w8a8(model, ranges): the same int8 convolutions
+                    with static activation scales per timestep bin, calibrated (calibrate_activations) and
+                    stored in their own file (ActivationRanges.save, kind "activation-ranges").
 
 One file format (`save_quantized`, `load_quantized`): `.safetensors`, kind "quantized", metadata
 {"model": {"library", "class", "config"}, "compute_dtype", "plan"}; tensors: unquantized parameters and
@@ -181,7 +184,7 @@ class QuantizedMixin:
 
     def _apply(self, fn, recurse=True):
         current = compute_dtype(self)
-        cpu_only = getattr(self, "lafq_compute", "dequantize") == "int8-dynamic"
+        cpu_only = getattr(self, "lafq_compute", "dequantize") in ("int8-dynamic", "w8a8")
         try:
             probe = fn(torch.zeros(1, dtype=current))  # where float tensors go, and as which dtype
         except RuntimeError:  # e.g. .cuda() without a GPU: torch's own error, unless the model is CPU-only anyway
@@ -358,7 +361,8 @@ def save_quantized(path: str | os.PathLike, model: nn.Module) -> int:
     if getattr(model, "lafq_plan", None) is None:
         raise ValueError("the model is not quantized: quantize(model, plan) first")
     if getattr(model, "lafq_compute", "dequantize") != "dequantize":
-        raise ValueError("save a model quantized with the default compute mode; call use_int8_kernels after loading")
+        raise ValueError("save a model quantized with the default compute mode; switch after loading "
+                         "(lafq.int8.use_int8_kernels, or use_w8a8 with its ActivationRanges file)")
     plan: Plan = model.lafq_plan
     dtype = {v: k for k, v in DTYPES.items()}[compute_dtype(model)]
     save_file(path, quantized_tensors(model), {"kind": "quantized", "model": model_info(model), "compute_dtype": dtype,
