@@ -86,7 +86,7 @@ class Policy:
     choices: tuple[str, ...] = BUDGET_CHOICES  # budget: the precisions a tensor may take
     edge: str = "int8"  # first-last: precision of the edge layers
     edge_layers: tuple[str, ...] | None = None  # first-last: the first and last layers; None: the model's own
-    pinned: dict | None = None  # budget / random: {layer: precision} held fixed (bytes counted), e.g. the last layer
+    pinned: dict | None = None  # budget / random: {layer or tensor: precision} held fixed (bytes counted), e.g. the last layer
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -242,8 +242,11 @@ def _fixed(policy: Policy, shapes: dict[str, tuple], layers: Layers | None = Non
     fixed = {n: "fp32" for n in layers.in_group("mid")} if policy.protect_mid else {}
     pins = policy.pinned if "pinned" in STRATEGY_DEFS[policy.strategy].reads else None  # budget and random
     for layer, p in (pins or {}).items():
+        if layer in shapes and layer not in layers.order:  # one tensor by its name (lafq.refine pins tensors)
+            fixed[layer] = fallback(shapes[layer], p)
+            continue
         if layer not in layers.order:
-            raise ValueError(f"pinned layer {layer!r} is not a layer of this model; its layers are "
+            raise ValueError(f"pinned layer {layer!r} is not a layer or tensor of this model; its layers are "
                              f"{list(layers.order)[:6]}{'…' if len(layers.order) > 6 else ''} (first and last: "
                              f"{list(layers.edges)})")
         fixed.update({n: fallback(shapes[n], p) for n in shapes if layers.layer(n) == layer})

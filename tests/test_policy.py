@@ -311,7 +311,7 @@ def test_a_pinned_layer_holds_its_precision_inside_the_exact_budget_and_counts_i
                                   pinned={"head": "fp16"}), fm, w)
         assert all(p == "fp16" for n, p in pinned.precisions.items() if n.startswith("head."))
         assert plan_bytes(pinned.precisions, shapes) <= budget and free.precisions != pinned.precisions
-    with pytest.raises(ValueError, match="pinned layer 'nohead' is not a layer of this model"):
+    with pytest.raises(ValueError, match="pinned layer 'nohead' is not a layer or tensor of this model"):
         make_plan(Policy("budget", budget_bytes=budget, pinned={"nohead": "fp16"}), fm, w)
     with pytest.raises(ValueError, match="unknown precision"):
         Policy("budget", budget_bytes=budget, pinned={"head": "fp12"})
