@@ -452,7 +452,7 @@ def build_variant(model, plan, compute: str):
         from lafq.pipeline import as_denoiser
 
         q = quantize(copy.deepcopy(model), plan)
-        return use_w8a8(q, calibrate_activations(as_denoiser(q), n=16, steps=10, bins=5, seed=1))
+        return use_w8a8(q, calibrate_activations(as_denoiser(q), n=16, steps=10, bins=5, seed=1, guidance=GUIDANCE))
     return quantize(copy.deepcopy(model), plan, compute=compute)
 
 

@@ -59,9 +59,10 @@ def _model_on(model, args):
     """Move a U-Net or quantized model to --device (FP32 without TF32 on a GPU); returns (model, device)."""
     from .device import resolve_device, strict_fp32
 
-    from .distributed import init_from_env
-
-    device = init_from_env(resolve_device(args.device))  # under torchrun: this rank's device
+    device = resolve_device(args.device)
+    if getattr(args, "command", None) in ("fid", "fid-model"):  # fid splits its seeds under torchrun: this rank's device
+        from .distributed import init_from_env
+        device = init_from_env(device)
     strict_fp32(device)
     return model.to(device), device  # a quantized model's stored forms move with it
 
@@ -189,6 +190,8 @@ def cmd_fid(args):
 
             from .compile_cache import compile_model
             den = replace(den, module=compile_model(den.module))
+        if not distributed.is_main():
+            log = lambda m: None  # noqa: E731 -- rank 0 speaks for the run
         log(f"FID: {args.n} samples x {len(seeds)} seeds, {spec.sampler}-{spec.steps}, guidance {spec.guidance}, "
             f"backend {backend.name}, reference {reference}, sampling on {device}")
         fid = lambda seeds, log=log: evaluate_fid(  # noqa: E731

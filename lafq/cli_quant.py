@@ -466,6 +466,18 @@ def _report_subject(args) -> _ReportInputs:
                          out=Path(args.out_dir or folder / "report"))
 
 
+def _clip_sample(folder) -> bool:
+    """The scheduler's own `clip_sample` (diffusers' DDPM/DDIM default True; latent pipelines set it False), so the
+    report samples as the pipeline does; flow-matching schedulers never clip."""
+    from .models.diffusers_models import _layout, load_scheduler
+
+    try:
+        _, sched_sub = _layout(str(folder), None)
+        return bool(load_scheduler(str(folder), sched_sub).config.get("clip_sample", True))
+    except (OSError, ValueError):
+        return True
+
+
 def _pixel_subject(args, folder: Path, captions) -> _ReportInputs:
     """A model without a classifier (any pipeline folder or Hub id): pixel fidelity to FP32 only."""
     from .card import CARD_FILE, ModelCard
@@ -493,13 +505,15 @@ def _pixel_subject(args, folder: Path, captions) -> _ReportInputs:
         raise CLIError(f"no Fisher map at {fisher_path}: compute one with `python -m lafq fisher --model {folder} "
                        "... --out FILE` and pass --fisher FILE")
     home = folder if local else Path("lafq-report") / str(folder).replace("/", "--")  # a Hub id: a local home
+    clip = _clip_sample(folder)
     model = den.module.eval()
     subject = Subject(name=f"{(card.name if card else '') or folder.name} (`{folder}`)", classifier=None,
                       reference=None, floor_images=None, edge_layers=edge_layers(model), source_strategies=False,
                       conditioning=conditioning,
                       **({"sampler": "Euler-{steps} (flow matching, the scheduler's own steps)"} if den.schedule.flow else {}))
     return _ReportInputs(model=model, fisher=load_fisher(fisher_path), subject=subject, classifier=None, backend=None,
-                         den=den, evaluator={"reference": None}, cache=Path(args.cache_dir or home / "eval" / "report"),
+                         den=den, evaluator={"reference": None, "clip": clip},
+                         cache=Path(args.cache_dir or home / "eval" / "report"),
                          out=Path(args.out_dir or home / "report"))
 
 

@@ -15,6 +15,7 @@ process, shard = everything.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 
@@ -43,12 +44,16 @@ def init_from_env(device: torch.device | str = "cpu") -> torch.device:
         return device
     if not torch.distributed.is_available():
         raise RuntimeError("this torch build has no torch.distributed; run one process")
+    # Ranks wait at barriers for the slowest one's share (a resumed report: one rank redoing its lost records while
+    # the others are done), which can take hours; torch's defaults (10 min NCCL, 30 min gloo) would abort the run.
+    # A rank that dies still ends the run at once: torchrun stops the others.
+    timeout = timedelta(hours=24)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl", device_id=device)
+        torch.distributed.init_process_group("nccl", device_id=device, timeout=timeout)
     else:
-        torch.distributed.init_process_group("gloo")
+        torch.distributed.init_process_group("gloo", timeout=timeout)
     return device
 
 

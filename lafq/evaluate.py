@@ -61,6 +61,7 @@ class Evaluator:
     # others get None for it unless it is on disk already), so ranks that ask for the same records in the same
     # order split them without talking; rank 0 then reads them all back (cached_only).
     shard: tuple[int, int] = (0, 1)
+    clip: bool = True  # x0 clipped to [-1, 1] at each step (pixel models); a latent model's scheduler says no
 
     def __post_init__(self):
         from .checkpoint import state_digest
@@ -77,17 +78,21 @@ class Evaluator:
         self._fp32_images: dict[str, torch.Tensor] = {}
         self._cpu_model = copy.deepcopy(self.den.module).cpu()  # what each plan quantizes a copy of
         self._asked = 0  # records asked for so far: the shard key
+        self._conditioning_digest = _conditioning_digest(self.den)
 
     def _generate(self, module: torch.nn.Module, spec: SampleSpec) -> torch.Tensor:
-        return generate(replace(self.den, module=module), spec, device=self.device)[0]
+        return generate(replace(self.den, module=module), spec, device=self.device, clip=self.clip)[0]
 
     def _key(self, what: str, plan: Plan | None, spec: SampleSpec) -> str:
         parts = {"model": self._model_digest, "plan": plan_digest(plan) if plan else "fp32", "spec": asdict(spec),
+                 **({} if self.clip else {"clip": False}),
                  "backend": [self.backend.name, self.backend.digest] if self.backend else None,
                  "reference": self.reference, "what": what}
         if self._foreign:  # another model: its schedule and classes too (the U-Net's keys stay as they were)
             parts["sampling"] = [self.num_classes, hashlib.sha256(self.den.schedule.betas.double().numpy().tobytes())
                                  .hexdigest()[:16]]
+            if self._conditioning_digest is not None:  # captions / captured rows: what the samples are conditioned on
+                parts["conditioning"] = self._conditioning_digest
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
     def fp32_images(self, spec: SampleSpec) -> torch.Tensor:
@@ -142,6 +147,29 @@ class Evaluator:
         from .distributed import fault_point
         fault_point()
         return rec
+
+
+def _conditioning_digest(den) -> str | None:
+    """A digest of what a model's samples are conditioned on, beyond class labels (which its class count names
+    already): captions' encodings or rows captured from a pipeline call, and the unconditional row. None for
+    unconditional and class-label models, so their record keys stay as they were."""
+    cond = den.conditioning
+    if cond is None or set(cond.kwargs) <= {"class_labels"}:
+        return None
+    h = hashlib.sha256(json.dumps([cond.rows, den.null_row]).encode())
+
+    def walk(prefix, v):
+        if isinstance(v, dict):
+            for k in sorted(v):
+                walk(f"{prefix}.{k}", v[k])
+        elif torch.is_tensor(v):
+            h.update(prefix.encode())
+            h.update(v.detach().cpu().contiguous().double().numpy().tobytes() if v.is_floating_point()
+                     else v.detach().cpu().contiguous().numpy().tobytes())
+        else:
+            h.update(f"{prefix}={v!r}".encode())
+    walk("", cond.kwargs)
+    return h.hexdigest()[:16]
 
 
 RECORD_NUMBERS = ("seed", "n", "steps", "mad", "psnr")

@@ -191,8 +191,16 @@ class ActivationRanges:
 
 
 def _timestep(args, kwargs):
+    """The one timestep of a call (samplers call with one t for the whole batch); a batch of different timesteps
+    would need different static scales per sample: refused in one line."""
     t = kwargs.get("timestep", kwargs.get("t", args[1] if len(args) > 1 else None))
-    return None if t is None else float(torch.as_tensor(t).flatten()[0])
+    if t is None:
+        return None
+    t = torch.as_tensor(t).flatten()
+    if t.numel() > 1 and not bool((t == t[0]).all()):
+        raise ValueError("a w8a8 model scales activations per timestep bin: call it with one timestep per batch "
+                         "(as the samplers do), not a mix")
+    return float(t[0])
 
 
 def calibrate_activations(den, *, n: int = 16, steps: int = 25, guidance: float = 1.5, bins: int = 5, seed: int = 0,
@@ -289,6 +297,12 @@ def use_w8a8(model: nn.Module, ranges: ActivationRanges, keep_float: tuple[str, 
         raise ValueError(f"the model already computes in {model.lafq_compute!r}: start from the default mode")
     if any(b.device.type != "cpu" for b in model.buffers()):
         raise ValueError("the w8a8 compute mode runs oneDNN / torch.ao CPU kernels; keep the model on the CPU")
+    from .evaluate import plan_digest
+
+    made_for = ranges.meta.get("plan")
+    if made_for is not None and made_for != plan_digest(model.lafq_plan):
+        raise ValueError(f"these activation ranges were calibrated on another plan ({made_for}, this model's is "
+                         f"{plan_digest(model.lafq_plan)}): calibrate on this quantized model")
     capable = int8_layers(model)
     unknown = sorted(set(keep_float) - set(capable))
     if unknown:

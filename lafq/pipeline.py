@@ -137,8 +137,9 @@ def denoise(model, spec: SampleSpec, *, device=None, clip: bool = True, rows=Non
     eps = den.eps_denoiser()
     gen = torch.Generator().manual_seed(spec.seed)
     flow = den.schedule.flow
-    if flow and spec.sampler == "ddpm":
-        raise ValueError("a flow-matching model samples with its scheduler's Euler steps: sampler 'ddim' or 'euler'")
+    if flow and (spec.sampler == "ddpm" or spec.eta != 0):
+        raise ValueError("a flow-matching model samples with its scheduler's Euler steps: sampler 'ddim' or 'euler', "
+                         "eta 0")
     if not flow and spec.sampler == "euler":
         raise ValueError("sampler 'euler' is for flow-matching models; this one samples with 'ddim' or 'ddpm'")
     per_batch = spec.steps if flow else len(ddim_timesteps(den.T, spec.steps)) if spec.sampler == "ddim" else den.T
@@ -163,11 +164,11 @@ def denoise(model, spec: SampleSpec, *, device=None, clip: bool = True, rows=Non
     return torch.cat(out), labels
 
 
-def generate(model, spec: SampleSpec, *, device=None,
+def generate(model, spec: SampleSpec, *, device=None, clip: bool = True,
              progress: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """uint8 images (n, C, H, W) of any pixel-space denoiser (a Denoiser, or the project U-Net) and their labels;
-    the noise rule of `denoise`."""
-    x, labels = denoise(model, spec, device=device, progress=progress)
+    the noise rule of `denoise` (clip: its per-step x0 clipping; the output is clamped to [-1, 1] either way)."""
+    x, labels = denoise(model, spec, device=device, clip=clip, progress=progress)
     return to_uint8(x).cpu(), labels
 
 

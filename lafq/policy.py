@@ -237,7 +237,8 @@ def make_plan(policy: Policy, fisher: FisherMap | None, weights: dict[str, torch
 
 def _fixed(policy: Policy, shapes: dict[str, tuple], layers: Layers | None = None) -> dict[str, str]:
     """The tensors a policy holds fixed and at what: the middle block at fp32 (protect_mid), each pinned layer's
-    tensors at its precision (vectors fall back as everywhere). A pinned name that is not a layer is refused."""
+    tensors at its precision (vectors fall back as everywhere), or one tensor by its name. A pinned name that is
+    neither is refused."""
     layers = layers or layers_of(shapes)
     fixed = {n: "fp32" for n in layers.in_group("mid")} if policy.protect_mid else {}
     pins = policy.pinned if "pinned" in STRATEGY_DEFS[policy.strategy].reads else None  # budget and random

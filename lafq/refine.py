@@ -68,8 +68,8 @@ def candidate_tensors(den, fisher: FisherMap, k: int, statistic: str = "mean") -
 
 def refine_budget(den, fisher: FisherMap, budget_bytes: int, s: RefineSettings = RefineSettings(), *,
                   statistic: str = "mean", choices=BUDGET_CHOICES, log=print) -> tuple[Plan, dict]:
-    """The refined plan (its policy records the pins) and what it cost: evaluations, seconds, the measured damage of
-    the base plan and of every accepted step."""
+    """The refined plan (its policy: the exact budget with the accepted pins, so re-planning it gives the same
+    plan) and what it cost: evaluations, seconds, the measured damage of the base plan and of every accepted step."""
     from .pipeline import SampleSpec, generate
 
     t0 = time.perf_counter()
@@ -121,6 +121,7 @@ def refine_budget(den, fisher: FisherMap, budget_bytes: int, s: RefineSettings =
         steps.append({"pinned": dict(pins), "mad": best})
     cost = {"evaluations": evals, "seconds": round(time.perf_counter() - t0, 1), "steps": steps,
             "calibration": asdict(s), "candidates": cands}
-    plan = Plan(plan.precisions, {**plan.policy, "refined": {"pinned": pins, **{k: cost[k] for k in ("evaluations",)},
-                                                             "calibration": asdict(s)}})
+    # The policy of a refined plan is the exact budget with the accepted pins (a valid Policy: the plan file and a
+    # quantized model's metadata reload it); how it was found is in `cost`.
+    plan = Plan(plan.precisions, replace(base, pinned=pins or None).to_dict())
     return plan, cost

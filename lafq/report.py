@@ -494,7 +494,8 @@ def write(records: list[dict], s: Settings, command: str, out_dir: Path, *, tota
              "to FP32 below is **paired** (per seed, then mean ± the 95% Student-t half-width over seeds). "
              + ("No classifier ships with this model, so there is no FID, feature distance or class agreement: "
                 "fidelity to FP32, image by image from the same noise, is mean |Δ| (‰ of the sample range, the "
-                "model's output clipped to [−1, 1] and stored as 8 bits, as for images) and PSNR. "
+                "model's output clamped to [−1, 1] and stored as 8 bits, as for images; for a latent model these are "
+                "its latents, not decoded images) and PSNR. "
                 if subject.pixels_only else
                 f"FID backend **{backend}** ({subject.classifier}) against the held-out {subject.reference} "
                 "reference. Fidelity to FP32, image by image from the same noise: mean |Δ| (‰ of the pixel range), "

@@ -11,6 +11,7 @@ damage falls with every added byte.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -48,7 +49,8 @@ def main():
     den = lafq.load(a.model) if a.model else lafq.load()
     folder = Path(a.model) if a.model else paths.CHECKPOINTS
     fisher = FisherMap.load(folder / "fisher.safetensors" if a.model else paths.FISHER)
-    clf = load_classifier(folder / "classifier.safetensors" if a.model else DEFAULT_CLASSIFIER)[0]
+    clf_path = folder / "classifier.safetensors" if a.model else DEFAULT_CLASSIFIER
+    clf = load_classifier(clf_path)[0] if Path(clf_path).is_file() else None  # mean |Δ| needs none
     cache = a.cache_dir or folder / "eval" / "refine"
     out = a.out or (folder / "report" / "refine.md" if a.model else paths.DOCS / "refine.md")
     ev = Evaluator(den, clf, None, cache)
@@ -57,16 +59,22 @@ def main():
     budgets = feasible_budgets(shapes, tuple(float(b) for b in a.budgets.split(",")))
     rs = RefineSettings()
     rows = []
+    from dataclasses import asdict
+
+    from lafq.checkpoint import state_digest
+    key = hashlib.sha256(json.dumps([state_digest(den.module), fisher.names, float(fisher.fisher.double().sum()),
+                                     asdict(rs)]).encode()).hexdigest()[:12]  # model, map and settings
     for b in budgets:
-        base = make_plan(Policy(strategy="budget", avg_bits=b, statistic="mean"), fisher, weights)
-        budget = size_report(base, shapes).total_bytes
-        cost_path = cache / f"refine-{b:g}-bits.json"  # the refinement itself, kept: a rerun reuses it
+        budget = size_report(make_plan(Policy(strategy="budget", avg_bits=b, statistic="mean"), fisher, weights),
+                             shapes).total_bytes
+        base = make_plan(Policy(strategy="budget", budget_bytes=budget, statistic="mean"), fisher, weights)  # refine's start
+        cost_path = cache / f"refine-{b:g}-bits-{key}.json"  # the refinement itself, kept: a rerun reuses it
         if cost_path.is_file():
             saved = json.loads(cost_path.read_text())
             from lafq.policy import Plan
             refined, cost = Plan(saved["precisions"], saved["policy"]), saved["cost"]
         else:
-            refined, cost = refine_budget(den, fisher, size_report(base, shapes).total_bytes, rs, log=print)
+            refined, cost = refine_budget(den, fisher, budget, rs, log=print)
             atomic_write_bytes(cost_path, json.dumps({"precisions": refined.precisions, "policy": refined.policy,
                                                       "cost": cost, "machine": machine()}).encode())
         per = {}

@@ -19,7 +19,7 @@ def den_and_fisher(tiny_model):
     return den, fm
 
 
-def test_the_refined_plan_stays_in_budget_never_measures_worse_and_records_its_cost(den_and_fisher):
+def test_the_refined_plan_stays_in_budget_never_measures_worse_and_reloads_from_its_file(den_and_fisher, tmp_path):
     den, fm = den_and_fisher
     shapes = param_shapes(den.module)
     weights = dict(den.module.named_parameters())
@@ -32,9 +32,16 @@ def test_the_refined_plan_stays_in_budget_never_measures_worse_and_records_its_c
     assert 1 <= cost["evaluations"] <= 5 and cost["seconds"] >= 0 and len(lines) == cost["evaluations"] - 1
     mads = [step["mad"] for step in cost["steps"]]
     assert mads == sorted(mads, reverse=True)  # each accepted step measured lower than the one before
-    assert plan.policy["refined"]["pinned"] == cost["steps"][-1]["pinned"]
+    assert (plan.policy["pinned"] or {}) == cost["steps"][-1]["pinned"]
     for name, p in cost["steps"][-1]["pinned"].items():  # pinned tensors hold the precision they were raised to
         assert plan.precisions[name] == p
+    # Its policy re-plans it exactly, and it survives a quantized file's round trip (the policy is validated there).
+    assert make_plan(Policy(**plan.policy), fm, weights).precisions == plan.precisions
+    import copy
+
+    from lafq.quantize import load_quantized, quantize, save_quantized
+    save_quantized(tmp_path / "q.safetensors", quantize(copy.deepcopy(den.module), plan))
+    assert load_quantized(tmp_path / "q.safetensors")[0].lafq_plan.precisions == plan.precisions
     stem = max((n for n in shapes if n.startswith("stem") and len(shapes[n]) >= 2), key=lambda n: torch.Size(shapes[n]).numel())
     assert stem in candidate_tensors(den, fm, 2)  # the first and last layers are always tried
 

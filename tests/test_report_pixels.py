@@ -62,3 +62,17 @@ def test_a_text_to_image_report_without_captions_or_a_fisher_map_is_one_error_li
                  str(tmp_path / "none.safetensors"), "--quick"]) == 2
     err = capsys.readouterr().err
     assert "no Fisher map at" in err and "python -m lafq fisher --model" in err
+
+
+def test_other_captions_are_other_records_not_a_reuse_of_the_first_captions_samples(reported, tmp_path):
+    from lafq.evaluate import Evaluator
+    from lafq.models import encode_captions, load
+    from lafq.pipeline import SampleSpec
+
+    folder, _ = reported
+    a = load(folder).with_conditioning(encode_captions(folder, ["a red cat", "a dog"]), null_row=2)
+    b = load(folder).with_conditioning(encode_captions(folder, ["a blue dog", "a cat"]), null_row=2)
+    spec = SampleSpec(n=2, steps=2)
+    ka, kb = (Evaluator(d, None, None, tmp_path)._key("pixels", None, spec) for d in (a, b))
+    assert ka != kb
+    assert Evaluator(a, None, None, tmp_path)._key("pixels", None, spec) == ka  # and the same captions, the same key

@@ -83,3 +83,15 @@ def test_a_w8a8_model_samples_close_to_fp32_and_a_deep_copy_follows_its_own_time
     assert (got.float() - ref.float()).abs().mean() / 255 < 0.05
     c = copy.deepcopy(w)
     assert torch.equal(_out(c, 10), _out(w, 10)) and torch.equal(_out(c, 999), _out(w, 999))
+
+
+def test_a_mixed_timestep_batch_and_ranges_of_another_plan_are_refused_in_one_line(quantized):
+    _, q, ranges = quantized
+    w = use_w8a8(copy.deepcopy(q), ranges)
+    x, y = torch.randn(2, 1, 28, 28), torch.tensor([3, 7])
+    with pytest.raises(ValueError, match="one timestep per batch"), torch.inference_mode():
+        w(x, torch.tensor([10, 900]), y)
+    other = quantize(copy.deepcopy(quantized[0].module),
+                     Plan({n: fallback(tuple(p.shape), "int4") for n, p in quantized[0].module.named_parameters()}))
+    with pytest.raises(ValueError, match="calibrated on another plan"):
+        use_w8a8(other, ranges)
