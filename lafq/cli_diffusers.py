@@ -1,4 +1,4 @@
-"""CLI commands for the class-conditional diffusers UNet2DModel folders that lafq trains:
+"""CLI commands for the class-conditional diffusers UNet2DModel / DiT folders that lafq trains:
 
     train-diffusers  train on a 28x28 dataset (lafq.train_diffusers) into a pipeline folder that
                      `fisher --model`, `quantize --model` and lafq.models.load_diffusers read; resumes from
@@ -19,7 +19,7 @@ def cmd_train_diffusers(args):
     from .cliutil import emit as _emit
     from .device import resolve_device
     from .train import TrainConfig
-    from .train_diffusers import UNet2DConfig, train_diffusers
+    from .train_diffusers import DiTConfig, UNet2DConfig, train_diffusers
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -30,20 +30,25 @@ def cmd_train_diffusers(args):
                       save_every=args.save_every, sample_every=args.sample_every, log_every=args.log_every)
     device = resolve_device(args.device)
     t0 = time.perf_counter()
-    rec = train_diffusers(args.out, cfg, UNet2DConfig(), resume=not args.no_resume, progress=not args.json,
+    model_cfg = DiTConfig(patch_size=args.patch_size) if args.arch == "dit" else UNet2DConfig()
+    rec = train_diffusers(args.out, cfg, model_cfg, resume=not args.no_resume, progress=not args.json,
                           until=args.until, device=device)
     res = {"command": "train-diffusers", "out": str(args.out), **rec, "device": str(device),
            "seconds_this_call": round(time.perf_counter() - t0, 1)}
     _emit(args, res, f"trained to step {rec['step']} (loss {rec.get('loss', float('nan')):.4f}); "
-                     f"wrote {args.out}/unet, {args.out}/scheduler, {args.out}/lafq.json")
+                     f"wrote {args.out}/{'transformer' if args.arch == 'dit' else 'unet'}, {args.out}/scheduler, "
+                     f"{args.out}/lafq.json")
 
 
 def register(sub) -> None:
     from .cliutil import device_arg as _device_arg, number, positive as _positive
     from .train import TrainConfig
 
-    t = sub.add_parser("train-diffusers", help="train a class-conditional diffusers UNet2DModel (pipeline folder; resumes)")
+    t = sub.add_parser("train-diffusers", help="train a class-conditional diffusers UNet2DModel or DiT (pipeline folder; resumes)")
     t.add_argument("--dataset", default="fashion-train", help="fashion-train, mnist-test10k, ...")
+    t.add_argument("--arch", choices=("unet", "dit"), default="unet",
+                   help="unet: a UNet2DModel; dit: a class-conditional DiTTransformer2DModel (adaLN-Zero)")
+    t.add_argument("--patch-size", type=_positive("--patch-size"), default=2, help="dit: patch size (divides 28)")
     t.add_argument("--out", type=Path, required=True, help="the pipeline folder to write (e.g. checkpoints/fashion)")
     t.add_argument("--steps", type=_positive("--steps"), required=True, help="total steps the schedule spans")
     t.add_argument("--until", type=_positive("--until"), default=None, help="stop this call at this step")

@@ -1,4 +1,5 @@
-"""Training a class-conditional diffusers `UNet2DModel` with a diffusers `DDPMScheduler` (epsilon target).
+"""Training a class-conditional diffusers `UNet2DModel` or `DiTTransformer2DModel` (adaLN-Zero, class labels) with a
+diffusers `DDPMScheduler` (epsilon target).
 
 The recipe and the step loop are lafq.train's (`run_steps`: AdamW, warm-up + cosine, EMA with warm-up,
 label dropout to the null class, Min-SNR weighting, gradient clipping); only the model and the files
@@ -7,8 +8,9 @@ classifier-free guidance uses.
 
 Files a run writes into its output directory `out/` (a pipeline-style folder `lafq.models.load_diffusers`
 loads):
-    model_index.json                          names the components (DDPMPipeline layout: unet + scheduler)
-    unet/config.json, unet/diffusion_pytorch_model.safetensors   EMA weights (`save_pretrained`)
+    model_index.json                          names the components (DDPMPipeline layout: unet or transformer +
+                                              scheduler)
+    unet/ (or transformer/ for a DiT): config.json, diffusion_pytorch_model.safetensors   EMA weights
     scheduler/scheduler_config.json           DDPMScheduler: linear betas 1e-4..0.02, T=1000, epsilon
     lafq.json                                 name, dataset, reference, classes, null_class, guidance, train facts
     train_state.safetensors                   raw weights, EMA, AdamW moments, RNG states: resume is exact
@@ -72,6 +74,53 @@ class UNet2DConfig:
         return UNet2DModel(in_channels=1, out_channels=1, **asdict(self))
 
 
+@dataclass(frozen=True)
+class DiTConfig:
+    """A class-conditional DiT (`DiTTransformer2DModel`, adaLN-Zero; 1 channel in and out, no learned variance).
+    Its label embedding holds `num_classes` classes and, after them, the null class guidance uses (diffusers' own
+    classifier-free embedding row): the null class is `num_classes`."""
+    sample_size: int = 28
+    patch_size: int = 2
+    num_layers: int = 6
+    num_attention_heads: int = 4
+    attention_head_dim: int = 32
+    num_classes: int = 10
+
+    def __post_init__(self):
+        if self.sample_size % self.patch_size:
+            raise ValueError(f"patch_size {self.patch_size} must divide sample_size {self.sample_size}")
+        if self.num_classes < 1 or self.num_layers < 1:
+            raise ValueError("a DiT needs at least one class and one layer")
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DiTConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def build(self) -> nn.Module:
+        from diffusers import DiTTransformer2DModel
+        return DiTTransformer2DModel(in_channels=1, out_channels=1, sample_size=self.sample_size,
+                                     patch_size=self.patch_size, num_layers=self.num_layers,
+                                     num_attention_heads=self.num_attention_heads,
+                                     attention_head_dim=self.attention_head_dim, num_embeds_ada_norm=self.num_classes,
+                                     norm_num_groups=1)
+
+
+ARCHITECTURES = {"unet": ("UNet2DModel", "unet", UNet2DConfig), "dit": ("DiTTransformer2DModel", "transformer", DiTConfig)}
+
+
+def _arch(model_cfg) -> tuple[str, str, type]:
+    """(diffusers class, pipeline component folder, config class) of a model config."""
+    return next(v for v in ARCHITECTURES.values() if isinstance(model_cfg, v[2]))
+
+
 def make_scheduler():
     """The DDPM schedule the project's U-Net uses: linear betas 1e-4..0.02 over T=1000, epsilon target."""
     from diffusers import DDPMScheduler
@@ -80,8 +129,8 @@ def make_scheduler():
 
 
 def class_call(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The training loop's call (lafq.train.run_steps): a class-conditional UNet2DModel's predicted noise."""
-    return unet(x, t, class_labels=y, return_dict=False)[0]
+    """The training loop's call (lafq.train.run_steps): a class-conditional UNet2DModel's or DiT's predicted noise."""
+    return unet(x, timestep=t, class_labels=y, return_dict=False)[0]
 
 
 def _unwrapped(tensors: dict) -> dict:
@@ -102,14 +151,14 @@ def _save_pretrained(obj, folder: Path, **kw) -> None:
             atomic_write_bytes(folder / f.name, f.read_bytes())
 
 
-def save_pipeline(out: Path, unet: nn.Module, scheduler, card: dict) -> None:
-    """unet/ + scheduler/ + model_index.json + lafq.json: the folder load_diffusers(out) reads."""
+def save_pipeline(out: Path, unet: nn.Module, scheduler, card: dict, component: str = "unet") -> None:
+    """unet/ (or transformer/) + scheduler/ + model_index.json + lafq.json: the folder load_diffusers(out) reads."""
     import diffusers
 
-    _save_pretrained(unet, out / "unet", safe_serialization=True)
+    _save_pretrained(unet, out / component, safe_serialization=True)
     _save_pretrained(scheduler, out / "scheduler")
     index = {"_class_name": "DDPMPipeline", "_diffusers_version": diffusers.__version__,
-             "unet": ["diffusers", type(unet).__name__], "scheduler": ["diffusers", type(scheduler).__name__]}
+             component: ["diffusers", type(unet).__name__], "scheduler": ["diffusers", type(scheduler).__name__]}
     atomic_write_bytes(out / "model_index.json", (json.dumps(index, indent=2) + "\n").encode())
     atomic_write_bytes(out / "lafq.json", (json.dumps(card, indent=2) + "\n").encode())
 
@@ -118,13 +167,14 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def train_diffusers(out: str | Path, cfg: TrainConfig, model_cfg: UNet2DConfig = UNet2DConfig(), *,
+def train_diffusers(out: str | Path, cfg: TrainConfig, model_cfg: UNet2DConfig | DiTConfig = UNet2DConfig(), *,
                     resume: bool = True, progress: bool = True, until: int | None = None, data_root=None,
                     device="cpu") -> dict:
     """Train (or resume from out/train_state.safetensors) up to cfg.steps; returns the last log record."""
     from .models.diffusers_models import schedule_of
 
     device = torch.device(device)
+    arch, component, cfg_cls = _arch(model_cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "train_state.safetensors"
@@ -136,9 +186,9 @@ def train_diffusers(out: str | Path, cfg: TrainConfig, model_cfg: UNet2DConfig =
     step, wall = 0, 0.0
     if resume and state_path.exists():
         tensors, meta = load_file(state_path, kind="train_state")
-        if meta.get("architecture") != "UNet2DModel":
-            raise CheckpointError(f"{state_path} is not a UNet2DModel train state: use a new output directory")
-        diff = config_mismatch(model_cfg.to_dict(), UNet2DConfig.from_dict(meta["config"]).to_dict())
+        if meta.get("architecture") != arch:
+            raise CheckpointError(f"{state_path} is not a {arch} train state: use a new output directory")
+        diff = config_mismatch(model_cfg.to_dict(), cfg_cls.from_dict(meta["config"]).to_dict())
         if diff:
             raise CheckpointError(f"{state_path}: model config differs from the one asked for: " + "; ".join(diff))
         check_same_run(state_path, meta, cfg)
@@ -150,7 +200,7 @@ def train_diffusers(out: str | Path, cfg: TrainConfig, model_cfg: UNet2DConfig =
     x_all, y_all = data.tensors()
     if int(y_all.max()) >= model_cfg.null_class:
         raise ValueError(f"{cfg.dataset} has labels up to {int(y_all.max())}; the model has {model_cfg.null_class} "
-                         f"classes (num_class_embeds {model_cfg.num_class_embeds} includes the null class)")
+                         "classes (the null class comes after them)")
     scheduler = make_scheduler()
     schedule = schedule_of(scheduler)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else \
@@ -161,9 +211,9 @@ def train_diffusers(out: str | Path, cfg: TrainConfig, model_cfg: UNet2DConfig =
     def checkpoint(step_now: int, wall_now: float) -> None:
         facts = {**info, "steps": step_now, "wall_seconds": round(wall_now, 1),
                  "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "train_config": asdict(cfg)}
-        save_pipeline(out, ema, scheduler, model_card(cfg.dataset, model_cfg.null_class, facts))
+        save_pipeline(out, ema, scheduler, model_card(cfg.dataset, model_cfg.null_class, facts), component)
         save_file(state_path, _train_state_tensors(model, ema, opt, gen),
-                  {"kind": "train_state", "architecture": "UNet2DModel", "config": model_cfg.to_dict(),
+                  {"kind": "train_state", "architecture": arch, "config": model_cfg.to_dict(),
                    "train_config": asdict(cfg), "step": step_now, "wall_seconds": wall_now})
 
     def sample_grid() -> None:

@@ -92,3 +92,33 @@ def test_the_cli_trains_until_the_step_asked_and_rejects_until_past_steps(tmp_pa
     assert res["step"] == 1 and (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert main(["train-diffusers", "--out", str(out), "--steps", "4", "--until", "5"]) == 2
     assert capsys.readouterr().err.strip() == "error: --until 5 is past --steps 4"
+
+
+def test_a_dit_trains_resumes_exactly_and_its_folder_goes_through_fisher_plan_and_guided_samples(tmp_path):
+    """`--arch dit`: a class-conditional DiTTransformer2DModel (adaLN-Zero, patch 4) in a transformer/ folder."""
+    from lafq.checkpoint import load_file
+    from lafq.fisher import classes_of, fisher_map
+    from lafq.models import load
+    from lafq.policy import Policy, make_plan
+    from lafq.train_diffusers import DiTConfig
+
+    tiny = DiTConfig(patch_size=4, num_layers=1, num_attention_heads=2, attention_head_dim=8)
+    train_diffusers(tmp_path / "a", CFG, tiny, progress=False, until=3)
+    train_diffusers(tmp_path / "a", CFG, tiny, progress=False)
+    train_diffusers(tmp_path / "b", CFG, tiny, progress=False)
+    a, meta = load_file(tmp_path / "a" / "train_state.safetensors")
+    b, _ = load_file(tmp_path / "b" / "train_state.safetensors")
+    assert meta["architecture"] == "DiTTransformer2DModel" and meta["step"] == 6
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("rng"))
+    assert (tmp_path / "a" / "transformer" / "config.json").is_file()
+    den = load(tmp_path / "a")  # lafq.json's null class: the DiT's own classifier-free label row
+    assert den.source["class"] == "DiTTransformer2DModel" and den.null_row == 10 and classes_of(den) == list(range(10))
+    x = torch.rand(8, 1, 28, 28) * 2 - 1
+    fm = fisher_map(den, x, labels=torch.arange(8), bins=2, samples_per_bin=2)
+    plan = make_plan(Policy(strategy="budget", avg_bits=8.0, statistic="mean"), fm, dict(den.module.named_parameters()))
+    assert set(plan.precisions) == set(fm.names)
+    imgs = den.sample(2, steps=3, rows=[0, 1], guidance=1.5)
+    assert imgs.shape == (2, 1, 28, 28) and torch.isfinite(imgs).all()
+    import pytest
+    with pytest.raises(Exception, match="DiTTransformer2DModel train state|not a UNet2DModel train state"):
+        train_diffusers(tmp_path / "a", CFG, TINY2D, progress=False)

@@ -178,7 +178,10 @@ def with_class_conditioning(den: Denoiser, null_class: int | None) -> Denoiser:
     conditioning row per class embedding (row i: class_labels=i), `null_class` the unconditional row; any
     other model unchanged (sampled without class conditioning)."""
     config = getattr(den.module, "config", None)
-    k = config.get("num_class_embeds") if config is not None and hasattr(config, "get") else None
+    get = config.get if config is not None and hasattr(config, "get") else (lambda _k, _d=None: None)
+    k = get("num_class_embeds")
+    if not k and model_class_name(den.module) == "DiTTransformer2DModel" and get("num_embeds_ada_norm"):
+        k = int(get("num_embeds_ada_norm")) + 1  # its classes, then diffusers' classifier-free (null) label row
     if not k:
         return den
     k = int(k)
