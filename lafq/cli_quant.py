@@ -334,6 +334,16 @@ def cmd_quantize(args):
         elif fisher is None:
             raise ValueError(f"give --fisher (a map of {m.label}, from `fisher --model`) for a policy, or --plan")
         plan = make_plan(policy, load_fisher(fisher) if fisher is not None else None, dict(model.named_parameters()))
+        if args.refine:
+            if policy.strategy != "budget" or policy.signal != "fisher":
+                raise ValueError("--refine refines a Fisher budget plan: give --avg-bits or --budget-bytes")
+            from .refine import RefineSettings, refine_budget
+
+            log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.json else print
+            budget = size_report(plan, shapes).total_bytes
+            plan, refine_cost = refine_budget(m.den, load_fisher(fisher), budget,
+                                              RefineSettings(max_evals=args.refine), statistic=policy.statistic,
+                                              choices=policy.choices, log=log)
     if not plan.model:  # what it was made for: export and quantize --plan load it by default
         from .checkpoint import state_digest
         where = Path(args.model).resolve() if args.model and Path(args.model).exists() else args.model
@@ -345,7 +355,8 @@ def cmd_quantize(args):
     if args.plan_out:
         atomic_write_bytes(args.plan_out, plan.to_json().encode())
     res = {"command": "quantize", "model": m.label, "out": str(args.out) if args.out else None,
-           "policy": plan.policy, "size": report.to_dict()}
+           "policy": plan.policy, "size": report.to_dict(),
+           **({"refine": refine_cost} if not args.plan and args.refine else {})}
     _emit(args, res, report.table() + (f"\nwrote {args.out}" if args.out else ""))
 
 
@@ -387,6 +398,9 @@ def register_quantize(sub):
     q.add_argument("--plan", default=None, help="apply this plan JSON instead of a policy")
     q.add_argument("--out", type=Path, default=None, help="write the quantized model (.safetensors)")
     q.add_argument("--plan-out", type=Path, default=None, help="write the plan (JSON), e.g. for export")
+    q.add_argument("--refine", type=number("--refine", 1, 1000, integer=True), nargs="?", const=24, default=None,
+                   metavar="EVALS", help="budget: refine the exact plan by measurement (lafq.refine; at most EVALS "
+                                         "calibration samplings, default 24: about a minute on 2 cores for the MNIST U-Net)")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_quantize)
 

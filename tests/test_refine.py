@@ -55,3 +55,22 @@ def test_a_tensor_can_be_pinned_by_name_in_a_budget_plan(den_and_fisher):
     with pytest.raises(ValueError, match="not a layer or tensor of this model"):
         make_plan(Policy(strategy="budget", avg_bits=5.0, pinned={"nope.weight": "fp16"}), fm, weights)
     assert isinstance(plan, Plan)
+
+
+def test_quantize_refine_from_the_command_line_writes_a_plan_that_reloads(tiny_ckpt, tmp_path, capsys):
+    import json
+
+    from lafq.cli import main
+    from lafq.planfile import read_plan
+
+    assert main(["fisher", "--checkpoint", str(tiny_ckpt), "--dataset", "mnist-train5k", "--bins", "2", "--samples",
+                 "3", "--device", "cpu", "--out", str(tmp_path / "f.safetensors"), "--json"]) == 0
+    capsys.readouterr()
+    assert main(["quantize", "--model", str(tiny_ckpt), "--fisher", str(tmp_path / "f.safetensors"), "--avg-bits",
+                 "6", "--statistic", "mean", "--refine", "3", "--plan-out", str(tmp_path / "p.json"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert 1 <= res["refine"]["evaluations"] <= 3 and res["size"]["avg_bits"] <= 6.0
+    assert read_plan((tmp_path / "p.json").read_bytes(), "p.json").precisions
+    assert main(["quantize", "--model", str(tiny_ckpt), "--fisher", str(tmp_path / "f.safetensors"), "--strategy",
+                 "layer-ratio", "--refine"]) == 2
+    assert "--refine refines a Fisher budget plan" in capsys.readouterr().err
