@@ -182,6 +182,7 @@ def with_class_conditioning(den: Denoiser, null_class: int | None) -> Denoiser:
     k = get("num_class_embeds")
     if not k and model_class_name(den.module) == "DiTTransformer2DModel" and get("num_embeds_ada_norm"):
         k = int(get("num_embeds_ada_norm")) + 1  # its classes, then diffusers' classifier-free (null) label row
+        null_class = k - 1 if null_class is None else null_class  # that row is its null class, card or not
     if not k:
         return den
     k = int(k)

@@ -118,15 +118,27 @@ def test_a_model_name_with_markup_is_shown_as_plain_text(tiny_dir, tmp_path):
         ModelInfo(classes=("<b>a</b>",))
 
 
-def test_a_transformer_folder_that_loads_but_cannot_sample_is_refused_at_selection_in_one_line(app_state, tmp_path):
-    from tests.diffusers_tiny import save_pipeline_dir, tiny_dit
+def test_a_folder_that_loads_but_cannot_sample_is_refused_at_selection_in_one_line(app_state, tmp_path):
+    from tests.diffusers_tiny import save_pipeline_dir, tiny_unet2d_condition
 
-    folder = save_pipeline_dir(tmp_path / "dit", tiny_dit())  # class-conditional: the app supplies no labels to it
+    # Cross-attention: it needs encoder_hidden_states, which the app does not supply.
+    folder = save_pipeline_dir(tmp_path / "sd", tiny_unet2d_condition())
     reg = Registry(app_state, discover({"LAFQ_MODELS": str(folder)}, fashion=None))
     with pytest.raises(InputError, match="loads but does not sample here") as e:
         reg.select(UserSession(), reg.ids[1])
     assert "\n" not in str(e.value)
     assert reg.get(DEFAULT_MODEL) is app_state
+
+
+def test_a_class_conditional_dit_folder_is_selectable_with_its_classes(app_state, tmp_path):
+    from tests.diffusers_tiny import save_pipeline_dir, tiny_dit
+
+    folder = save_pipeline_dir(tmp_path / "dit", tiny_dit())  # its label rows, then its classifier-free row
+    reg = Registry(app_state, discover({"LAFQ_MODELS": str(folder)}, fashion=None))
+    state = reg.select(UserSession(), reg.ids[1])
+    state = reg.get(reg.ids[1])
+    assert state.den.source["class"] == "DiTTransformer2DModel" and len(state.den.conditioning.kwargs["class_labels"]) == 11
+    assert state.den.null_row == 10  # diffusers' classifier-free label row, without a card saying so
 
 
 def test_a_model_that_fails_to_load_is_a_one_line_input_error_and_the_registry_keeps_serving(app_state, tiny_dir,
