@@ -556,6 +556,11 @@ def cmd_report(args):
     base = Settings.quick() if args.quick else Settings()
     s = settings_with(base, n=args.n, steps=args.steps, seeds=args.seeds, guidance=args.guidance,
                       random_seeds=args.random_seeds, batch_size=args.batch_size)
+    if args.sensitivity_precisions:
+        from dataclasses import replace as _replace
+
+        s = _replace(s, sensitivity=_replace(s.sensitivity, also=tuple(
+            p.strip() for p in args.sensitivity_precisions.split(",") if p.strip())))
     shapes = param_shapes(model)
     lo = floor_bits(shapes)
     feasible = feasible_budgets(shapes, s.budgets)
@@ -587,6 +592,7 @@ def cmd_report(args):
              ("captions", getattr(args, "captions", None)), ("n", args.n),
              ("steps", args.steps), ("seeds", args.seeds), ("guidance", args.guidance),
              ("random_seeds", args.random_seeds), ("batch_size", args.batch_size),
+             ("sensitivity_precisions", args.sensitivity_precisions),
              ("backend", None if args.backend == "auto" else args.backend),
              ("device", None if args.device == "auto" else args.device), ("cache_dir", args.cache_dir),
              ("out_dir", args.out_dir)]
@@ -649,6 +655,9 @@ def register_report(sub):
                         "a different size is a different set of records")
     r.add_argument("--backend", choices=("auto", "classifier", "inception"), default="auto")
     r.add_argument("--skip-sensitivity", action="store_true", help="only the plan grid")
+    r.add_argument("--sensitivity-precisions", default=None, metavar="LIST",
+                   help="also lower each unit alone to these precisions (e.g. int8,int4-g32,fp16): the formats "
+                        "budget plans use, beside INT4")
     r.add_argument("--render", action="store_true",
                    help="write the report from the records already in --cache-dir, sampling nothing")
     r.add_argument("--cache-dir", default=None,

@@ -531,7 +531,9 @@ def write(records: list[dict], s: Settings, command: str, out_dir: Path, *, tota
     lines += ["", f"![size vs {'mean |Δ| to FP32' if subject.pixels_only else 'FID'}](report_pareto.svg)", "",
               "## What the data say", "", *findings(records, s), ""]
     lines += random_section(records, s)
-    lines += sensitivity_section(sens, s, sensitivity_units, sensitivity_skipped)
+    from .sensitivity import by_precision
+    lines += sensitivity_section(sens, s, sensitivity_units, sensitivity_skipped,
+                                 by_precision(sensitivity) if sensitivity else None)
     lines += source_section(records) if subject.source_strategies else []
     atomic_write_bytes(out_dir / "report.md", ("\n".join(lines) + "\n").encode())
 
@@ -689,7 +691,7 @@ SENS_LABELS = {"mad": "mean abs Δ", "feature_distance": "feature distance"}
 
 
 def sensitivity_section(sens: dict | None, s: Settings, total_units: int | None = None,
-                        skipped: bool = False) -> list[str]:
+                        skipped: bool = False, per_precision: dict | None = None) -> list[str]:
     if not sens:
         return ["## Sensitivity validation", "",
                 "Not part of this run (`--skip-sensitivity`)." if skipped else "Not yet measured.", ""]
@@ -715,6 +717,19 @@ def sensitivity_section(sens: dict | None, s: Settings, total_units: int | None 
     top = sorted(sens["measures"]["mad"]["measured"].items(), key=lambda kv: -kv[1])[:5]
     out += ["", "Most damaging alone (mean abs Δ ‰): " + ", ".join(f"`{u}` {1000 * v:.2f}" for u, v in top) + ".",
             "", "![measured damage vs predicted](sensitivity.svg)", ""]
+    others = {p: v for p, v in (per_precision or {}).items() if p != ss.precision and v}
+    if others:
+        out += [f"At the other precisions a budget plan puts tensors at, each unit lowered alone to that precision "
+                "(same setting): Spearman ρ against the measured mean |Δ| (p-value in brackets).", "",
+                "| precision | units | Fisher × ‖Q(w) − w‖² (budget's) | Fisher alone | ‖Q(w) − w‖² alone | most damaging "
+                "alone (mean abs Δ ‰) |", "|---|---:|---:|---:|---:|---|"]
+        for p, v in others.items():
+            rho = v["measures"]["mad"]["rho"]
+            top = sorted(v["measures"]["mad"]["measured"].items(), key=lambda kv: -kv[1])[:3]
+            out.append(f"| {p.upper()} | {v['units']} | " + " | ".join(
+                f"{rho[k][0]:+.3f} (p = {rho[k][1]:.2g})" for k in ("fisher_x_error", "fisher", "error"))
+                + " | " + ", ".join(f"`{u}` {1000 * d:.2f}" for u, d in top) + " |")
+        out.append("")
     return out
 
 

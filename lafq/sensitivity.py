@@ -41,10 +41,22 @@ class SensitivitySettings:
     precision: str = "int4"
     unit: str = "tensor"  # or "layer"
     statistic: str = "mean"
+    # Further precisions each unit is lowered to alone, after `precision`: the formats a budget plan actually puts
+    # tensors at (INT8, INT4-g32, FP16, ...), so the predictor is checked where plans use it, not only at INT4.
+    also: tuple[str, ...] = ()
 
     def __post_init__(self):
+        from .precision import check_precision
+
         if self.unit not in ("tensor", "layer"):
             raise ValueError(f"unit must be 'tensor' or 'layer', got {self.unit!r}")
+        object.__setattr__(self, "also", tuple(p for p in dict.fromkeys(self.also) if p != self.precision))
+        for p in (self.precision, *self.also):
+            check_precision(p)
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        return (self.precision, *self.also)
 
 
 def units(names_shapes: dict[str, tuple], unit: str) -> dict[str, list[str]]:
@@ -103,26 +115,41 @@ def run(evaluator, fisher, s: SensitivitySettings, guidance: float, log=print) -
     weights = {n: p.detach().cpu() for n, p in model.named_parameters()}  # beside the Fisher map, on any device
     shapes = {n: tuple(w.shape) for n, w in weights.items()}
     groups = units(shapes, s.unit)
-    preds = predictors(fisher, weights, groups, s.precision, s.statistic)
     records = []
-    for i, (u, members) in enumerate(groups.items()):
-        plan = unit_plan(shapes, members, s.precision)
-        for seed in range(s.seeds):
-            spec = SampleSpec(n=s.n, steps=s.steps, guidance=guidance, seed=seed, batch_size=128)
-            rec = evaluator.record(u, plan, spec)
-            if rec is None:  # cached_only and not measured yet
-                continue
-            rec.update(unit=u, unit_kind=s.unit, precision=s.precision,
-                       **{f"pred_{p}": preds[p][u] for p in preds})
-            records.append(rec)
-        done = [r for r in records if r["unit"] == u]
-        if done:
-            log(f"sensitivity {i + 1}/{len(groups)} {u}: mean |Δ| {sum(r['mad'] for r in done) / len(done):.5f}")
+    for precision in s.precisions:
+        preds = predictors(fisher, weights, groups, precision, s.statistic)
+        for i, (u, members) in enumerate(groups.items()):
+            plan = unit_plan(shapes, members, precision)
+            if all(plan.precisions[n] == "fp32" for n in members):
+                continue  # e.g. FP32 asked for: nothing lowered
+            for seed in range(s.seeds):
+                spec = SampleSpec(n=s.n, steps=s.steps, guidance=guidance, seed=seed, batch_size=128)
+                rec = evaluator.record(u, plan, spec)
+                if rec is None:  # cached_only and not measured yet
+                    continue
+                rec.update(unit=u, unit_kind=s.unit, precision=precision,
+                           **{f"pred_{p}": preds[p][u] for p in preds})
+                records.append(rec)
+            done = [r for r in records if r["unit"] == u and r["precision"] == precision]
+            if done:
+                log(f"sensitivity {precision} {i + 1}/{len(groups)} {u}: mean |Δ| "
+                    f"{sum(r['mad'] for r in done) / len(done):.5f}")
     return records
 
 
-def summarize(records: list[dict]) -> dict:
-    """Per measure: per-unit mean over seeds, and ρ (p) of every predictor against it."""
+def by_precision(records: list[dict]) -> dict[str, dict]:
+    """summarize() for each precision the records lowered units to, in first-seen order (records without a
+    precision field count as INT4, the stage's first format)."""
+    seen = list(dict.fromkeys(r.get("precision") or "int4" for r in records))
+    return {p: summarize(records, p) for p in seen}
+
+
+def summarize(records: list[dict], precision: str | None = None) -> dict:
+    """Per measure: per-unit mean over seeds, and ρ (p) of every predictor against it, over the records of one
+    precision (default: the first the records name, INT4 in every stage lafq runs)."""
+    if precision is None and records:
+        precision = records[0].get("precision") or "int4"
+    records = [r for r in records if (r.get("precision") or "int4") == precision]
     by_unit: dict[str, list[dict]] = {}
     for r in records:
         by_unit.setdefault(r["unit"], []).append(r)

@@ -18,7 +18,7 @@ def reported(tmp_path_factory):
     assert main(["fisher", "--model", str(folder), "--images", str(folder / "latents.safetensors"), "--captions",
                  caps, "--bins", "2", "--samples", "3", "--out", str(folder / "fisher.safetensors"), "--json"]) == 0
     args = ["report", "--model", str(folder), "--captions", caps, "--quick", "--n", "4", "--steps", "2", "--seeds",
-            "2", "--random-seeds", "2", "--json"]
+            "2", "--random-seeds", "2", "--sensitivity-precisions", "int8,int4-g32", "--json"]
     assert main(args) == 0
     return folder, args
 
@@ -43,6 +43,11 @@ def test_a_text_to_image_pipeline_without_a_classifier_gets_the_full_report_in_p
     sens = text.split("## Sensitivity validation")[1]
     assert "| predictor | ρ vs mean abs Δ |" in sens and "feature distance" not in sens.split("|---|")[0]
     assert (folder / "report" / "sensitivity.csv").is_file() and (folder / "report" / "report_pareto.svg").is_file()
+    # ... and at the other precisions budget plans use: each layer alone at INT8 and at INT4-g32 too.
+    others = sens.split("At the other precisions")[1]
+    assert "| INT8 | 10 |" in others and "| INT4-G32 | 10 |" in others
+    precisions = {r["precision"] for r in csv.DictReader(open(folder / "report" / "sensitivity.csv"))}
+    assert precisions == {"int4", "int8", "int4-g32"}
 
 
 def test_a_rerun_of_the_pixel_report_samples_nothing_and_gives_the_same_records(reported, capsys):
