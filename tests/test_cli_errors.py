@@ -80,9 +80,12 @@ def test_bad_cli_input_is_one_line_and_exit_code_2(args, message, tmp_path, tiny
 
 
 def test_ctrl_c_is_one_line_and_exit_code_130(tiny_ckpt):
+    # As in a terminal: SIGINT at its default in the child, also when this suite runs as a background job (a
+    # non-interactive shell starts `cmd &` with SIGINT ignored, and Python keeps an inherited SIG_IGN).
     proc = subprocess.Popen([sys.executable, "-m", "lafq", "fid", "--checkpoint", str(tiny_ckpt), "--n", "5000",
                              "--steps", "200", "--seeds", "1", "--device", "cpu"], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": REPO})
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": REPO},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert proc.stdout.readline().startswith("FID:")  # it is computing now
         proc.send_signal(signal.SIGINT)
