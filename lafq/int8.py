@@ -89,36 +89,33 @@ class _Int8Conv2d(nn.Module):
 
 def use_int8_kernels(model: nn.Module) -> nn.Module:
     """Switch a quantized model (in place) to the "int8-dynamic" compute mode; returns it."""
-    from torch.ao.nn.quantized import dynamic as nnqd
-
     if getattr(model, "lafq_plan", None) is None:
         raise ValueError("int8 kernels need a quantized model: quantize it first")
     if getattr(model, "lafq_compute", "dequantize") == "int8-dynamic":
         return model
     if any(b.device.type != "cpu" for b in model.buffers()):
         raise ValueError("the int8-dynamic compute mode runs torch.ao CPU kernels; keep the model on the CPU")
-    for name, mod in list(model.named_modules()):
-        s = getattr(mod, "_lafq_stored", {}).get("weight")
-        if s is None or s.precision not in ("int8", "int4"):
-            continue
-        codes = stored_codes(s)
-        if isinstance(mod, nn.Conv2d) and mod.kernel_size != (1, 1) and mod.padding_mode == "zeros" and ONEDNN_CONV \
-                and mod.in_channels >= INT8_CONV_MIN_CHANNELS and not isinstance(mod.padding, str):
-            parent, attr = _owner(model, name)
-            setattr(parent, attr, _Int8Conv2d(mod, codes, s.scale))
-            continue
-        if not isinstance(mod, nn.Linear):
-            continue
-        qweight = torch._make_per_channel_quantized_tensor(
-            codes.reshape(s.shape[0], -1).contiguous(), s.scale.double(), torch.zeros(len(s.scale), dtype=torch.long), 0)
-        bias = mod.bias  # already dequantized to fp32 when stored small
-        bias = None if bias is None else bias.detach().float().contiguous()
-        fast = nnqd.Linear(qweight.shape[1], qweight.shape[0], bias_=bias is not None, dtype=torch.qint8)
-        fast.set_weight_bias(qweight, bias)
+    for name, kind in int8_layers(model).items():
+        mod = model.get_submodule(name)
+        s = mod._lafq_stored["weight"]
         parent, attr = _owner(model, name)
-        setattr(parent, attr, fast)
+        setattr(parent, attr, _Int8Conv2d(mod, stored_codes(s), s.scale) if kind == "conv" else _dynamic_linear(mod, s))
     model.lafq_compute = "int8-dynamic"
     return model
+
+
+def _dynamic_linear(mod: nn.Linear, s) -> nn.Module:
+    """torch.ao's dynamically quantized int8 Linear on the stored codes and per-channel scales (int4 codes are
+    valid int8 codes); activations quantized per call."""
+    from torch.ao.nn.quantized import dynamic as nnqd
+
+    codes = stored_codes(s)
+    qweight = torch._make_per_channel_quantized_tensor(
+        codes.reshape(s.shape[0], -1).contiguous(), s.scale.double(), torch.zeros(len(s.scale), dtype=torch.long), 0)
+    bias = None if mod.bias is None else mod.bias.detach().float().contiguous()  # fp32 already when stored small
+    fast = nnqd.Linear(qweight.shape[1], qweight.shape[0], bias_=bias is not None, dtype=torch.qint8)
+    fast.set_weight_bias(qweight, bias)
+    return fast
 
 
 # -- static W8A8: calibrated activation ranges per timestep bin ------------------------------------------------
@@ -214,14 +211,9 @@ def calibrate_activations(den, *, n: int = 16, steps: int = 25, guidance: float 
     model = den.module
     names = layers if layers is not None else list(int8_layers(model))
     edges = tuple(float(e) for e in torch.linspace(0, den.T, bins + 1).tolist())
-    probe = ActivationRanges(edges, {})
     seen: dict[str, dict[int, list[float]]] = {k: {} for k in names}
     state = {"bin": 0}
-
-    def root_hook(_m, args, kwargs):
-        t = _timestep(args, kwargs)
-        if t is not None:
-            state["bin"] = probe.bin_of(t)
+    root_hook = _BinHook(edges, state)
 
     def layer_hook(name):
         def hook(_m, args):
@@ -289,8 +281,6 @@ def use_w8a8(model: nn.Module, ranges: ActivationRanges, keep_float: tuple[str, 
     model from the timestep it is called with); int8/int4 Linears run torch.ao's int8 Linear (activations per
     call); layers in `keep_float`, and any without a range, keep float activations (the dequantize path).
     `model.lafq_activations` names each int8-capable layer's activation precision. Returns the model."""
-    from torch.ao.nn.quantized import dynamic as nnqd
-
     if getattr(model, "lafq_plan", None) is None:
         raise ValueError("W8A8 needs a quantized model: quantize it first")
     if getattr(model, "lafq_compute", "dequantize") != "dequantize":
@@ -315,17 +305,9 @@ def use_w8a8(model: nn.Module, ranges: ActivationRanges, keep_float: tuple[str, 
         if name in keep_float or (kind == "conv" and name not in ranges.ranges):
             acts[name] = "float"
             continue
-        codes = stored_codes(s)
         parent, attr = _owner(model, name)
-        if kind == "conv":
-            setattr(parent, attr, _StaticInt8Conv2d(mod, codes, s.scale, ranges.ranges[name], state))
-        else:
-            qweight = torch._make_per_channel_quantized_tensor(
-                codes.reshape(s.shape[0], -1).contiguous(), s.scale.double(), torch.zeros(len(s.scale), dtype=torch.long), 0)
-            bias = None if mod.bias is None else mod.bias.detach().float().contiguous()
-            fast = nnqd.Linear(qweight.shape[1], qweight.shape[0], bias_=bias is not None, dtype=torch.qint8)
-            fast.set_weight_bias(qweight, bias)
-            setattr(parent, attr, fast)
+        setattr(parent, attr, _StaticInt8Conv2d(mod, stored_codes(s), s.scale, ranges.ranges[name], state)
+                if kind == "conv" else _dynamic_linear(mod, s))
         acts[name] = "int8"
 
     model.register_forward_pre_hook(_BinHook(ranges.edges, state), with_kwargs=True)
