@@ -17,17 +17,19 @@ sys.path.insert(0, str(REPO / "bench"))
 def compare_default(runs: int) -> dict:
     """The Generate button with the tab's defaults; the first call builds the quantized models."""
     from demo.state import load_state
-    from demo.tab_compare import DEFAULTS, compare
+    from demo.tab_compare import DEFAULTS, compare, default_class
+    from demo.tab_quantize import preset_current
 
     state = load_state()
-    args = [DEFAULTS[k] for k in ("digit", "guidance", "steps", "seed", "n")] + [True]
+    cls = default_class(state)  # the model's own default class and guidance, as the tab opens
+    args = [cls, state.default_guidance, DEFAULTS["steps"], DEFAULTS["seed"], DEFAULTS["n"], True]
     times = []
     for _ in range(runs + 1):
         t0 = time.perf_counter()
-        compare(state, None, *args)  # None: the app's default policy
+        compare(state, preset_current(state), *args)  # the app's default plan
         times.append(time.perf_counter() - t0)
     return {"compare_first_s": times[0], "compare_median_s": statistics.median(times[1:]),
-            "compare_job": f"digit {DEFAULTS['digit']}, {DEFAULTS['n']} images, DDIM-{DEFAULTS['steps']}, "
+            "compare_job": f"{state.class_word} {cls}, {DEFAULTS['n']} images, DDIM-{DEFAULTS['steps']}, "
                            "FP32 + plan + uniform"}
 
 

@@ -1,4 +1,5 @@
-"""Inside tab: activations over the trajectory, saliency at a timestep, where quantization error grows.
+"""Inside tab: activations over the trajectory, saliency at a timestep, where quantization error grows, and how
+far each layer's activation range drifts over the timesteps (why W8A8 scales are calibrated per timestep bin).
 
 Every model: lafq.inside observes the selected model's own layers (lafq.layers). The saliency image is one of the
 model's reference images (held out from training) where that split is on the machine, else one of its training
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from lafq.inside import activation_trace, quantization_error_trace, saliency
+from lafq.inside import activation_drift, activation_trace, quantization_error_trace, saliency
 
 from . import plots
 from .state import MAX_STEPS, AppState, InputError, as_choice, as_number
@@ -99,6 +100,30 @@ def quant_error(state: AppState, current: dict, cls, steps, seed, user=None):
                          "‖q−f‖/‖f‖")
 
 
+# Drift view: 8 samples (the model's classes in turn) and at most 10 bins; on the 2-core CPU about 1 s for the
+# MNIST U-Net at DDIM-25.
+DRIFT_SAMPLES, DRIFT_BINS = 8, 10
+
+
+@gpu(duration=30)
+def drift(state: AppState, steps, seed):
+    steps = as_number(steps, "DDIM steps", 2, MAX_STEPS, integer=True)
+    seed = as_number(seed, "seed", 0, 2**31 - 1, integer=True)
+    r = activation_drift(state.den, n=DRIFT_SAMPLES, steps=steps, bins=min(DRIFT_BINS, steps), seed=seed,
+                         guidance=state.default_guidance)
+    layers = list(r.ranges)
+    width = torch.stack([r.ranges[k][:, 1] - r.ranges[k][:, 0] for k in layers])
+    ratio = width / width.min(1, keepdim=True).values.clamp_min(1e-12)
+    centres = [round((a + b) / 2) for a, b in zip(r.edges, r.edges[1:])]
+    d = r.drift()
+    worst = max(d, key=d.get)
+    return plots.heatmap(layers, centres, ratio.numpy(),
+                         f"input range (max − min) of each weight layer per timestep bin, over its narrowest bin "
+                         f"({DRIFT_SAMPLES} samples, DDIM-{steps}): up to {d[worst]:.1f}× ({worst}), what one "
+                         f"static int8 scale would have to span; W8A8 calibrates one per bin",
+                         "range / narrowest", x_title="timestep (bin centre)")
+
+
 def saliency_t(state: AppState) -> int:
     """The saliency timestep shown first: 30% of the way into the noise (300 of 1,000)."""
     return round(0.3 * state.schedule.T)
@@ -128,7 +153,8 @@ def shown_example(state: AppState):
 
 
 HOW_TO = ("**How to:** press a button to look inside the network along one denoising trajectory: which layers are "
-          "active when, what the model attends to (saliency), and where your plan's quantization error grows.")
+          "active when, what the model attends to (saliency), where your plan's quantization error grows, and how far "
+          "each layer's activation range drifts over the timesteps (why W8A8 calibrates its scales per timestep bin).")
 
 
 def build(models, current, user, guard):
@@ -156,6 +182,8 @@ def build(models, current, user, guard):
     sal = gr.Plot(show_label=False)
     qerr_btn = gr.Button("Quantization error along the trajectory (current plan)")
     qerr = gr.Plot(show_label=False)
+    drift_btn = gr.Button("Activation ranges over the timesteps (W8A8 calibration)")
+    drift_plot = gr.Plot(show_label=False, elem_id="inside-drift")
 
     arrival = (lambda: example(state)), [heat, maps, sal, qerr]
     act_btn.click(guard(lambda *v: activations(models.state_for(v[-1]), *v[:-1])), [cls, steps, seed, layer, user],
@@ -164,6 +192,8 @@ def build(models, current, user, guard):
                   api_name="saliency", concurrency_id="sample")
     qerr_btn.click(guard(lambda cur, *v: quant_error(models.state_for(v[-1]), cur, *v)),
                    [current, cls, steps, seed, user], qerr, api_name="quant_error", concurrency_id="sample")
+    drift_btn.click(guard(lambda *v: drift(models.state_for(v[-1]), *v[:-1])), [steps, seed, user], drift_plot,
+                    api_name="activation_drift", concurrency_id="sample")
 
     def refresh(usr):  # on a model switch: the controls, and the example views only if already computed
         st = models.state_for(usr)

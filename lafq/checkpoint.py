@@ -27,8 +27,21 @@ def state_digest(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for k, v in model.state_dict().items():
         h.update(k.encode())
-        h.update(v.detach().float().cpu().numpy().tobytes())
+        _digest_value(h, v)
     return h.hexdigest()[:16]
+
+
+def _digest_value(h, v) -> None:
+    """Float tensors by their values (quantized ones dequantized); the packed (tensor, ...) tuples and dtype
+    entries of torch.ao's int8 modules (the integer compute modes) by their parts."""
+    if torch.is_tensor(v):
+        v = v.dequantize() if v.is_quantized else v
+        h.update(v.detach().float().cpu().numpy().tobytes())
+    elif isinstance(v, (tuple, list)):
+        for part in v:
+            _digest_value(h, part)
+    else:
+        h.update(repr(v).encode())
 
 
 class CheckpointError(ValueError):

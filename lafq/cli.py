@@ -42,7 +42,10 @@ def _classes(text: str | None) -> tuple[int, ...] | None:
 def _sampling_args(p):
     from .cli_quant import model_arg
 
+    from .cli_quant import compute_arg
+
     model_arg(p)  # a U-Net or quantized model .safetensors, or a diffusers folder
+    compute_arg(p)
     p.add_argument("--steps", type=_positive("--steps"), default=50, help="DDIM steps (DDPM always uses all T)")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     p.add_argument("--eta", type=number("--eta", 0, 1), default=0.0, help="DDIM eta in [0, 1]: 0 deterministic, 1 ancestral")
@@ -59,7 +62,8 @@ def _model_on(model, args):
     """Move a U-Net or quantized model to --device (FP32 without TF32 on a GPU); returns (model, device)."""
     from .device import resolve_device, strict_fp32
 
-    device = resolve_device(args.device)
+    device = resolve_device("cpu" if args.device == "auto" and getattr(args, "compute", "dequantize") != "dequantize"
+                            else args.device)  # the integer compute modes are CPU kernels
     if getattr(args, "command", None) in ("fid", "fid-model"):  # fid splits its seeds under torchrun: this rank's device
         from .distributed import init_from_env
         device = init_from_env(device)
@@ -84,7 +88,8 @@ def cmd_train(args):
     cfg = TrainConfig(dataset=args.dataset, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       save_every=args.save_every, sample_every=args.sample_every, log_every=args.log_every)
     mcfg = UNetConfig(base_channels=args.base_channels)
-    device = resolve_device(args.device)
+    device = resolve_device("cpu" if args.device == "auto" and getattr(args, "compute", "dequantize") != "dequantize"
+                            else args.device)  # the integer compute modes are CPU kernels
     t0 = time.perf_counter()
     rec = train(args.out, cfg, mcfg, resume=not args.no_resume, progress=not args.json, until=args.until, device=device)
     res = {"command": "train", "out": str(args.out), **rec, "device": str(device),
@@ -178,7 +183,7 @@ def cmd_fid(args):
     cache = args.cache_dir or (folder / "eval" if folder is not None else None)
     seeds = list(range(args.seed, args.seed + args.seeds))
     res = {"command": "fid", "model": args.model or str(DEFAULT_CKPT), "backend": backend.name, "n": args.n,
-           "seeds": seeds, "reference": reference, "weights": args.weights}
+           "seeds": seeds, "reference": reference, "weights": args.weights, "compute": args.compute}
     lines = []
     if not args.floor_only:
         m = load_model_arg(args)
@@ -215,7 +220,8 @@ def cmd_fid(args):
         lines.append(f"real-vs-real floor ({floor_images} draws vs {reference}): " + f.describe())
     if cache is not None:  # the summary beside the per-seed results
         name = "floor" if args.floor_only else f"fid-n{args.n}-ddim{args.steps}-w{res.get('guidance', 0):g}" + (
-            f"-{Path(args.weights).stem}" if args.weights else "")  # a quantized model's summary beside FP32's
+            f"-{Path(args.weights).stem}" if args.weights else "") + (  # a quantized model's summary beside FP32's
+            f"-{args.compute}" if args.compute != "dequantize" else "")  # and its integer-kernel runs beside it
         atomic_write_bytes(Path(cache) / f"{name}.json", (_json.dumps(res, indent=2, sort_keys=True) + "\n").encode())
         lines.append(f"wrote {Path(cache) / (name + '.json')}")
     _emit(args, res, "\n".join(lines))

@@ -84,6 +84,45 @@ def model_arg(p) -> None:
                    help="a quantized .safetensors of this model (quantize --out): used in place of its FP32 weights")
 
 
+COMPUTE_CHOICES = ("dequantize", "int8-dynamic", "w8a8")
+
+
+def compute_arg(p) -> None:
+    """--compute (with --activations and --keep-float for w8a8): how a quantized model runs (lafq.int8)."""
+    p.add_argument("--compute", choices=COMPUTE_CHOICES, default="dequantize",
+                   help="how a quantized model computes: dequantize (default, any device), or the CPU integer "
+                        "kernels int8-dynamic (activations quantized per call) and w8a8 (static activation scales "
+                        "per timestep bin from --activations)")
+    p.add_argument("--activations", type=Path, default=None,
+                   help="w8a8: the activation ranges `python -m lafq calibrate` wrote for this quantized model")
+    p.add_argument("--keep-float", default=None,
+                   help="w8a8: comma-separated layers whose activations stay float (e.g. the most sensitive)")
+
+
+def apply_compute(m: "ModelArg", args) -> "ModelArg":
+    """Switch a quantized --model/--weights to --compute (in place on its module); one-line errors for options
+    that do not go together or a model that is not quantized."""
+    compute = getattr(args, "compute", "dequantize")
+    if compute != "w8a8" and (args.activations is not None or args.keep_float):
+        raise CLIError("--activations and --keep-float set up --compute w8a8: add it, or drop them")
+    if compute == "dequantize":
+        return m
+    if getattr(m.den.module, "lafq_plan", None) is None:
+        raise CLIError(f"--compute {compute} runs integer kernels on stored codes: give a quantized model "
+                       "(--weights Q.safetensors from `quantize --out`)")
+    from .int8 import ActivationRanges, use_int8_kernels, use_w8a8
+
+    if compute == "int8-dynamic":
+        use_int8_kernels(m.den.module)
+        return m
+    if args.activations is None:
+        raise CLIError("--compute w8a8 needs --activations FILE: write one with `python -m lafq calibrate --model ... "
+                       "--weights Q.safetensors --out FILE`")
+    keep = tuple(k.strip() for k in (args.keep_float or "").split(",") if k.strip())
+    use_w8a8(m.den.module, ActivationRanges.load(args.activations), keep_float=keep)
+    return m
+
+
 @dataclass(frozen=True)
 class ModelArg:
     """What --model named: its Denoiser, the pipeline folder it came from (None: a file or a Hub id), the folder
@@ -120,6 +159,8 @@ def load_model_arg(args) -> ModelArg:
 
         q, _ = load_quantized(args.weights, like=m.den.module)
         m = replace(m, den=replace(m.den, module=q))
+    if hasattr(args, "compute"):
+        m = apply_compute(m, args)
     return m
 
 
@@ -668,4 +709,47 @@ def register_report(sub):
     r.set_defaults(func=cmd_report)
 
 
-REGISTER = [register_fisher, register_quantize, register_report]
+def register_calibrate(sub):
+    c = sub.add_parser("calibrate", help="W8A8: a quantized model's activation ranges per timestep bin (for "
+                                         "sample/fid --compute w8a8 --activations FILE)")
+    model_arg(c)
+    c.add_argument("--n", type=number("--n", 1, 4096, integer=True), default=16, help="calibration samples")
+    c.add_argument("--steps", type=number("--steps", 1, 1000, integer=True), default=25, help="DDIM steps")
+    c.add_argument("--bins", type=number("--bins", 1, 1000, integer=True), default=5,
+                   help="timestep bins, each with its own activation scales")
+    c.add_argument("--seed", type=number("--seed", 0, 2**63 - 1, integer=True), default=1,
+                   help="calibration noise (default 1: not evaluation seed 0's)")
+    c.add_argument("--guidance", type=number("--guidance", 0, 100), default=None,
+                   help="classifier-free guidance (default: the model card's)")
+    c.add_argument("--out", type=Path, required=True, help="the activation ranges (.safetensors)")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_calibrate)
+
+
+def cmd_calibrate(args):
+    from .diffusion import DEFAULT_GUIDANCE
+    from .int8 import calibrate_activations
+
+    m = load_model_arg(args)
+    if getattr(m.den.module, "lafq_plan", None) is None:
+        raise CLIError("calibrate measures a quantized model's activations: give --weights Q.safetensors "
+                       "(from `quantize --out`)")
+    guidance = args.guidance if args.guidance is not None else (
+        m.card.guidance if m.card is not None and m.card.null_class is not None else DEFAULT_GUIDANCE)
+    t0 = time.perf_counter()
+    ranges = calibrate_activations(m.den, n=args.n, steps=args.steps, guidance=guidance, bins=args.bins, seed=args.seed)
+    if not ranges.ranges:
+        raise CLIError("this plan has no layer with int8 activations here (int8 or per-channel int4 convolutions "
+                       "on oneDNN with VNNI, or Linears): nothing to calibrate")
+    ranges.save(args.out)
+    drift = ranges.drift()
+    worst = max(drift, key=drift.get)
+    res = {"command": "calibrate", "out": str(args.out), "layers": len(ranges.ranges), "bins": ranges.bins,
+           "n": args.n, "steps": args.steps, "guidance": guidance, "seed": args.seed, "digest": ranges.digest(),
+           "drift": {k: round(v, 4) for k, v in drift.items()}, "seconds": round(time.perf_counter() - t0, 3)}
+    _emit(args, res, f"wrote {args.out}: activation ranges of {len(ranges.ranges)} layers in {ranges.bins} timestep "
+                     f"bins ({args.n} samples, DDIM-{args.steps}, guidance {guidance:g}, seed {args.seed}); widest "
+                     f"drift {drift[worst]:.2f}x ({worst}): use with --compute w8a8 --activations {args.out}")
+
+
+REGISTER = [register_fisher, register_quantize, register_report, register_calibrate]

@@ -120,6 +120,21 @@ def _timesteps(den, steps):
     return ddim_timesteps(den.T, steps)
 
 
+def activation_drift(model, *, n: int = 8, steps: int = 25, bins: int = 10, guidance: float = DEFAULT_GUIDANCE,
+                     seed: int = 0):
+    """How far the input range of every weight layer (each Conv2d and Linear) drifts over the denoising steps:
+    lafq.int8.calibrate_activations on a private copy of the model (n samples of the model's classes in turn,
+    lafq.pipeline.denoise's noise rule), per timestep bin. Returns its lafq.int8.ActivationRanges; `.drift()` is
+    each layer's widest bin over its narrowest: what one static W8A8 scale per layer would have to span (why
+    the w8a8 mode calibrates per bin, as Q-Diffusion does)."""
+    from .int8 import calibrate_activations
+
+    den = _den(model)
+    den = replace(den, module=copy.deepcopy(den.module))
+    layers = [k for k, m in den.module.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    return calibrate_activations(den, n=n, steps=steps, guidance=guidance, bins=bins, seed=seed, layers=layers)
+
+
 def activation_trace(model, label: int | None, *, steps: int = 25, guidance: float = DEFAULT_GUIDANCE, seed: int = 0,
                      schedule=None) -> Trace:
     """Mean |activation| of every observed layer at every denoising step, plus channel-mean spatial maps."""

@@ -169,6 +169,14 @@ class ActivationRanges:
         w = {k: (r[:, 1] - r[:, 0]) for k, r in self.ranges.items()}
         return {k: float(v.max() / v.min().clamp_min(1e-12)) for k, v in w.items()}
 
+    def digest(self) -> str:
+        """Of the edges and every layer's ranges: two calibrations that would scale alike share it."""
+        import hashlib
+        h = hashlib.sha256(repr(list(self.edges)).encode())
+        for k in sorted(self.ranges):
+            h.update(k.encode() + self.ranges[k].float().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
     def save(self, path) -> None:
         from .checkpoint import save_file
         save_file(path, {f"range.{k}": v for k, v in self.ranges.items()},
@@ -313,4 +321,5 @@ def use_w8a8(model: nn.Module, ranges: ActivationRanges, keep_float: tuple[str, 
     model.register_forward_pre_hook(_BinHook(ranges.edges, state), with_kwargs=True)
     model.lafq_compute = "w8a8"
     model.lafq_activations = acts
+    model.lafq_activation_ranges = ranges.digest()  # what the static scales came from (FID cache keys name it)
     return model

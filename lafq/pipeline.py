@@ -182,6 +182,10 @@ def seed_result_key(model, spec: SampleSpec, backend, classifier, reference: str
     parts = {"model": state_digest(module), "plan": sorted(plan.precisions.items()) if plan else None,
              "spec": spec.__dict__, "backend": [backend.name, getattr(backend, "digest", "")],
              "classifier": state_digest(classifier) if classifier is not None else None, "reference": reference}
+    compute = getattr(module, "lafq_compute", "dequantize")
+    if compute != "dequantize":  # integer kernels give other images: their own seeds (the default keeps its keys)
+        parts["compute"] = [compute, getattr(module, "lafq_activation_ranges", None),
+                            sorted(getattr(module, "lafq_activations", {}).items())]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

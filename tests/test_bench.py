@@ -1,4 +1,6 @@
 """The bench's own logic (its numbers belong in docs/benchmarks.md, not in tests)."""
+from pathlib import Path
+
 from bench.harness import BenchSettings, interleaved, markdown
 
 
@@ -103,3 +105,13 @@ def test_the_benchmarks_page_names_the_command_that_generated_it_and_where_dated
               datetime(2026, 12, 5, 6, 0, tzinfo=timezone.utc))
     assert md.startswith("# Benchmarks\n") and "`python -m lafq bench --quick --md docs/benchmarks.md` on 2026-12-05 06:00 UTC" in md
     assert "`benchmark-runs.md`" in md and md.endswith("| a |\n")
+
+
+def test_the_app_benchmark_times_the_compare_tabs_own_default_job():
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import app_bench
+
+    r = app_bench.compare_default(runs=1)
+    assert r["compare_first_s"] > 0 and r["compare_median_s"] > 0
+    assert r["compare_job"].endswith("4 images, DDIM-20, FP32 + plan + uniform")

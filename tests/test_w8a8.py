@@ -95,3 +95,41 @@ def test_a_mixed_timestep_batch_and_ranges_of_another_plan_are_refused_in_one_li
                      Plan({n: fallback(tuple(p.shape), "int4") for n, p in quantized[0].module.named_parameters()}))
     with pytest.raises(ValueError, match="calibrated on another plan"):
         use_w8a8(other, ranges)
+
+
+def test_the_cli_calibrates_a_quantized_file_and_samples_it_in_w8a8_and_the_fid_cache_keeps_modes_apart(tmp_path,
+                                                                                                       capsys):
+    import json
+    from types import SimpleNamespace
+
+    from lafq.cli import build_parser, main
+    from lafq.cli_quant import load_model_arg
+    from lafq.pipeline import SampleSpec, seed_result_key
+
+    q, acts = tmp_path / "int8.safetensors", tmp_path / "acts.safetensors"
+    assert main(["quantize", "--strategy", "uniform", "--target", "int8", "--out", str(q)]) == 0
+    assert main(["calibrate", "--weights", str(q), "--n", "2", "--steps", "3", "--bins", "3", "--out", str(acts),
+                 "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["bins"] == 3 and res["layers"] == len(ActivationRanges.load(acts).ranges) > 0
+    grid = tmp_path / "w8a8.png"
+    assert main(["sample", "--weights", str(q), "--compute", "w8a8", "--activations", str(acts), "--keep-float",
+                 "down2.res.0.conv1", "--n", "2", "--steps", "3", "--out", str(grid)]) == 0
+    assert grid.read_bytes()[:4] == b"\x89PNG"
+    # Options that do not go together, or a model that is not quantized: one line, exit 2.
+    for bad, why in [(["--weights", str(q), "--activations", str(acts)], "add it"),
+                     (["--weights", str(q), "--compute", "w8a8"], "needs --activations"),
+                     (["--compute", "int8-dynamic"], "give a quantized model"),
+                     (["--weights", str(q), "--compute", "w8a8", "--activations", str(q)], "activation-ranges")]:
+        capsys.readouterr()
+        assert main(["sample", *bad, "--n", "1", "--steps", "2", "--out", str(tmp_path / "x.png")]) == 2
+        err = capsys.readouterr().err
+        assert why in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+    def key(*extra):
+        args = build_parser().parse_args(["fid", "--weights", str(q), *extra])
+        backend = SimpleNamespace(name="classifier")
+        return seed_result_key(load_model_arg(args).den, SampleSpec(n=2, steps=2), backend, None, "mnist-test")
+    plain, dyn, w8 = key(), key("--compute", "int8-dynamic"), key("--compute", "w8a8", "--activations", str(acts))
+    assert len({plain, dyn, w8}) == 3  # a cached dequantize FID is never reused for integer kernels
+    assert w8 != key("--compute", "w8a8", "--activations", str(acts), "--keep-float", "down2.res.0.conv1")

@@ -29,6 +29,7 @@ def app_figures(app_state, tiny=None) -> dict[str, go.Figure]:
     figs.update({"activations": heat, "activation maps": maps})
     figs["saliency"] = tab_inside.saliency_panels(app_state, "3", 500, 0)
     figs["quantization error"] = tab_inside.quant_error(app_state, cur, "3", 3, 0)
+    figs["activation drift"] = tab_inside.drift(app_state, 4, 0)
     if tiny is not None:
         state, user = tiny
         figs["other model's plan"] = tab_quantize.readout(state, tab_quantize.preset_current(state), user)[2]

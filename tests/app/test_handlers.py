@@ -251,6 +251,16 @@ def test_inside_views(app_state):
         tab_inside.activations(app_state, "5", 4, 0, "embed")
 
 
+def test_the_drift_view_shows_each_weight_layers_input_range_per_timestep_bin_over_its_narrowest(app_state):
+    fig = tab_inside.drift(app_state, 6, 0)
+    z, rows = np.asarray(fig.data[0].z), list(fig.data[0].y)
+    assert "stem" in rows and "head.2" in rows and z.shape == (len(rows), 6)  # every conv and linear, 6 bins
+    assert np.allclose(z.min(1), 1) and z.max() > 1.2  # each row over its narrowest bin; ranges do drift
+    assert f"{z.max():.1f}×" in fig.layout.title.text
+    with pytest.raises(InputError, match="DDIM steps"):
+        tab_inside.drift(app_state, 1, 0)
+
+
 def test_plot_builders_are_pure():
     fig = plots.heatmap(["a", "b"], [1, 2, 3], np.ones((2, 3)), "t", "c")
     assert fig.data[0].z.shape == (2, 3)

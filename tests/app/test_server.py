@@ -171,7 +171,7 @@ def test_a_foreign_host_and_an_unknown_api_name_get_one_line_refusals(server, mo
     assert r.status_code != 404
     for verb in ("call", "run", "call/v2"):
         r = httpx.post(server + f"gradio_api/{verb}/nosuch", json={"data": []})
-        assert r.status_code == 404 and r.text.startswith("no API named 'nosuch'; this app has /activations, /compare")
+        assert r.status_code == 404 and r.text.startswith("no API named 'nosuch'; this app has /activation_drift, /activations, /compare")
         assert "figures_inline" not in r.text  # the page's own events are not advertised
 
 
@@ -182,7 +182,7 @@ def test_gradio_defaults_that_leak_are_off(server, client):
     assert httpx.get(server + "monitoring/summary").status_code in (403, 404)
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
     assert names == {"/quantize_readout", "/compare", "/fid", "/export", "/load_plan", "/recompute_fisher",
-                     "/shipped_fisher", "/activations", "/saliency", "/quant_error", "/select_model"}
+                     "/shipped_fisher", "/activations", "/saliency", "/quant_error", "/activation_drift", "/select_model"}
 
 
 def test_a_rejected_value_is_not_echoed_in_full(client):

@@ -23,7 +23,7 @@ def test_the_app_handlers_are_unwrapped_off_zerogpu():
     from demo import tab_compare, tab_fisher, tab_inside, tab_quality
 
     for fn in (tab_compare.compare, tab_fisher.recompute, tab_quality.evaluate, tab_inside.activations,
-               tab_inside.saliency_panels, tab_inside.quant_error):
+               tab_inside.saliency_panels, tab_inside.quant_error, tab_inside.drift):
         assert not hasattr(fn, "__wrapped__"), fn.__name__
 
 
