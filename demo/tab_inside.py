@@ -199,6 +199,7 @@ def build(models, current, user, guard):
         st = models.state_for(usr)
         return (gr.Dropdown(choices=class_choices(st), value=default_class(st), label=st.class_word),
                 gr.Dropdown(choices=spatial_layers(st), value=default_layer(st)),
-                gr.Number(value=saliency_t(st), info=f"0 to {st.schedule.T - 1}"), *shown_example(st))
+                gr.Number(value=saliency_t(st), info=f"0 to {st.schedule.T - 1}"), *shown_example(st),
+                None)  # the drift view is the previous model's: cleared
     show = (lambda usr: example(models.state_for(usr))), [user], [heat, maps, sal, qerr]  # when the tab is selected
-    return arrival, (refresh, [user], [cls, layer, t, heat, maps, sal, qerr]), show
+    return arrival, (refresh, [user], [cls, layer, t, heat, maps, sal, qerr, drift_plot]), show

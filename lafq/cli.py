@@ -40,9 +40,7 @@ def _classes(text: str | None) -> tuple[int, ...] | None:
 
 
 def _sampling_args(p):
-    from .cli_quant import model_arg
-
-    from .cli_quant import compute_arg
+    from .cli_quant import compute_arg, model_arg
 
     model_arg(p)  # a U-Net or quantized model .safetensors, or a diffusers folder
     compute_arg(p)
@@ -133,6 +131,7 @@ def cmd_sample(args):
     save_grid(images.float() / 127.5 - 1, args.out, nrow=nrow)
     res = {"command": "sample", "out": str(args.out), "n": args.n, "seed": args.seed, "steps": spec.steps,
            "sampler": spec.sampler, "guidance": spec.guidance, "seconds": round(dt, 3), "device": str(device),
+           "compute": args.compute,
            "labels": labels.tolist() if labels is not None else None}
     _emit(args, res, f"wrote {args.out}: {args.n} images, {spec.sampler}-{spec.steps if spec.sampler == 'ddim' else 1000}, "
                      f"guidance {spec.guidance}, seed {args.seed}, {dt:.1f}s on {device}")
@@ -179,6 +178,9 @@ def cmd_fid(args):
         import torch
         torch.set_num_threads(args.threads)
     log = _log(args)
+    if args.compute != "dequantize" and (args.compile or args.floor_only):
+        raise CLIError(f"--compute {args.compute} does not go with --compile (the compiler traces the dequantize path) "
+                       "or --floor-only (no model is sampled): drop one")
     backend, clf, reference, stats_dir, floor_images, card, folder = _fid_subject(args)
     cache = args.cache_dir or (folder / "eval" if folder is not None else None)
     seeds = list(range(args.seed, args.seed + args.seeds))
@@ -190,6 +192,12 @@ def cmd_fid(args):
         spec = _spec(args, args.n, seeds[0], card)
         _, device = _model_on(m.den.module, args)
         den = m.den
+        if args.compute == "w8a8":  # which calibration and which float layers: one summary per such pair
+            import hashlib
+            kept = sorted(k for k, v in den.module.lafq_activations.items() if v == "float")
+            res["activations"] = hashlib.sha256(json.dumps([den.module.lafq_activation_ranges, kept]).encode()
+                                                ).hexdigest()[:16]
+            res["float_activations"] = kept
         if args.compile:  # 46-100 s of compilation in a first process, seconds in later ones (lafq/compile_cache.py)
             from dataclasses import replace
 
@@ -221,7 +229,8 @@ def cmd_fid(args):
     if cache is not None:  # the summary beside the per-seed results
         name = "floor" if args.floor_only else f"fid-n{args.n}-ddim{args.steps}-w{res.get('guidance', 0):g}" + (
             f"-{Path(args.weights).stem}" if args.weights else "") + (  # a quantized model's summary beside FP32's
-            f"-{args.compute}" if args.compute != "dequantize" else "")  # and its integer-kernel runs beside it
+            f"-{args.compute}" + (f"-{res['activations'][:8]}" if args.compute == "w8a8" else "")
+            if args.compute != "dequantize" else "")  # and its integer-kernel runs beside it, per calibration
         atomic_write_bytes(Path(cache) / f"{name}.json", (_json.dumps(res, indent=2, sort_keys=True) + "\n").encode())
         lines.append(f"wrote {Path(cache) / (name + '.json')}")
     _emit(args, res, "\n".join(lines))

@@ -1,4 +1,4 @@
-"""CLI commands for the quantization side: fisher, quantize (report and bench register here too)."""
+"""CLI commands for the quantization side: fisher, quantize, calibrate (W8A8 activation ranges) and report."""
 from __future__ import annotations
 
 import json
@@ -107,10 +107,16 @@ def apply_compute(m: "ModelArg", args) -> "ModelArg":
         raise CLIError("--activations and --keep-float set up --compute w8a8: add it, or drop them")
     if compute == "dequantize":
         return m
+    if getattr(args, "device", "auto") not in ("auto", "cpu"):
+        raise CLIError(f"--compute {compute} runs CPU kernels (oneDNN, torch.ao): use --device cpu or auto")
     if getattr(m.den.module, "lafq_plan", None) is None:
         raise CLIError(f"--compute {compute} runs integer kernels on stored codes: give a quantized model "
                        "(--weights Q.safetensors from `quantize --out`)")
-    from .int8 import ActivationRanges, use_int8_kernels, use_w8a8
+    from .int8 import ActivationRanges, int8_layers, use_int8_kernels, use_w8a8
+
+    if not int8_layers(m.den.module):
+        raise CLIError(f"--compute {compute}: no layer of this plan runs integer kernels here (int8 or per-channel "
+                       "int4 Linears, or such 3x3 convolutions on a CPU with VNNI); it would be the dequantize path")
 
     if compute == "int8-dynamic":
         use_int8_kernels(m.den.module)
@@ -739,8 +745,9 @@ def cmd_calibrate(args):
     t0 = time.perf_counter()
     ranges = calibrate_activations(m.den, n=args.n, steps=args.steps, guidance=guidance, bins=args.bins, seed=args.seed)
     if not ranges.ranges:
-        raise CLIError("this plan has no layer with int8 activations here (int8 or per-channel int4 convolutions "
-                       "on oneDNN with VNNI, or Linears): nothing to calibrate")
+        raise CLIError("this plan has no convolution with static int8 activations here (int8 or per-channel int4 "
+                       "3x3 convolutions on a CPU with VNNI): nothing to calibrate (its Linears quantize "
+                       "activations per call)")
     ranges.save(args.out)
     drift = ranges.drift()
     worst = max(drift, key=drift.get)

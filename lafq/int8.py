@@ -211,13 +211,15 @@ def _timestep(args, kwargs):
 def calibrate_activations(den, *, n: int = 16, steps: int = 25, guidance: float = 1.5, bins: int = 5, seed: int = 0,
                           layers: list[str] | None = None) -> ActivationRanges:
     """Sample n images from `den` (a quantized model's Denoiser, dequantize path; lafq.pipeline.denoise's noise
-    rule, seed `seed`) and keep, per int8-activation layer and timestep bin, the min and max of its input.
+    rule, seed `seed`) and keep, per int8-activation convolution (or each of `layers`) and timestep bin, the min and
+    max of its input.
     Bins split the model's timestep range [0, T] evenly; bins no calibration step fell into take the nearest
     calibrated bin's range."""
     from .pipeline import SampleSpec, denoise
 
     model = den.module
-    names = layers if layers is not None else list(int8_layers(model))
+    # Only convolutions take static scales (int8 Linears quantize their activations per call): the default layers.
+    names = layers if layers is not None else [k for k, kind in int8_layers(model).items() if kind == "conv"]
     edges = tuple(float(e) for e in torch.linspace(0, den.T, bins + 1).tolist())
     seen: dict[str, dict[int, list[float]]] = {k: {} for k in names}
     state = {"bin": 0}

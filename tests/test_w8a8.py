@@ -106,8 +106,9 @@ def test_the_cli_calibrates_a_quantized_file_and_samples_it_in_w8a8_and_the_fid_
     from lafq.cli_quant import load_model_arg
     from lafq.pipeline import SampleSpec, seed_result_key
 
-    q, acts = tmp_path / "int8.safetensors", tmp_path / "acts.safetensors"
+    q, acts, f16 = tmp_path / "int8.safetensors", tmp_path / "acts.safetensors", tmp_path / "fp16.safetensors"
     assert main(["quantize", "--strategy", "uniform", "--target", "int8", "--out", str(q)]) == 0
+    assert main(["quantize", "--strategy", "uniform", "--target", "fp16", "--out", str(f16)]) == 0
     assert main(["calibrate", "--weights", str(q), "--n", "2", "--steps", "3", "--bins", "3", "--out", str(acts),
                  "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -120,11 +121,15 @@ def test_the_cli_calibrates_a_quantized_file_and_samples_it_in_w8a8_and_the_fid_
     for bad, why in [(["--weights", str(q), "--activations", str(acts)], "add it"),
                      (["--weights", str(q), "--compute", "w8a8"], "needs --activations"),
                      (["--compute", "int8-dynamic"], "give a quantized model"),
+                     (["--weights", str(f16), "--compute", "int8-dynamic"], "no layer of this plan"),
+                     (["--weights", str(q), "--compute", "int8-dynamic", "--device", "cuda"], "CPU kernels"),
                      (["--weights", str(q), "--compute", "w8a8", "--activations", str(q)], "activation-ranges")]:
         capsys.readouterr()
         assert main(["sample", *bad, "--n", "1", "--steps", "2", "--out", str(tmp_path / "x.png")]) == 2
         err = capsys.readouterr().err
         assert why in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert main(["fid", "--weights", str(q), "--compute", "int8-dynamic", "--compile"]) == 2
+    assert "does not go with --compile" in capsys.readouterr().err
 
     def key(*extra):
         args = build_parser().parse_args(["fid", "--weights", str(q), *extra])
