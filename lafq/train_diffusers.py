@@ -211,7 +211,8 @@ def train_diffusers(out: str | Path, cfg: TrainConfig, model_cfg: UNet2DConfig |
     def checkpoint(step_now: int, wall_now: float) -> None:
         facts = {**info, "steps": step_now, "wall_seconds": round(wall_now, 1),
                  "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "train_config": asdict(cfg)}
-        save_pipeline(out, ema, scheduler, model_card(cfg.dataset, model_cfg.null_class, facts), component)
+        save_pipeline(out, ema, scheduler, model_card(cfg.dataset, model_cfg.null_class, facts,
+                                                      kind=f"{arch} (diffusers)"), component)
         save_file(state_path, _train_state_tensors(model, ema, opt, gen),
                   {"kind": "train_state", "architecture": arch, "config": model_cfg.to_dict(),
                    "train_config": asdict(cfg), "step": step_now, "wall_seconds": wall_now})

@@ -111,6 +111,7 @@ def test_a_dit_trains_resumes_exactly_and_its_folder_goes_through_fisher_plan_an
     assert meta["architecture"] == "DiTTransformer2DModel" and meta["step"] == 6
     assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("rng"))
     assert (tmp_path / "a" / "transformer" / "config.json").is_file()
+    assert json.loads((tmp_path / "a" / "lafq.json").read_text())["name"].endswith("DiTTransformer2DModel (diffusers)")
     den = load(tmp_path / "a")  # lafq.json's null class: the DiT's own classifier-free label row
     assert den.source["class"] == "DiTTransformer2DModel" and den.null_row == 10 and classes_of(den) == list(range(10))
     x = torch.rand(8, 1, 28, 28) * 2 - 1
