@@ -1,10 +1,10 @@
-"""The models the app serves: the shipped MNIST U-Net, the shipped Fashion-MNIST diffusers model, and any
+"""The models the app serves: the shipped MNIST U-Net, the shipped Fashion-MNIST diffusers models, and any
 diffusers folder listed in LAFQ_MODELS. No gradio here: the registry is tested without a server.
 
 Contracts:
 - `discover()` lists, in this order: the MNIST U-Net ("mnist", always first and the default), the
-  Fashion-MNIST folder `checkpoints/fashion` when it holds a model, then every directory in
-  `LAFQ_MODELS` (`os.pathsep`-separated). An entry that is not a diffusers pipeline-style folder
+  Fashion-MNIST folders `checkpoints/fashion` (a U-Net) and `checkpoints/dit` (a DiT) when they hold a model,
+  then every directory in `LAFQ_MODELS` (`os.pathsep`-separated). An entry that is not a diffusers pipeline-style folder
   (`unet/` or `transformer/` with `config.json`, and `scheduler/scheduler_config.json`) or whose
   `lafq.json` is invalid is skipped with one logged warning line; discovery never raises.
 - A model folder (the shipped U-Net's is `checkpoints/`) may hold `lafq.json` (`ModelInfo`: name, dataset,
@@ -39,6 +39,8 @@ from .state import (CHECKPOINT, DEFAULT_MODEL, AppState, InputError, UserSession
 log = logging.getLogger("lafq.app")
 
 FASHION = paths.CHECKPOINTS / "fashion"
+DIT = paths.CHECKPOINTS / "dit"
+SHIPPED = (("fashion", FASHION), ("dit", DIT))  # (id, folder): each listed when the checkout holds it
 ENV = "LAFQ_MODELS"
 INFO_FILE = "lafq.json"
 
@@ -65,16 +67,16 @@ def default_entry() -> ModelEntry:
     return ModelEntry(DEFAULT_MODEL, plain_name(info.name or "MNIST U-Net"), Path(CHECKPOINT), info)
 
 
-def discover(environ=None, fashion: Path = FASHION) -> tuple[ModelEntry, ...]:
+def discover(environ=None, shipped: tuple[tuple[str, Path], ...] = SHIPPED) -> tuple[ModelEntry, ...]:
     """The selectable models (see the module docstring); a bad entry is a warning line, never an error."""
     environ = os.environ if environ is None else environ
     entries = [default_entry()]
     seen: set[Path] = set()
-    candidates = [("fashion", Path(fashion), False)] if fashion is not None else []
+    candidates = [(mid, Path(folder), False) for mid, folder in shipped]
     candidates += [(None, Path(p), True) for p in environ.get(ENV, "").split(os.pathsep) if p.strip()]
     for wanted_id, folder, listed in candidates:
         if not listed and component_of(folder) is None:
-            continue  # the shipped Fashion-MNIST model is optional
+            continue  # the shipped diffusers models are optional
         try:
             resolved = folder.resolve()
             info = check_folder(folder)

@@ -46,12 +46,12 @@ APP_FILES = (
     "docs/report.csv",
     "docs/sensitivity.csv",
 )
-# The shipped Fashion-MNIST diffusers model (demo/models.py lists it in the app's model selector), copied
-# when the project has it: its weights and scheduler, lafq.json, Fisher map, classifier and FID statistics, and
+# The shipped Fashion-MNIST diffusers models, a U-Net and a DiT (demo/models.py lists them in the app's model
+# selector), copied when the project has them: its weights and scheduler, lafq.json, Fisher map, classifier and FID statistics, and
 # the vendored Fashion-MNIST images behind its Fisher recompute and real-vs-real floor.
-OPTIONAL_APP_FILES = ("checkpoints/fashion/unet/*", "checkpoints/fashion/scheduler/*", "checkpoints/fashion/lafq.json",
-                      "checkpoints/fashion/fisher.safetensors", "checkpoints/fashion/classifier.safetensors",
-                      "checkpoints/fashion/stats/*", "data/fashion/*")
+OPTIONAL_APP_FILES = tuple(f"checkpoints/{m}/{f}" for m in ("fashion", "dit")
+                           for f in ("unet/*", "transformer/*", "scheduler/*", "lafq.json", "fisher.safetensors",
+                                     "classifier.safetensors", "stats/*")) + ("data/fashion/*",)
 PACKAGES = ("demo", "lafq")  # copied as their *.py files, subpackages (lafq/models) included
 
 

@@ -66,7 +66,7 @@ def models(app_state, tiny_dir):
     """The registry the app builds from LAFQ_MODELS naming the tiny diffusers folder (no Fashion-MNIST folder)."""
     from demo.models import Registry, discover
 
-    return Registry(app_state, discover({"LAFQ_MODELS": str(tiny_dir)}, fashion=None))
+    return Registry(app_state, discover({"LAFQ_MODELS": str(tiny_dir)}, shipped=()))
 
 
 @pytest.fixture(scope="module")

@@ -39,8 +39,8 @@ def test_the_registry_lists_the_mnist_unet_first_then_the_lafq_models_folders(mo
 
 
 def test_a_fashion_folder_is_listed_after_the_mnist_unet_when_it_holds_a_model(tiny_dir, tmp_path):
-    assert [e.id for e in discover({}, fashion=tmp_path / "absent")] == [DEFAULT_MODEL]
-    entries = discover({"LAFQ_MODELS": str(tiny_dir)}, fashion=tiny_dir)
+    assert [e.id for e in discover({}, shipped=(("fashion", tmp_path / "absent"),))] == [DEFAULT_MODEL]
+    entries = discover({"LAFQ_MODELS": str(tiny_dir)}, shipped=(("fashion", tiny_dir),))
     assert [e.id for e in entries] == [DEFAULT_MODEL, "fashion"]  # the same folder twice is listed once
 
 
@@ -55,7 +55,7 @@ def test_malformed_lafq_models_entries_are_skipped_with_one_warning_line_each(ti
     shutil.copytree(tiny_dir / "unet", no_scheduler / "unet")
     listed = os.pathsep.join(str(p) for p in (tmp_path / "missing", bad_json, tiny_dir, bad_guidance, no_scheduler, ""))
     with caplog.at_level(logging.WARNING, logger="lafq.app"):
-        entries = discover({"LAFQ_MODELS": listed}, fashion=None)
+        entries = discover({"LAFQ_MODELS": listed}, shipped=())
     assert [e.path for e in entries[1:]] == [tiny_dir]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 4 and all("\n" not in w and "LAFQ_MODELS entry" in w for w in warnings)
@@ -96,7 +96,7 @@ def test_hostile_lafq_models_entries_are_skipped_and_the_other_models_still_list
     bad = _hostile_folders(tiny_dir, tmp_path)
     listed = os.pathsep.join(str(p) for p in (*bad.values(), tiny_dir))
     with caplog.at_level(logging.WARNING, logger="lafq.app"):
-        entries = discover({"LAFQ_MODELS": listed}, fashion=None)
+        entries = discover({"LAFQ_MODELS": listed}, shipped=())
     assert [e.path for e in entries[1:]] == [tiny_dir]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == len(bad) and all("\n" not in w and len(w) < 600 for w in warnings)
@@ -112,7 +112,7 @@ def test_a_model_name_with_markup_is_shown_as_plain_text(tiny_dir, tmp_path):
     shutil.copytree(tiny_dir, folder)
     info = json.loads((tiny_dir / "lafq.json").read_text())
     (folder / "lafq.json").write_text(json.dumps({**info, "name": "<img src=x onerror=alert(1)> **bold** [l](u)"}))
-    (entry,) = discover({"LAFQ_MODELS": str(folder)}, fashion=None)[1:]
+    (entry,) = discover({"LAFQ_MODELS": str(folder)}, shipped=())[1:]
     assert entry.name == "img src x onerror alert(1) bold l (u)"
     with pytest.raises(ValueError, match="class names must be plain text"):
         ModelInfo(classes=("<b>a</b>",))
@@ -123,7 +123,7 @@ def test_a_folder_that_loads_but_cannot_sample_is_refused_at_selection_in_one_li
 
     # Cross-attention: it needs encoder_hidden_states, which the app does not supply.
     folder = save_pipeline_dir(tmp_path / "sd", tiny_unet2d_condition())
-    reg = Registry(app_state, discover({"LAFQ_MODELS": str(folder)}, fashion=None))
+    reg = Registry(app_state, discover({"LAFQ_MODELS": str(folder)}, shipped=()))
     with pytest.raises(InputError, match="loads but does not sample here") as e:
         reg.select(UserSession(), reg.ids[1])
     assert "\n" not in str(e.value)
@@ -134,7 +134,7 @@ def test_a_class_conditional_dit_folder_is_selectable_with_its_classes(app_state
     from tests.diffusers_tiny import save_pipeline_dir, tiny_dit
 
     folder = save_pipeline_dir(tmp_path / "dit", tiny_dit())  # its label rows, then its classifier-free row
-    reg = Registry(app_state, discover({"LAFQ_MODELS": str(folder)}, fashion=None))
+    reg = Registry(app_state, discover({"LAFQ_MODELS": str(folder)}, shipped=()))
     state = reg.select(UserSession(), reg.ids[1])
     state = reg.get(reg.ids[1])
     assert state.den.source["class"] == "DiTTransformer2DModel" and len(state.den.conditioning.kwargs["class_labels"]) == 11
@@ -146,7 +146,7 @@ def test_a_model_that_fails_to_load_is_a_one_line_input_error_and_the_registry_k
     broken = tmp_path / "broken"
     shutil.copytree(tiny_dir, broken)
     (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
-    reg = Registry(app_state, discover({"LAFQ_MODELS": str(broken)}, fashion=None))
+    reg = Registry(app_state, discover({"LAFQ_MODELS": str(broken)}, shipped=()))
     with pytest.raises(InputError, match="could not be loaded") as e:
         reg.get(reg.ids[1])
     assert "\n" not in str(e.value)
@@ -165,7 +165,7 @@ def test_a_model_whose_package_is_missing_says_which_and_how_to_install_it(app_s
             raise ModuleNotFoundError("No module named 'diffusers'", name="diffusers")
         return real_import(name, *args, **kw)
 
-    reg = Registry(app_state, discover({"LAFQ_MODELS": str(tiny_dir)}, fashion=None))
+    reg = Registry(app_state, discover({"LAFQ_MODELS": str(tiny_dir)}, shipped=()))
     monkeypatch.setattr(builtins, "__import__", no_diffusers)
     with pytest.raises(InputError, match="needs the package 'diffusers'.*pip install -r requirements.txt") as e:
         reg.get(reg.ids[1])
@@ -294,7 +294,7 @@ def test_the_inside_tab_traces_a_diffusers_model_by_its_own_layers(tiny):
 def test_a_folder_without_a_fisher_map_or_dataset_offers_fisher_free_plans_only(app_state, tiny_dir, tmp_path):
     bare = tmp_path / "bare"
     shutil.copytree(tiny_dir, bare, ignore=shutil.ignore_patterns("fisher.safetensors", "lafq.json"))
-    reg = Registry(app_state, discover({"LAFQ_MODELS": str(bare)}, fashion=None))
+    reg = Registry(app_state, discover({"LAFQ_MODELS": str(bare)}, shipped=()))
     user = reg.select(UserSession(), reg.ids[1])
     state = reg.state_for(user)
     assert state.fisher is None and "no Fisher map" in state.fisher_note
@@ -318,7 +318,7 @@ def test_a_named_dataset_that_does_not_fit_the_model_leaves_it_without_a_map_not
     other = tmp_path / "other"
     shutil.copytree(tiny_dir, other, ignore=shutil.ignore_patterns("fisher.safetensors"))
     (other / "lafq.json").write_text(json.dumps({"name": "odd", "dataset": "mnist-train5k"}))  # 28x28 for an 8x8 model
-    reg = Registry(app_state, discover({"LAFQ_MODELS": str(other)}, fashion=None))
+    reg = Registry(app_state, discover({"LAFQ_MODELS": str(other)}, shipped=()))
     state = reg.get(reg.ids[1])
     assert state.fisher is None and "none could be computed from mnist-train5k" in state.fisher_note
 
@@ -392,7 +392,7 @@ def test_a_model_with_a_dataset_and_classifier_gets_a_quick_map_on_load_and_a_pa
             "classes": [f"c{i}" for i in range(10)], "null_class": 10, "guidance": 1.5}
     (folder / "lafq.json").write_text(json.dumps(info))
     save_classifier(folder / "classifier.safetensors", MnistClassifier(ClassifierConfig(width=4, feature_dim=8)))
-    reg = Registry(app_state, discover({}, fashion=folder))
+    reg = Registry(app_state, discover({}, shipped=(("fashion", folder),)))
     user = reg.select(UserSession(), "fashion")
     state = reg.state_for(user)
     assert state.fisher is not None and "rough 4-bin x 4-sample map from mnist-train5k" in state.fisher_note
