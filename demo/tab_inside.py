@@ -111,9 +111,9 @@ def drift(state: AppState, steps, seed):
     seed = as_number(seed, "seed", 0, 2**31 - 1, integer=True)
     r = activation_drift(state.den, n=DRIFT_SAMPLES, steps=steps, bins=min(DRIFT_BINS, steps), seed=seed,
                          guidance=state.default_guidance)
-    layers = list(r.ranges)
-    width = torch.stack([r.ranges[k][:, 1] - r.ranges[k][:, 0] for k in layers])
-    ratio = width / width.min(1, keepdim=True).values.clamp_min(1e-12)
+    rel = r.relative_widths()
+    layers = list(rel)
+    ratio = torch.stack([rel[k] for k in layers])
     centres = [round((a + b) / 2) for a, b in zip(r.edges, r.edges[1:])]
     d = r.drift()
     worst = max(d, key=d.get)

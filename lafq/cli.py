@@ -86,8 +86,7 @@ def cmd_train(args):
     cfg = TrainConfig(dataset=args.dataset, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       save_every=args.save_every, sample_every=args.sample_every, log_every=args.log_every)
     mcfg = UNetConfig(base_channels=args.base_channels)
-    device = resolve_device("cpu" if args.device == "auto" and getattr(args, "compute", "dequantize") != "dequantize"
-                            else args.device)  # the integer compute modes are CPU kernels
+    device = resolve_device(args.device)
     t0 = time.perf_counter()
     rec = train(args.out, cfg, mcfg, resume=not args.no_resume, progress=not args.json, until=args.until, device=device)
     res = {"command": "train", "out": str(args.out), **rec, "device": str(device),

@@ -117,7 +117,6 @@ def apply_compute(m: "ModelArg", args) -> "ModelArg":
     if not int8_layers(m.den.module):
         raise CLIError(f"--compute {compute}: no layer of this plan runs integer kernels here (int8 or per-channel "
                        "int4 Linears, or such 3x3 convolutions on a CPU with VNNI); it would be the dequantize path")
-
     if compute == "int8-dynamic":
         use_int8_kernels(m.den.module)
         return m

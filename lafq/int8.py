@@ -164,10 +164,14 @@ class ActivationRanges:
         import bisect
         return min(max(bisect.bisect_right(self.edges, float(t)) - 1, 0), self.bins - 1)
 
+    def relative_widths(self) -> dict[str, torch.Tensor]:
+        """Per layer, each bin's range (max - min) over the layer's narrowest bin's: (bins,), at least 1."""
+        w = {k: (r[:, 1] - r[:, 0]) for k, r in self.ranges.items()}
+        return {k: v / v.min().clamp_min(1e-12) for k, v in w.items()}
+
     def drift(self) -> dict[str, float]:
         """Per layer, the widest bin's range over the narrowest's: how far one static range would be off."""
-        w = {k: (r[:, 1] - r[:, 0]) for k, r in self.ranges.items()}
-        return {k: float(v.max() / v.min().clamp_min(1e-12)) for k, v in w.items()}
+        return {k: float(v.max()) for k, v in self.relative_widths().items()}
 
     def digest(self) -> str:
         """Of the edges and every layer's ranges: two calibrations that would scale alike share it."""
