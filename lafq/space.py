@@ -142,7 +142,8 @@ def readme_for(hw: Hardware, license: str) -> str:
 
 # LAFQ — layer-adaptive, Fisher-guided quantization
 
-See where precision matters in a class-conditional MNIST diffusion U-Net (828,641 parameters), tune a
+See where precision matters in a class-conditional MNIST diffusion U-Net (828,641 parameters) and, where this
+folder holds them, a Fashion-MNIST diffusers U-Net and DiT (a model selector above the tabs), tune a
 quantization plan (FP32 / FP16 / BF16 / INT8 / INT4 per weight tensor) and measure what it costs: size,
 samples from identical noise, FID with its interval and classifier accuracy, and what happens inside the
 network along a trajectory.

@@ -1,6 +1,6 @@
-"""Every number in README's headline table and docs/evidence.md's table of all rows, re-derived from the per-seed
-records in docs/report.csv at the precision it is shown with (rounded to nearest): a table edited by hand, or a
-report re-run without the docs following it, fails here."""
+"""Every number in README's by-model table and docs/evidence.md's table of all rows, re-derived from the per-seed
+records (docs/report.csv; each shipped model's report.csv and sensitivity.csv) at the precision it is shown with
+(rounded to nearest): a table edited by hand, or a report re-run without the docs following it, fails here."""
 import re
 from pathlib import Path
 
@@ -62,7 +62,7 @@ def _table(path: Path) -> tuple[list[str], list[list[str]]]:
     return lines[0], lines[2:]
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/evidence.md"])
+@pytest.mark.parametrize("doc", ["docs/evidence.md"])
 def test_every_number_in_the_tables_is_the_reports_own(doc):
     by = {r["name"]: r for r in summarize(read_csv(REPO / "docs" / "report.csv"))}
     titles, rows = _table(REPO / doc)
@@ -84,3 +84,47 @@ def test_the_headline_sentence_on_fid_is_the_paired_difference_in_the_report():
     m = re.search(r"its FID against the data is worse by \+" + NUMBER + r" ± " + NUMBER, text)
     c = compare(read_csv(REPO / "docs" / "report.csv"), f"budget @ {EDGE} size", EDGE)
     assert m and _matches(m.group(1), c["fid"][0]) and _matches(m.group(2), c["fid"][1])
+
+
+MODELS = {  # README's "by model" rows -> (the model's report.csv, its sensitivity.csv)
+    "MNIST U-Net (lafq, convolutional)": ("docs/report.csv", "docs/sensitivity.csv"),
+    "Fashion-MNIST UNet2DModel (diffusers, convolutional)": ("checkpoints/fashion/report/report.csv",
+                                                             "checkpoints/fashion/report/sensitivity.csv"),
+    "Fashion-MNIST DiT (diffusers, transformer)": ("checkpoints/dit/report/report.csv",
+                                                   "checkpoints/dit/report/sensitivity.csv"),
+}
+PAIRS = {  # the by-model table's columns -> (the Fisher budget's row, the recipe it is paired with)
+    "vs INT4 + INT8 first/last": (f"budget @ {EDGE} size", EDGE),
+    "vs uniform INT4-g32": ("budget @ int4-g32 size", "uniform int4-g32"),
+    "vs INT4-g32 + FP16 first/last": ("budget @ int4-g32, fp16 stem+head size", "int4-g32, fp16 stem+head"),
+}
+
+
+def _model_table(path: Path) -> tuple[list[str], list[list[str]]]:
+    text = path.read_text(encoding="utf-8")
+    block = "| model |" + text.split("| model |", 1)[1].split("\n\n", 1)[0]
+    lines = [[c.strip() for c in line.strip().strip("|").split("|")] for line in block.splitlines() if line.startswith("|")]
+    return lines[0], lines[2:]
+
+
+def test_every_number_in_the_by_model_table_is_that_models_own_report():
+    """One row per model family: the Fisher budget paired with each recipe at equal size (mean |Δ| in ‰ / ΔFID, from
+    that model's report.csv) and the Spearman ρ of the budget's predictor (from its sensitivity.csv)."""
+    from lafq import sensitivity
+
+    titles, rows = _model_table(REPO / "README.md")
+    assert [row[0] for row in rows] == list(MODELS)
+    for row in rows:
+        report, sens = (REPO / p for p in MODELS[row[0]])
+        records = read_csv(report)
+        for title, cell in zip(titles[1:], row[1:]):
+            if title.startswith("Spearman ρ"):
+                rho = sensitivity.summarize(read_csv(sens))["measures"]["mad"]["rho"]["fisher_x_error"][0]
+                assert _matches(cell, rho), (row[0], cell, rho)
+                continue
+            c = compare(records, *PAIRS[title])
+            mad, fid = (part.strip() for part in cell.split("/"))
+            for shown, (mean, half, _), scale in ((mad, c["mad"], 1000), (fid, c["fid"], 1)):
+                m, h = (x.strip("* ‰") for x in shown.split("±"))
+                assert _matches(m, scale * mean) and _matches(h, scale * half), (row[0], title, shown, scale * mean,
+                                                                                scale * half)

@@ -430,6 +430,23 @@ def test_the_shipped_fashion_model_is_listed_second_and_compares_with_its_own_cl
     assert isinstance(sal, go.Figure) and len(sal.data) == 4
 
 
+def test_the_shipped_dit_is_listed_third_and_compares_and_looks_inside_on_its_own_transformer_layers(app_state):
+    from demo.models import DIT
+
+    if not (DIT / "lafq.json").is_file():
+        pytest.skip("checkpoints/dit is not in this checkout")
+    models = Registry(app_state, discover({}))
+    assert models.ids[:3] == [DEFAULT_MODEL, "fashion", "dit"]
+    user = models.select(UserSession(), "dit")
+    state = models.state_for(user)
+    assert state.fisher is not None and state.has_classifier
+    assert tab_compare.class_choices(state)[1] == ("T-shirt/top", "0")
+    fp32, plan, _, _, md = tab_compare.compare(state, uniform("int8"), "9", 1.5, 2, 0, 1, False, user)
+    assert fp32.shape == plan.shape and "DiT" in md
+    sal = tab_inside.saliency_panels(state, "9", 300, 0)
+    assert isinstance(sal, go.Figure) and len(sal.data) == 4
+
+
 def test_a_switch_says_when_the_users_own_plan_was_reset_and_is_silent_otherwise(app_state, tiny):
     from demo.ui import switch_note
 
