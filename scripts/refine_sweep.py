@@ -97,7 +97,7 @@ def write(rows, a, out: Path, den):
     lines = ["# Measured damage vs budget: the exact additive plan and its measured refinement", "",
              f"Command: `python scripts/refine_sweep.py{' --model ' + a.model if a.model else ''} --n {a.n} "
              f"--steps {a.steps} --seeds {a.seeds}"
-             + (f" --budgets {a.budgets}" if a.budgets != "8,6,5,4.5,4.25" else "") + "`. Measured on: {machine()}. Sampling: DDIM-{a.steps}, guidance 1.5, "
+             + (f" --budgets {a.budgets}" if a.budgets != "8,6,5,4.5,4.25" else "") + f"`. Measured on: {machine()}. Sampling: DDIM-{a.steps}, guidance 1.5, "
              f"N = {a.n:,} class-balanced images per seed, seeds 0–{a.seeds - 1}, each plan from the same noise as "
              "FP32 (paired); mean |Δ| to FP32's images in ‰ of the pixel range (mean ± 95% Student-t over seeds). The "
              "refinement (lafq.refine) starts from the exact plan and, for the tensors with the highest Fisher score and "
