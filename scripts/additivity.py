@@ -3,7 +3,7 @@
     python scripts/additivity.py [--model checkpoints/dit] [--top 5] [--precision int4] [--out DIR/report/additivity.md]
 
 The budget's objective adds one score per tensor, Σ F·‖Q(w) − w‖², a proxy for squared error. This measures, on
-the report's sensitivity setting (N = 64 images per seed, 3 seeds, DDIM-20, the model's guidance, paired with FP32
+the report's sensitivity setting (N = 64 images per seed, 3 seeds, DDIM-20, guidance 1.5, paired with FP32
 from the same noise; records shared with `report --model DIR`'s sensitivity stage, so the single tensors are not
 sampled again), the mean squared error to FP32's images of each of the `--top` most damaging tensors alone and of
 every pair of them lowered together. Additive in squared error means MSE(a+b) = MSE(a) + MSE(b); the table gives
@@ -72,10 +72,10 @@ def main():
         excess = [ab - x - y for ab, x, y in zip(both, single[u], single[v])]
         rows.append({"a": u, "b": v, "mse_a": single[u], "mse_b": single[v], "mse_ab": both, "excess": excess})
         print(u, v, [round(1e4 * e, 3) for e in excess], flush=True)
-    write(rows, single, a, report_dir, s)
+    write(rows, a, report_dir, s)
 
 
-def write(rows, single, a, report_dir: Path, s):
+def write(rows, a, report_dir: Path, s):
     out = a.out or report_dir / "additivity.md"
     cmd = (f"python scripts/additivity.py{' --model ' + a.model if a.model else ''} --top {a.top} "
            f"--precision {a.precision}")
@@ -93,14 +93,16 @@ def write(rows, single, a, report_dir: Path, s):
              "additive, what the budget's objective assumes; ratio = mean MSE(both) / (mean MSE(a) + mean MSE(b)).", "",
              "| a | b | MSE a × 10⁴ | MSE b × 10⁴ | MSE both × 10⁴ | excess × 10⁴ (paired) | ratio | verdict |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
+    def ratio(r):
+        return sum(r["mse_ab"]) / (sum(r["mse_a"]) + sum(r["mse_b"]))
+
     for r in rows:
         m, h = mean_ci95(r["excess"])
-        ratio = (sum(r["mse_ab"]) / (sum(r["mse_a"]) + sum(r["mse_b"])))
         verdict = "additive within the interval" if abs(m) <= h else ("super-additive" if m > 0 else "sub-additive")
         lines.append(f"| `{r['a']}` | `{r['b']}` | {1e4 * sum(r['mse_a']) / len(r['mse_a']):.2f} | "
                      f"{1e4 * sum(r['mse_b']) / len(r['mse_b']):.2f} | {1e4 * sum(r['mse_ab']) / len(r['mse_ab']):.2f} | "
-                     f"{ci(r['excess'])} | {ratio:.2f} | {verdict} |")
-    ratios = [sum(r["mse_ab"]) / (sum(r["mse_a"]) + sum(r["mse_b"])) for r in rows]
+                     f"{ci(r['excess'])} | {ratio(r):.2f} | {verdict} |")
+    ratios = [ratio(r) for r in rows]
     lines += ["", f"Ratio over the {len(rows)} pairs: {min(ratios):.2f}–{max(ratios):.2f} (1 = additive). Per-seed "
               f"values: `{out.with_suffix('.json').name}`.", ""]
     atomic_write_bytes(out, "\n".join(lines).encode())

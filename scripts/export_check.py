@@ -33,7 +33,8 @@ import torch  # noqa: E402
 
 from lafq.checkpoint import atomic_write_bytes  # noqa: E402
 from lafq.evaluate import machine  # noqa: E402
-from lafq.metrics import mean_ci95  # noqa: E402
+from bench.harness import interleaved_times, paired_ratios  # noqa: E402
+from lafq.metrics import fidelity, mean_ci95  # noqa: E402
 from lafq.pipeline import DEFAULT_GUIDANCE, SampleSpec, generate  # noqa: E402
 from lafq.policy import Plan, Policy, make_plan, param_shapes  # noqa: E402
 from lafq.quantize import quantize, size_report  # noqa: E402
@@ -63,8 +64,7 @@ def lafq_file_bytes(module: torch.nn.Module) -> int:
 
 
 def mad(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean |Δ| of two uint8 image batches on the 0..1 scale (lafq.metrics.fidelity's "mad")."""
-    return float((a.float() - b.float()).abs().mean() / 255)
+    return fidelity(b, a, None).mad
 
 
 def main():
@@ -128,15 +128,9 @@ def main():
             timed[f"{name}: lafq int8-dynamic"] = quantize(copy.deepcopy(den.module), restricted, "int8-dynamic")
     sample_seconds = time.perf_counter() - t0
     tspec = SampleSpec(n=a.batch, steps=a.timing_steps, seed=0, guidance=guidance)
-    times = {k: [] for k in timed}
     with torch.inference_mode():
-        for m in timed.values():
-            gen(m, tspec)  # warm-up
-        for _ in range(a.reps):
-            for k, m in timed.items():
-                t1 = time.perf_counter()
-                gen(m, tspec)
-                times[k].append((time.perf_counter() - t1) / a.timing_steps)
+        runs = interleaved_times({k: (lambda m=m: gen(m, tspec)) for k, m in timed.items()}, a.reps)
+    times = {k: [t / a.timing_steps for t in v] for k, v in runs.items()}
     write(rows, times, a, folder, guidance, sample_seconds)
 
 
@@ -145,7 +139,7 @@ def write(rows, times, a, folder: Path, guidance: float, sample_seconds: float):
     base = times["FP32"]
 
     def ratio(k):
-        r = [x / y for x, y in zip(times[k], base)]
+        r = paired_ratios(times[k], base)
         return f"{statistics.median(r):.2f}× ({min(r):.2f}–{max(r):.2f})"
 
     def cell(v):
